@@ -1,0 +1,186 @@
+"""Typed configuration: the target model's shape, sampling and speculation settings.
+
+Every dataclass validates itself in ``__post_init__`` so a bad value fails where it is made,
+with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class LlamaConfig:
+    """Shape of a dense Llama 2 / 3.x decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (grouped-query attention when < num_heads)
+    head_dim: int = 0  # 0 means hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or the ``llama3`` scaling dict as in HF config.json: factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # Decoder layers whose *inputs* feed an EAGLE-3 head (empty: the default 2, N//2, N-3).
+    eagle3_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_heads:
+                raise ValueError("LlamaConfig: hidden_size must divide by num_heads when head_dim is not given")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"LlamaConfig: num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default", None):
+                raise ValueError(f"LlamaConfig: unsupported rope_scaling type {kind!r} (supported: llama3)")
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        if not self.eagle3_layers:
+            n = self.num_layers
+            self.eagle3_layers = (min(2, n - 1), n // 2, max(n - 3, 0))
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict) -> "LlamaConfig":
+        """Build from a Hugging Face ``config.json`` dict of a Llama model."""
+        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
+            raise ValueError(f"unknown architecture: model_type={cfg.get('model_type')!r} "
+                             f"architectures={archs} (eaglespec serves dense Llama models)")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def to_hf_dict(self) -> dict:
+        """The matching Hugging Face ``config.json`` dict (used by tests and exports)."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) or None,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request samples and when it stops."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0  # 1 means no nucleus cut
+    max_tokens: int = 128
+    seed: int | None = None  # same seed, same output; None draws one
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output text)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+
+
+_TREE_SPEC = re.compile(r"^(chain:\d+|dynamic:\d+,\d+,\d+)$")
+
+
+@dataclass(slots=True)
+class SpecConfig:
+    """Speculative decoding settings.
+
+    ``tree`` is ``chain:K`` (K draft tokens in a line), ``dynamic:DEPTH,TOPK,NODES`` (EAGLE-2
+    dynamic tree) or a path to a JSON list of choices (static tree, EAGLE/Medusa format).
+    """
+
+    tree: str = "dynamic:5,8,32"
+    # Under sampling: draw children from q ("sampled") or take the top-k of q ("topk").
+    sampled_children: bool = False
+
+    def __post_init__(self) -> None:
+        if not _TREE_SPEC.match(self.tree) and not self.tree.endswith(".json"):
+            raise ValueError(f"SpecConfig.tree must be chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
+                             f"path, got {self.tree!r}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine sizing: the KV pool and the batch buckets."""
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 0  # 0: size from free device memory (GPU) or kv_cache_tokens (CPU)
+    kv_cache_tokens: int = 65536  # CPU default pool size in tokens when num_blocks is 0
+    gpu_memory_fraction: float = 0.85  # of free memory after weights, for the KV pool
+    max_batch_size: int = 64
+    max_model_len: int = 4096
+    prefill_token_budget: int = 8192  # tokens prefilled per engine step
+    use_cuda_graphs: bool = True
+    attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"EngineConfig.attention_backend must be auto, triton or torch, "
+                             f"got {self.attention_backend!r}")
+        if self.max_batch_size < 1:
+            raise ValueError("EngineConfig.max_batch_size must be >= 1")
+
+
+@dataclass(slots=True)
+class RuntimeOptions:
+    """Device and dtype chosen for a model (resolved from user strings)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,109 @@
+"""Per-request state: tokens, KV blocks, text, stop checks and statistics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from eaglespec.config import SamplingParams
+
+
+@dataclass(slots=True)
+class Output:
+    """What ``LLM.generate`` returns for one prompt."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string), "length", or "error"
+    stats: dict
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    detokenizer: object | None = None  # IncrementalDetokenizer, or None when no tokenizer
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    blocks: list[int] = field(default_factory=list)  # target KV blocks
+    draft_blocks: list[int] = field(default_factory=list)  # draft-head KV blocks
+    num_cached: int = 0  # tokens whose K/V are in the target cache
+    finish_reason: str | None = None
+    error: str | None = None
+    target_forwards: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)  # drafts accepted at depth d
+    proposed_per_depth: list[int] = field(default_factory=list)  # steps that proposed depth d
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    pending_text: str = ""  # text produced but not yet handed to a stream
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append_tokens(self, tokens: list[int], eos_ids: tuple[int, ...]) -> None:
+        """Add sampled tokens in order, stopping at EOS, max_tokens or a stop string."""
+        for tok in tokens:
+            if self.finished:
+                return
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            is_eos = tok in eos_ids and not self.params.ignore_eos
+            self.output_ids.append(tok)
+            if is_eos:
+                self._finish("stop")
+                return
+            if self.detokenizer is not None:
+                piece = self.detokenizer.add(tok)
+                self.text += piece
+                self.pending_text += piece
+                if self._hit_stop_string():
+                    return
+            if len(self.output_ids) >= self.params.max_tokens:
+                self._finish("length")
+
+    def _hit_stop_string(self) -> bool:
+        for stop in self.params.stop:
+            start = max(0, len(self.text) - len(self.pending_text) - len(stop))
+            idx = self.text.find(stop, start)
+            if idx >= 0:
+                cut = len(self.text) - idx
+                self.text = self.text[:idx]
+                self.pending_text = self.pending_text[:max(len(self.pending_text) - cut, 0)]
+                self._finish("stop")
+                return True
+        return False
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self._finish("error")
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.finished_at = time.perf_counter()
+
+    def stats(self) -> dict:
+        new = len(self.output_ids)
+        elapsed = (self.finished_at or time.perf_counter()) - self.started
+        rates = [a / p if p else 0.0 for a, p in zip(self.accepted_per_depth, self.proposed_per_depth)]
+        return {
+            "tau": new / self.target_forwards if self.target_forwards else 0.0,
+            "accept_rate_per_depth": rates,
+            "target_forwards": self.target_forwards,
+            "new_tokens": new,
+            "ms_per_token": 1000.0 * elapsed / new if new else 0.0,
+        }
+
+    def to_output(self) -> Output:
+        return Output(self.request_id, list(self.prompt_ids), list(self.output_ids), self.text,
+                      self.finish_reason or "length", self.stats(), self.error)

@@ -1,0 +1,120 @@
+"""Continuous batching: admission by KV blocks, prefill before decode, preemption on a full pool.
+
+Invariant for every running request: all of its tokens but the last are in the KV cache
+(``num_cached == len(all_ids) - 1`` between steps); one forward over the uncached tokens yields
+the next token. A preempted request loses its blocks and is prefilled again later (prompt and
+output so far), which yields exactly the token a decode step would have.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from eaglespec.engine.request import Request
+from eaglespec.kv_cache import BlockAllocator
+
+
+@dataclass(slots=True)
+class ScheduledStep:
+    kind: str  # "prefill" or "decode"
+    requests: list[Request]
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_batch: int, max_model_len: int,
+                 prefill_token_budget: int, lookahead: int = 1,
+                 draft_allocator: BlockAllocator | None = None):
+        self.allocator = allocator
+        self.draft_allocator = draft_allocator
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len
+        self.prefill_token_budget = prefill_token_budget
+        self.lookahead = lookahead  # cache slots a decode step may write past num_cached
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        """Queue a request, or fail it at once with a message when it can never run."""
+        need = len(req.prompt_ids) + self.lookahead
+        if not req.prompt_ids:
+            req.fail("empty prompt: give at least one token")
+        elif need > self.max_model_len:
+            req.fail(f"prompt of {len(req.prompt_ids)} tokens does not fit max_model_len "
+                     f"{self.max_model_len} (with {self.lookahead} tokens of lookahead)")
+        elif self.allocator.blocks_needed(need) > self.allocator.num_blocks - 1:
+            req.fail(f"prompt of {len(req.prompt_ids)} tokens needs more KV blocks than the whole pool "
+                     f"({self.allocator.num_blocks - 1} blocks of {self.allocator.block_size})")
+        else:
+            self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _allocators(self) -> list[tuple[BlockAllocator, str]]:
+        pairs = [(self.allocator, "blocks")]
+        if self.draft_allocator is not None:
+            pairs.append((self.draft_allocator, "draft_blocks"))
+        return pairs
+
+    def _fits(self, req: Request, num_tokens: int) -> bool:
+        return all(a.can_hold(getattr(req, attr), num_tokens) for a, attr in self._allocators())
+
+    def _grow(self, req: Request, num_tokens: int) -> None:
+        for a, attr in self._allocators():
+            a.grow(getattr(req, attr), num_tokens)
+
+    def release(self, req: Request) -> None:
+        for a, attr in self._allocators():
+            a.release(getattr(req, attr))
+
+    def schedule(self) -> ScheduledStep | None:
+        """Pick the next step: admit waiting requests first (prefill), else decode the running ones."""
+        admitted, budget = [], self.prefill_token_budget
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+            req = self.waiting[0]
+            total = len(req.all_ids)
+            uncached = total - req.num_cached
+            if admitted and uncached > budget:
+                break
+            if not self._fits(req, total + self.lookahead):
+                break
+            self.waiting.popleft()
+            self._grow(req, total + self.lookahead)
+            admitted.append(req)
+            budget -= uncached
+        if admitted:
+            self.running += admitted
+            return ScheduledStep("prefill", admitted)
+        if not self.running:
+            if self.waiting:  # nothing runs and the head cannot fit: the pool is too small for it
+                req = self.waiting.popleft()
+                req.fail("KV pool exhausted: the request does not fit in the free KV blocks")
+                return ScheduledStep("decode", [])
+            return None
+        # Make room for this step's writes, preempting the newest requests if the pool is full.
+        ready: list[Request] = []
+        for req in list(self.running):
+            need = req.num_cached + self.lookahead
+            while not self._fits(req, need):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req in self.running:
+                self._grow(req, need)
+                ready.append(req)
+        return ScheduledStep("decode", ready)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.release(req)
+        req.num_cached = 0
+        self.waiting.appendleft(req)
+
+    def retire(self, req: Request) -> None:
+        """Remove a finished request and free its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        self.release(req)

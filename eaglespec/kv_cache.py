@@ -1,0 +1,93 @@
+"""The paged KV pool's bookkeeping: a free list of blocks and each sequence's block list.
+
+The tensors themselves are ``models.attention_step.KVCache``; this module decides which block
+holds which token. Block 0 is never handed out: padded rows of a CUDA-graph batch write there.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class KVPoolExhausted(RuntimeError):
+    """Raised when a sequence needs more blocks than the pool has free."""
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise ValueError(f"KV pool needs at least 2 blocks (block 0 is scratch), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(1, num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def can_hold(self, blocks: list[int], num_tokens: int) -> bool:
+        """Whether a sequence owning ``blocks`` can grow to ``num_tokens`` from the free list."""
+        return self.blocks_needed(num_tokens) - len(blocks) <= self.num_free
+
+    def grow(self, blocks: list[int], num_tokens: int) -> None:
+        """Append blocks to ``blocks`` until it holds ``num_tokens`` tokens."""
+        need = self.blocks_needed(num_tokens) - len(blocks)
+        if need > self.num_free:
+            raise KVPoolExhausted(f"KV pool exhausted: need {need} more blocks of {self.block_size} tokens, "
+                                  f"{self.num_free} free of {self.num_blocks - 1}")
+        for _ in range(max(need, 0)):
+            blocks.append(self._free.popleft())
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+        blocks.clear()
+
+
+def slots_for(blocks: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of token positions [start, end) of a sequence owning ``blocks``."""
+    return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def block_table_tensor(block_lists: list[list[int]], width: int, device) -> torch.Tensor:
+    """[B, width] int32 block table, padded with the scratch block 0."""
+    table = torch.zeros(len(block_lists), width, dtype=torch.int32)
+    for i, blocks in enumerate(block_lists):
+        if len(blocks) > width:
+            raise ValueError(f"sequence holds {len(blocks)} blocks, more than the table width {width}")
+        if blocks:
+            table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    return table.to(device)
+
+
+def pool_blocks_from_memory(free_bytes: int, fraction: float, num_layers: int, block_size: int,
+                            num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """How many blocks fit in ``fraction`` of ``free_bytes`` (K and V, every layer)."""
+    per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    return max(int(free_bytes * fraction) // per_block, 2)
+
+
+def commit_tree_kv(cache, tree_k: torch.Tensor, tree_v: torch.Tensor, nodes: torch.Tensor,
+                   start_pos: torch.Tensor, block_tables: torch.Tensor) -> None:
+    """Move the K/V of chosen tree nodes into consecutive cache positions, on device.
+
+    cache: a KVCache ([L, num_blocks, block_size, Hkv, D] tensors); tree_k/v [L, B, N, Hkv, D];
+    nodes [B, P] node index of each entry to keep, -1 for none (those go to the scratch block
+    0); entry i of sequence b lands at position start_pos[b] + i. Fixed shapes, no host sync.
+    """
+    num_layers, bsz, _, hkv, d = tree_k.shape
+    width = nodes.shape[1]
+    bs = cache.k.shape[2]
+    pos = start_pos[:, None].long() + torch.arange(width, device=nodes.device)
+    col = (pos // bs).clamp(max=block_tables.shape[1] - 1)
+    block = torch.gather(block_tables.long(), 1, col)
+    keep = nodes >= 0
+    slots = torch.where(keep, block * bs + pos % bs, torch.zeros_like(pos)).reshape(-1)
+    flat = (torch.arange(bsz, device=nodes.device)[:, None] * tree_k.shape[2] + nodes.clamp_min(0)).reshape(-1)
+    for src, dst in ((tree_k, cache.k), (tree_v, cache.v)):
+        rows = src.reshape(num_layers, -1, hkv, d).index_select(1, flat)
+        dst.view(num_layers, -1, hkv, d).index_copy_(1, slots, rows.to(dst.dtype))

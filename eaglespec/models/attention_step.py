@@ -1,0 +1,112 @@
+"""How the tokens of one forward attend: the per-step attention metadata.
+
+A forward pass is told *what kind* of step it is by one of these dataclasses, passed as an
+argument (never stored on the model). Each writes the new K/V where they belong and calls the
+matching op of ``eaglespec.ops.attention`` on the chosen backend ("torch" reference or "triton").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eaglespec.ops import attention as ops
+
+
+@dataclass(slots=True)
+class KVCache:
+    """The paged KV pool of one model: block 0 is a scratch block that padded rows write to."""
+
+    k: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
+    v: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [T, Hkv, D] at flat slots [T] (slot = block * block_size + offset)."""
+        hkv, d = self.k.shape[-2:]
+        self.k[layer].view(-1, hkv, d).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].view(-1, hkv, d).index_copy_(0, slots, v.to(self.v.dtype))
+
+
+class AttentionStep:
+    """Interface: ``attend(layer, q [T,Hq,D], k [T,Hkv,D], v, cache) -> [T,Hq,D]``."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCache) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class PrefillStep(AttentionStep):
+    """New tokens of several sequences, packed; each attends causally to its sequence's cache."""
+
+    slots: torch.Tensor  # [T] int64 cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor  # [B+1] int32 offsets of each sequence's new tokens
+    seq_lens: torch.Tensor  # [B] int32 cached tokens after this step (prefix + new)
+    max_query_len: int
+    scale: float
+    backend: str = "torch"
+
+    def attend(self, layer, q, k, v, cache):
+        cache.write(layer, self.slots, k, v)
+        fn = ops.paged_prefill_attention if self.backend == "triton" else ops.paged_prefill_attention_ref
+        return fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.cu_seqlens_q,
+                  self.seq_lens, self.max_query_len, self.scale)
+
+
+@dataclass(slots=True)
+class DecodeStep(AttentionStep):
+    """One new token per sequence; fixed shapes so the step can be a CUDA graph."""
+
+    slots: torch.Tensor  # [B] int64 cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32 cached tokens including the new one
+    scale: float
+    backend: str = "torch"
+
+    def attend(self, layer, q, k, v, cache):
+        cache.write(layer, self.slots, k, v)
+        fn = ops.paged_decode_attention if self.backend == "triton" else ops.paged_decode_attention_ref
+        out, _ = fn(q[:, None], cache.k[layer], cache.v[layer], self.block_tables, self.context_lens, self.scale)
+        return out[:, 0].to(q.dtype)
+
+
+@dataclass(slots=True)
+class TreeStep(AttentionStep):
+    """N tree nodes per sequence: the cached prefix is visible to all, inside the tree only
+    ancestors. Tree K/V go to a side buffer; the accepted path is committed to the cache later."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    prefix_lens: torch.Tensor  # [B] int32 cached tokens before the tree
+    ancestor_bits: torch.Tensor  # [B, N] int64, bit j of row i: node j is visible to node i
+    tree_k: torch.Tensor  # [L, B, N, Hkv, D] side buffer filled during the forward
+    tree_v: torch.Tensor  # [L, B, N, Hkv, D]
+    scale: float
+    backend: str = "torch"
+
+    def attend(self, layer, q, k, v, cache):
+        bsz, n = self.ancestor_bits.shape
+        k = k.view(bsz, n, *k.shape[1:])
+        v = v.view(bsz, n, *v.shape[1:])
+        self.tree_k[layer].copy_(k)
+        self.tree_v[layer].copy_(v)
+        q = q.view(bsz, n, *q.shape[1:])
+        fn = ops.two_pass_tree_attention if self.backend == "triton" else ops.two_pass_tree_attention_ref
+        out = fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.prefix_lens,
+                 self.tree_k[layer], self.tree_v[layer], self.ancestor_bits, self.scale)
+        return out.reshape(bsz * n, *out.shape[2:]).to(q.dtype)

@@ -1,0 +1,264 @@
+"""Dense Llama 2 / 3.x decoder over a flat batch of tokens and a paged KV cache.
+
+Tokens of all sequences in a step are packed into one [T] vector; how they attend (prefill,
+decode, tree verify) is decided by the ``AttentionStep`` passed to ``forward``. Projections are
+fused at load time (q|k|v and gate|up) so a decode step launches fewer, larger matrix products;
+the loader maps Hugging Face names onto the fused slices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eaglespec.config import LlamaConfig
+from eaglespec.models.attention_step import AttentionStep, KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """[head_dim // 2] fp32 inverse frequencies, with the ``llama3`` long-context scaling."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        blend = (old_len / wavelen - low) / (high - low)
+        blended = (1 - blend) * scaled / factor + blend * scaled
+        in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv = torch.where(in_band, blended, scaled)
+    return inv.float()
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim] for rotate-half RoPE, computed from positions (no table to size)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, in_features: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # EAGLE-3's draft layer reads [embedding | feature], twice the hidden size.
+        self.qkv_proj = nn.Linear(in_features or cfg.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.splits = (q_size, kv_size, kv_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                attn: AttentionStep, cache: KVCache) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = attn.attend(layer, q, k, v, cache)
+        return self.o_proj(out.reshape(t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, input_norm: bool = True):
+        super().__init__()
+        # EAGLE-1/2 draft heads drop the first layer's input norm (their input is already mixed by fc).
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if input_norm else nn.Identity()
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, layer, attn, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attn, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass(slots=True)
+class ModelOutput:
+    logits: torch.Tensor  # [R, vocab] fp32, R = rows selected by logits_rows (all T when None)
+    hidden: torch.Tensor | None  # [R, H] final hidden state after the last norm (EAGLE-1/2 feature)
+    taps: torch.Tensor | None  # [R, 3H] inputs of the EAGLE-3 tap layers, concatenated
+
+
+class LlamaBackbone(nn.Module):
+    """The ``model.`` part of LlamaForCausalLM (names match Hugging Face)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBackbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.output_weight).float()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
+                cache: KVCache, logits_rows: torch.Tensor | None = None,
+                want_hidden: bool = False, want_taps: bool = False) -> ModelOutput:
+        """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        tap_layers = self.config.eagle3_layers if want_taps else ()
+        layer_inputs = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in tap_layers:
+                layer_inputs[i] = x
+            x = layer(x, cos, sin, i, attn, cache)
+        x = self.model.norm(x)
+        taps = torch.cat([layer_inputs[i] for i in tap_layers], dim=-1) if want_taps else None
+        if logits_rows is not None:
+            x = x.index_select(0, logits_rows)
+            taps = None if taps is None else taps.index_select(0, logits_rows)
+        return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
+
+    # ------------------------------------------------------------------ weights
+
+    def fused_slices(self) -> dict[str, tuple[str, int, int]]:
+        """HF tensor name -> (our parameter name, first row, last row) for fused projections."""
+        return fused_layer_slices(self.config, [f"model.layers.{i}" for i in range(self.config.num_layers)])
+
+    @torch.no_grad()
+    def load_hf_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], source: str = "checkpoint") -> None:
+        """Copy Hugging Face-named tensors into the parameters, one at a time (casting on the fly)."""
+        # Tied checkpoints may still store the output matrix: it is the embedding, skip it.
+        skip = {"lm_head.weight"} if self.lm_head is None else set()
+        load_named_tensors(self, tensors, self.fused_slices(), source, skip=skip, what="a Llama model")
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights in place (speed benchmarks; no download)."""
+        gen = torch.Generator(device=self.output_weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=gen)
+
+    def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Our weights under Hugging Face names (un-fused), for export and cross-checks."""
+        return unfused_named_tensors(self, self.fused_slices())
+
+
+def fused_layer_slices(cfg: LlamaConfig, prefixes: list[str]) -> dict[str, tuple[str, int, int]]:
+    """For each decoder-layer prefix: HF q/k/v and gate/up names -> (fused name, row range)."""
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    out = {}
+    for p in prefixes:
+        qkv, gate_up = f"{p}.self_attn.qkv_proj.weight", f"{p}.mlp.gate_up_proj.weight"
+        out[f"{p}.self_attn.q_proj.weight"] = (qkv, 0, q)
+        out[f"{p}.self_attn.k_proj.weight"] = (qkv, q, q + kv)
+        out[f"{p}.self_attn.v_proj.weight"] = (qkv, q + kv, q + 2 * kv)
+        out[f"{p}.mlp.gate_proj.weight"] = (gate_up, 0, inter)
+        out[f"{p}.mlp.up_proj.weight"] = (gate_up, inter, 2 * inter)
+    return out
+
+
+@torch.no_grad()
+def load_named_tensors(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
+                       slices: dict[str, tuple[str, int, int]], source: str, skip: set[str] = frozenset(),
+                       what: str = "this model") -> None:
+    """Copy named tensors into ``module``'s parameters and buffers, casting on the fly.
+
+    Every parameter must be filled exactly once; an unknown name, a wrong shape or a missing
+    tensor raises ValueError naming it. Buffers are filled when present, kept otherwise.
+    """
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    fused = {s[0] for s in slices.values()}
+    filled: dict[str, int] = {}
+    for name, tensor in tensors:
+        if name in skip:
+            continue
+        target, lo, hi = slices.get(name, (name, None, None))
+        dest_full = params.get(target, buffers.get(target))
+        if dest_full is None:
+            raise ValueError(f"{source}: unexpected tensor {name!r} (not part of {what})")
+        dest = dest_full if lo is None else dest_full[lo:hi]
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dest.shape)} for this config")
+        dest.copy_(tensor.to(device=dest.device, dtype=dest.dtype))
+        filled[target] = filled.get(target, 0) + (1 if lo is None else hi - lo)
+    for target, param in params.items():
+        need = param.shape[0] if target in fused else 1
+        if filled.get(target, 0) != need:
+            names = [n for n, s in slices.items() if s[0] == target] if target in fused else [target]
+            raise ValueError(f"{source}: missing tensor(s) for {target!r}: expected {names}")
+
+
+def unfused_named_tensors(module: nn.Module, slices: dict[str, tuple[str, int, int]]):
+    """``module``'s parameters under the un-fused (checkpoint) names."""
+    fused = {s[0] for s in slices.values()}
+    params = dict(module.named_parameters())
+    for name, (target, lo, hi) in slices.items():
+        yield name, params[target][lo:hi]
+    for name, param in params.items():
+        if name not in fused:
+            yield name, param
+
+
+def build_model(cfg: LlamaConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """An uninitialised model allocated straight on ``device`` in ``dtype`` (weights loaded after).
+
+    Built on the meta device first so that a large model never exists in fp32 anywhere.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                               requires_grad=False))
+    model.inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    return model.eval()

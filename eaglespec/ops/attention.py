@@ -1,0 +1,894 @@
+"""Attention over the paged KV cache: PyTorch references (any device) and Triton kernels.
+
+Cache layout, one layer: ``k_cache``/``v_cache`` of shape [num_blocks, block_size, Hkv, D].
+A sequence's token at position p lives in block ``block_tables[b, p // block_size]`` at
+offset ``p % block_size``.
+
+Ops (each has ``*_ref`` in PyTorch and a Triton launcher of the same signature):
+  paged_prefill_attention : varlen queries, causal over the sequence's cached keys
+  paged_decode_attention  : Nq queries per sequence over its first context_lens[b] keys,
+                            no mask, split-K; returns output and log-sum-exp. Serves plain
+                            decode (Nq = 1) and pass 1 of tree attention (Nq = tree nodes).
+  tree_attention          : pass 2, tree queries over the tree's own K/V under an ancestor
+                            bitmask; returns output and log-sum-exp.
+  merge_attention_states  : combine two partial attentions by their log-sum-exps.
+
+Tree verification = ``two_pass_tree_attention`` (decode pass over the cached prefix + tree pass
++ merge); ``tree_attention_sdpa_masked`` is the one-shot SDPA baseline it is measured against.
+The decode, tree and two-pass launchers never read device values on the host, so they can be
+captured in CUDA graphs. CPU tensors run the kernels under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # the references above work without Triton; the kernels below need it
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+    def _jit(fn):
+        return fn
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def gather_sequence_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                       length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``length`` cached K/V of one sequence: two [length, Hkv, D] tensors."""
+    block_size = k_cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    blocks = block_table[:n_blocks].long()
+    k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:length]
+    v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:length]
+    return k, v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference softmax attention in fp32 with GQA.
+
+    q [Nq, Hq, D], k/v [Nk, Hkv, D], mask [Nq, Nk] bool (True = visible) or None.
+    Returns out [Nq, Hq, D] (fp32) and lse [Nq, Hq] (fp32, natural log; -inf where nothing is visible).
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+    qf = q.float().transpose(0, 1)  # [Hq, Nq, D]
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, Nk, D]
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = qf @ kf.transpose(1, 2) * scale  # [Hq, Nq, Nk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hq, Nq]
+    probs = torch.exp(scores - lse[..., None].clamp_min(-1e30))
+    probs = torch.nan_to_num(probs, nan=0.0)
+    out = probs @ vf  # [Hq, Nq, D]
+    return out.transpose(0, 1), lse.transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                seq_lens: torch.Tensor, max_query_len: int,
+                                scale: float) -> torch.Tensor:
+    """Causal attention of new tokens over their sequences' cached K/V (new K/V already written).
+
+    q [T, Hq, D] packed by sequence; cu_seqlens_q [B+1] int32; seq_lens [B] int32 = tokens in
+    the cache for each sequence including the new ones; query i of sequence b sits at position
+    seq_lens[b] - q_len_b + i and sees keys 0..that position. Returns [T, Hq, D] in q.dtype.
+    """
+    del max_query_len  # only the kernels need a grid bound
+    out = torch.empty_like(q)
+    starts = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(lens)):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        k, v = gather_sequence_kv(k_cache, v_cache, block_tables[b], lens[b])
+        q_pos = torch.arange(lens[b] - (e - s), lens[b], device=q.device)
+        mask = torch.arange(lens[b], device=q.device)[None, :] <= q_pos[:, None]
+        o, _ = _attend(q[s:e], k, v, mask, scale)
+        out[s:e] = o.to(q.dtype)
+    return out
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nq queries per sequence over its first context_lens[b] cached keys, no mask.
+
+    q [B, Nq, Hq, D]; context_lens [B] int32 (0 allowed: output 0, lse -inf).
+    Returns out [B, Nq, Hq, D] (fp32) and lse [B, Nq, Hq] (fp32).
+    """
+    bsz, nq, hq, d = q.shape
+    out = torch.zeros(bsz, nq, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((bsz, nq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, n in enumerate(context_lens.tolist()):
+        if n == 0:
+            continue
+        k, v = gather_sequence_kv(k_cache, v_cache, block_tables[b], n)
+        out[b], lse[b] = _attend(q[b], k, v, None, scale)
+    return out, lse
+
+
+def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       ancestor_bits: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tree queries over the tree's own K/V: node i sees node j when bit j of ancestor_bits[b, i] is set.
+
+    q [B, N, Hq, D], k/v [B, N, Hkv, D], ancestor_bits [B, N] int64 (N <= 64; each node's own bit
+    set). Returns out [B, N, Hq, D] (fp32) and lse [B, N, Hq] (fp32).
+    """
+    bsz, n = q.shape[:2]
+    bit = torch.ones((), dtype=torch.int64, device=q.device) << torch.arange(n, device=q.device)
+    mask = (ancestor_bits[..., None] & bit) != 0  # [B, N, N]
+    outs, lses = [], []
+    for b in range(bsz):
+        o, l = _attend(q[b], k[b], v[b], mask[b], scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def merge_attention_states_ref(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                               lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the union of two key sets from the two partial results.
+
+    out_* [..., H, D], lse_* [..., H]. A side with lse = -inf (no keys) contributes nothing.
+    Returns out (fp32) and lse (fp32).
+    """
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    m = torch.maximum(lse_a, lse_b)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa = torch.exp(lse_a - m_safe)
+    wb = torch.exp(lse_b - m_safe)
+    total = wa + wb
+    lse = m_safe + torch.log(total)
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    out = (out_a.float() * wa[..., None] + out_b.float() * wb[..., None]) / denom[..., None]
+    return out, lse
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def two_pass_tree_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, prefix_lens: torch.Tensor,
+                                k_tree: torch.Tensor, v_tree: torch.Tensor,
+                                ancestor_bits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Tree verification attention built from the references: prefix pass + tree pass + merge.
+
+    q [B, N, Hq, D] (tree queries); prefix_lens [B] int32 = cached tokens before the tree;
+    k_tree/v_tree [B, N, Hkv, D]; ancestor_bits [B, N] int64. Returns [B, N, Hq, D] in q.dtype.
+    """
+    out_p, lse_p = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, prefix_lens, scale)
+    out_t, lse_t = tree_attention_ref(q, k_tree, v_tree, ancestor_bits, scale)
+    out, _ = merge_attention_states_ref(out_p, lse_p, out_t, lse_t)
+    return out.to(q.dtype)
+
+
+def tree_attention_sdpa_masked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, prefix_lens: torch.Tensor,
+                               k_tree: torch.Tensor, v_tree: torch.Tensor,
+                               ancestor_bits: torch.Tensor, scale: float, *,
+                               repeat_kv: bool = False) -> torch.Tensor:
+    """One-shot baseline: gather prefix + tree K/V, run SDPA under an explicit boolean mask.
+
+    Same arguments and result as ``two_pass_tree_attention``. Gathers every block of each
+    table row (entries past a sequence's prefix may hold any index; they are clamped and
+    masked), so it has no host synchronisation. ``repeat_kv`` expands K/V to Hq heads instead
+    of relying on SDPA's ``enable_gqa`` (which may pick a slower backend with a mask).
+    A query that sees no key at all gives NaN here (SDPA's convention), unlike the other ops.
+    """
+    bsz, n, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    tables = block_tables.long().clamp(0, k_cache.shape[0] - 1)
+    k_prefix = k_cache[tables].reshape(bsz, -1, hkv, d)  # [B, max_keys, Hkv, D]
+    v_prefix = v_cache[tables].reshape(bsz, -1, hkv, d)
+    max_keys = k_prefix.shape[1]
+    # [B, Hkv, max_keys + N, D]
+    k_all = torch.cat([k_prefix, k_tree.to(k_prefix.dtype)], dim=1).transpose(1, 2)
+    v_all = torch.cat([v_prefix, v_tree.to(v_prefix.dtype)], dim=1).transpose(1, 2)
+    key_pos = torch.arange(max_keys, device=q.device)
+    prefix_mask = key_pos[None, :] < prefix_lens.long()[:, None]  # [B, max_keys]
+    bit = torch.ones((), dtype=torch.int64, device=q.device) << torch.arange(n, device=q.device)
+    tree_mask = (ancestor_bits[..., None] & bit) != 0  # [B, N, N]
+    mask = torch.cat([prefix_mask[:, None, :].expand(bsz, n, max_keys), tree_mask], dim=-1)
+    qt = q.transpose(1, 2)  # [B, Hq, N, D]
+    if repeat_kv and hq != hkv:
+        k_all = k_all.repeat_interleave(hq // hkv, dim=1)
+        v_all = v_all.repeat_interleave(hq // hkv, dim=1)
+    gqa = {"enable_gqa": True} if k_all.shape[1] != hq else {}
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qt, k_all, v_all, attn_mask=mask[:, None], scale=scale, **gqa)
+    return out.transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+#
+# Conventions shared by the kernels:
+#  * scores are kept in log2 units (scaled by scale * log2(e)) so exp2 can be used; log-sum-exps
+#    are converted back to natural log when stored.
+#  * a row that has seen no key keeps m = -inf; m_use replaces it by 0 so that exp2(-inf - 0) = 0
+#    instead of NaN, and such rows end with out = 0 and lse = -inf (as in the references).
+#  * paged keys are gathered per key (block id = table[key // BLOCK_SIZE]) so a key tile may span
+#    several cache blocks; the key tile width does not depend on the cache block size.
+#  * query rows of the decode/tree kernels pack (query, head-in-group) pairs: row r is query
+#    r // GROUP of head kv_head * GROUP + r % GROUP, so one program loads a KV head's K/V once
+#    for all the query heads that share it.
+
+_LOG2E = 1.4426950408889634  # kernels use exp2; lse is stored in natural-log units
+
+
+@_jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, seq_lens_ptr, out_ptr,
+    scale_log2, max_keys,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (query tiles, B, Hq): BLOCK_M queries of one sequence and one query head."""
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - q_len  # cache position of the sequence's first new token
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    tok = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_pos = first_pos + offs_m
+
+    # Causal limit: this tile's last valid query sees keys up to its own position; an empty
+    # tile (past q_len) loops over nothing and stores nothing.
+    key_end = first_pos + tl.minimum((tile + 1) * BLOCK_M, q_len)
+    key_end = tl.where(tile * BLOCK_M < q_len, key_end, 0)
+    key_end = tl.minimum(key_end, max_keys)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    for start in range(0, key_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < key_end
+        blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        slots = offs_n % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_kt
+                    + kv_head * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
+        s = s * scale_log2
+        visible = key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vt
+                    + kv_head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@_jit
+def _paged_decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2, max_keys, num_queries, split_size,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_pob, stride_pos, stride_pon, stride_poh,
+    stride_plb, stride_pls, stride_pln,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW_TILES: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (ROW_TILES * splits, Hkv, B): one row tile of one KV head over one chunk of keys.
+
+    Writes the chunk's normalised output and log-sum-exp to part_out [B, S, Nq, Hq, D] and
+    part_lse [B, S, Nq, Hq]. Chunks past the context are skipped and never read back, except
+    chunk 0 which always writes (out 0, lse -inf for an empty context).
+    """
+    pid = tl.program_id(0)
+    split = pid // ROW_TILES
+    row_tile = pid % ROW_TILES
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
+    split_start = split * split_size
+    split_end = tl.minimum(split_start + split_size, ctx)
+    # Split 0 always stores; later splits store only when they start inside the context.
+    # (Folded into a row bound: `tensor & scalar` masks are mistyped by the Triton interpreter.)
+    store_rows = tl.where((split == 0) | (split_start < ctx), num_queries, 0)
+
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    query = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = query < num_queries
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qb + query[:, None] * stride_qn + head[:, None] * stride_qh
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    for start in range(split_start, split_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < split_end
+        blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        slots = offs_n % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_kt
+                    + kv_head * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
+        s = s * scale_log2
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vt
+                    + kv_head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    store_ok = query < store_rows
+    tl.store(part_out_ptr + seq * stride_pob + split * stride_pos + query[:, None] * stride_pon
+             + head[:, None] * stride_poh + offs_d[None, :], out, mask=store_ok[:, None])
+    tl.store(part_lse_ptr + seq * stride_plb + split * stride_pls + query * stride_pln + head,
+             lse, mask=store_ok)
+
+
+@_jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, context_lens_ptr, extra_out_ptr, extra_lse_ptr, out_ptr, lse_ptr,
+    max_keys, num_rows, split_size,
+    stride_pob, stride_pos, stride_plb, stride_pls,
+    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+):
+    """Grid (Nq * Hq, B): merge one row's live split partials (and an optional extra state).
+
+    part_out [B, S, R, D], part_lse [B, S, R]; extra_out/out [B, R, D], extra_lse/lse [B, R]
+    (R = Nq * Hq rows, all contiguous in R and D). Only the splits that start inside the
+    context are read, at least split 0.
+    """
+    row = tl.program_id(0)
+    seq = tl.program_id(1)
+    ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
+    n_live = tl.maximum((ctx + split_size - 1) // split_size, 1)
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse_base = part_lse_ptr + seq * stride_plb + row
+    out_base = part_out_ptr + seq * stride_pob + row * HEAD_DIM
+    state = seq.to(tl.int64) * num_rows + row  # index of this row in out / lse / extra
+
+    m_vec = tl.full([SPLIT_CHUNK], float("-inf"), tl.float32)
+    for s0 in range(0, n_live, SPLIT_CHUNK):
+        sp = s0 + offs_s
+        m_vec = tl.maximum(m_vec, tl.load(lse_base + sp * stride_pls, mask=sp < n_live,
+                                          other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    if HAS_EXTRA:
+        m = tl.maximum(m, tl.load(extra_lse_ptr + state))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+
+    acc = tl.zeros([SPLIT_CHUNK, HEAD_DIM], tl.float32)
+    w_acc = tl.zeros([SPLIT_CHUNK], tl.float32)
+    for s0 in range(0, n_live, SPLIT_CHUNK):
+        sp = s0 + offs_s
+        sp_ok = sp < n_live
+        w = tl.exp(tl.load(lse_base + sp * stride_pls, mask=sp_ok, other=float("-inf")) - m_use)
+        o = tl.load(out_base + sp[:, None] * stride_pos + offs_d[None, :], mask=sp_ok[:, None],
+                    other=0.0)
+        acc += w[:, None] * o
+        w_acc += w
+    out = tl.sum(acc, 0)
+    total = tl.sum(w_acc, 0)
+    if HAS_EXTRA:
+        w_extra = tl.exp(tl.load(extra_lse_ptr + state) - m_use)
+        out += w_extra * tl.load(extra_out_ptr + state * HEAD_DIM + offs_d)
+        total += w_extra
+    out = out / tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, m_use + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(out_ptr + state * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + state, lse)
+
+
+@_jit
+def _tree_attention_kernel(
+    q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr,
+    scale_log2, num_nodes,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_bb,
+    stride_ob, stride_on, stride_oh,
+    stride_lb, stride_ln,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW_TILES: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (ROW_TILES, Hkv, B): one row tile of one KV head against all (<= 64) tree keys."""
+    row_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    node = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = node < num_nodes
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    key_ok = offs_n < num_nodes
+
+    q = tl.load(q_ptr + seq * stride_qb + node[:, None] * stride_qn + head[:, None] * stride_qh
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k = tl.load(k_ptr + seq * stride_kb + offs_n[:, None] * stride_kn + kv_head * stride_kh
+                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + seq * stride_vb + offs_n[:, None] * stride_vn + kv_head * stride_vh
+                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    bits = tl.load(bits_ptr + seq * stride_bb + node, mask=row_ok, other=0)
+    visible = ((bits[:, None] >> offs_n[None, :].to(tl.int64)) & 1) != 0
+    visible = visible & key_ok[None, :]
+
+    s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
+    s = s * scale_log2
+    s = tl.where(visible, s, float("-inf"))
+    m = tl.max(s, 1)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_use[:, None])
+    l = tl.sum(p, 1)
+    has_keys = l > 0
+    out = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
+    out = out / tl.where(has_keys, l, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_use + tl.log2(tl.where(has_keys, l, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(out_ptr + seq * stride_ob + node[:, None] * stride_on + head[:, None] * stride_oh
+             + offs_d[None, :], out, mask=row_ok[:, None])
+    tl.store(lse_ptr + seq * stride_lb + node * stride_ln + head, lse, mask=row_ok)
+
+
+@_jit
+def _merge_states_kernel(
+    out_a_ptr, lse_a_ptr, out_b_ptr, lse_b_ptr, out_ptr, lse_ptr, num_rows, head_dim,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(rows, BLOCK_R),): rows of [rows, head_dim] states, all contiguous."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float32)
+    lse_b = tl.load(lse_b_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float32)
+    m = tl.maximum(lse_a, lse_b)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w_a = tl.exp(lse_a - m_use)
+    w_b = tl.exp(lse_b - m_use)
+    total = w_a + w_b
+    idx = rows.to(tl.int64)[:, None] * head_dim + offs_d[None, :]
+    o_a = tl.load(out_a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    o_b = tl.load(out_b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    out = (o_a * w_a[:, None] + o_b * w_b[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+    lse = tl.where(total > 0, m_use + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(out_ptr + idx, out, mask=mask)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_TREE_NODES = 64  # one int64 ancestor bitmask per node
+_MAX_ROW_TILE = 128  # query rows per program in the decode / tree kernels
+_DEFAULT_NUM_SMS = 132  # H100 SXM; used only to size the default split when no GPU is visible
+
+
+def _require_triton(tensor: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the *_ref functions instead")
+    _check(tensor.is_cuda or _interpreted(_merge_states_kernel),
+           f"Triton kernels need CUDA tensors (got {tensor.device}); "
+           "set TRITON_INTERPRET=1 to run them on the CPU")
+
+
+def _check_tensor(name: str, t: torch.Tensor, ndim: int, device: torch.device | None,
+                  dtypes: tuple[torch.dtype, ...]) -> None:
+    """device None: t is q itself (the device the others must match)."""
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    device = t.device if device is None else device
+    _check(t.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    _check(t.dtype in dtypes,
+           f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    _check(t.device == device, f"{name} is on {t.device}, expected {device} (the device of q)")
+    _check(t.is_contiguous(), f"{name} must be contiguous (shape {tuple(t.shape)}, "
+                              f"strides {t.stride()})")
+
+
+def _check_heads(q: torch.Tensor, kv: torch.Tensor, kv_name: str) -> int:
+    """Validates head_dim and GQA grouping; returns the group size Hq // Hkv."""
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv, dk = kv.shape[-2], kv.shape[-1]
+    _check(dk == d, f"head_dim mismatch: q has {d}, {kv_name} has {dk}")
+    _check(16 <= d <= 256 and d & (d - 1) == 0,
+           f"head_dim must be a power of two in [16, 256], got {d}")
+    _check(hkv > 0 and hq % hkv == 0,
+           f"query heads ({hq}) must be a multiple of {kv_name} heads ({hkv})")
+    _check(kv.dtype == q.dtype, f"{kv_name} dtype {kv.dtype} differs from q dtype {q.dtype}")
+    return hq // hkv
+
+
+def _check_paged_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       block_tables: torch.Tensor, batch: int) -> tuple[int, int]:
+    """Validates the cache pair and block tables; returns (group, block_size)."""
+    _check_tensor("k_cache", k_cache, 4, q.device, _FLOAT_DTYPES)
+    _check_tensor("v_cache", v_cache, 4, q.device, _FLOAT_DTYPES)
+    _check(k_cache.shape == v_cache.shape,
+           f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} shapes differ")
+    group = _check_heads(q, k_cache, "k_cache")
+    _check(v_cache.dtype == k_cache.dtype, f"v_cache dtype {v_cache.dtype} differs from k_cache")
+    block_size = k_cache.shape[1]
+    _check(block_size >= 16 and block_size & (block_size - 1) == 0,
+           f"block_size (k_cache.shape[1]) must be a power of two >= 16, got {block_size}")
+    _check_tensor("block_tables", block_tables, 2, q.device, (torch.int32,))
+    _check(block_tables.shape[0] == batch,
+           f"block_tables has {block_tables.shape[0]} rows, expected batch size {batch}")
+    _check(block_tables.shape[1] > 0, "block_tables must have at least one column")
+    return group, block_size
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _mma_options(dtype: torch.dtype, kernel) -> dict:
+    """Operand dtype and precision of the kernels' tl.dot calls.
+
+    16-bit inputs multiply in their own dtype (fp32 accumulation). fp32 inputs use exact fp32
+    products: tf32 would miss the fp32 tolerance. The Triton interpreter multiplies bf16 as raw
+    uint16 bits, so there bf16 operands are widened to fp32 (after the same bf16 rounding).
+    """
+    if dtype == torch.bfloat16 and _interpreted(kernel):
+        return {"MMA_DTYPE": tl.float32, "DOT_PRECISION": "ieee"}
+    mma = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return {"MMA_DTYPE": mma, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _row_block(rows: int) -> int:
+    """Power-of-two row tile >= 16 (tl.dot's minimum), at most _MAX_ROW_TILE."""
+    return min(_MAX_ROW_TILE, max(16, 1 << (max(rows, 1) - 1).bit_length()))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_NUM_SMS
+
+
+def default_decode_split_size(batch: int, num_kv_heads: int, rows_per_kv_head: int,
+                              max_keys: int, block_size: int, num_sms: int) -> int:
+    """Keys per split-K chunk for paged_decode_attention, from static shapes only.
+
+    Aims at about two programs per SM: splits = cdiv(2 * SMs, B * Hkv * row tiles), keys split
+    evenly among them, rounded up to a multiple of 256 (and of block_size) and capped at
+    2048 so a block table much wider than the live context still leaves some parallelism.
+    Small batches thus get 256-key chunks; large batches get few, long chunks (less partial
+    traffic, which matters for tree queries whose partials are as large as their keys).
+    """
+    row_tiles = _cdiv(rows_per_kv_head, _row_block(rows_per_kv_head))
+    units = max(1, batch * num_kv_heads * row_tiles)
+    splits = max(1, _cdiv(2 * num_sms, units))
+    granule = max(256, block_size)
+    split = max(1, _cdiv(_cdiv(max_keys, splits), granule)) * granule
+    return min(split, max(2048, granule))
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            seq_lens: torch.Tensor, max_query_len: int,
+                            scale: float) -> torch.Tensor:
+    """Triton version of ``paged_prefill_attention_ref`` (same arguments and result).
+
+    max_query_len must be >= every sequence's query length (a host int; it sizes the grid).
+    """
+    _check_tensor("q", q, 3, None, _FLOAT_DTYPES)
+    _require_triton(q)
+    _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, q.device, (torch.int32,))
+    _check_tensor("seq_lens", seq_lens, 1, q.device, (torch.int32,))
+    batch = seq_lens.shape[0]
+    _check(cu_seqlens_q.shape[0] == batch + 1,
+           f"cu_seqlens_q must have batch + 1 = {batch + 1} entries, got {cu_seqlens_q.shape[0]}")
+    group, block_size = _check_paged_cache(q, k_cache, v_cache, block_tables, batch)
+    _check(isinstance(max_query_len, int) and max_query_len >= 0,
+           f"max_query_len must be a non-negative int, got {max_query_len!r}")
+    out = torch.empty_like(q)
+    if batch == 0 or max_query_len == 0 or q.shape[0] == 0:
+        return out
+    hq, d = q.shape[1], q.shape[2]
+    block_m = 16 if max_query_len <= 16 else 64
+    block_n = 32 if q.dtype == torch.float32 or d > 128 else 64
+    grid = (_cdiv(max_query_len, block_m), batch, hq)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
+        scale * _LOG2E, block_tables.shape[1] * block_size,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        **_mma_options(q.dtype, _paged_prefill_kernel),
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def _decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     split_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Checks inputs and runs the split kernel: part_out [B, S, Nq, Hq, D], part_lse, split_size."""
+    _check_tensor("q", q, 4, None, _FLOAT_DTYPES)
+    _require_triton(q)
+    batch, nq, hq, d = q.shape
+    _check_tensor("context_lens", context_lens, 1, q.device, (torch.int32,))
+    _check(context_lens.shape[0] == batch,
+           f"context_lens has {context_lens.shape[0]} entries, expected batch size {batch}")
+    group, block_size = _check_paged_cache(q, k_cache, v_cache, block_tables, batch)
+    hkv = hq // group
+    max_keys = block_tables.shape[1] * block_size
+    rows = nq * group  # query rows per KV head
+    if split_size is None:
+        split_size = default_decode_split_size(batch, hkv, rows, max_keys, block_size,
+                                               _num_sms(q.device))
+    _check(isinstance(split_size, int) and split_size > 0 and split_size % block_size == 0,
+           f"split_size must be a positive multiple of block_size ({block_size}), "
+           f"got {split_size!r}")
+    num_splits = _cdiv(max_keys, split_size)
+    part_out = torch.empty(batch, num_splits, nq, hq, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_splits, nq, hq, dtype=torch.float32, device=q.device)
+    if batch == 0 or nq == 0:
+        return part_out, part_lse, split_size
+    block_m = _row_block(rows)
+    row_tiles = _cdiv(rows, block_m)
+    # Key tile: the largest power of two <= 64 dividing split_size (>= 16 since block_size is).
+    block_n = min(64, split_size & -split_size)
+    if q.dtype == torch.float32 or d > 128:
+        block_n = min(block_n, 32)
+    grid = (row_tiles * num_splits, hkv, batch)
+    _paged_decode_split_kernel[grid](
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
+        scale * _LOG2E, max_keys, nq, split_size,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        ROW_TILES=row_tiles,
+        **_mma_options(q.dtype, _paged_decode_split_kernel),
+        num_warps=8 if block_m >= 128 else 4, num_stages=2,
+    )
+    return part_out, part_lse, split_size
+
+
+def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, context_lens: torch.Tensor,
+                  max_keys: int, split_size: int, out_dtype: torch.dtype,
+                  extra: tuple[torch.Tensor, torch.Tensor] | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduces [B, S, Nq, Hq, D] partials (plus an optional [B, Nq, Hq, D] state) by LSE."""
+    batch, num_splits, nq, hq, d = part_out.shape
+    out = torch.empty(batch, nq, hq, d, dtype=out_dtype, device=part_out.device)
+    lse = torch.empty(batch, nq, hq, dtype=torch.float32, device=part_out.device)
+    if batch == 0 or nq == 0:
+        return out, lse
+    extra_out, extra_lse = extra if extra is not None else (out, lse)  # dummies when unused
+    _merge_splits_kernel[(nq * hq, batch)](
+        part_out, part_lse, context_lens, extra_out, extra_lse, out, lse,
+        max_keys, nq * hq, split_size,
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
+        HEAD_DIM=d, SPLIT_CHUNK=min(16, triton.next_power_of_2(num_splits)),
+        HAS_EXTRA=extra is not None,
+        num_warps=1 if d <= 64 else 2,
+    )
+    return out, lse
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``paged_decode_attention_ref`` (split-K, CUDA-graph safe).
+
+    Splits the keys [0, block_tables.shape[1] * block_size) into chunks of ``split_size``
+    (a multiple of block_size; default from ``default_decode_split_size``); the split count
+    depends on shapes only, and chunks beyond context_lens[b] do no work on the device.
+    Returns out [B, Nq, Hq, D] (fp32) and lse [B, Nq, Hq] (fp32).
+    """
+    part_out, part_lse, split_size = _decode_partials(q, k_cache, v_cache, block_tables,
+                                                      context_lens, scale, split_size)
+    batch, num_splits, nq, hq, d = part_out.shape
+    if num_splits == 1:  # split 0 always writes: the partial is the answer
+        return part_out.view(batch, nq, hq, d), part_lse.view(batch, nq, hq)
+    max_keys = block_tables.shape[1] * k_cache.shape[1]
+    return _merge_splits(part_out, part_lse, context_lens, max_keys, split_size,
+                         torch.float32, None)
+
+
+def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       ancestor_bits: torch.Tensor, k_name: str, v_name: str) -> int:
+    """Validates tree-pass inputs; returns the GQA group size."""
+    _check_tensor("q", q, 4, None, _FLOAT_DTYPES)
+    _require_triton(q)
+    _check_tensor(k_name, k, 4, q.device, _FLOAT_DTYPES)
+    _check_tensor(v_name, v, 4, q.device, _FLOAT_DTYPES)
+    _check(k.shape == v.shape,
+           f"{k_name} {tuple(k.shape)} and {v_name} {tuple(v.shape)} shapes differ")
+    _check(v.dtype == k.dtype, f"{v_name} dtype {v.dtype} differs from {k_name} dtype {k.dtype}")
+    group = _check_heads(q, k, k_name)
+    batch, n = q.shape[:2]
+    _check(k.shape[:2] == (batch, n),
+           f"{k_name} must be [B, N, Hkv, D] with B, N = {batch}, {n} as in q, "
+           f"got {tuple(k.shape)}")
+    _check(n <= _MAX_TREE_NODES,
+           f"tree attention supports at most {_MAX_TREE_NODES} nodes, got {n}")
+    _check_tensor("ancestor_bits", ancestor_bits, 2, q.device, (torch.int64,))
+    _check(tuple(ancestor_bits.shape) == (batch, n),
+           f"ancestor_bits must have shape {(batch, n)}, got {tuple(ancestor_bits.shape)}")
+    return group
+
+
+def _tree_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestor_bits: torch.Tensor,
+               scale: float, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, n, hq, d = q.shape
+    out = torch.empty(batch, n, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, n, hq, dtype=torch.float32, device=q.device)
+    if batch == 0 or n == 0:
+        return out, lse
+    rows = n * group
+    block_m = _row_block(rows)
+    row_tiles = _cdiv(rows, block_m)
+    _tree_attention_kernel[(row_tiles, hq // group, batch)](
+        q, k, v, ancestor_bits, out, lse,
+        scale * _LOG2E, n,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        ancestor_bits.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(n)),
+        ROW_TILES=row_tiles, **_mma_options(q.dtype, _tree_attention_kernel),
+        num_warps=8 if block_m >= 128 else 4,
+    )
+    return out, lse
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestor_bits: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``tree_attention_ref`` (N <= 64 nodes, CUDA-graph safe)."""
+    group = _check_tree_inputs(q, k, v, ancestor_bits, "k", "v")
+    return _tree_pass(q, k, v, ancestor_bits, scale, group)
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``merge_attention_states_ref``: out_* [..., H, D], lse_* [..., H]."""
+    _check(isinstance(out_a, torch.Tensor) and out_a.dim() >= 2,
+           "out_a must be a tensor of shape [..., H, D]")
+    _require_triton(out_a)
+    ndim = out_a.dim()
+    for name, t in (("out_a", out_a), ("out_b", out_b)):
+        _check_tensor(name, t, ndim, out_a.device, _FLOAT_DTYPES)
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        _check_tensor(name, t, ndim - 1, out_a.device, _FLOAT_DTYPES)
+    _check(out_a.shape == out_b.shape,
+           f"out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} shapes differ")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        _check(t.shape == out_a.shape[:-1],
+               f"{name} must have shape {tuple(out_a.shape[:-1])} (out without D), "
+               f"got {tuple(t.shape)}")
+    d = out_a.shape[-1]
+    out = torch.empty(out_a.shape, dtype=torch.float32, device=out_a.device)
+    lse = torch.empty(lse_a.shape, dtype=torch.float32, device=out_a.device)
+    rows = lse_a.numel()
+    if rows == 0 or d == 0:
+        return out, lse
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(64, 4096 // block_d))
+    _merge_states_kernel[(_cdiv(rows, block_r),)](
+        out_a, lse_a, out_b, lse_b, out, lse, rows, d, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out, lse
+
+
+def two_pass_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, prefix_lens: torch.Tensor,
+                            k_tree: torch.Tensor, v_tree: torch.Tensor,
+                            ancestor_bits: torch.Tensor, scale: float,
+                            split_size: int | None = None) -> torch.Tensor:
+    """Triton version of ``two_pass_tree_attention_ref`` (CUDA-graph safe).
+
+    Pass 1: paged split-K attention of every tree query over its sequence's prefix_lens[b]
+    cached keys. Pass 2: tree attention under the ancestor mask. The split reduction also
+    merges pass 2's state, so the result is written once, in q.dtype.
+    """
+    group = _check_tree_inputs(q, k_tree, v_tree, ancestor_bits, "k_tree", "v_tree")
+    _check(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4
+           and k_cache.shape[2] == k_tree.shape[2],
+           f"k_cache must be [num_blocks, block_size, Hkv, D] with the Hkv = {k_tree.shape[2]} "
+           f"of k_tree, got {tuple(getattr(k_cache, 'shape', ()))}")
+    _check(k_tree.dtype == k_cache.dtype,
+           f"k_tree dtype {k_tree.dtype} differs from k_cache dtype {k_cache.dtype}")
+    part_out, part_lse, split_size = _decode_partials(q, k_cache, v_cache, block_tables,
+                                                      prefix_lens, scale, split_size)
+    tree_out, tree_lse = _tree_pass(q, k_tree, v_tree, ancestor_bits, scale, group)
+    max_keys = block_tables.shape[1] * k_cache.shape[1]
+    out, _ = _merge_splits(part_out, part_lse, prefix_lens, max_keys, split_size, q.dtype,
+                           (tree_out, tree_lse))
+    return out
+
+
+def masked_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible_bits: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched attention of Nq queries over Nk <= 64 keys chosen by a bitmask, in PyTorch.
+
+    q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D], visible_bits [B, Nq] int64 (bit j: key j visible).
+    Returns out [B, Nq, Hq, D] and lse [B, Nq, Hq] (fp32). The draft head's in-tree pass uses
+    it: its queries (one depth's frontier) are fewer than its keys (every drafted node so far),
+    and at these sizes one batched product beats a kernel launch per piece.
+    """
+    bsz, nq, hq, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    bit = torch.ones((), dtype=torch.int64, device=q.device) << torch.arange(nk, device=q.device)
+    mask = (visible_bits[..., None] & bit) != 0  # [B, Nq, Nk]
+    group = hq // hkv
+    qf = q.float().view(bsz, nq, hkv, group, d)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, k.float()) * scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Nq]
+    probs = torch.exp(scores - lse[..., None].clamp_min(-1e30)).nan_to_num(0.0)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float()).reshape(bsz, nq, hq, d)
+    return out, lse.permute(0, 3, 1, 2).reshape(bsz, nq, hq)

@@ -1,0 +1,64 @@
+"""Verifies a batch of token trees with one target forward, accepts, and commits the K/V.
+
+All fixed-shape device work (no host synchronisation), so it runs inside the step's CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eaglespec.kv_cache import commit_tree_kv
+from eaglespec.models.attention_step import KVCache, TreeStep
+from eaglespec.models.llama import LlamaForCausalLM
+from eaglespec.ops.acceptance import AcceptResult, accept_by_target_draws, accept_stream
+from eaglespec.ops.sampling import SamplingTensors, sample
+from eaglespec.spec.tree import TreeBatch
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    accept: AcceptResult  # tokens [B, D+1] (-1 padded), num_emitted [B], path [B, D+1]
+    path_features: torch.Tensor  # [B, D+1, feature] target features of the path nodes
+
+
+def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cached_lens: torch.Tensor,
+                block_tables: torch.Tensor, st: SamplingTensors, greedy: bool, feature: str,
+                max_depth: int, scale: float, backend: str) -> VerifyResult:
+    """Target forward over every node, acceptance, and commit of the accepted path's K/V.
+
+    cached_lens [B] = L (the root sits at position L); ``feature`` is "hidden" (EAGLE-1) or
+    "taps" (EAGLE-3): which target features the head reads next.
+    """
+    bsz, n = tree.tokens.shape
+    c = cache.k
+    tree_k = torch.empty((c.shape[0], bsz, n, c.shape[3], c.shape[4]), dtype=c.dtype, device=c.device)
+    tree_v = torch.empty_like(tree_k)
+    step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, tree_k, tree_v, scale, backend)
+    positions = cached_lens[:, None].long() + tree.depth
+    out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
+                 want_hidden=feature == "hidden", want_taps=feature == "taps")
+    logits = out.logits.view(bsz, n, -1)
+    valid = torch.ones_like(tree.tokens, dtype=torch.bool)
+    if greedy:
+        draw = lambda d, node: _rows(logits, node).argmax(dim=-1)  # noqa: E731
+    else:
+        # One draw from the target distribution at the current node per depth: exact for
+        # children chosen deterministically (see ops.acceptance.accept_topk_children).
+        def draw(d, node):
+            rows = _rows(logits, node)
+            st_d = SamplingTensors(st.temperature, st.top_k, st.top_p, st.seeds, st.offsets, st.sort_width)
+            return sample(rows, st_d, stream=accept_stream(d, 0))
+    accept = accept_by_target_draws(tree.tokens, tree.parents, tree.depth, valid, max_depth, draw)
+    commit_tree_kv(cache, tree_k, tree_v, accept.path, cached_lens, block_tables)
+    feats = out.hidden if feature == "hidden" else out.taps
+    feats = feats.view(bsz, n, -1)
+    path = accept.path.clamp_min(0)
+    path_features = torch.gather(feats, 1, path[:, :, None].expand(-1, -1, feats.shape[-1]))
+    return VerifyResult(accept, path_features)
+
+
+def _rows(x: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+    """x [B, N, V], node [B] -> [B, V]."""
+    return torch.gather(x, 1, node[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random Llama models and their Hugging Face twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eaglespec.config import EngineConfig, LlamaConfig
+from eaglespec.models.llama import build_model
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512)
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def random_model(cfg: LlamaConfig, seed: int = 0, dtype=torch.float32, device="cpu"):
+    model = build_model(cfg, device, dtype)
+    model.init_random(seed=seed, std=0.1)
+    # Random (not unit) norm weights so a wrong norm wiring shows.
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen, device=device))
+    return model
+
+
+def small_engine(**overrides) -> EngineConfig:
+    base = dict(block_size=16, num_blocks=64, max_batch_size=8, max_model_len=256,
+                attention_backend="torch", use_cuda_graphs=False)
+    base.update(overrides)
+    return EngineConfig(**base)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config()

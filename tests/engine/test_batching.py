@@ -1,0 +1,71 @@
+"""Continuous batching: batched greedy generation equals generating each prompt alone."""
+
+from __future__ import annotations
+
+import torch
+
+from eaglespec.config import SamplingParams
+from eaglespec.engine.llm import LLM
+from tests.conftest import random_model, small_engine, tiny_config
+
+
+def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def test_batched_greedy_equals_single():
+    model = random_model(tiny_config(), seed=11)
+    prompts = _prompts(model.config.vocab_size, [5, 33, 17, 1, 48])
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    batched = LLM.from_model(model, engine=small_engine()).generate(prompts, params)
+    for prompt, out in zip(prompts, batched):
+        alone = LLM.from_model(model, engine=small_engine()).generate([prompt], params)[0]
+        assert out.token_ids == alone.token_ids
+        assert len(out.token_ids) == 24
+
+
+def test_same_seed_same_sample_regardless_of_batch():
+    model = random_model(tiny_config(), seed=12)
+    prompts = _prompts(model.config.vocab_size, [9, 21, 4], seed=1)
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=1234, ignore_eos=True)
+    llm = LLM.from_model(model, engine=small_engine())
+    together = llm.generate(prompts, params)
+    alone = llm.generate([prompts[1]], params)[0]
+    assert together[1].token_ids == alone.token_ids
+    again = llm.generate([prompts[1]], SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=99,
+                                                      ignore_eos=True))[0]
+    assert again.token_ids != alone.token_ids
+
+
+def test_preemption_when_pool_is_small_keeps_outputs_exact():
+    model = random_model(tiny_config(), seed=13)
+    prompts = _prompts(model.config.vocab_size, [30, 30, 30, 30], seed=2)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    roomy = LLM.from_model(model, engine=small_engine(num_blocks=64)).generate(prompts, params)
+    # 4 sequences of up to 70 tokens need 20 blocks; 12 forces preemption and recomputation.
+    tight = LLM.from_model(model, engine=small_engine(num_blocks=12)).generate(prompts, params)
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+
+
+def test_request_larger_than_pool_fails_cleanly_and_engine_survives():
+    model = random_model(tiny_config(), seed=14)
+    llm = LLM.from_model(model, engine=small_engine(num_blocks=4))
+    too_long = _prompts(model.config.vocab_size, [100], seed=3)[0]
+    ok = _prompts(model.config.vocab_size, [10], seed=4)[0]
+    outs = llm.generate([too_long, ok], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert outs[0].finish_reason == "error" and "KV blocks" in outs[0].error
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 5
+
+
+def test_stop_conditions_eos_and_max_tokens():
+    model = random_model(tiny_config(), seed=15)
+    prompt = _prompts(model.config.vocab_size, [12], seed=5)[0]
+    llm = LLM.from_model(model, engine=small_engine())
+    free = llm.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    eos = free.token_ids[3]
+    llm_eos = LLM.from_model(model, engine=small_engine(), eos_ids=(eos,))
+    stopped = llm_eos.generate([prompt], SamplingParams(max_tokens=10))[0]
+    first = free.token_ids.index(eos)
+    assert stopped.token_ids == free.token_ids[:first + 1]
+    assert stopped.finish_reason == "stop"
