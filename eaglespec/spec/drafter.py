@@ -63,6 +63,14 @@ class Drafter:
         self.backend = backend
         self.scale = scale
         self.to_target = head.draft_to_target()  # [draft_vocab] or None
+        # Static trees: which candidates of each level are nodes, as device tensors made once
+        # (a host-to-device copy inside a CUDA-graph capture is not allowed).
+        self.static_columns: list[torch.Tensor] = []
+        if shape.kind == "static":
+            for level in range(shape.depth):
+                cols = shape.static_rank[0] if level == 0 else [
+                    p * shape.branch + r for p, r in zip(shape.static_parent[level], shape.static_rank[level])]
+                self.static_columns.append(torch.tensor(cols, dtype=torch.int64, device=cache.k.device))
 
     def side_buffers(self, batch: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache.k
@@ -79,7 +87,7 @@ class Drafter:
         """
         bsz, width = tokens.shape
         side_k, side_v = self.side_buffers(bsz, width)
-        bits = chain_bits(width, tokens.device).expand(bsz, width)
+        bits = chain_bits(width, tokens.device).expand(bsz, width).contiguous()
         step = TreeStep(block_tables, prefix_lens, bits, side_k, side_v, self.scale, self.backend)
         positions = prefix_lens[:, None].long() + torch.arange(width, device=tokens.device)
         out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache)
@@ -164,10 +172,7 @@ class Drafter:
             return slice(None), torch.topk(scores, width, dim=1).indices
         if shape.kind == "chain":
             return slice(0, 1), torch.zeros(bsz, 1, dtype=torch.int64, device=dev)
-        idx = [p * shape.branch + r for p, r in zip(shape.static_parent[level], shape.static_rank[level])]
-        if level == 0:
-            idx = list(shape.static_rank[0])
-        cols = torch.tensor(idx, dtype=torch.int64, device=dev)
+        cols = self.static_columns[level]
         return cols, cols.expand(bsz, -1)
 
     @staticmethod

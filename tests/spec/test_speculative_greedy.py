@@ -115,3 +115,30 @@ def test_speculative_sampling_runs_reproducibly():
     b = llm.generate(prompts, params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert all(len(o.token_ids) == 16 and all(0 <= t < 61 for t in o.token_ids) for o in a)
+
+
+def _triton_usable() -> bool:
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _triton_usable(), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_kernels_in_the_engine_match_plain_decoding():
+    """The same exactness with every attention op on its Triton kernel (prefill, decode,
+    two-pass tree attention), as the GPU path runs it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = predictable_target(seed=24).to(device)
+    head = eagle1_head(target, seed=8)
+    prompts = _prompts(target.config.vocab_size, [21, 6], seed=6)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
+    engine = small_engine(attention_backend="triton")
+    plain_triton = LLM.from_model(target, engine=engine).generate(prompts, params)
+    spec = LLM.from_model(target, draft=head, spec=SpecConfig(tree="dynamic:3,3,8"), engine=engine).generate(prompts, params)
+    assert [o.token_ids for o in plain_triton] == [o.token_ids for o in plain]
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]

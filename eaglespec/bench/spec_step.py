@@ -1,0 +1,147 @@
+"""Cost of one speculative step against tree size and batch size, next to a plain decode step.
+
+On a model built in place with random weights (default: Llama-3.1-8B shape, bf16) and a random
+EAGLE-1 head of the official shape (one layer, fc 2H -> H). Every step function is captured as a
+CUDA graph and timed by replaying it (median of CUDA-event timings). Reported per (batch, tree):
+  decode_ms   plain decode step (one token per sequence)
+  verify_ms   target forward over the tree (two-pass tree attention) + acceptance + commit
+  step_ms     the whole speculative step: head extend, drafting, verify, accept, commit
+Random weights accept almost nothing, so tokens/s is also reported at *forced* acceptance
+lengths tau = 2..5 (tokens per step = tau, clearly not measured acceptance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from eaglespec.bench.decode import PRESETS
+from eaglespec.bench.results import write_result
+from eaglespec.config import EngineConfig, LlamaConfig, SamplingParams, SpecConfig
+from eaglespec.engine.graphs import StepGraphs
+from eaglespec.engine.llm import LLM
+from eaglespec.models.eagle import EagleConfig, build_head
+from eaglespec.models.llama import build_model
+from eaglespec.ops.sampling import SamplingTensors
+from eaglespec.spec.tree import TreeBatch, ancestor_bits_from_parents
+from eaglespec.spec.verifier import verify_tree
+
+
+def time_graph(fn, reps: int = 30) -> float:
+    """Median ms of ``fn`` (a graph replay) over ``reps`` event-timed runs."""
+    times = []
+    for _ in range(3):
+        fn()
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeBatch:
+    """A random tree of ``nodes`` draft nodes (plus the root) no deeper than ``depth``."""
+    gen = torch.Generator().manual_seed(nodes)
+    parents, depths = [-1], [0]
+    for i in range(1, nodes + 1):
+        while True:
+            p = int(torch.randint(0, i, (1,), generator=gen))
+            if depths[p] < depth:
+                break
+        parents.append(p)
+        depths.append(depths[p] + 1)
+    par = torch.tensor(parents, device=device).expand(batch, -1).contiguous()
+    dep = torch.tensor(depths, device=device).expand(batch, -1).contiguous()
+    tokens = torch.randint(0, vocab, (batch, nodes + 1), generator=gen).to(device)
+    return TreeBatch(tokens, par, dep, ancestor_bits_from_parents(par, depth), None)
+
+
+def tree_specs(max_nodes: int) -> list[str]:
+    specs = ["chain:1", "chain:3", "dynamic:3,2,4", "dynamic:4,4,8", "dynamic:5,4,16", "dynamic:6,6,32",
+             "dynamic:6,8,48", "dynamic:7,8,60"]
+    return [s for s in specs if (int(s.split(":")[1]) if s.startswith("chain") else int(s.split(",")[-1])) <= max_nodes]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--max-nodes", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    cfg: LlamaConfig = PRESETS[args.preset]
+    target = build_model(cfg, device, torch.bfloat16)
+    target.init_random(seed=0)
+    head_layer = LlamaConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "num_layers": 1, "eagle3_layers": ()})
+    head = build_head(EagleConfig("eagle1", head_layer), target)
+    head.init_random(seed=1)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for spec_str in tree_specs(args.max_nodes):
+        engine = EngineConfig(max_batch_size=max(batches), max_model_len=args.context + 128, gpu_memory_fraction=0.3)
+        llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree=spec_str), engine=engine)
+        sr = llm.speculative
+        for batch in batches:
+            gen = torch.Generator().manual_seed(batch)
+            prompts = [torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist() for _ in range(batch)]
+            ids = [llm.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
+            scheduled = llm.scheduler.schedule()  # prefill all of them (the head too)
+            llm._prefill(scheduled.requests)
+            reqs = scheduled.requests
+            for r in reqs:
+                llm.scheduler._grow(r, r.num_cached + sr.lookahead)
+            bucket = batch
+            inputs = llm.runner.decode_inputs(reqs, bucket)
+            inputs["slot_ids"] = torch.tensor([sr._slot(r) for r in reqs], device=device)
+            inputs["cached_lens"] = torch.tensor([r.num_cached for r in reqs], dtype=torch.int32, device=device)
+            graphs = sr.graphs[True]
+            step_ms = time_graph(lambda: graphs.run(bucket, inputs))
+            decode_ms = time_graph(lambda: llm.runner.decode_graphs.run(bucket, llm.runner.decode_inputs(reqs, bucket)))
+            # Verify alone: a fixed random tree of the same size through target + accept + commit.
+            tree = random_tree(batch, sr.shape.num_nodes, sr.shape.depth, cfg.vocab_size, device)
+            tables = inputs["block_tables"]
+            lens = inputs["cached_lens"]
+            st = SamplingTensors(inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["seeds"], inputs["offsets"])
+
+            def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):
+                res = verify_tree(target, llm.runner.cache, tree, lens, tables, st, True, "hidden", sr.shape.depth,
+                                  llm.runner.scale, llm.runner.backend)
+                return res.accept.tokens, res.accept.num_emitted
+
+            vg = StepGraphs(verify_fn, lambda b: {}, True)
+            verify_ms = time_graph(lambda: vg.run(bucket, {}))
+            row = {"tree": spec_str, "nodes": sr.shape.num_nodes, "batch": batch, "decode_ms": decode_ms,
+                   "verify_ms": verify_ms, "step_ms": step_ms, "verify_over_decode": verify_ms / decode_ms,
+                   "step_over_decode": step_ms / decode_ms,
+                   "forced_tokens_per_s": {str(t): 1000 * t * batch / step_ms for t in (2, 3, 4, 5)
+                                           if t <= sr.shape.depth + 1},
+                   "plain_tokens_per_s": 1000 * batch / decode_ms}
+            rows.append(row)
+            print(f"{spec_str:>15s} ({row['nodes']:2d} nodes) batch {batch:3d}: decode {decode_ms:6.2f} ms, "
+                  f"verify {verify_ms:6.2f} ms ({row['verify_over_decode']:.2f}x), step {step_ms:6.2f} ms "
+                  f"({row['step_over_decode']:.2f}x)", flush=True)
+            for r in reqs:
+                r._finish("length")
+                llm.scheduler.retire(r)
+                sr.release(r)
+            for i in ids:
+                llm._requests.pop(i)
+        del llm, sr
+        gc.collect()
+        torch.cuda.empty_cache()
+    path = write_result(f"spec-step-{args.preset}", {"context": args.context, "rows": rows,
+                                                     "note": "tokens/s at forced tau: tau tokens per step assumed"},
+                        device, args.out)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

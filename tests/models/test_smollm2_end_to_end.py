@@ -1,0 +1,75 @@
+"""The embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF): logits against transformers' own
+GGUF loader, a real chat answer, and the CLI's JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eaglespec import LLM, SamplingParams
+from eaglespec.models.loading import default_model_path
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(draft="none", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    """transformers' LlamaForCausalLM filled by transformers' GGUF reader (dequantize, un-permute,
+    rename): what from_pretrained(gguf_file=...) does, without needing accelerate."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = default_model_path()
+    parsed = load_gguf_checkpoint(path, return_tensors=False)["config"]
+    cfg = transformers.LlamaConfig(**{k: v for k, v in parsed.items() if k not in ("model_type", "_model_name_or_path")})
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(cfg)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v).float() for k, v in tensors.items()},
+                                                strict=False)
+    assert not unexpected and all(m == "lm_head.weight" or "rotary" in m for m in missing)
+    model.tie_weights()
+    return model
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away,",
+           "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_match_transformers_gguf_loader(llm, hf_model, prompt):
+    ids = llm.tokenizer.encode(prompt)
+    ours = llm.logits(ids)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0].float()
+    # fp32 on both sides; the tolerance covers summation-order differences over 30 layers.
+    assert (ours - ref).abs().max().item() < 2e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_chat_answers_paris(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=24))
+    assert "Paris" in out.text
+    assert out.stats["new_tokens"] == len(out.token_ids) > 0
+
+
+def test_cli_generate_json_answers_paris():
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, "-m", "eaglespec.cli", "generate", "--chat", "What is the capital of France?",
+                           "--draft", "none", "--device", "cpu", "--max-tokens", "24", "--json"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "Paris" in record["text"]
+    for key in ("token_ids", "tau", "accept_rate_per_depth", "target_forwards", "new_tokens", "ms_per_token"):
+        assert key in record
