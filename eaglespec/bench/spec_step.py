@@ -22,11 +22,15 @@ from eaglespec.bench.results import write_result
 from eaglespec.config import EngineConfig, LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.graphs import StepGraphs
 from eaglespec.engine.llm import LLM
+from eaglespec.engine.runner import StepRows
 from eaglespec.models.eagle import EagleConfig, build_head
 from eaglespec.models.llama import build_model
-from eaglespec.ops.sampling import SamplingTensors
 from eaglespec.spec.tree import TreeBatch, ancestor_bits_from_parents
 from eaglespec.spec.verifier import verify_tree
+
+
+NOTE = ("random weights: acceptance is not measured here; forced_tokens_per_s assumes tau tokens per step "
+        "(tau = 2..5), i.e. what the step would deliver at that acceptance length")
 
 
 def time_graph(fn, reps: int = 30) -> float:
@@ -99,17 +103,16 @@ def main(argv=None) -> None:
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
-            inputs = llm.runner.decode_inputs(reqs, bucket)
-            inputs["slot_ids"] = torch.tensor([sr._slot(r) for r in reqs], device=device)
-            inputs["cached_lens"] = torch.tensor([r.num_cached for r in reqs], dtype=torch.int32, device=device)
+            inputs = llm.runner.step_inputs(reqs, bucket, [sr._slot(r) for r in reqs])
             graphs = sr.graphs[True]
             step_ms = time_graph(lambda: graphs.run(bucket, inputs))
-            decode_ms = time_graph(lambda: llm.runner.decode_graphs.run(bucket, llm.runner.decode_inputs(reqs, bucket)))
+            decode_ms = time_graph(lambda: llm.runner.decode_graphs[True].run(bucket, llm.runner.step_inputs(reqs, bucket)))
             # Verify alone: a fixed random tree of the same size through target + accept + commit.
             tree = random_tree(batch, sr.shape.num_nodes, sr.shape.depth, cfg.vocab_size, device)
+            rows_in = StepRows(inputs)
             tables = inputs["block_tables"]
-            lens = inputs["cached_lens"]
-            st = SamplingTensors(inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["seeds"], inputs["offsets"])
+            lens = rows_in["cached_lens"]
+            st = rows_in.sampling()
 
             def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):
                 res = verify_tree(target, llm.runner.cache, tree, lens, tables, st, True, "hidden", sr.shape.depth,
@@ -128,6 +131,8 @@ def main(argv=None) -> None:
             print(f"{spec_str:>15s} ({row['nodes']:2d} nodes) batch {batch:3d}: decode {decode_ms:6.2f} ms, "
                   f"verify {verify_ms:6.2f} ms ({row['verify_over_decode']:.2f}x), step {step_ms:6.2f} ms "
                   f"({row['step_over_decode']:.2f}x)", flush=True)
+            write_result(f"spec-step-{args.preset}", {"context": args.context, "rows": rows, "note": NOTE},
+                         device, args.out)
             for r in reqs:
                 r._finish("length")
                 llm.scheduler.retire(r)
@@ -137,10 +142,8 @@ def main(argv=None) -> None:
         del llm, sr
         gc.collect()
         torch.cuda.empty_cache()
-    path = write_result(f"spec-step-{args.preset}", {"context": args.context, "rows": rows,
-                                                     "note": "tokens/s at forced tau: tau tokens per step assumed"},
-                        device, args.out)
-    print("wrote", path)
+    print("wrote", write_result(f"spec-step-{args.preset}", {"context": args.context, "rows": rows, "note": NOTE},
+                                device, args.out))
 
 
 if __name__ == "__main__":

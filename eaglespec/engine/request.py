@@ -21,7 +21,7 @@ class Output:
     error: str | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity comparison: the scheduler's lists hold requests
 class Request:
     request_id: int
     prompt_ids: list[int]
@@ -42,6 +42,12 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     pending_text: str = ""  # text produced but not yet handed to a stream
+
+    @property
+    def seed_int64(self) -> int:
+        """The seed as the signed 64-bit value the device-side hash reads."""
+        s = self.seed & ((1 << 64) - 1)
+        return s - (1 << 64) if s >= 1 << 63 else s
 
     @property
     def all_ids(self) -> list[int]:

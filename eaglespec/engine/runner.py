@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from eaglespec.config import EngineConfig
@@ -45,6 +46,26 @@ def request_sampling(reqs: list[Request], device) -> SamplingTensors:
                                        [len(r.output_ids) for r in reqs], device)
 
 
+class StepRows:
+    """Named rows of a step's packed inputs: ``rows["positions"]`` is a [bucket] view."""
+
+    I64 = ("input_ids", "positions", "slots", "seeds", "offsets", "state_slots")
+    I32 = ("context_lens", "top_k", "cached_lens")
+    F32 = ("temperature", "top_p")
+
+    def __init__(self, x: dict[str, torch.Tensor]):
+        self.x = x
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        for key, names in (("i64", self.I64), ("i32", self.I32), ("f32", self.F32)):
+            if name in names:
+                return self.x[key][names.index(name)]
+        raise KeyError(name)
+
+    def sampling(self) -> SamplingTensors:
+        return SamplingTensors(self["temperature"], self["top_k"], self["top_p"], self["seeds"], self["offsets"])
+
+
 class ModelRunner:
     """Owns the target model's KV cache and runs its forward passes."""
 
@@ -63,7 +84,10 @@ class ModelRunner:
         self.max_blocks_per_seq = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size
         self.buckets = bucket_sizes(cfg.max_batch_size)
         use_graphs = cfg.use_cuda_graphs and device.type == "cuda" and self.backend == "triton"
-        self.decode_graphs = StepGraphs(self._decode_fn, self._decode_static_inputs, use_graphs)
+        self.use_graphs = use_graphs
+        # Greedy batches skip the sampling distribution entirely (an argmax), so they get their own graphs.
+        self.decode_graphs = {greedy: StepGraphs(lambda x, g=greedy: self._decode_fn(x, g), self.static_inputs,
+                                                 use_graphs) for greedy in (True, False)}
 
     # ------------------------------------------------------------------ prefill
 
@@ -110,56 +134,58 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ decode
 
-    def _decode_static_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
+    def static_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
+        """Device buffers of a step's inputs, one row per named field (see ``StepRows``)."""
         dev = self.device
-        zeros = lambda dtype: torch.zeros(bucket, dtype=dtype, device=dev)  # noqa: E731
         return {
-            "input_ids": zeros(torch.int64), "positions": zeros(torch.int64), "slots": zeros(torch.int64),
+            "i64": torch.zeros(len(StepRows.I64), bucket, dtype=torch.int64, device=dev),
+            "i32": torch.ones(len(StepRows.I32), bucket, dtype=torch.int32, device=dev),
+            "f32": torch.ones(len(StepRows.F32), bucket, dtype=torch.float32, device=dev),
             "block_tables": torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-            "context_lens": torch.ones(bucket, dtype=torch.int32, device=dev),
-            "temperature": zeros(torch.float32), "top_k": zeros(torch.int32),
-            "top_p": torch.ones(bucket, dtype=torch.float32, device=dev),
-            "seeds": zeros(torch.int64), "offsets": zeros(torch.int64),
         }
 
-    def _decode_fn(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        step = DecodeStep(x["slots"], x["block_tables"], x["context_lens"], self.scale, self.backend)
-        out = self.model(x["input_ids"], x["positions"], step, self.cache)
-        st = SamplingTensors(x["temperature"], x["top_k"], x["top_p"], x["seeds"], x["offsets"])
-        return (sample(out.logits, st),)
+    def _decode_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
+        rows = StepRows(x)
+        step = DecodeStep(rows["slots"], x["block_tables"], rows["context_lens"], self.scale, self.backend)
+        out = self.model(rows["input_ids"], rows["positions"], step, self.cache)
+        if greedy:
+            return (out.logits.argmax(dim=-1),)
+        return (sample(out.logits, rows.sampling()),)
 
-    def decode_inputs(self, reqs: list[Request], bucket: int) -> dict[str, torch.Tensor]:
-        """Host-built inputs for one decode step, padded to ``bucket`` rows."""
+    def step_inputs(self, reqs: list[Request], bucket: int, state_slots: list[int] | None = None,
+                    pad_state_slot: int = 0, pad_cached_len: int = 1) -> dict[str, torch.Tensor]:
+        """Host-built inputs of one step, padded to ``bucket`` rows: three small arrays and the
+        block table, so a step costs four host-to-device copies whatever the batch size."""
         bs = self.cfg.block_size
-        pad = bucket - len(reqs)
-        ids, pos, slots, lens = [], [], [], []
-        for r in reqs:
+        n = len(reqs)
+        i64 = np.zeros((len(StepRows.I64), bucket), dtype=np.int64)
+        i32 = np.ones((len(StepRows.I32), bucket), dtype=np.int32)
+        f32 = np.ones((len(StepRows.F32), bucket), dtype=np.float32)
+        tables = np.zeros((bucket, self.max_blocks_per_seq), dtype=np.int32)
+        i32[StepRows.I32.index("cached_lens"), n:] = pad_cached_len
+        i64[StepRows.I64.index("state_slots"), n:] = pad_state_slot
+        i32[StepRows.I32.index("top_k"), :] = 0
+        f32[StepRows.F32.index("temperature"), :] = 0.0
+        for i, r in enumerate(reqs):
             p = r.num_cached
-            ids.append(r.all_ids[p])
-            pos.append(p)
-            slots.append(r.blocks[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-        st = request_sampling(reqs, "cpu")
+            blocks = r.blocks
+            i64[:, i] = (r.all_ids[p], p, blocks[p // bs] * bs + p % bs, r.seed_int64, len(r.output_ids),
+                         state_slots[i] if state_slots else 0)
+            i32[:, i] = (p + 1, r.params.top_k, p)
+            f32[:, i] = (r.params.temperature, r.params.top_p)
+            tables[i, :len(blocks)] = blocks
         dev = self.device
-        as_tensor = lambda values, dtype, fill: torch.tensor(values + [fill] * pad, dtype=dtype)  # noqa: E731
-        host = {
-            "input_ids": as_tensor(ids, torch.int64, 0), "positions": as_tensor(pos, torch.int64, 0),
-            "slots": as_tensor(slots, torch.int64, 0),
-            "block_tables": block_table_tensor([r.blocks for r in reqs] + [[]] * pad, self.max_blocks_per_seq, "cpu"),
-            "context_lens": as_tensor(lens, torch.int32, 1),
-            "temperature": torch.cat([st.temperature, torch.zeros(pad)]),
-            "top_k": torch.cat([st.top_k, torch.zeros(pad, dtype=torch.int32)]),
-            "top_p": torch.cat([st.top_p, torch.ones(pad)]),
-            "seeds": torch.cat([st.seeds, torch.zeros(pad, dtype=torch.int64)]),
-            "offsets": torch.cat([st.offsets, torch.zeros(pad, dtype=torch.int64)]),
-        }
-        return {k: v.to(dev, non_blocking=True) for k, v in host.items()}
+        return {"i64": torch.from_numpy(i64).to(dev, non_blocking=True),
+                "i32": torch.from_numpy(i32).to(dev, non_blocking=True),
+                "f32": torch.from_numpy(f32).to(dev, non_blocking=True),
+                "block_tables": torch.from_numpy(tables).to(dev, non_blocking=True)}
 
     @torch.inference_mode()
     def decode(self, reqs: list[Request]) -> torch.Tensor:
         """One token for each request (whose last token is not cached yet). Returns [B] on device."""
         bucket = bucket_for(len(reqs), self.buckets)
-        (tokens,) = self.decode_graphs.run(bucket, self.decode_inputs(reqs, bucket))
+        greedy = all(r.params.temperature == 0 for r in reqs)
+        (tokens,) = self.decode_graphs[greedy].run(bucket, self.step_inputs(reqs, bucket))
         for r in reqs:
             r.num_cached += 1
             r.target_forwards += 1

@@ -13,13 +13,12 @@ import torch
 from eaglespec.config import SpecConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for
 from eaglespec.engine.request import Request
-from eaglespec.engine.runner import ModelRunner
+from eaglespec.engine.runner import ModelRunner, StepRows
 from eaglespec.kv_cache import block_table_tensor, slots_for
 from eaglespec.models.attention_step import KVCache, PrefillStep
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import ModelOutput
 from eaglespec.ops.attention import default_scale
-from eaglespec.ops.sampling import SamplingTensors
 from eaglespec.spec.drafter import Drafter
 from eaglespec.spec.tree import parse_tree
 from eaglespec.spec.verifier import verify_tree
@@ -45,7 +44,7 @@ class SpeculativeRunner:
         self.pending_count = torch.ones(num_slots, dtype=torch.int64, device=dev)
         self._free_slots = list(range(num_slots - 1))
         self._slot_of: dict[int, int] = {}
-        use_graphs = runner.decode_graphs.use_graphs
+        use_graphs = runner.use_graphs
         self.graphs = {greedy: StepGraphs(lambda x, g=greedy: self._step_fn(x, g), self._static_inputs, use_graphs)
                        for greedy in (True, False)}
 
@@ -111,23 +110,20 @@ class SpeculativeRunner:
     # ------------------------------------------------------------------ the step
 
     def _static_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
-        dev = self.runner.device
-        inputs = self.runner._decode_static_inputs(bucket)
-        inputs["slot_ids"] = torch.full((bucket,), self.pad_slot, dtype=torch.int64, device=dev)
-        # Padding rows read and write only the scratch block; a length past the widest pending
-        # run keeps their head prefix non-negative.
-        inputs["cached_lens"] = torch.full((bucket,), self.width + 1, dtype=torch.int32, device=dev)
+        inputs = self.runner.static_inputs(bucket)
+        inputs["i64"][StepRows.I64.index("state_slots")] = self.pad_slot
+        inputs["i32"][StepRows.I32.index("cached_lens")] = self.width + 1
         return inputs
 
     def _step_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
-        slot_ids, lens, tables = x["slot_ids"], x["cached_lens"], x["block_tables"]
+        rows = StepRows(x)
+        slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], x["block_tables"]
         counts = self.pending_count.index_select(0, slot_ids)
         hidden, logits = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
                                              self.pending_tok.index_select(0, slot_ids), counts,
                                              lens - counts.to(lens.dtype), tables)
-        tree = self.drafter.build(hidden, logits, x["input_ids"], lens, tables)
-        st = SamplingTensors(x["temperature"], x["top_k"], x["top_p"], x["seeds"], x["offsets"])
-        res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, st, greedy, self.feature,
+        tree = self.drafter.build(hidden, logits, rows["input_ids"], lens, tables)
+        res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy, self.feature,
                           self.shape.depth, self.runner.scale, self.runner.backend)
         self.pending_feat.index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
         self.pending_tok.index_copy_(0, slot_ids, res.accept.tokens.clamp_min(0))
@@ -139,11 +135,10 @@ class SpeculativeRunner:
         """One speculative step for running requests. Returns emitted tokens [B, depth+1]
         (-1 padded) and their counts [B], on the device."""
         bucket = bucket_for(len(reqs), self.runner.buckets)
-        inputs = self.runner.decode_inputs(reqs, bucket)
-        pad = bucket - len(reqs)
-        dev = self.runner.device
-        inputs["slot_ids"] = torch.tensor([self._slot(r) for r in reqs] + [self.pad_slot] * pad, device=dev)
-        inputs["cached_lens"] = torch.tensor([r.num_cached for r in reqs] + [self.width + 1] * pad, dtype=torch.int32, device=dev)
+        # Padding rows read and write only the scratch block; a length past the widest pending
+        # run keeps their head prefix non-negative.
+        inputs = self.runner.step_inputs(reqs, bucket, [self._slot(r) for r in reqs],
+                                          pad_state_slot=self.pad_slot, pad_cached_len=self.width + 1)
         greedy = all(r.params.temperature == 0 for r in reqs)
         tokens, counts = self.graphs[greedy].run(bucket, inputs)
         return tokens[:len(reqs)], counts[:len(reqs)]
