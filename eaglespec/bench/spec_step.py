@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import time
 
 import torch
 
@@ -38,6 +39,10 @@ def time_graph(fn, reps: int = 30) -> float:
     times = []
     for _ in range(3):
         fn()
+    if not torch.cuda.is_available():  # CPU smoke runs only
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -79,10 +84,11 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--max-nodes", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     cfg: LlamaConfig = PRESETS[args.preset]
-    target = build_model(cfg, device, torch.bfloat16)
+    target = build_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     target.init_random(seed=0)
     head_layer = LlamaConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "num_layers": 1, "eagle3_layers": ()})
     head = build_head(EagleConfig("eagle1", head_layer), target)
@@ -98,8 +104,9 @@ def main(argv=None) -> None:
             prompts = [torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist() for _ in range(batch)]
             ids = [llm.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
             scheduled = llm.scheduler.schedule()  # prefill all of them (the head too)
-            llm._prefill(scheduled.requests)
             reqs = scheduled.requests
+            for r, toks in zip(reqs, llm._prefill(reqs)):
+                r.append_tokens(toks, ())
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
@@ -119,7 +126,7 @@ def main(argv=None) -> None:
                                   llm.runner.scale, llm.runner.backend)
                 return res.accept.tokens, res.accept.num_emitted
 
-            vg = StepGraphs(verify_fn, lambda b: {}, True)
+            vg = StepGraphs(verify_fn, lambda b: {}, device.type == "cuda")
             verify_ms = time_graph(lambda: vg.run(bucket, {}))
             row = {"tree": spec_str, "nodes": sr.shape.num_nodes, "batch": batch, "decode_ms": decode_ms,
                    "verify_ms": verify_ms, "step_ms": step_ms, "verify_over_decode": verify_ms / decode_ms,

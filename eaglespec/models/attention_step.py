@@ -3,6 +3,9 @@
 A forward pass is told *what kind* of step it is by one of these dataclasses, passed as an
 argument (never stored on the model). Each writes the new K/V where they belong and calls the
 matching op of ``eaglespec.ops.attention`` on the chosen backend ("torch" reference or "triton").
+
+``kv_slots`` tells a fused kernel where the new K/V go in the paged cache, so it can store them
+while it applies RoPE; ``attend(..., kv_written=True)`` then skips the step's own store.
 """
 
 from __future__ import annotations
@@ -43,10 +46,19 @@ class KVCache:
 
 
 class AttentionStep:
-    """Interface: ``attend(layer, q [T,Hq,D], k [T,Hkv,D], v, cache) -> [T,Hq,D]``."""
+    """Interface: ``attend(layer, q [T,Hq,D], k [T,Hkv,D], v, cache, kv_written=False) -> [T,Hq,D]``.
+
+    kv_written: the caller already stored k/v at ``kv_slots`` of the cache (only allowed when
+    ``kv_slots`` is not None).
+    """
+
+    @property
+    def kv_slots(self) -> torch.Tensor | None:
+        """[T] int64 flat cache slots of the new K/V, or None when the step stores them elsewhere."""
+        return None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               cache: KVCache) -> torch.Tensor:
+               cache: KVCache, kv_written: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -62,8 +74,13 @@ class PrefillStep(AttentionStep):
     scale: float
     backend: str = "torch"
 
-    def attend(self, layer, q, k, v, cache):
-        cache.write(layer, self.slots, k, v)
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        return self.slots
+
+    def attend(self, layer, q, k, v, cache, kv_written=False):
+        if not kv_written:
+            cache.write(layer, self.slots, k, v)
         fn = ops.paged_prefill_attention if self.backend == "triton" else ops.paged_prefill_attention_ref
         return fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.cu_seqlens_q,
                   self.seq_lens, self.max_query_len, self.scale)
@@ -79,8 +96,13 @@ class DecodeStep(AttentionStep):
     scale: float
     backend: str = "torch"
 
-    def attend(self, layer, q, k, v, cache):
-        cache.write(layer, self.slots, k, v)
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        return self.slots
+
+    def attend(self, layer, q, k, v, cache, kv_written=False):
+        if not kv_written:
+            cache.write(layer, self.slots, k, v)
         fn = ops.paged_decode_attention if self.backend == "triton" else ops.paged_decode_attention_ref
         out, _ = fn(q[:, None], cache.k[layer], cache.v[layer], self.block_tables, self.context_lens, self.scale)
         return out[:, 0].to(q.dtype)
@@ -99,7 +121,10 @@ class TreeStep(AttentionStep):
     scale: float
     backend: str = "torch"
 
-    def attend(self, layer, q, k, v, cache):
+    def attend(self, layer, q, k, v, cache, kv_written=False):
+        if kv_written:
+            raise ValueError("TreeStep keeps tree K/V in its side buffer (kv_slots is None): "
+                             "pass kv_written=False and the rotated k/v")
         bsz, n = self.ancestor_bits.shape
         k = k.view(bsz, n, *k.shape[1:])
         v = v.view(bsz, n, *v.shape[1:])

@@ -28,7 +28,7 @@ from torch import nn
 from eaglespec.config import LlamaConfig
 from eaglespec.models.attention_step import AttentionStep, KVCache
 from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, RMSNorm,
-                                    apply_rope, fused_layer_slices, load_named_tensors, rope_cos_sin,
+                                    add_rms_norm, apply_rope, fused_layer_slices, load_named_tensors, rope_cos_sin,
                                     rope_inverse_frequencies, unfused_named_tensors)
 
 
@@ -98,6 +98,14 @@ class Eagle3Layer(nn.Module):
         h = h + self.self_attn(x, cos, sin, layer, attn, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_fused(self, emb, h, positions, inv_freq, layer, attn, cache):
+        """Triton path of ``forward`` (norms, RoPE + K/V store, silu * up on fused kernels)."""
+        x = torch.cat((add_rms_norm(self.input_layernorm, emb, None)[0],
+                       add_rms_norm(self.hidden_norm, h, None)[0]), dim=-1)
+        a = self.self_attn.forward_fused(x, positions, inv_freq, layer, attn, cache)
+        n, h = add_rms_norm(self.post_attention_layernorm, a, h)
+        return h + self.mlp.forward_fused(n)
+
 
 class EagleHead(nn.Module):
     """A draft head bound to its target (it borrows the target's embedding and, for EAGLE-1,
@@ -138,24 +146,35 @@ class EagleHead(nn.Module):
         return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionStep, cache: KVCache) -> DraftOutput:
+                attn: AttentionStep, cache: KVCache, use_triton: bool = False) -> DraftOutput:
         """features [T, feature_size] (target features) or [T, H] (the head's own hidden);
-        tokens/positions [T]. Returns the new hidden [T, H] and draft logits [T, draft_vocab]."""
+        tokens/positions [T]. Returns the new hidden [T, H] and draft logits [T, draft_vocab].
+        use_triton: element-wise ops on the fused Triton kernels (as in LlamaForCausalLM)."""
         emb = F.embedding(tokens, self.embed_weight)
         dtype = self.fc.weight.dtype
         emb = emb.to(dtype)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        cos, sin = (None, None) if use_triton else rope_cos_sin(positions, self.inv_freq, dtype)
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))
-            for i, layer in enumerate(self.layers):
-                h = layer(h, cos, sin, i, attn, cache)
+            if use_triton:
+                residual = None
+                for i, layer in enumerate(self.layers):
+                    h, residual = layer.forward_fused(h, residual, positions, self.inv_freq, i, attn, cache)
+                h = h if residual is None else h + residual
+            else:
+                for i, layer in enumerate(self.layers):
+                    h = layer(h, cos, sin, i, attn, cache)
             return DraftOutput(h, F.linear(h, self.lm_head_weight.to(dtype)).float())
         h = features.to(dtype)
         if h.shape[-1] != hidden_size:  # target taps: project 3H -> H first
             h = self.fc(h)
-        h = self.midlayer(emb, h, cos, sin, 0, attn, cache)
-        return DraftOutput(h, self.lm_head(self.norm(h)).float())
+        if use_triton:
+            h = self.midlayer.forward_fused(emb, h, positions, self.inv_freq, 0, attn, cache)
+        else:
+            h = self.midlayer(emb, h, cos, sin, 0, attn, cache)
+        normed = add_rms_norm(self.norm, h, None)[0] if use_triton else self.norm(h)
+        return DraftOutput(h, self.lm_head(normed).float())
 
     # ------------------------------------------------------------------ weights
 

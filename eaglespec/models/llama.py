@@ -4,6 +4,12 @@ Tokens of all sequences in a step are packed into one [T] vector; how they atten
 decode, tree verify) is decided by the ``AttentionStep`` passed to ``forward``. Projections are
 fused at load time (q|k|v and gate|up) so a decode step launches fewer, larger matrix products;
 the loader maps Hugging Face names onto the fused slices.
+
+Two paths with the same weights: the torch path (``use_triton=False``, the reference, compared
+with transformers) and the Triton path, where the element-wise work between the matrix products
+runs as fused kernels of ``eaglespec.ops.fused``: each residual add is fused into the next
+RMSNorm (a layer hands on (mlp_out, residual) and the sum is formed inside the norm), RoPE and
+the K/V cache store are one kernel, and silu(gate) * up is one kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import nn
 
 from eaglespec.config import LlamaConfig
 from eaglespec.models.attention_step import AttentionStep, KVCache
+from eaglespec.ops import fused
 
 
 class RMSNorm(nn.Module):
@@ -85,6 +92,23 @@ class LlamaAttention(nn.Module):
         out = attn.attend(layer, q, k, v, cache)
         return self.o_proj(out.reshape(t, -1))
 
+    def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, layer: int,
+                      attn: AttentionStep, cache: KVCache) -> torch.Tensor:
+        """Triton path: RoPE and the cache store in one kernel that reads the qkv output in place."""
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        slots = attn.kv_slots
+        k_cache, v_cache = (None, None) if slots is None else (cache.k[layer], cache.v[layer])
+        q, k = fused.rope_and_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
+        if slots is None:  # the step stores K/V itself (a tree side buffer)
+            out = attn.attend(layer, q, k, v, cache)
+        else:
+            out = attn.attend(layer, q, k, v, cache, kv_written=True)
+        return self.o_proj(out.reshape(t, -1))
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -95,6 +119,22 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+
+
+def add_rms_norm(norm: nn.Module, x: torch.Tensor,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(s), s) with s = x + residual (s = x when residual is None), on the fused kernel.
+
+    ``norm`` is an RMSNorm, or nn.Identity for the EAGLE-1 draft layer without an input norm.
+    """
+    if isinstance(norm, RMSNorm):
+        out, s = fused.rms_norm(x, norm.weight, norm.eps, residual)
+        return out, x if s is None else s
+    s = x if residual is None else x + residual
+    return norm(s), s
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -109,6 +149,16 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, cos, sin, layer, attn, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attn, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                      inv_freq: torch.Tensor, layer: int, attn: AttentionStep,
+                      cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton path. The layer's input is x + residual (x alone when residual is None); returns
+        (mlp_out, residual) whose sum is its output, so the add happens in the next norm."""
+        h, residual = add_rms_norm(self.input_layernorm, x, residual)
+        a = self.self_attn.forward_fused(h, positions, inv_freq, layer, attn, cache)
+        h, residual = add_rms_norm(self.post_attention_layernorm, a, residual)
+        return self.mlp.forward_fused(h), residual
 
 
 @dataclass(slots=True)
@@ -146,8 +196,14 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                 cache: KVCache, logits_rows: torch.Tensor | None = None,
-                want_hidden: bool = False, want_taps: bool = False) -> ModelOutput:
-        """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None)."""
+                want_hidden: bool = False, want_taps: bool = False, use_triton: bool = False) -> ModelOutput:
+        """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None).
+
+        use_triton: run the element-wise ops on the fused Triton kernels (CUDA, or the CPU under
+        TRITON_INTERPRET=1); the torch path is the reference.
+        """
+        if use_triton:
+            return self._forward_fused(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         tap_layers = self.config.eagle3_layers if want_taps else ()
@@ -161,6 +217,26 @@ class LlamaForCausalLM(nn.Module):
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
             taps = None if taps is None else taps.index_select(0, logits_rows)
+        return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
+
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
+                       cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
+                       want_taps: bool) -> ModelOutput:
+        """``forward`` on the Triton path (same results up to kernel rounding)."""
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        tap_layers = self.config.eagle3_layers if want_taps else ()
+        layer_inputs = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in tap_layers:  # the layer's input is only formed inside its norm: form it here
+                layer_inputs[i] = x if residual is None else x + residual
+            x, residual = layer.forward_fused(x, residual, positions, self.inv_freq, i, attn, cache)
+        taps = torch.cat([layer_inputs[i] for i in tap_layers], dim=-1) if want_taps else None
+        if logits_rows is not None:  # the final norm is row-wise: normalise the selected rows only
+            x = x.index_select(0, logits_rows)
+            residual = None if residual is None else residual.index_select(0, logits_rows)
+            taps = None if taps is None else taps.index_select(0, logits_rows)
+        x, _ = add_rms_norm(self.model.norm, x, residual)
         return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
 
     # ------------------------------------------------------------------ weights

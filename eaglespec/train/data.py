@@ -377,7 +377,9 @@ def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_
         tensors = _pack(sequences)
         if feature_kind:
             tensors.update(_features(llm.model, sequences, feature_kind, feature_batch_tokens))
-        _save_shard(os.path.join(out_dir, name), tensors, {"first": str(lo), "last": str(hi)})
+        # One metadata key: safetensors writes several in hash order, and a rebuilt shard should be
+        # byte-identical.
+        _save_shard(os.path.join(out_dir, name), tensors, {"conversations": f"{lo}:{hi}"})
         manifest["shards"] = [s for s in manifest["shards"] if s["file"] != name] + [{
             "file": name, "conversations": [lo, hi], "sequences": len(sequences),
             "tokens": int(tensors["tokens"].numel()), "reply_tokens": int(tensors["loss_mask"].sum()),

@@ -1,0 +1,140 @@
+"""The model's Triton path (``use_triton=True``: fused norm+residual, RoPE+cache store, silu*up)
+against its torch path, for every kind of step and for both draft-head kinds (fp32)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from eaglespec.models.attention_step import DecodeStep, KVCache, PrefillStep, TreeStep
+from tests.conftest import random_model, tiny_config
+from tests.spec.test_speculative_greedy import eagle1_head, eagle3_head
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not HAVE_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="Triton kernels need triton and a GPU, or TRITON_INTERPRET=1 on the CPU")
+
+BS = 16
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def _cache(cfg, num_blocks=8) -> KVCache:
+    return KVCache.allocate(cfg.num_layers, num_blocks, BS, cfg.num_kv_heads, cfg.head_dim, torch.float32, DEVICE)
+
+
+def _tensor(values, dtype=torch.int64):
+    return torch.tensor(values, dtype=dtype, device=DEVICE)
+
+
+def _prefill(lens: list[int], tables: list[list[int]], scale: float) -> PrefillStep:
+    slots = [tables[b][p // BS] * BS + p % BS for b, n in enumerate(lens) for p in range(n)]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return PrefillStep(_tensor(slots), _tensor(tables, torch.int32), _tensor(cu, torch.int32),
+                       _tensor(lens, torch.int32), max(lens), scale)
+
+
+def _both_paths(model, make_step, ids, pos, **kw):
+    """Run the same step on fresh copies of one cache state with each path."""
+    outs = {}
+    for use_triton in (False, True):
+        cache, step = make_step()
+        outs[use_triton] = (model(ids, pos, step, cache, use_triton=use_triton, **kw), cache, step)
+    return outs[False], outs[True]
+
+
+def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree():
+    # 4 layers so the EAGLE-3 taps (layers 2, 2, 1) are inside the stack, not the embedding.
+    model = random_model(tiny_config(num_layers=4), seed=3).to(DEVICE)
+    cfg = model.config
+    scale = cfg.head_dim ** -0.5
+    gen = torch.Generator().manual_seed(0)
+    lens, tables = [5, 19], [[2, 0], [4, 6]]
+    ids = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=gen).to(DEVICE)
+    pos = torch.cat([torch.arange(n) for n in lens]).to(DEVICE)
+    base = _cache(cfg)
+
+    def prefill():
+        cache = KVCache(base.k.clone(), base.v.clone())
+        return cache, _prefill(lens, tables, scale)
+
+    (ref, ref_cache, _), (got, got_cache, _) = _both_paths(model, prefill, ids, pos, want_hidden=True, want_taps=True)
+    torch.testing.assert_close(got.logits, ref.logits, **TOL)
+    torch.testing.assert_close(got.hidden, ref.hidden, **TOL)
+    torch.testing.assert_close(got.taps, ref.taps, **TOL)
+    torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
+    torch.testing.assert_close(got_cache.v, ref_cache.v, **TOL)
+    assert ref_cache.k.abs().sum() > 0  # the torch path really wrote the cache it is compared with
+
+    # Only the selected rows' logits / features.
+    rows = _tensor([4, 23])
+    (ref, _, _), (got, _, _) = _both_paths(model, prefill, ids, pos, logits_rows=rows, want_taps=True)
+    torch.testing.assert_close(got.logits, ref.logits, **TOL)
+    torch.testing.assert_close(got.taps, ref.taps, **TOL)
+    assert got.logits.shape == (2, cfg.vocab_size)
+
+    # One decode token per sequence, on top of the prefilled cache.
+    dec_ids, dec_pos = _tensor([7, 11]), _tensor(lens)
+    slots = [tables[b][p // BS] * BS + p % BS for b, p in enumerate(lens)]
+
+    def decode():
+        cache = KVCache(ref_cache.k.clone(), ref_cache.v.clone())
+        return cache, DecodeStep(_tensor(slots), _tensor(tables, torch.int32), _tensor([n + 1 for n in lens],
+                                                                                      torch.int32), scale)
+
+    (ref, ref_dec_cache, _), (got, got_dec_cache, _) = _both_paths(model, decode, dec_ids, dec_pos)
+    torch.testing.assert_close(got.logits, ref.logits, **TOL)
+    torch.testing.assert_close(got_dec_cache.k, ref_dec_cache.k, **TOL)
+    torch.testing.assert_close(got_dec_cache.v, ref_dec_cache.v, **TOL)
+
+    # A 3-node tree per sequence (root, two children): K/V go to the step's side buffer.
+    n = 3
+    bits = _tensor([[1, 3, 5], [1, 3, 5]])
+    tree_ids = _tensor([7, 1, 2, 11, 3, 4])
+    tree_pos = (_tensor(lens)[:, None] + _tensor([0, 1, 1])).reshape(-1)
+
+    def tree():
+        cache = KVCache(ref_cache.k.clone(), ref_cache.v.clone())
+        side = torch.zeros(cfg.num_layers, 2, n, cfg.num_kv_heads, cfg.head_dim, device=DEVICE)
+        return cache, TreeStep(_tensor(tables, torch.int32), _tensor(lens, torch.int32), bits, side,
+                               side.clone(), scale)
+
+    (ref, ref_tree_cache, ref_step), (got, got_tree_cache, got_step) = _both_paths(model, tree, tree_ids, tree_pos)
+    torch.testing.assert_close(got.logits, ref.logits, **TOL)
+    torch.testing.assert_close(got_step.tree_k, ref_step.tree_k, **TOL)
+    torch.testing.assert_close(got_step.tree_v, ref_step.tree_v, **TOL)
+    assert got_step.tree_k.abs().sum() > 0
+    assert torch.equal(got_tree_cache.k, ref_cache.k)  # the tree never touches the paged cache
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_fused_draft_heads_match_torch_path(kind):
+    target = random_model(tiny_config(), seed=4).to(DEVICE)
+    head = eagle1_head(target, seed=5, layers=2, oracle=False) if kind == "eagle1" else eagle3_head(target, seed=5)
+    lc = head.config.layer
+    gen = torch.Generator().manual_seed(1)
+    t = 6
+    feats = torch.randn(t, head.config.feature_size, generator=gen).to(DEVICE)
+    tokens = torch.randint(0, lc.vocab_size, (t,), generator=gen).to(DEVICE)
+    positions = torch.arange(t, device=DEVICE)
+    outs = {}
+    for use_triton in (False, True):
+        cache = KVCache.allocate(lc.num_layers, 4, BS, lc.num_kv_heads, lc.head_dim, torch.float32, DEVICE)
+        step = _prefill([t], [[1]], lc.head_dim ** -0.5)
+        outs[use_triton] = (head(feats, tokens, positions, step, cache, use_triton=use_triton), cache)
+    (ref, ref_cache), (got, got_cache) = outs[False], outs[True]
+    torch.testing.assert_close(got.hidden, ref.hidden, **TOL)
+    torch.testing.assert_close(got.logits, ref.logits, **TOL)
+    torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
+    assert ref_cache.k.abs().sum() > 0

