@@ -159,7 +159,7 @@ class EngineConfig:
 
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 0  # 0: size from free device memory (GPU) or kv_cache_tokens (CPU)
-    kv_cache_tokens: int = 65536  # CPU default pool size in tokens when num_blocks is 0
+    kv_cache_tokens: int = 16384  # CPU default pool size in tokens when num_blocks is 0
     gpu_memory_fraction: float = 0.85  # of free memory after weights, for the KV pool
     max_batch_size: int = 64
     max_model_len: int = 4096

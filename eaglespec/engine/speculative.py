@@ -101,7 +101,7 @@ class SpeculativeRunner:
                                max(cu[i + 1] - cu[i] for i in range(len(reqs))), self.drafter.scale,
                                self.runner.backend)
             self.head(feats.index_select(0, torch.tensor(rows, device=dev)), torch.tensor(ids, device=dev),
-                      torch.tensor(pos, device=dev), step, self.cache)
+                      torch.tensor(pos, device=dev), step, self.cache, use_triton=self.runner.fused)
         slot_ids = torch.tensor([self._slot(r) for r in reqs], device=dev)
         self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
         self.pending_tok[slot_ids, 0] = sampled

@@ -38,7 +38,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, tree_k, tree_v, scale, backend)
     positions = cached_lens[:, None].long() + tree.depth
     out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
-                 want_hidden=feature == "hidden", want_taps=feature == "taps")
+                 want_hidden=feature == "hidden", want_taps=feature == "taps", use_triton=backend == "triton")
     logits = out.logits.view(bsz, n, -1)
     valid = torch.ones_like(tree.tokens, dtype=torch.bool)
     if greedy:

@@ -1,7 +1,7 @@
 """Fused element-wise Triton kernels vs their PyTorch references (CPU: TRITON_INTERPRET=1).
 
-fp32 must agree to a few ulps (only the reduction order and cos/sin/rsqrt implementations
-differ). bf16 is checked within bf16 rounding: the interpreter casts fp32 -> bf16 by truncation,
+fp32 must agree to a few ulps (only the reduction order and the exp/cos/sin/rsqrt
+implementations differ). bf16 is checked within bf16 rounding: the interpreter casts fp32 -> bf16 by truncation,
 so the bit-for-bit agreement the kernels reach on a GPU (they round where torch rounds) is only
 asserted on CUDA.
 """
@@ -38,7 +38,7 @@ def _randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.
 def _assert_matches(got: torch.Tensor, want: torch.Tensor, atol_bf16: float = 3e-2) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
     if got.dtype == torch.float32:
-        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         return
     torch.testing.assert_close(got.float(), want.float(), atol=atol_bf16, rtol=2 ** -6)
     if DEVICE == "cuda":  # same rounding points as torch: nearly every element is identical
