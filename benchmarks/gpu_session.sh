@@ -37,10 +37,28 @@ phase_bench_decode() {
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }
 phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 | tee -a $OUT/bench.log; }
 
+# Training the shipped head (issue 4): prompts and MT-bench questions travel in .carry/.
+phase_train_prepare() {
+  gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
+  python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
+    --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/distill 2>&1 | tail -5
+  cp $STAGE/distill/manifest.json $OUT/distill-manifest.json 2>/dev/null
+}
+phase_train() {  # $1 = eagle1 | eagle3
+  local kind=$1
+  python3 -m eaglespec.cli train fit --config configs/smollm2-$kind.toml --data.dir $STAGE/distill \
+    --train.out_dir $STAGE/$kind 2>&1 | grep -v "it/s\]$" | tail -8
+  python3 -m eaglespec.cli train eval --config configs/smollm2-$kind.toml --train.out_dir $STAGE/$kind \
+    --eval.source .carry/mtbench-question.jsonl 2>&1 | tail -12
+  mkdir -p $OUT/$kind && cp -r $STAGE/$kind/head $OUT/$kind/ && cp $STAGE/$kind/*.json* $STAGE/$kind/*.png $OUT/$kind/ 2>/dev/null
+  ls -la $OUT/$kind
+}
+
 for p in "$@"; do
   case $p in
     stage-a) phase_stage_a ;; stage-b) phase_stage_b ;; env) phase_env ;; tests) phase_tests ;;
     bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-spec) phase_bench_spec ;;
+    train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(c)
     _add_sampling_args(c)
     c.set_defaults(fn=cmd_chat)
+    from eaglespec.train.cli import add_train_commands
+
+    add_train_commands(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

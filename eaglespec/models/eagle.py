@@ -98,11 +98,11 @@ class Eagle3Layer(nn.Module):
         h = h + self.self_attn(x, cos, sin, layer, attn, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def forward_fused(self, emb, h, positions, inv_freq, layer, attn, cache):
+    def forward_fused(self, emb, h, cos, sin, layer, attn, cache):
         """Triton path of ``forward`` (norms, RoPE + K/V store, silu * up on fused kernels)."""
         x = torch.cat((add_rms_norm(self.input_layernorm, emb, None)[0],
                        add_rms_norm(self.hidden_norm, h, None)[0]), dim=-1)
-        a = self.self_attn.forward_fused(x, positions, inv_freq, layer, attn, cache)
+        a = self.self_attn.forward_fused(x, cos, sin, layer, attn, cache)
         n, h = add_rms_norm(self.post_attention_layernorm, a, h)
         return h + self.mlp.forward_fused(n)
 
@@ -153,14 +153,14 @@ class EagleHead(nn.Module):
         emb = F.embedding(tokens, self.embed_weight)
         dtype = self.fc.weight.dtype
         emb = emb.to(dtype)
-        cos, sin = (None, None) if use_triton else rope_cos_sin(positions, self.inv_freq, dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))
             if use_triton:
                 residual = None
                 for i, layer in enumerate(self.layers):
-                    h, residual = layer.forward_fused(h, residual, positions, self.inv_freq, i, attn, cache)
+                    h, residual = layer.forward_fused(h, residual, cos, sin, i, attn, cache)
                 h = h if residual is None else h + residual
             else:
                 for i, layer in enumerate(self.layers):
@@ -170,7 +170,7 @@ class EagleHead(nn.Module):
         if h.shape[-1] != hidden_size:  # target taps: project 3H -> H first
             h = self.fc(h)
         if use_triton:
-            h = self.midlayer.forward_fused(emb, h, positions, self.inv_freq, 0, attn, cache)
+            h = self.midlayer.forward_fused(emb, h, cos, sin, 0, attn, cache)
         else:
             h = self.midlayer(emb, h, cos, sin, 0, attn, cache)
         normed = add_rms_norm(self.norm, h, None)[0] if use_triton else self.norm(h)

@@ -92,7 +92,7 @@ class LlamaAttention(nn.Module):
         out = attn.attend(layer, q, k, v, cache)
         return self.o_proj(out.reshape(t, -1))
 
-    def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, layer: int,
+    def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                       attn: AttentionStep, cache: KVCache) -> torch.Tensor:
         """Triton path: RoPE and the cache store in one kernel that reads the qkv output in place."""
         t = x.shape[0]
@@ -102,7 +102,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         slots = attn.kv_slots
         k_cache, v_cache = (None, None) if slots is None else (cache.k[layer], cache.v[layer])
-        q, k = fused.rope_and_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
+        q, k = fused.rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slots)
         if slots is None:  # the step stores K/V itself (a tree side buffer)
             out = attn.attend(layer, q, k, v, cache)
         else:
@@ -150,13 +150,13 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attn, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                      inv_freq: torch.Tensor, layer: int, attn: AttentionStep,
+    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                      sin: torch.Tensor, layer: int, attn: AttentionStep,
                       cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Triton path. The layer's input is x + residual (x alone when residual is None); returns
         (mlp_out, residual) whose sum is its output, so the add happens in the next norm."""
         h, residual = add_rms_norm(self.input_layernorm, x, residual)
-        a = self.self_attn.forward_fused(h, positions, inv_freq, layer, attn, cache)
+        a = self.self_attn.forward_fused(h, cos, sin, layer, attn, cache)
         h, residual = add_rms_norm(self.post_attention_layernorm, a, residual)
         return self.mlp.forward_fused(h), residual
 
@@ -224,13 +224,14 @@ class LlamaForCausalLM(nn.Module):
                        want_taps: bool) -> ModelOutput:
         """``forward`` on the Triton path (same results up to kernel rounding)."""
         x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # once for all layers
         residual = None
         tap_layers = self.config.eagle3_layers if want_taps else ()
         layer_inputs = {}
         for i, layer in enumerate(self.model.layers):
             if i in tap_layers:  # the layer's input is only formed inside its norm: form it here
                 layer_inputs[i] = x if residual is None else x + residual
-            x, residual = layer.forward_fused(x, residual, positions, self.inv_freq, i, attn, cache)
+            x, residual = layer.forward_fused(x, residual, cos, sin, i, attn, cache)
         taps = torch.cat([layer_inputs[i] for i in tap_layers], dim=-1) if want_taps else None
         if logits_rows is not None:  # the final norm is row-wise: normalise the selected rows only
             x = x.index_select(0, logits_rows)

@@ -4,7 +4,7 @@ A decode step at batch 1 is bound by launch count, not by bandwidth, once the ma
 are fused; these kernels replace the ~35 small torch ops a layer spends between them:
 
   rms_norm             : (residual add +) RMSNorm in one pass over the row
-  rope_and_cache_write : rotate-half RoPE of q and k (cos/sin from positions in-kernel) and
+  rope_and_cache_write : rotate-half RoPE of q and k (cos/sin tables from rope_cos_sin) and
                          the paged K/V cache store, reading q/k/v straight from the fused
                          qkv projection output
   silu_mul             : silu(gate) * up over the fused gate|up projection output
@@ -54,16 +54,15 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * xf.to(x.dtype), new_residual
 
 
-def rope_and_cache_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                             inv_freq: torch.Tensor, k_cache: torch.Tensor | None = None,
+def rope_and_cache_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, k_cache: torch.Tensor | None = None,
                              v_cache: torch.Tensor | None = None,
                              slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T,Hq,D], k/v [T,Hkv,D] -> (q_rot, k_rot); stores k_rot and v at ``slots`` [T] of the
     [NB, BS, Hkv, D] caches (flat slot = block * BS + offset) unless slots is None."""
     # Imported here: the model module imports this one.
-    from eaglespec.models.llama import apply_rope, rope_cos_sin
+    from eaglespec.models.llama import apply_rope
 
-    cos, sin = rope_cos_sin(positions, inv_freq, q.dtype)
     q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if slots is not None:
         hkv, d = k_cache.shape[-2:]
@@ -130,7 +129,7 @@ def _rotate_half(x_ptr, stride_head, n_heads, cos, sin, j, j_ok,
 
 @_jit
 def _rope_cache_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
     k_cache_ptr, v_cache_ptr, slots_ptr,
     n_q_heads, n_kv_heads,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
@@ -141,10 +140,10 @@ def _rope_cache_kernel(
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
     j_ok = j < HALF
-    # Angles exactly as the reference forms them: fp32 position times fp32 inverse frequency.
-    angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=j_ok, other=0.0)
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    # cos/sin come from torch (once per forward, shared by all layers): the GPU's fast sin/cos
+    # lose accuracy at large angles, and these are then exactly the reference's values.
+    cos = tl.load(cos_ptr + t * (2 * HALF) + j, mask=j_ok, other=0.0)
+    sin = tl.load(sin_ptr + t * (2 * HALF) + j, mask=j_ok, other=0.0)
 
     q1, q2, hq, q_mask = _rotate_half(q_ptr + t * stride_q_tok, stride_q_head, n_q_heads, cos, sin, j, j_ok,
                                       HALF, BLOCK_HQ)
@@ -257,15 +256,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out, new_res
 
 
-def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                         inv_freq: torch.Tensor, k_cache: torch.Tensor | None = None,
+def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, k_cache: torch.Tensor | None = None,
                          v_cache: torch.Tensor | None = None,
                          slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``rope_and_cache_write_ref`` (same arguments and results).
 
     q [T,Hq,D], k/v [T,Hkv,D] may be strided views (e.g. slices of the fused qkv projection
-    output; only the last dim must be unit-stride); q_rot/k_rot come back contiguous. positions
-    [T] int64/int32, inv_freq [D/2] fp32. With slots [T] int64 the rotated k and v are stored in
+    output; only the last dim must be unit-stride); q_rot/k_rot come back contiguous. cos/sin
+    [T, D] in q's dtype, as ``models.llama.rope_cos_sin`` makes them. With slots [T] int64 the rotated k and v are stored in
     the contiguous caches [NB, BS, Hkv, D] at those flat slots (not bounds-checked: that would
     read the device); with slots None the caches must be None too (RoPE only).
     """
@@ -280,10 +279,10 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     _check(v.shape == k.shape, f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
     _check(d % 2 == 0 and d > 0, f"head_dim must be even for rotate-half RoPE, got {d}")
     hkv = k.shape[1]
-    _check_tensor("positions", positions, 1, (torch.int64, torch.int32), dev)
-    _check(positions.shape[0] == t, f"positions has {positions.shape[0]} entries, expected {t} tokens")
-    _check_tensor("inv_freq", inv_freq, 1, (torch.float32,), dev, contiguous=True)
-    _check(inv_freq.shape[0] == d // 2, f"inv_freq has {inv_freq.shape[0]} entries, expected head_dim / 2 = {d // 2}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        _check_tensor(name, table, 2, (q.dtype,), dev, contiguous=True)
+        _check(tuple(table.shape) == (t, d), f"{name} has shape {tuple(table.shape)}, expected {(t, d)} "
+                                             f"(rope_cos_sin of the positions, in q's dtype)")
     write = slots is not None
     if write:
         _check(k_cache is not None and v_cache is not None, "slots given but k_cache/v_cache missing")
@@ -305,8 +304,8 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     cache_k = k_cache if write else k_rot  # placeholders when nothing is stored
     cache_v = v_cache if write else k_rot
     _rope_cache_kernel[(t,)](
-        q, k, v, positions, inv_freq, q_rot, k_rot,
-        cache_k, cache_v, slots if write else positions,
+        q, k, v, cos, sin, q_rot, k_rot,
+        cache_k, cache_v, slots if write else cos,
         hq, hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         hkv * d, d,

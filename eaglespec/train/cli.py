@@ -232,6 +232,10 @@ def run_fit(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
         print(json.dumps(result))
     del trainer
     _release(target.model.output_weight.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return result
 
 

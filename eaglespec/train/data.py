@@ -113,9 +113,12 @@ def iter_sharegpt(path: str | None = None, start: int = 0, stop: int | None = No
                 try:
                     record, end = decoder.raw_decode(buf, pos)
                     break
-                except json.JSONDecodeError:
-                    if not fill():
-                        return  # the truncated tail: no whole record left
+                except json.JSONDecodeError as exc:
+                    if fill():
+                        continue  # the record goes on in the next chunk
+                    if buf.rstrip().endswith("]"):  # a complete file: this record is broken
+                        raise ValueError(f"{path}: record {index} is not valid JSON: {exc.msg}") from exc
+                    return  # the truncated tail: no whole record left
             pos = end
             if index >= start:
                 if not isinstance(record, dict):
@@ -248,20 +251,27 @@ class _Dialogue:
 
 
 def _generate(llm, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-              chunk: int) -> list[list[int]]:
+              chunk: int, on_chunk=None) -> list[list[int]]:
     from eaglespec.config import SamplingParams
 
     out: list[list[int]] = []
     for i in range(0, len(prompts), chunk):
         params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=s)
                   for s in seeds[i:i + chunk]]
-        out += [o.token_ids for o in llm.generate(prompts[i:i + chunk], params)]
+        outs = llm.generate(prompts[i:i + chunk], params)
+        for o in outs:
+            if o.error:
+                raise ValueError(f"prepare: generation failed: {o.error}")
+        out += [o.token_ids for o in outs]
+        if on_chunk is not None:
+            on_chunk(len(outs))
     return out
 
 
-def _distill_shard(llm, conversations: Sequence[Conversation], first_index: int,
-                   settings: PrepareSettings) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """Regenerate the replies of a shard's conversations; returns (sequences, skipped)."""
+def _distill_shard(llm, conversations: Sequence[Conversation], first_index: int, settings: PrepareSettings,
+                   on_first_turns=None) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Regenerate the replies of a shard's conversations; returns (sequences, skipped).
+    ``on_first_turns(n)`` is told as first-turn replies are done (progress)."""
     tok = llm.tokenizer
     dialogues: list[_Dialogue | None] = []
     skipped = 0
@@ -311,7 +321,8 @@ def _distill_shard(llm, conversations: Sequence[Conversation], first_index: int,
             active.append(i)
             prompts.append(ids)
         seeds = [settings.seed * 1_000_003 + (first_index + i) * 64 + turn for i in active]
-        replies = _generate(llm, prompts, seeds, settings.max_new_tokens, settings.temperature, chunk)
+        replies = _generate(llm, prompts, seeds, settings.max_new_tokens, settings.temperature, chunk,
+                            on_first_turns if turn == 0 else None)
         eos = set(llm.eos_ids)
         for i, reply in zip(active, replies):
             d = dialogues[i]
@@ -373,7 +384,14 @@ def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_
             if bar is not None:
                 bar.update(hi - lo)
             continue
-        sequences, skipped = _distill_shard(llm, conversations[lo:hi], lo, settings)
+        shown = [0]
+
+        def advance(n: int) -> None:
+            shown[0] += n
+            if bar is not None:
+                bar.update(n)
+
+        sequences, skipped = _distill_shard(llm, conversations[lo:hi], lo, settings, advance)
         tensors = _pack(sequences)
         if feature_kind:
             tensors.update(_features(llm.model, sequences, feature_kind, feature_batch_tokens))
@@ -387,7 +405,7 @@ def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_
         manifest["shards"].sort(key=lambda s: s["file"])
         _write_json_atomic(manifest_path, manifest)
         if bar is not None:
-            bar.update(hi - lo)
+            bar.update(hi - lo - shown[0])  # the skipped ones
     if bar is not None:
         bar.close()
     _write_json_atomic(manifest_path, manifest)
@@ -466,7 +484,8 @@ def _iter_shards(data_dir: str) -> Iterator[dict[str, torch.Tensor]]:
         for key in ("tokens", "loss_mask", "offsets"):
             if key not in tensors:
                 raise ValueError(f"{path}: no tensor {key!r}")
-        if tensors["tokens"].shape != tensors["loss_mask"].shape or int(tensors["offsets"][-1]) != tensors["tokens"].numel():
+        tokens, offsets = tensors["tokens"], tensors["offsets"]
+        if tokens.shape != tensors["loss_mask"].shape or int(offsets[-1]) != tokens.numel():
             raise ValueError(f"{path}: tokens, loss_mask and offsets disagree")
         yield tensors
 

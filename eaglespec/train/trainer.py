@@ -57,6 +57,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, scale: 
     return out.transpose(1, 2).reshape(-1, hq, d)
 
 
+def _no_cache_write(kv_written: bool) -> None:
+    if kv_written:  # kv_slots is None: a fused kernel must hand over the rotated k/v instead
+        raise ValueError("training attention steps keep no KV cache: call attend with kv_written=False")
+
+
 @dataclass(slots=True)
 class DenseCausalStep(AttentionStep):
     """A padded batch [B, T] packed as B*T rows; row t of a sequence sees rows 0..t of it.
@@ -69,7 +74,8 @@ class DenseCausalStep(AttentionStep):
     seq_len: int
     scale: float
 
-    def attend(self, layer, q, k, v, cache):
+    def attend(self, layer, q, k, v, cache, kv_written=False):
+        _no_cache_write(kv_written)
         return _sdpa(q, k, v, self.batch, self.scale, causal=True)
 
 
@@ -92,7 +98,8 @@ class TTTStep(AttentionStep):
     keys: dict = dataclasses.field(default_factory=dict)  # layer -> [K of step 0, step 1, ...]
     values: dict = dataclasses.field(default_factory=dict)
 
-    def attend(self, layer, q, k, v, cache):
+    def attend(self, layer, q, k, v, cache, kv_written=False):
+        _no_cache_write(kv_written)
         ks, vs = self.keys.setdefault(layer, []), self.values.setdefault(layer, [])
         ks.append(k)
         vs.append(v)
@@ -424,6 +431,7 @@ class Trainer:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            weight_decay=cfg.weight_decay)
+        # Epoch 0's count; later epochs pack a little differently (total_steps is an estimate in epochs).
         self.steps_per_epoch = self._rank_steps(len(plan_batches(self.lengths, cfg.batch_tokens,
                                                                  cfg.max_batch_size, cfg.seed, 0)))
         if self.steps_per_epoch < 1:
@@ -464,10 +472,8 @@ class Trainer:
 
     def _token_counts(self) -> torch.Tensor:
         """Counts of the tokens the head learns to predict (reply tokens), for the draft vocab."""
-        counts = torch.zeros(self.target.config.vocab_size, dtype=torch.int64)
-        for tokens, mask in self.data:
-            counts += torch.bincount(tokens[mask], minlength=counts.numel())
-        return counts
+        replies = torch.cat([tokens[mask] for tokens, mask in self.data])
+        return torch.bincount(replies, minlength=self.target.config.vocab_size)
 
     def _rank_steps(self, num_batches: int) -> int:
         return (num_batches // self.world) // self.cfg.grad_accum
@@ -481,10 +487,12 @@ class Trainer:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _batches_of_epoch(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of an epoch: the same count on every rank, a multiple of
+        grad_accum (the packing, hence the count, varies a little from epoch to epoch)."""
         if self._plan_epoch != epoch:
             cfg = self.cfg
             batches = plan_batches(self.lengths, cfg.batch_tokens, cfg.max_batch_size, cfg.seed, epoch)
-            usable = self.steps_per_epoch * cfg.grad_accum * self.world
+            usable = self._rank_steps(len(batches)) * cfg.grad_accum * self.world
             self._rank_batches = batches[:usable][self.rank::self.world]
             self._plan_epoch = epoch
         return self._rank_batches
@@ -560,6 +568,8 @@ class Trainer:
         self.head.train()
         while self.step < self.total_steps:
             batches = self._batches_of_epoch(self.epoch)
+            if not batches:
+                raise ValueError(f"Trainer: epoch {self.epoch} packs into too few batches for one step")
             micro = batches[self.pos * cfg.grad_accum:(self.pos + 1) * cfg.grad_accum]
             for indices in micro:
                 res, ntok = self._micro_batch(indices)
@@ -573,7 +583,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.pos += 1
-            if self.pos >= self.steps_per_epoch:
+            if self.pos * cfg.grad_accum >= len(batches):
                 self.epoch, self.pos = self.epoch + 1, 0
             if bar is not None:
                 bar.update(1)

@@ -114,6 +114,12 @@ def _qkv_views(t: int, hq: int, hkv: int, d: int, dtype, seed: int):
     return q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
 
 
+def _cos_sin(positions, inv_freq, dtype):
+    from eaglespec.models.llama import rope_cos_sin
+
+    return rope_cos_sin(positions, inv_freq, dtype)
+
+
 def _nan_cache(num_blocks: int, block_size: int, hkv: int, d: int, dtype):
     k = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype, device=DEVICE)
     return k, k.clone()
@@ -129,8 +135,8 @@ def test_rope_and_cache_write_matches_reference(dtype, hq, hkv, d):
     inv = _inv_freq(d)
     k_cache, v_cache = _nan_cache(nb, bs, hkv, d, dtype)
     k_ref, v_ref = _nan_cache(nb, bs, hkv, d, dtype)
-    q_rot, k_rot = Fu.rope_and_cache_write(q, k, v, positions, inv, k_cache, v_cache, slots)
-    q_want, k_want = Fu.rope_and_cache_write_ref(q, k, v, positions, inv, k_ref, v_ref, slots)
+    q_rot, k_rot = Fu.rope_and_cache_write(q, k, v, *_cos_sin(positions, inv, q.dtype), k_cache, v_cache, slots)
+    q_want, k_want = Fu.rope_and_cache_write_ref(q, k, v, *_cos_sin(positions, inv, q.dtype), k_ref, v_ref, slots)
     assert q_rot.is_contiguous() and k_rot.is_contiguous()
     _assert_matches(q_rot, q_want)
     _assert_matches(k_rot, k_want)
@@ -148,8 +154,8 @@ def test_rope_only_leaves_nothing_written_and_position_zero_is_identity():
     q, k, v = _qkv_views(3, 4, 2, 64, torch.float32, seed=21)
     positions = torch.tensor([0, 5, 1000], device=DEVICE)
     inv = _inv_freq(64)
-    q_rot, k_rot = Fu.rope_and_cache_write(q, k, v, positions, inv)
-    q_want, k_want = Fu.rope_and_cache_write_ref(q, k, v, positions, inv)
+    q_rot, k_rot = Fu.rope_and_cache_write(q, k, v, *_cos_sin(positions, inv, q.dtype))
+    q_want, k_want = Fu.rope_and_cache_write_ref(q, k, v, *_cos_sin(positions, inv, q.dtype))
     _assert_matches(q_rot, q_want)
     _assert_matches(k_rot, k_want)
     assert torch.equal(q_rot[0], q[0]) and torch.equal(k_rot[0], k[0])
@@ -162,23 +168,23 @@ def test_rope_and_cache_write_rejects_bad_input():
     inv = _inv_freq(64)
     k_cache, v_cache = _nan_cache(2, 16, 2, 64, torch.float32)
     slots = torch.tensor([0, 1], device=DEVICE)
-    with pytest.raises(ValueError, match="inv_freq has 16 entries"):
-        Fu.rope_and_cache_write(q, k, v, pos, _inv_freq(32))
-    with pytest.raises(ValueError, match="positions has 3 entries"):
-        Fu.rope_and_cache_write(q, k, v, torch.arange(3, device=DEVICE), inv)
+    with pytest.raises(ValueError, match=r"cos has shape \(2, 32\), expected \(2, 64\)"):
+        Fu.rope_and_cache_write(q, k, v, *_cos_sin(pos, _inv_freq(32), q.dtype))
+    with pytest.raises(ValueError, match=r"cos has shape \(3, 64\), expected \(2, 64\)"):
+        Fu.rope_and_cache_write(q, k, v, *_cos_sin(torch.arange(3, device=DEVICE), inv, q.dtype))
     with pytest.raises(ValueError, match="slots given but"):
-        Fu.rope_and_cache_write(q, k, v, pos, inv, slots=slots)
+        Fu.rope_and_cache_write(q, k, v, *_cos_sin(pos, inv, q.dtype), slots=slots)
     with pytest.raises(ValueError, match="without slots"):
-        Fu.rope_and_cache_write(q, k, v, pos, inv, k_cache, v_cache)
+        Fu.rope_and_cache_write(q, k, v, *_cos_sin(pos, inv, q.dtype), k_cache, v_cache)
     with pytest.raises(ValueError, match="slots dtype"):
-        Fu.rope_and_cache_write(q, k, v, pos, inv, k_cache, v_cache, slots.int())
+        Fu.rope_and_cache_write(q, k, v, *_cos_sin(pos, inv, q.dtype), k_cache, v_cache, slots.int())
     with pytest.raises(ValueError, match="does not match k heads"):
         bad_k, bad_v = _nan_cache(2, 16, 4, 64, torch.float32)
-        Fu.rope_and_cache_write(q, k, v, pos, inv, bad_k, bad_v, slots)
+        Fu.rope_and_cache_write(q, k, v, *_cos_sin(pos, inv, q.dtype), bad_k, bad_v, slots)
     with pytest.raises(ValueError, match="k dtype"):
-        Fu.rope_and_cache_write(q, k.bfloat16(), v, pos, inv)
+        Fu.rope_and_cache_write(q, k.bfloat16(), v, *_cos_sin(pos, inv, q.dtype))
     with pytest.raises(ValueError, match="v shape"):
-        Fu.rope_and_cache_write(q, k, v[:, :1], pos, inv)
+        Fu.rope_and_cache_write(q, k, v[:, :1], *_cos_sin(pos, inv, q.dtype))
 
 
 # ----------------------------------------------------------------------------- silu * up
@@ -207,5 +213,5 @@ def test_empty_batches():
     assert Fu.rms_norm(x, _randn(64, seed=33), 1e-5)[0].shape == (0, 64)
     assert Fu.silu_mul(_randn(0, 64, seed=34)).shape == (0, 32)
     q, k, v = _qkv_views(0, 4, 2, 64, torch.float32, seed=35)
-    q_rot, k_rot = Fu.rope_and_cache_write(q, k, v, torch.zeros(0, dtype=torch.int64, device=DEVICE), _inv_freq(64))
+    q_rot, k_rot = Fu.rope_and_cache_write(q, k, v, *_cos_sin(torch.zeros(0, dtype=torch.int64, device=DEVICE), _inv_freq(64), q.dtype))
     assert q_rot.shape == (0, 4, 64) and k_rot.shape == (0, 2, 64)
