@@ -126,20 +126,25 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        ancestor_bits: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tree queries over the tree's own K/V: node i sees node j when bit j of ancestor_bits[b, i] is set.
+    """Tree queries over tree K/V: query i sees key j when bit j of ancestor_bits[b, i] is set.
 
-    q [B, N, Hq, D], k/v [B, N, Hkv, D], ancestor_bits [B, N] int64 (N <= 64; each node's own bit
-    set). Returns out [B, N, Hq, D] (fp32) and lse [B, N, Hq] (fp32).
+    q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] with Nk <= 64, ancestor_bits [B, Nq] int64. In
+    verification Nq = Nk (the tree's nodes, each with its own bit); the draft head queries one
+    depth's frontier against every node drafted so far (Nq < Nk). Returns out [B, Nq, Hq, D]
+    and lse [B, Nq, Hq] (fp32; lse -inf where no key is visible).
     """
-    bsz, n = q.shape[:2]
-    bit = torch.ones((), dtype=torch.int64, device=q.device) << torch.arange(n, device=q.device)
-    mask = (ancestor_bits[..., None] & bit) != 0  # [B, N, N]
-    outs, lses = [], []
-    for b in range(bsz):
-        o, l = _attend(q[b], k[b], v[b], mask[b], scale)
-        outs.append(o)
-        lses.append(l)
-    return torch.stack(outs), torch.stack(lses)
+    bsz, nq, hq, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    bit = torch.ones((), dtype=torch.int64, device=q.device) << torch.arange(nk, device=q.device)
+    mask = (ancestor_bits[..., None] & bit) != 0  # [B, Nq, Nk]
+    group = hq // hkv
+    qf = q.float().view(bsz, nq, hkv, group, d)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, k.float()) * scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Nq]
+    probs = torch.exp(scores - lse[..., None].clamp_min(-1e30)).nan_to_num(0.0)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float()).reshape(bsz, nq, hq, d)
+    return out, lse.permute(0, 3, 1, 2).reshape(bsz, nq, hq)
 
 
 def merge_attention_states_ref(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -438,7 +443,7 @@ def _merge_splits_kernel(
 @_jit
 def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr,
-    scale_log2, num_nodes,
+    scale_log2, num_nodes, num_keys,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -459,7 +464,7 @@ def _tree_attention_kernel(
     row_ok = node < num_nodes
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    key_ok = offs_n < num_nodes
+    key_ok = offs_n < num_keys
 
     q = tl.load(q_ptr + seq * stride_qb + node[:, None] * stride_qn + head[:, None] * stride_qh
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -768,11 +773,10 @@ def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check(v.dtype == k.dtype, f"{v_name} dtype {v.dtype} differs from {k_name} dtype {k.dtype}")
     group = _check_heads(q, k, k_name)
     batch, n = q.shape[:2]
-    _check(k.shape[:2] == (batch, n),
-           f"{k_name} must be [B, N, Hkv, D] with B, N = {batch}, {n} as in q, "
-           f"got {tuple(k.shape)}")
-    _check(n <= _MAX_TREE_NODES,
-           f"tree attention supports at most {_MAX_TREE_NODES} nodes, got {n}")
+    _check(k.shape[0] == batch,
+           f"{k_name} must be [B, Nk, Hkv, D] with B = {batch} as in q, got {tuple(k.shape)}")
+    _check(k.shape[1] <= _MAX_TREE_NODES,
+           f"tree attention supports at most {_MAX_TREE_NODES} tree keys, got {k.shape[1]}")
     _check_tensor("ancestor_bits", ancestor_bits, 2, q.device, (torch.int64,))
     _check(tuple(ancestor_bits.shape) == (batch, n),
            f"ancestor_bits must have shape {(batch, n)}, got {tuple(ancestor_bits.shape)}")
@@ -789,16 +793,17 @@ def _tree_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestor_bits:
     rows = n * group
     block_m = _row_block(rows)
     row_tiles = _cdiv(rows, block_m)
+    nk = k.shape[1]
     _tree_attention_kernel[(row_tiles, hq // group, batch)](
         q, k, v, ancestor_bits, out, lse,
-        scale * _LOG2E, n,
+        scale * _LOG2E, n, nk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         ancestor_bits.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(n)),
+        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(nk)),
         ROW_TILES=row_tiles, **_mma_options(q.dtype, _tree_attention_kernel),
         num_warps=8 if block_m >= 128 else 4,
     )
@@ -870,25 +875,3 @@ def two_pass_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                            (tree_out, tree_lse))
     return out
 
-
-def masked_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible_bits: torch.Tensor,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched attention of Nq queries over Nk <= 64 keys chosen by a bitmask, in PyTorch.
-
-    q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D], visible_bits [B, Nq] int64 (bit j: key j visible).
-    Returns out [B, Nq, Hq, D] and lse [B, Nq, Hq] (fp32). The draft head's in-tree pass uses
-    it: its queries (one depth's frontier) are fewer than its keys (every drafted node so far),
-    and at these sizes one batched product beats a kernel launch per piece.
-    """
-    bsz, nq, hq, d = q.shape
-    nk, hkv = k.shape[1], k.shape[2]
-    bit = torch.ones((), dtype=torch.int64, device=q.device) << torch.arange(nk, device=q.device)
-    mask = (visible_bits[..., None] & bit) != 0  # [B, Nq, Nk]
-    group = hq // hkv
-    qf = q.float().view(bsz, nq, hkv, group, d)
-    scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, k.float()) * scale
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Nq]
-    probs = torch.exp(scores - lse[..., None].clamp_min(-1e30)).nan_to_num(0.0)
-    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float()).reshape(bsz, nq, hq, d)
-    return out, lse.permute(0, 3, 1, 2).reshape(bsz, nq, hq)

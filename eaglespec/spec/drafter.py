@@ -39,12 +39,9 @@ class DraftTreeStep(AttentionStep):
         q = q.view(bsz, width, *q.shape[1:])
         self.side_k[layer][:, self.slot_offset:self.slot_offset + width] = k.view(bsz, width, *k.shape[1:])
         self.side_v[layer][:, self.slot_offset:self.slot_offset + width] = v.view(bsz, width, *v.shape[1:])
-        decode = ops.paged_decode_attention if self.backend == "triton" else ops.paged_decode_attention_ref
-        out_prefix, lse_prefix = decode(q, cache.k[layer], cache.v[layer], self.block_tables,
-                                        self.prefix_lens, self.scale)
-        out_tree, lse_tree = ops.masked_attention_torch(q, self.side_k[layer], self.side_v[layer],
-                                                        self.visible_bits, self.scale)
-        out, _ = ops.merge_attention_states_ref(out_prefix, lse_prefix, out_tree, lse_tree)
+        fn = ops.two_pass_tree_attention if self.backend == "triton" else ops.two_pass_tree_attention_ref
+        out = fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.prefix_lens,
+                 self.side_k[layer], self.side_v[layer], self.visible_bits, self.scale)
         return out.reshape(bsz * width, *out.shape[2:]).to(q.dtype)
 
 

@@ -224,6 +224,21 @@ def test_tree_matches_reference(dtype, hq, hkv, n, poisoned_empty):
 
 
 @needs_triton
+def test_tree_fewer_queries_than_keys_matches_reference(poisoned_empty):
+    """The draft head's shape: one depth's frontier (Nq) against every drafted node (Nk)."""
+    gen = _gen(7)
+    bsz, nq, nk, hq, hkv = 3, 5, 23, 6, 2
+    bits = torch.randint(0, 2**62, (bsz, nq), generator=gen).to(DEVICE) & ((1 << nk) - 1)
+    q = _randn(bsz, nq, hq, D, gen=gen)
+    k = _randn(bsz, nk, hkv, D, gen=gen)
+    v = _randn(bsz, nk, hkv, D, gen=gen)
+    out, lse = A.tree_attention(q, k, v, bits, 0.125)
+    ref_out, ref_lse = A.tree_attention_ref(q, k, v, bits, 0.125)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+
+
+@needs_triton
 def test_tree_mask_is_respected_and_empty_rows_are_zero():
     gen = _gen(6)
     n, hq, hkv = 9, 3, 1
@@ -357,7 +372,7 @@ def test_launchers_reject_bad_inputs():
                                   lens, 1, 0.1)
 
     bits = _random_tree_bits(1, 65, gen)
-    with pytest.raises(ValueError, match="at most 64 nodes"):
+    with pytest.raises(ValueError, match="at most 64 tree keys"):
         A.tree_attention(_randn(1, 65, 2, D, gen=gen), _randn(1, 65, 2, D, gen=gen),
                          _randn(1, 65, 2, D, gen=gen), bits, 0.1)
     tq, tk = _randn(1, 4, 2, D, gen=gen), _randn(1, 4, 2, D, gen=gen)
