@@ -73,3 +73,13 @@ def test_cli_generate_json_answers_paris():
     assert "Paris" in record["text"]
     for key in ("token_ids", "tau", "accept_rate_per_depth", "target_forwards", "new_tokens", "ms_per_token"):
         assert key in record
+
+
+def test_shipped_head_is_the_default_and_keeps_greedy_output_exact(llm):
+    spec = LLM(device="cpu", dtype="float32")
+    assert spec.speculative is not None, "LLM() must load the head shipped for the default model"
+    params = SamplingParams(max_tokens=40)
+    messages = [{"role": "user", "content": "Write two sentences about the moon."}]
+    fast, plain = spec.chat(messages, params), llm.chat(messages, params)
+    assert fast.token_ids == plain.token_ids
+    assert fast.stats["tau"] > 1.5  # a trained head is accepted, not just run
