@@ -39,6 +39,10 @@ phase_bench_e2e() {
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches 1,16,64 --batch1-num 16 \
     --trees "chain:3;dynamic:5,8,32;dynamic:6,10,60" --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
+phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU kernels, fp32
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --num 32 --batches 1,8 --batch1-num 8 \
+    --max-tokens 128 --dtype float32 --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+}
 phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 | tee -a $OUT/bench.log; }
 
 # Training the shipped head (issue 4): prompts and MT-bench questions travel in .carry/.
@@ -61,7 +65,7 @@ phase_train() {  # $1 = eagle1 | eagle3
 for p in "$@"; do
   case $p in
     stage-a) phase_stage_a ;; stage-b) phase_stage_b ;; env) phase_env ;; tests) phase_tests ;;
-    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;;
+    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

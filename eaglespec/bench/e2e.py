@@ -48,11 +48,12 @@ def main(argv=None) -> None:
     ap.add_argument("--trees", default="", help="';'-separated trees (default: the shipped serving tree)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="float32 makes greedy outputs exactly comparable")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     engine = EngineConfig(max_batch_size=max(batches), max_model_len=2048, gpu_memory_fraction=0.3)
-    plain = LLM(draft="none", device=args.device, engine=engine)
+    plain = LLM(draft="none", device=args.device, dtype=args.dtype, engine=engine)
     convs = load_conversations(args.questions, 0, args.num)
     prompts = [plain.tokenizer.encode(plain.tokenizer.apply_chat_template([{"role": "user", "content": c[0]}]))
                for c in convs if c]
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     trees = [t for t in args.trees.split(";") if t] or [None]
     engines = {"plain": plain}
     for tree in trees:
-        llm = LLM(device=args.device, engine=engine, spec=SpecConfig(tree=tree) if tree else None)
+        llm = LLM(device=args.device, dtype=args.dtype, engine=engine, spec=SpecConfig(tree=tree) if tree else None)
         engines[llm.spec_config.tree] = llm
     for llm in engines.values():  # warm-up: Triton compiles, every bucket's graph captured
         for b in batches:
@@ -79,7 +80,9 @@ def main(argv=None) -> None:
             print(f"batch {batch:3d} {name:>16s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
                   f"speedup {row['speedup']:.2f}x  identical {row['identical_to_plain']}", flush=True)
     device = plain.device
-    print("wrote", write_result("e2e-smollm2-mtbench", {"max_tokens": args.max_tokens, "rows": rows}, device, args.out))
+    name = "e2e-smollm2-mtbench" + (f"-{args.dtype}" if args.dtype else "")
+    print("wrote", write_result(name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype), "rows": rows},
+                                device, args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""Plots of recorded benchmark results (benchmarks/results/*.json -> PNG beside them).
+
+    python -m eaglespec.bench.plots [--results benchmarks/results]
+
+spec-step-*.json -> cost of a speculative step over a plain decode step, by tree size and batch;
+e2e-*.json       -> tokens/s of plain and speculative decoding by batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+
+def plot_spec_step(path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        rec = json.load(f)
+    rows = rec["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for batch in sorted({r["batch"] for r in rows}):
+        sel = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["nodes"])
+        nodes = [r["nodes"] for r in sel]
+        axes[0].plot(nodes, [r["verify_over_decode"] for r in sel], marker="o", label=f"batch {batch}")
+        axes[1].plot(nodes, [r["step_over_decode"] for r in sel], marker="o", label=f"batch {batch}")
+    for ax, title in zip(axes, ("verify (target forward + accept + commit)", "whole step (draft + verify)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.axhline(1.15, color="grey", ls=":", lw=1)
+        ax.set_xlabel("draft nodes in the tree")
+        ax.set_ylabel("time / plain decode step")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{rec['benchmark']} on {rec['device']} ({rec['date']}), context {rec.get('context')}", fontsize=10)
+    fig.tight_layout()
+    out = path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_e2e(path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        rec = json.load(f)
+    rows = rec["rows"]
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(engines)
+    for i, eng in enumerate(engines):
+        speed = [next(r["speedup"] for r in rows if r["batch"] == b and r["engine"] == eng) for b in batches]
+        bars = ax.bar([j + i * width for j in range(len(batches))], speed, width, label=eng)
+        for bar, r in zip(bars, [next(r for r in rows if r["batch"] == b and r["engine"] == eng) for b in batches]):
+            ax.annotate(f"τ {r['tau']:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("tokens/s over plain decoding")
+    ax.set_title(f"{rec['benchmark']} on {rec['device']} ({rec['date']})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--results", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    for path in sorted(glob.glob(os.path.join(args.results, "spec-step-*.json"))):
+        print("wrote", plot_spec_step(path))
+    for path in sorted(glob.glob(os.path.join(args.results, "e2e-*.json"))):
+        print("wrote", plot_e2e(path))
+
+
+if __name__ == "__main__":
+    main()
