@@ -115,6 +115,10 @@ def flex_setup(c: dict):
         return in_prefix | in_tree
 
     block_mask = create_block_mask(mask_mod, batch, None, nodes, max_keys + nodes, device=DEVICE)
+    # The device image's inductor offers no Triton-only template for this lowering: let it fall
+    # back to ATen GEMMs, as its own error message suggests.
+    import torch._inductor.config as inductor_config
+    inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def run():

@@ -10,7 +10,7 @@ while it applies RoPE; ``attend(..., kv_written=True)`` then skips the step's ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -111,27 +111,34 @@ class DecodeStep(AttentionStep):
 @dataclass(slots=True)
 class TreeStep(AttentionStep):
     """N tree nodes per sequence: the cached prefix is visible to all, inside the tree only
-    ancestors. Tree K/V go to a side buffer; the accepted path is committed to the cache later."""
+    ancestors. Each layer's tree K/V stay where the forward made them (kept by reference, no
+    copy); the accepted path is committed to the cache after the forward (see ``stacked``)."""
 
     block_tables: torch.Tensor  # [B, max_blocks] int32
     prefix_lens: torch.Tensor  # [B] int32 cached tokens before the tree
     ancestor_bits: torch.Tensor  # [B, N] int64, bit j of row i: node j is visible to node i
-    tree_k: torch.Tensor  # [L, B, N, Hkv, D] side buffer filled during the forward
-    tree_v: torch.Tensor  # [L, B, N, Hkv, D]
     scale: float
     backend: str = "torch"
+    tree_k: list = field(default_factory=list)  # per layer: [B, N, Hkv, D], filled by the forward
+    tree_v: list = field(default_factory=list)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's tree K/V of every layer: two [L, B, N, Hkv, D] tensors."""
+        return torch.stack(self.tree_k), torch.stack(self.tree_v)
 
     def attend(self, layer, q, k, v, cache, kv_written=False):
         if kv_written:
             raise ValueError("TreeStep keeps tree K/V in its side buffer (kv_slots is None): "
                              "pass kv_written=False and the rotated k/v")
         bsz, n = self.ancestor_bits.shape
-        k = k.view(bsz, n, *k.shape[1:])
-        v = v.view(bsz, n, *v.shape[1:])
-        self.tree_k[layer].copy_(k)
-        self.tree_v[layer].copy_(v)
+        k = k.reshape(bsz, n, *k.shape[1:])
+        v = v.reshape(bsz, n, *v.shape[1:])  # a strided view into the qkv output: no copy
+        if layer != len(self.tree_k):
+            raise ValueError(f"TreeStep: layer {layer} attended out of order")
+        self.tree_k.append(k)
+        self.tree_v.append(v)
         q = q.view(bsz, n, *q.shape[1:])
         fn = ops.two_pass_tree_attention if self.backend == "triton" else ops.two_pass_tree_attention_ref
         out = fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.prefix_lens,
-                 self.tree_k[layer], self.tree_v[layer], self.ancestor_bits, self.scale)
+                 k, v, self.ancestor_bits, self.scale)
         return out.reshape(bsz * n, *out.shape[2:]).to(q.dtype)

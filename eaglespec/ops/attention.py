@@ -536,7 +536,7 @@ def _require_triton(tensor: torch.Tensor) -> None:
 
 
 def _check_tensor(name: str, t: torch.Tensor, ndim: int, device: torch.device | None,
-                  dtypes: tuple[torch.dtype, ...]) -> None:
+                  dtypes: tuple[torch.dtype, ...], strided_rows: bool = False) -> None:
     """device None: t is q itself (the device the others must match)."""
     _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     device = t.device if device is None else device
@@ -544,8 +544,12 @@ def _check_tensor(name: str, t: torch.Tensor, ndim: int, device: torch.device | 
     _check(t.dtype in dtypes,
            f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
     _check(t.device == device, f"{name} is on {t.device}, expected {device} (the device of q)")
-    _check(t.is_contiguous(), f"{name} must be contiguous (shape {tuple(t.shape)}, "
-                              f"strides {t.stride()})")
+    if strided_rows:  # the kernel takes the outer strides; only the last dim must be dense
+        _check(t.stride(-1) == 1, f"{name} must have unit stride in its last dim (shape {tuple(t.shape)}, "
+                                  f"strides {t.stride()})")
+    else:
+        _check(t.is_contiguous(), f"{name} must be contiguous (shape {tuple(t.shape)}, "
+                                  f"strides {t.stride()})")
 
 
 def _check_heads(q: torch.Tensor, kv: torch.Tensor, kv_name: str) -> int:
@@ -766,8 +770,8 @@ def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Validates tree-pass inputs; returns the GQA group size."""
     _check_tensor("q", q, 4, None, _FLOAT_DTYPES)
     _require_triton(q)
-    _check_tensor(k_name, k, 4, q.device, _FLOAT_DTYPES)
-    _check_tensor(v_name, v, 4, q.device, _FLOAT_DTYPES)
+    _check_tensor(k_name, k, 4, q.device, _FLOAT_DTYPES, strided_rows=True)
+    _check_tensor(v_name, v, 4, q.device, _FLOAT_DTYPES, strided_rows=True)
     _check(k.shape == v.shape,
            f"{k_name} {tuple(k.shape)} and {v_name} {tuple(v.shape)} shapes differ")
     _check(v.dtype == k.dtype, f"{v_name} dtype {v.dtype} differs from {k_name} dtype {k.dtype}")

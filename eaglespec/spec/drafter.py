@@ -83,15 +83,14 @@ class Drafter:
         valid pair, which propose the children of the root.
         """
         bsz, width = tokens.shape
-        side_k, side_v = self.side_buffers(bsz, width)
         bits = chain_bits(width, tokens.device).expand(bsz, width).contiguous()
-        step = TreeStep(block_tables, prefix_lens, bits, side_k, side_v, self.scale, self.backend)
+        step = TreeStep(block_tables, prefix_lens, bits, self.scale, self.backend)
         positions = prefix_lens[:, None].long() + torch.arange(width, device=tokens.device)
         out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache,
                         use_triton=self.backend == "triton")
         nodes = torch.arange(width, device=tokens.device).expand(bsz, width)
         nodes = torch.where(nodes < counts[:, None], nodes, torch.full_like(nodes, -1))
-        commit_tree_kv(self.cache, side_k, side_v, nodes, prefix_lens, block_tables)
+        commit_tree_kv(self.cache, *step.stacked(), nodes, prefix_lens, block_tables)
         last = (counts - 1).clamp_min(0)
         rows = torch.arange(bsz, device=tokens.device) * width + last
         return out.hidden.index_select(0, rows), out.logits.index_select(0, rows)

@@ -32,10 +32,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     "taps" (EAGLE-3): which target features the head reads next.
     """
     bsz, n = tree.tokens.shape
-    c = cache.k
-    tree_k = torch.empty((c.shape[0], bsz, n, c.shape[3], c.shape[4]), dtype=c.dtype, device=c.device)
-    tree_v = torch.empty_like(tree_k)
-    step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, tree_k, tree_v, scale, backend)
+    step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
     positions = cached_lens[:, None].long() + tree.depth
     out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
                  want_hidden=feature == "hidden", want_taps=feature == "taps", use_triton=backend == "triton")
@@ -51,7 +48,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
             st_d = SamplingTensors(st.temperature, st.top_k, st.top_p, st.seeds, st.offsets, st.sort_width)
             return sample(rows, st_d, stream=accept_stream(d, 0))
     accept = accept_by_target_draws(tree.tokens, tree.parents, tree.depth, valid, max_depth, draw)
-    commit_tree_kv(cache, tree_k, tree_v, accept.path, cached_lens, block_tables)
+    commit_tree_kv(cache, *step.stacked(), accept.path, cached_lens, block_tables)
     feats = out.hidden if feature == "hidden" else out.taps
     feats = feats.view(bsz, n, -1)
     path = accept.path.clamp_min(0)

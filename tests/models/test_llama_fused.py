@@ -106,15 +106,15 @@ def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree():
 
     def tree():
         cache = KVCache(ref_cache.k.clone(), ref_cache.v.clone())
-        side = torch.zeros(cfg.num_layers, 2, n, cfg.num_kv_heads, cfg.head_dim, device=DEVICE)
-        return cache, TreeStep(_tensor(tables, torch.int32), _tensor(lens, torch.int32), bits, side,
-                               side.clone(), scale)
+        return cache, TreeStep(_tensor(tables, torch.int32), _tensor(lens, torch.int32), bits, scale)
 
     (ref, ref_tree_cache, ref_step), (got, got_tree_cache, got_step) = _both_paths(model, tree, tree_ids, tree_pos)
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
-    torch.testing.assert_close(got_step.tree_k, ref_step.tree_k, **TOL)
-    torch.testing.assert_close(got_step.tree_v, ref_step.tree_v, **TOL)
-    assert got_step.tree_k.abs().sum() > 0
+    (got_k, got_v), (ref_k, ref_v) = got_step.stacked(), ref_step.stacked()
+    assert got_k.shape == (cfg.num_layers, 2, n, cfg.num_kv_heads, cfg.head_dim)
+    torch.testing.assert_close(got_k, ref_k, **TOL)
+    torch.testing.assert_close(got_v, ref_v, **TOL)
+    assert got_k.abs().sum() > 0
     assert torch.equal(got_tree_cache.k, ref_cache.k)  # the tree never touches the paged cache
 
 
