@@ -39,7 +39,9 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     logits = out.logits.view(bsz, n, -1)
     valid = torch.ones_like(tree.tokens, dtype=torch.bool)
     if greedy:
-        draw = lambda d, node: _rows(logits, node).argmax(dim=-1)  # noqa: E731
+        # One argmax over every node (one kernel), then the walk only looks tokens up.
+        best = logits.argmax(dim=-1)  # [B, N]
+        draw = lambda d, node: torch.gather(best, 1, node[:, None])[:, 0]  # noqa: E731
     else:
         # One draw from the target distribution at the current node per depth: exact for
         # children chosen deterministically (see ops.acceptance.accept_topk_children).
