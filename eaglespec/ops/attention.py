@@ -25,17 +25,7 @@ import math
 
 import torch
 
-try:  # the references above work without Triton; the kernels below need it
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
-    def _jit(fn):
-        return fn
+from eaglespec.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -20,17 +20,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # the references work without Triton; the kernels below need it
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
-    def _jit(fn):
-        return fn
+from eaglespec.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

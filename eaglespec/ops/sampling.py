@@ -25,17 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-try:  # the PyTorch path works without Triton; only the fused CUDA sampler needs it
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
-    def _jit(fn):
-        return fn
+from eaglespec.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
 
 STREAM_SAMPLE = 0
 STREAM_DRAFT = 1 << 20

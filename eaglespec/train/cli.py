@@ -313,16 +313,11 @@ def add_train_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m eaglespec.train.cli train fit --config ...``)."""
-    parser = argparse.ArgumentParser(prog="eaglespec")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"eaglespec: error: {exc}", file=sys.stderr)
-        return 2
+    """Stand-alone entry (``python -m eaglespec.train.cli train fit --config ...``): the same
+    parser and error handling as ``eaglespec``."""
+    from eaglespec.cli import main as eaglespec_main
+
+    return eaglespec_main(argv)
 
 
 if __name__ == "__main__":
