@@ -103,8 +103,12 @@ class DecodeStep(AttentionStep):
     def attend(self, layer, q, k, v, cache, kv_written=False):
         if not kv_written:
             cache.write(layer, self.slots, k, v)
-        fn = ops.paged_decode_attention if self.backend == "triton" else ops.paged_decode_attention_ref
-        out, _ = fn(q[:, None], cache.k[layer], cache.v[layer], self.block_tables, self.context_lens, self.scale)
+        if self.backend == "triton":
+            out, _ = ops.paged_decode_attention(q[:, None], cache.k[layer], cache.v[layer], self.block_tables,
+                                                self.context_lens, self.scale, out_dtype=q.dtype)
+        else:
+            out, _ = ops.paged_decode_attention_ref(q[:, None], cache.k[layer], cache.v[layer], self.block_tables,
+                                                    self.context_lens, self.scale)
         return out[:, 0].to(q.dtype)
 
 

@@ -611,15 +611,16 @@ def default_decode_split_size(batch: int, num_kv_heads: int, rows_per_kv_head: i
     """Keys per split-K chunk for paged_decode_attention, from static shapes only.
 
     Aims at about two programs per SM: splits = cdiv(2 * SMs, B * Hkv * row tiles), keys split
-    evenly among them, rounded up to a multiple of 256 (and of block_size) and capped at
-    2048 so a block table much wider than the live context still leaves some parallelism.
-    Small batches thus get 256-key chunks; large batches get few, long chunks (less partial
-    traffic, which matters for tree queries whose partials are as large as their keys).
+    evenly among them, rounded up to a multiple of the granule (and of block_size) and capped
+    at 2048 so a block table much wider than the live context still leaves some parallelism.
+    The granule is 64 keys (one key tile) for plain decode, whose partials are tiny, so a
+    single sequence spreads over many SMs; and 256 keys for tree queries, whose partials are as
+    large as their keys. Large batches get few, long chunks either way.
     """
     row_tiles = _cdiv(rows_per_kv_head, _row_block(rows_per_kv_head))
     units = max(1, batch * num_kv_heads * row_tiles)
     splits = max(1, _cdiv(2 * num_sms, units))
-    granule = max(256, block_size)
+    granule = max(64 if rows_per_kv_head <= 16 else 256, block_size)
     split = max(1, _cdiv(_cdiv(max_keys, splits), granule)) * granule
     return min(split, max(2048, granule))
 
@@ -737,22 +738,24 @@ def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, context_lens: 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           split_size: int | None = None,
+                           out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``paged_decode_attention_ref`` (split-K, CUDA-graph safe).
 
     Splits the keys [0, block_tables.shape[1] * block_size) into chunks of ``split_size``
     (a multiple of block_size; default from ``default_decode_split_size``); the split count
     depends on shapes only, and chunks beyond context_lens[b] do no work on the device.
-    Returns out [B, Nq, Hq, D] (fp32) and lse [B, Nq, Hq] (fp32).
+    Returns out [B, Nq, Hq, D] (``out_dtype``: the decode step asks for the model dtype, which
+    the reduction writes directly) and lse [B, Nq, Hq] (fp32).
     """
     part_out, part_lse, split_size = _decode_partials(q, k_cache, v_cache, block_tables,
                                                       context_lens, scale, split_size)
     batch, num_splits, nq, hq, d = part_out.shape
     if num_splits == 1:  # split 0 always writes: the partial is the answer
-        return part_out.view(batch, nq, hq, d), part_lse.view(batch, nq, hq)
+        return part_out.view(batch, nq, hq, d).to(out_dtype), part_lse.view(batch, nq, hq)
     max_keys = block_tables.shape[1] * k_cache.shape[1]
     return _merge_splits(part_out, part_lse, context_lens, max_keys, split_size,
-                         torch.float32, None)
+                         out_dtype, None)
 
 
 def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -199,8 +199,10 @@ def test_default_split_size_is_static_and_aligned():
     for batch in (1, 4, 64):
         for max_keys in (64, 1024, 8192, 131072):
             s = A.default_decode_split_size(batch, 8, 4, max_keys, 16, 132)
-            assert s % 256 == 0 and 256 <= s <= 2048
+            assert s % 64 == 0 and 64 <= s <= 2048
     assert A.default_decode_split_size(1, 8, 4, 8192, 16, 132) == 256  # batch 1: many splits
+    assert A.default_decode_split_size(1, 8, 4, 448, 16, 132) == 64  # short context: one tile each
+    assert A.default_decode_split_size(1, 8, 4 * 61, 448, 16, 132) == 256  # tree rows: longer chunks
     assert A.default_decode_split_size(64, 8, 4, 8192, 16, 132) == 2048  # big batch: few
 
 
