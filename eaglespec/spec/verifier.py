@@ -12,7 +12,7 @@ import torch
 from eaglespec.kv_cache import commit_tree_kv
 from eaglespec.models.attention_step import KVCache, TreeStep
 from eaglespec.models.llama import LlamaForCausalLM
-from eaglespec.ops.acceptance import AcceptResult, accept_by_target_draws, accept_stream
+from eaglespec.ops.acceptance import AcceptResult, accept_by_target_draws, accept_greedy_by_masks, accept_stream
 from eaglespec.ops.sampling import SamplingTensors, sample
 from eaglespec.spec.tree import TreeBatch
 
@@ -37,19 +37,17 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
                  want_hidden=feature == "hidden", want_taps=feature == "taps", use_triton=backend == "triton")
     logits = out.logits.view(bsz, n, -1)
-    valid = torch.ones_like(tree.tokens, dtype=torch.bool)
     if greedy:
-        # One argmax over every node (one kernel), then the walk only looks tokens up.
-        best = logits.argmax(dim=-1)  # [B, N]
-        draw = lambda d, node: torch.gather(best, 1, node[:, None])[:, 0]  # noqa: E731
+        # One argmax over every node, then the accepted path from bit masks (no per-depth walk).
+        accept = accept_greedy_by_masks(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits,
+                                        logits.argmax(dim=-1), max_depth)
     else:
         # One draw from the target distribution at the current node per depth: exact for
         # children chosen deterministically (see ops.acceptance.accept_topk_children).
-        def draw(d, node):
-            rows = _rows(logits, node)
-            st_d = SamplingTensors(st.temperature, st.top_k, st.top_p, st.seeds, st.offsets, st.sort_width)
-            return sample(rows, st_d, stream=accept_stream(d, 0))
-    accept = accept_by_target_draws(tree.tokens, tree.parents, tree.depth, valid, max_depth, draw)
+        valid = torch.ones_like(tree.tokens, dtype=torch.bool)
+        accept = accept_by_target_draws(
+            tree.tokens, tree.parents, tree.depth, valid, max_depth,
+            lambda d, node: sample(_rows(logits, node), st, stream=accept_stream(d, 0)))
     commit_tree_kv(cache, *step.stacked(), accept.path, cached_lens, block_tables)
     feats = out.hidden if feature == "hidden" else out.taps
     feats = feats.view(bsz, n, -1)
