@@ -83,3 +83,25 @@ def test_shipped_head_is_the_default_and_keeps_greedy_output_exact(llm):
     fast, plain = spec.chat(messages, params), llm.chat(messages, params)
     assert fast.token_ids == plain.token_ids
     assert fast.stats["tau"] > 1.5  # a trained head is accepted, not just run
+
+
+@pytest.mark.parametrize("tree", ["chain:3", "dynamic:3,3,8"])
+def test_smollm2_with_a_random_head_keeps_greedy_output_exact(llm, tree):
+    """A random head is (almost) never right: every step then rejects and the bonus token
+    carries the output, which must still be exactly plain greedy decoding."""
+    from eaglespec import SpecConfig
+    from eaglespec.config import EngineConfig, LlamaConfig
+    from eaglespec.models.eagle import EagleConfig, build_head
+
+    cfg = llm.model.config
+    layer = LlamaConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "num_layers": 1, "eagle3_layers": ()})
+    head = build_head(EagleConfig("eagle1", layer), llm.model)
+    head.init_random(seed=3)
+    spec = LLM.from_model(llm.model, tokenizer=llm.tokenizer, draft=head, spec=SpecConfig(tree=tree),
+                          engine=EngineConfig(num_blocks=64, max_batch_size=4, max_model_len=512),
+                          eos_ids=llm.eos_ids)
+    prompts = ["The capital of France is", "List three colours of the rainbow, then explain why the sky is blue:"]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    fast, plain = spec.generate(prompts, params), llm.generate(prompts, params)
+    assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+    assert all(o.stats["target_forwards"] >= 2 for o in fast)
