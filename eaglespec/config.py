@@ -7,7 +7,7 @@ with a message naming the field.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -160,7 +160,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 0  # 0: size from free device memory (GPU) or kv_cache_tokens (CPU)
     kv_cache_tokens: int = 16384  # CPU default pool size in tokens when num_blocks is 0
-    gpu_memory_fraction: float = 0.85  # of free memory after weights, for the KV pool
+    gpu_memory_fraction: float = 0.6  # of free memory after the weights; the rest serves graphs and tree logits
     max_batch_size: int = 64
     max_model_len: int = 4096
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
@@ -175,12 +175,3 @@ class EngineConfig:
                              f"got {self.attention_backend!r}")
         if self.max_batch_size < 1:
             raise ValueError("EngineConfig.max_batch_size must be >= 1")
-
-
-@dataclass(slots=True)
-class RuntimeOptions:
-    """Device and dtype chosen for a model (resolved from user strings)."""
-
-    device: str = "cpu"
-    dtype: str = "float32"
-    extra: dict = field(default_factory=dict)

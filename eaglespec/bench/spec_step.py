@@ -141,7 +141,7 @@ def main(argv=None) -> None:
             write_result(f"spec-step-{args.preset}", {"context": args.context, "rows": rows, "note": NOTE},
                          device, args.out)
             for r in reqs:
-                r._finish("length")
+                r.finish("length")
                 llm.scheduler.retire(r)
                 sr.release(r)
             for i in ids:

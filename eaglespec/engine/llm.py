@@ -160,7 +160,7 @@ class LLM:
             for req, toks in zip(reqs, emitted):
                 req.append_tokens(toks, self.eos_ids)
                 if not req.finished and len(req.all_ids) >= self.engine_config.max_model_len:
-                    req._finish("length")
+                    req.finish("length")
         for req in list(self.scheduler.running):
             if req.finished:
                 self.scheduler.retire(req)

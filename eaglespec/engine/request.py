@@ -31,7 +31,6 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     blocks: list[int] = field(default_factory=list)  # target KV blocks
-    draft_blocks: list[int] = field(default_factory=list)  # draft-head KV blocks
     num_cached: int = 0  # tokens whose K/V are in the target cache
     finish_reason: str | None = None
     error: str | None = None
@@ -67,7 +66,7 @@ class Request:
             is_eos = tok in eos_ids and not self.params.ignore_eos
             self.output_ids.append(tok)
             if is_eos:
-                self._finish("stop")
+                self.finish("stop")
                 return
             if self.detokenizer is not None:
                 piece = self.detokenizer.add(tok)
@@ -76,7 +75,7 @@ class Request:
                 if self._hit_stop_string():
                     return
             if len(self.output_ids) >= self.params.max_tokens:
-                self._finish("length")
+                self.finish("length")
 
     def _hit_stop_string(self) -> bool:
         for stop in self.params.stop:
@@ -86,15 +85,16 @@ class Request:
                 cut = len(self.text) - idx
                 self.text = self.text[:idx]
                 self.pending_text = self.pending_text[:max(len(self.pending_text) - cut, 0)]
-                self._finish("stop")
+                self.finish("stop")
                 return True
         return False
 
     def fail(self, message: str) -> None:
         self.error = message
-        self._finish("error")
+        self.finish("error")
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
+        """End the request (stop, length or error) and stamp the time."""
         self.finish_reason = reason
         self.finished_at = time.perf_counter()
 

@@ -23,10 +23,8 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_batch: int, max_model_len: int,
-                 prefill_token_budget: int, lookahead: int = 1,
-                 draft_allocator: BlockAllocator | None = None):
+                 prefill_token_budget: int, lookahead: int = 1):
         self.allocator = allocator
-        self.draft_allocator = draft_allocator
         self.max_batch = max_batch
         self.max_model_len = max_model_len
         self.prefill_token_budget = prefill_token_budget
@@ -52,22 +50,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _allocators(self) -> list[tuple[BlockAllocator, str]]:
-        pairs = [(self.allocator, "blocks")]
-        if self.draft_allocator is not None:
-            pairs.append((self.draft_allocator, "draft_blocks"))
-        return pairs
-
     def _fits(self, req: Request, num_tokens: int) -> bool:
-        return all(a.can_hold(getattr(req, attr), num_tokens) for a, attr in self._allocators())
+        return self.allocator.can_hold(req.blocks, num_tokens)
 
     def _grow(self, req: Request, num_tokens: int) -> None:
-        for a, attr in self._allocators():
-            a.grow(getattr(req, attr), num_tokens)
+        self.allocator.grow(req.blocks, num_tokens)
 
     def release(self, req: Request) -> None:
-        for a, attr in self._allocators():
-            a.release(getattr(req, attr))
+        # The draft head's cache uses the same block ids (see engine/speculative.py).
+        self.allocator.release(req.blocks)
 
     def schedule(self) -> ScheduledStep | None:
         """Pick the next step: admit waiting requests first (prefill), else decode the running ones."""
