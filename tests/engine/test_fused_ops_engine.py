@@ -4,24 +4,15 @@ exactly the tokens of the torch path (fp32), for plain and speculative decoding.
 from __future__ import annotations
 
 import functools
-import os
-
 import pytest
 import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from eaglespec.ops import fused
-from tests.conftest import small_engine
+from tests.conftest import needs_triton_kernels, small_engine
 from tests.spec.test_speculative_greedy import _prompts, eagle1_head, predictable_target
 
-
-def _triton_usable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _counting(monkeypatch, name: str) -> list[int]:
@@ -37,7 +28,7 @@ def _counting(monkeypatch, name: str) -> list[int]:
     return calls
 
 
-@pytest.mark.skipif(not _triton_usable(), reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton_kernels
 def test_fused_kernels_in_the_engine_match_the_torch_path(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     target = predictable_target(seed=31).to(device)

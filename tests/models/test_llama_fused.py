@@ -3,26 +3,14 @@ against its torch path, for every kind of step and for both draft-head kinds (fp
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from eaglespec.models.attention_step import DecodeStep, KVCache, PrefillStep, TreeStep
-from tests.conftest import random_model, tiny_config
+from tests.conftest import DEVICE, needs_triton_kernels, random_model, tiny_config
 from tests.spec.test_speculative_greedy import eagle1_head, eagle3_head
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAVE_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="Triton kernels need triton and a GPU, or TRITON_INTERPRET=1 on the CPU")
+pytestmark = needs_triton_kernels
 
 BS = 16
 TOL = dict(atol=1e-4, rtol=1e-4)

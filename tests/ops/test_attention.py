@@ -6,24 +6,13 @@ reads a key it should have masked shows NaN instead of a slightly wrong number.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from tests.conftest import DEVICE, needs_triton_kernels
+
 from eaglespec.ops import attention as A
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not HAVE_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="Triton kernels need triton and a GPU, or TRITON_INTERPRET=1 on the CPU")
 
 D = 64
 BLOCK = 16
@@ -112,7 +101,7 @@ def test_ancestor_bits_helper():
 # ----------------------------------------------------------------------------- prefill
 
 
-@needs_triton
+@needs_triton_kernels
 @pytest.mark.parametrize("dtype,hq,hkv", [(torch.float32, 2, 2), (torch.float32, 6, 2),
                                           (torch.bfloat16, 6, 2)])
 def test_prefill_matches_reference(dtype, hq, hkv, poisoned_empty):
@@ -133,7 +122,7 @@ def test_prefill_matches_reference(dtype, hq, hkv, poisoned_empty):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
-@needs_triton
+@needs_triton_kernels
 def test_prefill_short_queries_and_loose_grid_bound():
     gen = _gen(2)
     q_lens, seq_lens = [1, 3, 0], [45, 17, 5]
@@ -149,7 +138,7 @@ def test_prefill_short_queries_and_loose_grid_bound():
 # ----------------------------------------------------------------------------- decode
 
 
-@needs_triton
+@needs_triton_kernels
 @pytest.mark.parametrize("dtype,hq,hkv,nq,split", [
     (torch.float32, 2, 2, 1, 32),
     (torch.float32, 6, 2, 5, 16),
@@ -173,7 +162,7 @@ def test_decode_matches_reference(dtype, hq, hkv, nq, split, poisoned_empty):
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
 
 
-@needs_triton
+@needs_triton_kernels
 def test_decode_result_independent_of_split_and_host_free(monkeypatch):
     gen = _gen(4)
     lens = [50, 3]
@@ -209,7 +198,7 @@ def test_default_split_size_is_static_and_aligned():
 # ----------------------------------------------------------------------------- tree
 
 
-@needs_triton
+@needs_triton_kernels
 @pytest.mark.parametrize("dtype,hq,hkv,n", [(torch.float32, 2, 2, 64), (torch.float32, 6, 2, 13),
                                             (torch.bfloat16, 6, 2, 37)])
 def test_tree_matches_reference(dtype, hq, hkv, n, poisoned_empty):
@@ -225,7 +214,7 @@ def test_tree_matches_reference(dtype, hq, hkv, n, poisoned_empty):
     torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
 
 
-@needs_triton
+@needs_triton_kernels
 def test_tree_fewer_queries_than_keys_matches_reference(poisoned_empty):
     """The draft head's shape: one depth's frontier (Nq) against every drafted node (Nk)."""
     gen = _gen(7)
@@ -240,7 +229,7 @@ def test_tree_fewer_queries_than_keys_matches_reference(poisoned_empty):
     torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
 
 
-@needs_triton
+@needs_triton_kernels
 def test_tree_mask_is_respected_and_empty_rows_are_zero():
     gen = _gen(6)
     n, hq, hkv = 9, 3, 1
@@ -272,7 +261,7 @@ def _split_attention_case(gen, nq=5, hq=4, hkv=2, nk=23, cut=9):
     return attend(slice(None)), attend(slice(None, cut)), attend(slice(cut, None))
 
 
-@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=needs_triton_kernels)])
 def test_merge_of_split_keys_equals_full_attention(impl):
     merge = A.merge_attention_states_ref if impl == "ref" else A.merge_attention_states
     (full_out, full_lse), (out_a, lse_a), (out_b, lse_b) = _split_attention_case(_gen(7))
@@ -281,7 +270,7 @@ def test_merge_of_split_keys_equals_full_attention(impl):
     torch.testing.assert_close(lse, full_lse, atol=1e-5, rtol=1e-5)
 
 
-@needs_triton
+@needs_triton_kernels
 def test_merge_handles_empty_sides(poisoned_empty):
     gen = _gen(8)
     out_a, out_b = _randn(3, 2, 4, 48, gen=gen), _randn(3, 2, 4, 48, gen=gen)  # D not a power of 2
@@ -326,7 +315,7 @@ def test_sdpa_baseline_equals_two_pass_reference():
                                atol=1e-4, rtol=1e-4)
 
 
-@needs_triton
+@needs_triton_kernels
 @pytest.mark.parametrize("dtype,split", [(torch.float32, 32), (torch.float32, None),
                                          (torch.bfloat16, 16)])
 def test_two_pass_matches_sdpa_and_reference(dtype, split, poisoned_empty):
@@ -340,7 +329,7 @@ def test_two_pass_matches_sdpa_and_reference(dtype, split, poisoned_empty):
 # ----------------------------------------------------------------------------- input checks
 
 
-@needs_triton
+@needs_triton_kernels
 def test_launchers_reject_bad_inputs():
     gen = _gen(11)
     k_cache, v_cache, tables = _paged_cache([20, 5], 2, torch.float32, gen)

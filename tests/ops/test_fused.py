@@ -8,24 +8,14 @@ asserted on CUDA.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from tests.conftest import DEVICE, needs_triton_kernels
+
 from eaglespec.ops import fused as Fu
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not HAVE_TRITON or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="Triton kernels need triton and a GPU, or TRITON_INTERPRET=1 on the CPU")
+pytestmark = needs_triton_kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
 

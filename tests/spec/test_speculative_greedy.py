@@ -10,7 +10,7 @@ import torch
 from eaglespec.config import LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from eaglespec.models.eagle import EagleConfig, build_head
-from tests.conftest import random_model, small_engine, tiny_config
+from tests.conftest import needs_triton_kernels, random_model, small_engine, tiny_config
 
 
 def predictable_target(seed: int):
@@ -117,17 +117,7 @@ def test_speculative_sampling_runs_reproducibly():
     assert all(len(o.token_ids) == 16 and all(0 <= t < 61 for t in o.token_ids) for o in a)
 
 
-def _triton_usable() -> bool:
-    import os
-
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.mark.skipif(not _triton_usable(), reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton_kernels
 def test_triton_kernels_in_the_engine_match_plain_decoding():
     """The same exactness with every attention op on its Triton kernel (prefill, decode,
     two-pass tree attention), as the GPU path runs it."""
