@@ -141,11 +141,11 @@ class SpecConfig:
 
     ``tree`` is ``chain:K`` (K draft tokens in a line), ``dynamic:DEPTH,TOPK,NODES`` (EAGLE-2
     dynamic tree) or a path to a JSON list of choices (static tree, EAGLE/Medusa format).
+    Children are the draft's top-k at every node; under sampling they are accepted by the
+    lossless rule for deterministic children (see docs/DESIGN_NOTES.md).
     """
 
     tree: str = "dynamic:5,8,32"
-    # Under sampling: draw children from q ("sampled") or take the top-k of q ("topk").
-    sampled_children: bool = False
 
     def __post_init__(self) -> None:
         if not _TREE_SPEC.match(self.tree) and not self.tree.endswith(".json"):

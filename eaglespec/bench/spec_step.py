@@ -68,7 +68,7 @@ def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeB
     par = torch.tensor(parents, device=device).expand(batch, -1).contiguous()
     dep = torch.tensor(depths, device=device).expand(batch, -1).contiguous()
     tokens = torch.randint(0, vocab, (batch, nodes + 1), generator=gen).to(device)
-    return TreeBatch(tokens, par, dep, ancestor_bits_from_parents(par, depth), None)
+    return TreeBatch(tokens, par, dep, ancestor_bits_from_parents(par, depth))
 
 
 def tree_specs(max_nodes: int) -> list[str]:

@@ -5,7 +5,7 @@ Drafting proceeds level by level. At each depth a fixed number of *frontier* nod
 sequence runs through the draft head, and each proposes ``branch`` children ranked by draft
 log-probability. What becomes the next frontier, and which proposals enter the verified tree,
 depends on the kind:
-  chain    one frontier node, its best child (or a child sampled from q);
+  chain    one frontier node and its best child;
   static   the nodes a choices list names (child ranks per path), the same for every sequence;
   dynamic  EAGLE-2: the TOPK proposals with the best cumulative log-probability become the next
            frontier; at the end the NODES best proposals overall form the tree.
@@ -118,7 +118,6 @@ class TreeBatch:
     parents: torch.Tensor  # [B, N] int64 parent node index, -1 for the root
     depth: torch.Tensor  # [B, N] int64, root 0
     ancestor_bits: torch.Tensor  # [B, N] int64, bit j of row i set when node j is i or its ancestor
-    draft_probs: torch.Tensor | None  # [B, N, V] q at each node (sampled children only)
 
 
 def ancestor_bits_from_parents(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
@@ -161,4 +160,4 @@ def select_tree(pool_tokens: torch.Tensor, pool_scores: torch.Tensor, pool_paren
     parents = torch.cat([minus_one, parent_node], dim=1)
     tokens = torch.cat([root_tokens[:, None], torch.gather(pool_tokens, 1, chosen)], dim=1)
     depth = torch.cat([torch.zeros_like(minus_one), torch.gather(pool_depth, 1, chosen)], dim=1)
-    return TreeBatch(tokens, parents, depth, ancestor_bits_from_parents(parents, max_depth), None)
+    return TreeBatch(tokens, parents, depth, ancestor_bits_from_parents(parents, max_depth))
