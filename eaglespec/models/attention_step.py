@@ -62,8 +62,20 @@ class AttentionStep:
         raise NotImplementedError
 
 
+class CacheSlotStep(AttentionStep):
+    """A step whose new K/V go straight into the paged cache at ``self.slots``."""
+
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        return self.slots
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache: KVCache, kv_written: bool) -> None:
+        if not kv_written:  # the fused RoPE kernel may have stored them already
+            cache.write(layer, self.slots, k, v)
+
+
 @dataclass(slots=True)
-class PrefillStep(AttentionStep):
+class PrefillStep(CacheSlotStep):
     """New tokens of several sequences, packed; each attends causally to its sequence's cache."""
 
     slots: torch.Tensor  # [T] int64 cache slot of each new token
@@ -74,20 +86,15 @@ class PrefillStep(AttentionStep):
     scale: float
     backend: str = "torch"
 
-    @property
-    def kv_slots(self) -> torch.Tensor:
-        return self.slots
-
     def attend(self, layer, q, k, v, cache, kv_written=False):
-        if not kv_written:
-            cache.write(layer, self.slots, k, v)
+        self.store(layer, k, v, cache, kv_written)
         fn = ops.paged_prefill_attention if self.backend == "triton" else ops.paged_prefill_attention_ref
         return fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.cu_seqlens_q,
                   self.seq_lens, self.max_query_len, self.scale)
 
 
 @dataclass(slots=True)
-class DecodeStep(AttentionStep):
+class DecodeStep(CacheSlotStep):
     """One new token per sequence; fixed shapes so the step can be a CUDA graph."""
 
     slots: torch.Tensor  # [B] int64 cache slot of each new token
@@ -96,13 +103,8 @@ class DecodeStep(AttentionStep):
     scale: float
     backend: str = "torch"
 
-    @property
-    def kv_slots(self) -> torch.Tensor:
-        return self.slots
-
     def attend(self, layer, q, k, v, cache, kv_written=False):
-        if not kv_written:
-            cache.write(layer, self.slots, k, v)
+        self.store(layer, k, v, cache, kv_written)
         if self.backend == "triton":
             out, _ = ops.paged_decode_attention(q[:, None], cache.k[layer], cache.v[layer], self.block_tables,
                                                 self.context_lens, self.scale, out_dtype=q.dtype)
