@@ -19,14 +19,45 @@ from eaglespec.engine.llm import LLM  # noqa: E402
 from eaglespec.models.llama import build_model  # noqa: E402
 
 
+def graph_vs_step(model, batch: int) -> None:
+    """Engine step wall time (host included) against replaying the captured decode graph alone."""
+    import time
+
+    engine = EngineConfig(max_batch_size=batch, max_model_len=512, gpu_memory_fraction=0.3)
+    llm = LLM.from_model(model, engine=engine)
+    for _ in range(batch):
+        llm.add_request(list(range(1, 129)), SamplingParams(max_tokens=200, ignore_eos=True))
+    walls = []
+    for i in range(60):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.step()
+        torch.cuda.synchronize()
+        if i > 10:
+            walls.append(1000 * (time.perf_counter() - t0))
+    graph = llm.runner.decode_graphs[True]._graphs[batch][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    walls.sort()
+    print(f"batch {batch}: engine step {walls[len(walls) // 2]:.3f} ms (synced, host included); "
+          f"graph replay alone {start.elapsed_time(end) / 50:.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--graphs", action="store_true", help="also time engine steps against graph replay")
     args = ap.parse_args()
     cfg = PRESETS["llama-3.1-8b"]
     model = build_model(cfg, "cuda", torch.bfloat16)
     model.init_random(seed=0)
+    if args.graphs:
+        graph_vs_step(model, args.batch)
     engine = EngineConfig(max_batch_size=args.batch, max_model_len=512, use_cuda_graphs=False, gpu_memory_fraction=0.3)
     llm = LLM.from_model(model, engine=engine)
     prompts = [list(range(1, 129)) for _ in range(args.batch)]

@@ -166,6 +166,7 @@ class EngineConfig:
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
+    single_token_gemv: bool = True  # batch-1 decode on the fused matrix-vector kernels (Triton backend)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

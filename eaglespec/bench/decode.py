@@ -86,6 +86,8 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--no-single-token-gemv", action="store_true",
+                    help="batch 1 on cuBLAS and separate element-wise kernels (the comparison)")
     args = ap.parse_args(argv)
     cfg = PRESETS[args.preset]
     device = torch.device(args.device)
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
     model.init_random(seed=0)
     batches = [int(b) for b in args.batches.split(",")]
     engine = EngineConfig(max_batch_size=max(batches), max_model_len=args.prompt_len + args.new_tokens + 64,
-                          gpu_memory_fraction=0.5)
+                          gpu_memory_fraction=0.5, single_token_gemv=not args.no_single_token_gemv)
     llm = LLM.from_model(model, engine=engine)
     wbytes = weight_bytes(model)
     copy_bw = measure_copy_bandwidth(device) if device.type == "cuda" else H100_COPY_BYTES_PER_S
@@ -113,8 +115,10 @@ def main(argv=None) -> None:
         print(f"{args.preset} batch {batch:3d}: {r['ms_per_step_median']:.2f} ms/step "
               f"(floor {r['weight_floor_ms']:.2f}), {100 * r['fraction_of_measured_copy_bandwidth']:.0f}% of copy bandwidth",
               flush=True)
-    path = write_result(f"decode-{args.preset}", {"weight_bytes": wbytes, "copy_bytes_per_s": copy_bw,
+    name = f"decode-{args.preset}" + ("-no-gemv" if args.no_single_token_gemv else "")
+    path = write_result(name, {"weight_bytes": wbytes, "copy_bytes_per_s": copy_bw,
                                                   "prompt_len": args.prompt_len,
+                                                  "single_token_gemv": not args.no_single_token_gemv,
                                                   "new_tokens": args.new_tokens, "rows": rows}, device, args.out)
     print("wrote", path)
 

@@ -110,14 +110,16 @@ def main(argv=None) -> None:
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
-            inputs = llm.runner.step_inputs(reqs, bucket, [sr._slot(r) for r in reqs])
             graphs = sr.graphs[True]
-            step_ms = time_graph(lambda: graphs.run(bucket, inputs))
-            decode_ms = time_graph(lambda: llm.runner.decode_graphs[True].run(bucket, llm.runner.step_inputs(reqs, bucket)))
+            llm.runner.stage_inputs(graphs, reqs, bucket, [sr._slot(r) for r in reqs])
+            step_ms = time_graph(lambda: graphs.run(bucket))
+            decode_graphs = llm.runner.decode_graphs[True]
+            llm.runner.stage_inputs(decode_graphs, reqs, bucket)
+            decode_ms = time_graph(lambda: decode_graphs.run(bucket))
             # Verify alone: a fixed random tree of the same size through target + accept + commit.
             tree = random_tree(batch, sr.shape.num_nodes, sr.shape.depth, cfg.vocab_size, device)
-            rows_in = StepRows(inputs)
-            tables = inputs["block_tables"]
+            rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq)
+            tables = rows_in.block_tables
             lens = rows_in["cached_lens"]
             st = rows_in.sampling()
 
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
                 return res.accept.tokens, res.accept.num_emitted
 
             vg = StepGraphs(verify_fn, lambda b: {}, device.type == "cuda")
-            verify_ms = time_graph(lambda: vg.run(bucket, {}))
+            verify_ms = time_graph(lambda: vg.run(bucket))
             row = {"tree": spec_str, "nodes": sr.shape.num_nodes, "batch": batch, "decode_ms": decode_ms,
                    "verify_ms": verify_ms, "step_ms": step_ms, "verify_over_decode": verify_ms / decode_ms,
                    "step_over_decode": step_ms / decode_ms,

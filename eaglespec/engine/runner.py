@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from eaglespec.config import EngineConfig
@@ -18,7 +17,7 @@ from eaglespec.kv_cache import BlockAllocator, block_table_tensor, pool_blocks_f
 from eaglespec.models.attention_step import DecodeStep, KVCache, PrefillStep
 from eaglespec.models.llama import LlamaForCausalLM, ModelOutput
 from eaglespec.ops.attention import default_scale
-from eaglespec.ops.sampling import SamplingTensors, sample
+from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -47,19 +46,36 @@ def request_sampling(reqs: list[Request], device) -> SamplingTensors:
 
 
 class StepRows:
-    """Named rows of a step's packed inputs: ``rows["positions"]`` is a [bucket] view."""
+    """A step's inputs packed into one byte buffer, so staging them is a single copy.
+
+    Sections, one row per request: int64 fields, int32 fields, fp32 fields, then the int32
+    block table [bucket, max_blocks]. ``rows["positions"]`` is a [bucket] view; the same layout
+    serves the pinned host twin (filled through numpy) and the device buffer the graph reads.
+    """
 
     I64 = ("input_ids", "positions", "slots", "seeds", "offsets", "state_slots")
     I32 = ("context_lens", "top_k", "cached_lens")
     F32 = ("temperature", "top_p")
+    _ROW_BYTES = 8 * len(I64) + 4 * len(I32) + 4 * len(F32)
 
-    def __init__(self, x: dict[str, torch.Tensor]):
-        self.x = x
+    def __init__(self, packed: torch.Tensor, max_blocks: int):
+        bucket = packed.numel() // (self._ROW_BYTES + 4 * max_blocks)
+        views, offset = [], 0
+        for dtype, shape in ((torch.int64, (len(self.I64), bucket)), (torch.int32, (len(self.I32), bucket)),
+                             (torch.float32, (len(self.F32), bucket)), (torch.int32, (bucket, max_blocks))):
+            nbytes = shape[0] * shape[1] * dtype.itemsize
+            views.append(packed[offset:offset + nbytes].view(dtype).view(shape))
+            offset += nbytes
+        self.i64, self.i32, self.f32, self.block_tables = views
+
+    @classmethod
+    def allocate(cls, bucket: int, max_blocks: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(bucket * (cls._ROW_BYTES + 4 * max_blocks), dtype=torch.uint8, device=device)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        for key, names in (("i64", self.I64), ("i32", self.I32), ("f32", self.F32)):
+        for section, names in ((self.i64, self.I64), (self.i32, self.I32), (self.f32, self.F32)):
             if name in names:
-                return self.x[key][names.index(name)]
+                return section[names.index(name)]
         raise KeyError(name)
 
     def sampling(self) -> SamplingTensors:
@@ -136,33 +152,35 @@ class ModelRunner:
     # ------------------------------------------------------------------ decode
 
     def static_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
-        """Device buffers of a step's inputs, one row per named field (see ``StepRows``)."""
-        dev = self.device
-        return {
-            "i64": torch.zeros(len(StepRows.I64), bucket, dtype=torch.int64, device=dev),
-            "i32": torch.ones(len(StepRows.I32), bucket, dtype=torch.int32, device=dev),
-            "f32": torch.ones(len(StepRows.F32), bucket, dtype=torch.float32, device=dev),
-            "block_tables": torch.zeros(bucket, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-        }
+        """The device buffer of a step's inputs (see ``StepRows``), with harmless padding values."""
+        packed = StepRows.allocate(bucket, self.max_blocks_per_seq, self.device)
+        rows = StepRows(packed, self.max_blocks_per_seq)
+        rows.i32.fill_(1)
+        rows.f32.fill_(1.0)
+        return {"packed": packed}
 
     def _decode_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
-        rows = StepRows(x)
-        step = DecodeStep(rows["slots"], x["block_tables"], rows["context_lens"], self.scale, self.backend)
-        out = self.model(rows["input_ids"], rows["positions"], step, self.cache, use_triton=self.fused)
+        rows = StepRows(x["packed"], self.max_blocks_per_seq)
+        step = DecodeStep(rows["slots"], rows.block_tables, rows["context_lens"], self.scale, self.backend)
+        out = self.model(rows["input_ids"], rows["positions"], step, self.cache, use_triton=self.fused,
+                         single_token_gemv=self.cfg.single_token_gemv)
         if greedy:
-            return (out.logits.argmax(dim=-1),)
+            return (greedy_argmax(out.logits) if self.fused else out.logits.argmax(dim=-1),)
         return (sample(out.logits, rows.sampling()),)
 
-    def step_inputs(self, reqs: list[Request], bucket: int, state_slots: list[int] | None = None,
-                    pad_state_slot: int = 0, pad_cached_len: int = 1) -> dict[str, torch.Tensor]:
-        """Host-built inputs of one step, padded to ``bucket`` rows: three small arrays and the
-        block table, so a step costs four host-to-device copies whatever the batch size."""
+    def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int,
+                     state_slots: list[int] | None = None, pad_state_slot: int = 0,
+                     pad_cached_len: int = 1) -> None:
+        """Write one step's inputs, padded to ``bucket`` rows, into the graphs' host staging
+        buffer: one host-to-device copy per step whatever the batch size."""
+        rows = StepRows(graphs.staging(bucket)["packed"], self.max_blocks_per_seq)
+        i64, i32, f32, tables = rows.i64.numpy(), rows.i32.numpy(), rows.f32.numpy(), rows.block_tables.numpy()
         bs = self.cfg.block_size
         n = len(reqs)
-        i64 = np.zeros((len(StepRows.I64), bucket), dtype=np.int64)
-        i32 = np.ones((len(StepRows.I32), bucket), dtype=np.int32)
-        f32 = np.ones((len(StepRows.F32), bucket), dtype=np.float32)
-        tables = np.zeros((bucket, self.max_blocks_per_seq), dtype=np.int32)
+        i64.fill(0)
+        i32.fill(1)
+        f32.fill(1.0)
+        tables.fill(0)
         i32[StepRows.I32.index("cached_lens"), n:] = pad_cached_len
         i64[StepRows.I64.index("state_slots"), n:] = pad_state_slot
         i32[StepRows.I32.index("top_k"), :] = 0
@@ -175,18 +193,15 @@ class ModelRunner:
             i32[:, i] = (p + 1, r.params.top_k, p)
             f32[:, i] = (r.params.temperature, r.params.top_p)
             tables[i, :len(blocks)] = blocks
-        dev = self.device
-        return {"i64": torch.from_numpy(i64).to(dev, non_blocking=True),
-                "i32": torch.from_numpy(i32).to(dev, non_blocking=True),
-                "f32": torch.from_numpy(f32).to(dev, non_blocking=True),
-                "block_tables": torch.from_numpy(tables).to(dev, non_blocking=True)}
 
     @torch.inference_mode()
     def decode(self, reqs: list[Request]) -> torch.Tensor:
         """One token for each request (whose last token is not cached yet). Returns [B] on device."""
         bucket = bucket_for(len(reqs), self.buckets)
         greedy = all(r.params.temperature == 0 for r in reqs)
-        (tokens,) = self.decode_graphs[greedy].run(bucket, self.step_inputs(reqs, bucket))
+        graphs = self.decode_graphs[greedy]
+        self.stage_inputs(graphs, reqs, bucket)
+        (tokens,) = graphs.run(bucket)
         for r in reqs:
             r.num_cached += 1
             r.target_forwards += 1

@@ -111,13 +111,14 @@ class SpeculativeRunner:
 
     def _static_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
         inputs = self.runner.static_inputs(bucket)
-        inputs["i64"][StepRows.I64.index("state_slots")] = self.pad_slot
-        inputs["i32"][StepRows.I32.index("cached_lens")] = self.width + 1
+        rows = StepRows(inputs["packed"], self.runner.max_blocks_per_seq)
+        rows["state_slots"].fill_(self.pad_slot)
+        rows["cached_lens"].fill_(self.width + 1)
         return inputs
 
     def _step_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
-        rows = StepRows(x)
-        slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], x["block_tables"]
+        rows = StepRows(x["packed"], self.runner.max_blocks_per_seq)
+        slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], rows.block_tables
         counts = self.pending_count.index_select(0, slot_ids)
         hidden, logits = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
                                              self.pending_tok.index_select(0, slot_ids), counts,
@@ -137,9 +138,10 @@ class SpeculativeRunner:
         bucket = bucket_for(len(reqs), self.runner.buckets)
         # Padding rows read and write only the scratch block; a length past the widest pending
         # run keeps their head prefix non-negative.
-        inputs = self.runner.step_inputs(reqs, bucket, [self._slot(r) for r in reqs],
-                                          pad_state_slot=self.pad_slot, pad_cached_len=self.width + 1)
         greedy = all(r.params.temperature == 0 for r in reqs)
-        tokens, counts = self.graphs[greedy].run(bucket, inputs)
+        graphs = self.graphs[greedy]
+        self.runner.stage_inputs(graphs, reqs, bucket, [self._slot(r) for r in reqs],
+                                 pad_state_slot=self.pad_slot, pad_cached_len=self.width + 1)
+        tokens, counts = graphs.run(bucket)
         return tokens[:len(reqs)], counts[:len(reqs)]
 

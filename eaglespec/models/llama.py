@@ -9,7 +9,10 @@ Two paths with the same weights: the torch path (``use_triton=False``, the refer
 with transformers) and the Triton path, where the element-wise work between the matrix products
 runs as fused kernels of ``eaglespec.ops.fused``: each residual add is fused into the next
 RMSNorm (a layer hands on (mlp_out, residual) and the sum is formed inside the norm), RoPE and
-the K/V cache store are one kernel, and silu(gate) * up is one kernel.
+the K/V cache store are one kernel, and silu(gate) * up is one kernel. A single-token step
+(batch-1 decode) goes further on request: norms, RoPE, the cache store, SwiGLU and the residual
+adds ride along with the matrix-vector products (``eaglespec.ops.gemv``), four launches per
+layer plus attention.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 
 from eaglespec.config import LlamaConfig
 from eaglespec.models.attention_step import AttentionStep, KVCache
-from eaglespec.ops import fused
+from eaglespec.ops import fused, gemv
 
 
 class RMSNorm(nn.Module):
@@ -137,6 +140,10 @@ def add_rms_norm(norm: nn.Module, x: torch.Tensor,
     return norm(s), s
 
 
+def _eps(norm: nn.Module) -> float:
+    return norm.eps if isinstance(norm, RMSNorm) else 0.0
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, input_norm: bool = True):
         super().__init__()
@@ -159,6 +166,20 @@ class LlamaDecoderLayer(nn.Module):
         a = self.self_attn.forward_fused(h, cos, sin, layer, attn, cache)
         h, residual = add_rms_norm(self.post_attention_layernorm, a, residual)
         return self.mlp.forward_fused(h), residual
+
+    def forward_single_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                             attn: AttentionStep, cache: KVCache) -> torch.Tensor:
+        """One token [1, H] through the layer on the fused matrix-vector kernels; K/V go to the
+        cache at ``attn.kv_slots``. Returns the layer's output [1, H]."""
+        sa, mlp = self.self_attn, self.mlp
+        norm_in = self.input_layernorm.weight if isinstance(self.input_layernorm, RMSNorm) else None
+        q = gemv.gemv_qkv_rope(sa.qkv_proj.weight, x, norm_in, _eps(self.input_layernorm), cos, sin,
+                               cache.k[layer], cache.v[layer], attn.kv_slots, sa.num_heads, sa.num_kv_heads)
+        out = attn.attend(layer, q, None, None, cache, kv_written=True)
+        h = gemv.gemv(sa.o_proj.weight, out.reshape(1, -1), residual=x)
+        norm = self.post_attention_layernorm
+        act = gemv.gemv_silu_mul(mlp.gate_up_proj.weight, h, norm.weight, norm.eps)
+        return gemv.gemv(mlp.down_proj.weight, act, residual=h)
 
 
 @dataclass(slots=True)
@@ -196,12 +217,18 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                 cache: KVCache, logits_rows: torch.Tensor | None = None,
-                want_hidden: bool = False, want_taps: bool = False, use_triton: bool = False) -> ModelOutput:
+                want_hidden: bool = False, want_taps: bool = False, use_triton: bool = False,
+                single_token_gemv: bool = False) -> ModelOutput:
         """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None).
 
         use_triton: run the element-wise ops on the fused Triton kernels (CUDA, or the CPU under
         TRITON_INTERPRET=1); the torch path is the reference.
+        single_token_gemv: with use_triton, a step of one token whose K/V go to the cache and
+        that wants only logits runs on the fused matrix-vector kernels.
         """
+        if (use_triton and single_token_gemv and input_ids.shape[0] == 1 and logits_rows is None
+                and not want_hidden and not want_taps and attn.kv_slots is not None):
+            return self._forward_single_token(input_ids, positions, attn, cache)
         if use_triton:
             return self._forward_fused(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
         x = self.model.embed_tokens(input_ids)
@@ -239,6 +266,18 @@ class LlamaForCausalLM(nn.Module):
             taps = None if taps is None else taps.index_select(0, logits_rows)
         x, _ = add_rms_norm(self.model.norm, x, residual)
         return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
+
+    def _forward_single_token(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
+                              cache: KVCache) -> ModelOutput:
+        """``forward`` of one token on the fused matrix-vector kernels (the final norm rides
+        along with the output projection)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.forward_single_token(x, cos, sin, i, attn, cache)
+        norm = self.model.norm
+        logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
+        return ModelOutput(logits=logits, hidden=None, taps=None)
 
     # ------------------------------------------------------------------ weights
 

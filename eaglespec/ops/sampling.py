@@ -365,6 +365,58 @@ def sample_from_probs_triton(probs: torch.Tensor, seeds: torch.Tensor, offsets: 
     return best_index.gather(1, winner).squeeze(1).long()
 
 
+@_jit
+def _chunk_argmax_kernel(x_ptr, stride_row, n_cols, best_val_ptr, best_idx_ptr, num_chunks,
+                         CHUNK: tl.constexpr):
+    """Program (row, chunk): the largest value of CHUNK columns and its first index."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + row * stride_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+    tl.store(best_val_ptr + row * num_chunks + chunk, tl.max(x, axis=0))
+    tl.store(best_idx_ptr + row * num_chunks + chunk, chunk * CHUNK + tl.argmax(x, axis=0, tie_break_left=True))
+
+
+@_jit
+def _pick_chunk_kernel(best_val_ptr, best_idx_ptr, num_chunks, out_ptr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    v = tl.load(best_val_ptr + row * num_chunks + j, mask=j < num_chunks, other=float("-inf"))
+    winner = tl.argmax(v, axis=0, tie_break_left=True)  # chunks are in column order: first max wins
+    tl.store(out_ptr + row, tl.load(best_idx_ptr + row * num_chunks + winner).to(tl.int64))
+
+
+_ARGMAX_CHUNK = 4096
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for [R, V] (lowest index among equal maxima): [R] int64.
+
+    Two small launches that spread a row over many programs; torch reduces a single row with
+    one block, which at batch 1 and a 128k vocabulary costs more than a whole layer's RoPE,
+    norms and SwiGLU together. Needs CUDA tensors (or TRITON_INTERPRET=1).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"greedy_argmax expects [rows, vocab] logits, got shape {tuple(logits.shape)}")
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0:
+        return out
+    if vocab == 0:
+        raise ValueError("greedy_argmax: empty vocabulary")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    chunk = min(_ARGMAX_CHUNK, max(16, triton.next_power_of_2(vocab)))
+    num_chunks = triton.cdiv(vocab, chunk)
+    best_val = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
+    _chunk_argmax_kernel[(rows, num_chunks)](logits, logits.stride(0), vocab, best_val, best_idx, num_chunks,
+                                             CHUNK=chunk, num_warps=4)
+    _pick_chunk_kernel[(rows,)](best_val, best_idx, num_chunks, out, BLOCK=max(16, triton.next_power_of_2(num_chunks)),
+                                num_warps=1)
+    return out
+
+
 def sample_from_probs(probs: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
                       stream: int) -> torch.Tensor:
     """One token per row drawn exactly from ``probs`` [R, V]: [R] int64.

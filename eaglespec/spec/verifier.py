@@ -13,7 +13,7 @@ from eaglespec.kv_cache import commit_tree_kv
 from eaglespec.models.attention_step import KVCache, TreeStep
 from eaglespec.models.llama import LlamaForCausalLM
 from eaglespec.ops.acceptance import AcceptResult, accept_by_target_draws, accept_greedy_by_masks, accept_stream
-from eaglespec.ops.sampling import SamplingTensors, sample
+from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
 from eaglespec.spec.tree import TreeBatch
 
 
@@ -39,8 +39,8 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     logits = out.logits.view(bsz, n, -1)
     if greedy:
         # One argmax over every node, then the accepted path from bit masks (no per-depth walk).
-        accept = accept_greedy_by_masks(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits,
-                                        logits.argmax(dim=-1), max_depth)
+        best = greedy_argmax(out.logits).view(bsz, n) if backend == "triton" else logits.argmax(dim=-1)
+        accept = accept_greedy_by_masks(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits, best, max_depth)
     else:
         # One draw from the target distribution at the current node per depth: exact for
         # children chosen deterministically (see ops.acceptance.accept_topk_children).

@@ -9,22 +9,22 @@ import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
-from eaglespec.ops import fused
+from eaglespec.ops import fused, gemv
 from tests.conftest import needs_triton_kernels, small_engine
 from tests.spec.test_speculative_greedy import _prompts, eagle1_head, predictable_target
 
 
 
-def _counting(monkeypatch, name: str) -> list[int]:
-    """Count calls of ``fused.<name>`` (the model looks it up on the module at call time)."""
+def _counting(monkeypatch, name: str, module=fused) -> list[int]:
+    """Count calls of ``module.<name>`` (the model looks it up on the module at call time)."""
     calls = [0]
-    real = getattr(fused, name)
+    real = getattr(module, name)
 
     def wrapper(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fused, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
     return calls
 
 
@@ -50,3 +50,19 @@ def test_fused_kernels_in_the_engine_match_the_torch_path(monkeypatch):
     spec = LLM.from_model(target, draft=head, spec=SpecConfig(tree="dynamic:3,2,6"),
                           engine=engine).generate(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+
+
+@needs_triton_kernels
+@pytest.mark.parametrize("enabled", [True, False])
+def test_batch1_decode_on_fused_gemv_kernels_matches_the_torch_path(monkeypatch, enabled):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = predictable_target(seed=32).to(device)
+    prompt = _prompts(target.config.vocab_size, [9], seed=3)[0]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want = LLM.from_model(target, engine=small_engine()).generate([prompt], params)[0].token_ids
+    calls = _counting(monkeypatch, "gemv_qkv_rope", module=gemv)
+    engine = small_engine(attention_backend="triton", single_token_gemv=enabled)
+    got = LLM.from_model(target, engine=engine).generate([prompt], params)[0].token_ids
+    assert got == want
+    # Each decode step (all but the prefill's token) runs every layer on the fused kernels.
+    assert calls[0] == (7 * target.config.num_layers if enabled else 0)

@@ -126,3 +126,30 @@ def test_fused_draft_heads_match_torch_path(kind):
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
     assert ref_cache.k.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_single_token_gemv_path_matches_torch_path(tied):
+    """A batch-1 decode step on the fused matrix-vector kernels (norms, RoPE, cache store,
+    SwiGLU and residual adds folded into the products) equals the torch path."""
+    model = random_model(tiny_config(num_layers=3, tie_word_embeddings=tied), seed=6).to(DEVICE)
+    cfg = model.config
+    scale = cfg.head_dim ** -0.5
+    gen = torch.Generator().manual_seed(2)
+    n, table = 21, [[3, 5]]
+    ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).to(DEVICE)
+    cache = _cache(cfg)
+    model(ids, torch.arange(n, device=DEVICE), _prefill([n], table, scale), cache)
+    slot = table[0][n // BS] * BS + n % BS
+
+    outs = {}
+    for path, kw in (("torch", {}), ("gemv", dict(use_triton=True, single_token_gemv=True))):
+        c = KVCache(cache.k.clone(), cache.v.clone())
+        step = DecodeStep(_tensor([slot]), _tensor(table, torch.int32), _tensor([n + 1], torch.int32), scale)
+        outs[path] = (model(_tensor([5]), _tensor([n]), step, c, **kw), c)
+    (ref, ref_cache), (got, got_cache) = outs["torch"], outs["gemv"]
+    torch.testing.assert_close(got.logits, ref.logits, **TOL)
+    torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
+    torch.testing.assert_close(got_cache.v, ref_cache.v, **TOL)
+    assert not torch.equal(ref_cache.k, cache.k)  # the step really stored its K/V
+    assert got.hidden is None and got.logits.dtype == torch.float32

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from eaglespec.config import SamplingParams
+from eaglespec.ops import sampling as S
 from eaglespec.ops.sampling import (SamplingTensors, sample, sample_from_probs, target_probs,
                                     uniform_noise)
+from tests.conftest import DEVICE, needs_triton_kernels
 
 
 def chi_square_threshold(df: int, alpha: float = 1e-3) -> float:
@@ -305,3 +307,20 @@ def test_cuda_noise_and_sampling_match_cpu():
                                            for s in seeds], offsets, "cuda")
     torch.testing.assert_close(target_probs(logits.cuda(), st_cuda).cpu(), target_probs(logits, st))
     assert torch.equal(sample(logits.cuda(), st_cuda).cpu(), sample(logits, st))
+
+
+@needs_triton_kernels
+@pytest.mark.parametrize("rows,vocab", [(1, 5000), (3, 97), (2, 8192), (4, 1)])
+def test_greedy_argmax_matches_torch_including_ties(rows, vocab):
+    gen = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=gen)
+    # Ties across chunk boundaries and inside a chunk: the lowest index must win.
+    logits[:, vocab // 2:] = torch.where(torch.arange(vocab - vocab // 2) % 1000 == 7, 9.0, logits[:, vocab // 2:])
+    logits[0, vocab - 1] = 9.0
+    if vocab > 4200:
+        logits[-1, 4100] = 50.0
+    logits = logits.to(DEVICE)
+    got = S.greedy_argmax(logits)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, logits.argmax(dim=-1))
+    assert torch.equal(S.greedy_argmax(logits.to(torch.bfloat16)), logits.to(torch.bfloat16).argmax(dim=-1))

@@ -1,0 +1,121 @@
+"""Single-token products of the Llama-3.1-8B shapes: cuBLAS plus the separate kernels it needs
+(norm, RoPE/cache store, SwiGLU, residual add) against the fused Triton kernels of
+``eaglespec.ops.gemv`` over a sweep of tiles.
+
+GPU only:  python benchmarks/bench_gemv.py [--out benchmarks/results] [--quick]
+Each variant runs inside a CUDA graph over enough weight copies that nothing stays in L2, so a
+call's time is what it costs inside a decode step.
+"""
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eaglespec.bench.results import write_result  # noqa: E402
+from eaglespec.models.llama import rope_cos_sin, rope_inverse_frequencies  # noqa: E402
+from eaglespec.ops import fused  # noqa: E402
+from eaglespec.ops import gemv as G  # noqa: E402
+
+HIDDEN, INTER, VOCAB, HQ, HKV, D = 4096, 14336, 128256, 32, 8, 128
+F = torch.nn.functional
+
+
+def time_graph(fn, calls: int) -> float:
+    """Microseconds per call of ``fn`` (which makes ``calls`` calls) inside a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="the default tiles only")
+    args = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    tiles = [G.GemvTile(bn, bk, w, s) for bn, bk, w, s in itertools.product(
+        (4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 3, 4))]
+    x = torch.randn(1, HIDDEN, device=dev, dtype=dt)
+    x_inter = torch.randn(1, INTER, device=dev, dtype=dt)
+    g = torch.ones(HIDDEN, device=dev, dtype=dt)
+    res = torch.randn(1, HIDDEN, device=dev, dtype=dt)
+    cos, sin = rope_cos_sin(torch.tensor([200], device=dev), rope_inverse_frequencies(D, 5e5, None).to(dev), dt)
+    k_cache = torch.zeros(64, 16, HKV, D, device=dev, dtype=dt)
+    v_cache = torch.zeros_like(k_cache)
+    slot = torch.tensor([77], device=dev)
+
+    def qkv_unfused(w):
+        h, _ = fused.rms_norm(x, g, 1e-5)
+        q, k, v = F.linear(h, w).split((HQ * D, HKV * D, HKV * D), dim=-1)
+        fused.rope_and_cache_write(q.view(1, HQ, D), k.view(1, HKV, D), v.view(1, HKV, D), cos, sin,
+                                   k_cache, v_cache, slot)
+
+    shapes = {  # name: (weight shape, unfused (cuBLAS) step, fused step taking a tile)
+        "qkv": (((HQ + 2 * HKV) * D, HIDDEN), qkv_unfused,
+        lambda w, t: G.gemv_qkv_rope(w, x, g, 1e-5, cos, sin, k_cache, v_cache, slot, HQ, HKV, tile=t)),
+        "o_proj": ((HIDDEN, HIDDEN), lambda w: F.linear(x, w) + res, lambda w, t: G.gemv(w, x, residual=res, tile=t)),
+        "gate_up": ((2 * INTER, HIDDEN), lambda w: fused.silu_mul(F.linear(fused.rms_norm(x, g, 1e-5)[0], w)),
+                    lambda w, t: G.gemv_silu_mul(w, x, g, 1e-5, tile=t)),
+        "down": ((HIDDEN, INTER), lambda w: F.linear(x_inter, w) + res,
+                 lambda w, t: G.gemv(w, x_inter, residual=res, tile=t)),
+        "lm_head": ((VOCAB, HIDDEN), lambda w: F.linear(fused.rms_norm(x, g, 1e-5)[0], w).float(),
+                    lambda w, t: G.gemv(w, x, g, 1e-5, out_dtype=torch.float32, tile=t)),
+    }
+    results = {"shapes": {}}
+    for name, (shape, unfused, fused_step) in shapes.items():
+        nbytes = shape[0] * shape[1] * 2
+        copies = max(2, -(-400_000_000 // nbytes))
+        ws = [torch.randn(*shape, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
+
+        def run_all(step):
+            def fn():
+                for w in ws:
+                    step(w)
+            return fn
+
+        row = {"weight_shape": list(shape), "weight_MB": nbytes / 1e6,
+               "unfused_us": time_graph(run_all(unfused), copies),
+               "default_tile_us": time_graph(run_all(lambda w: fused_step(w, None)), copies), "sweep": []}
+        for tile in ([] if args.quick else tiles):
+            if tile.block_k > shape[1] or (name == "qkv" and tile.block_n > D // 2):
+                continue
+            try:
+                us = time_graph(run_all(lambda w, t=tile: fused_step(w, t)), copies)
+            except Exception as e:  # a tile that does not compile or fit: skip it, say so
+                print(f"{name} {tile}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            row["sweep"].append({"tile": [tile.block_n, tile.block_k, tile.num_warps, tile.num_stages], "us": us})
+        row["sweep"].sort(key=lambda r: r["us"])
+        for key in ("unfused_us", "default_tile_us"):
+            row[key.replace("_us", "_TBps")] = nbytes / row[key] / 1e6
+        best = ", ".join(f"{r['tile']} {r['us']:.1f}" for r in row["sweep"][:4])
+        print(f"{name:8s} {nbytes / 1e6:7.1f} MB  cuBLAS+kernels {row['unfused_us']:7.1f} us "
+              f"({row['unfused_TBps']:.2f} TB/s)  fused default {row['default_tile_us']:7.1f} us "
+              f"({row['default_tile_TBps']:.2f} TB/s)  best: {best}", flush=True)
+        results["shapes"][name] = row
+        del ws
+        torch.cuda.empty_cache()
+    print("wrote", write_result("gemv-llama-3.1-8b-shapes", results, dev, args.out))
+
+
+if __name__ == "__main__":
+    main()
