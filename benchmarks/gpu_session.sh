@@ -33,6 +33,10 @@ phase_tests() {
 phase_bench_decode() {
   python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1,16,64 --out $OUT 2>&1 | tee -a $OUT/bench.log
   python3 -m eaglespec.bench.decode --preset smollm2-135m --batches 1,64 --out $OUT 2>&1 | tee -a $OUT/bench.log
+  # What each batch-1 measure buys: steps read one by one, and cuBLAS with separate element-wise kernels.
+  python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1 --no-overlap --out $OUT 2>&1 | tee -a $OUT/bench.log
+  python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1 --no-overlap --no-single-token-gemv \
+    --out $OUT 2>&1 | tee -a $OUT/bench.log
 }
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }

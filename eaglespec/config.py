@@ -167,6 +167,7 @@ class EngineConfig:
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
     single_token_gemv: bool = True  # batch-1 decode on the fused matrix-vector kernels (Triton backend)
+    overlap_decode: bool = True  # queue the next plain decode step before reading this one's tokens
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

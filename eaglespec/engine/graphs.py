@@ -61,8 +61,10 @@ class StepGraphs:
             copied.synchronize()
         return host
 
-    def run(self, bucket: int) -> tuple[torch.Tensor, ...]:
-        """Run the step on the staged inputs of a batch padded to ``bucket`` rows."""
+    def run(self, bucket: int, prepare: Callable[[dict[str, torch.Tensor]], None] | None = None,
+            ) -> tuple[torch.Tensor, ...]:
+        """Run the step on the staged inputs of a batch padded to ``bucket`` rows. ``prepare``
+        may then overwrite static inputs on the device (values that never reached the host)."""
         if self.use_graphs and bucket not in self._graphs:
             self._capture(bucket)  # before the copy: the warm-up runs must see padding rows only
         static = self.inputs(bucket)
@@ -74,6 +76,8 @@ class StepGraphs:
                 static[name].copy_(value, non_blocking=True)
         if copied is not None:
             copied.record()
+        if prepare is not None:
+            prepare(static)
         if not self.use_graphs:
             return self.fn(static)
         graph, static_out = self._graphs[bucket]

@@ -10,7 +10,7 @@ import torch
 
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.request import Output, Request
-from eaglespec.engine.runner import ModelRunner
+from eaglespec.engine.runner import DecodeFlight, ModelRunner
 from eaglespec.engine.scheduler import Scheduler
 from eaglespec.engine.speculative import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead, load_head
@@ -106,6 +106,7 @@ class LLM:
                                    lookahead=lookahead)
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}
+        self._in_flight: DecodeFlight | None = None  # a decode step queued but not read yet
 
     @staticmethod
     def _resolve_draft(draft, target: LlamaForCausalLM, default_draft: bool) -> EagleHead | None:
@@ -144,29 +145,65 @@ class LLM:
         return req.request_id
 
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that made progress (finished ones included)."""
-        scheduled = self.scheduler.schedule()
-        if scheduled is None:
-            return []
-        reqs = scheduled.requests
-        if reqs:
-            if scheduled.kind == "prefill":
-                emitted = self._prefill(reqs)
-            elif self.speculative is not None:
-                emitted = self._speculate(reqs)
-            else:
-                tokens = self.runner.decode(reqs).tolist()  # the one host read of the step
-                emitted = [[t] for t in tokens]
-            for req, toks in zip(reqs, emitted):
-                req.append_tokens(toks, self.eos_ids)
-                if not req.finished and len(req.all_ids) >= self.engine_config.max_model_len:
-                    req.finish("length")
+        """Run one engine step; returns the requests that made progress (finished ones included).
+
+        Plain decoding overlaps the host with the device: while a decode step runs, the next
+        one is queued with its input tokens taken on the device, and only then are the first
+        step's tokens read and checked. That needs the batch to go on unchanged (nothing to
+        admit, nothing finished or preempted, room for one more token each); otherwise the
+        step ends without a successor. A request that stops while its successor runs wastes
+        that one token, which is dropped.
+        """
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            scheduled = self.scheduler.schedule()
+            if scheduled is None:
+                return []
+            reqs = scheduled.requests
+            if not reqs or scheduled.kind == "prefill" or self.speculative is not None:
+                emitted = [] if not reqs else (self._prefill(reqs) if scheduled.kind == "prefill"
+                                               else self._speculate(reqs))
+                self._apply(reqs, emitted)
+                return reqs
+            flight = self.runner.launch_decode(reqs)
+        if self.engine_config.overlap_decode and self._can_follow(flight.reqs):
+            self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
+        live = [r for r in flight.reqs if not r.finished]
+        self._apply(flight.reqs, [[t] for t in flight.wait()])  # the one host read of the step
+        return live
+
+    def _can_follow(self, reqs: list[Request]) -> bool:
+        """Whether the next decode step may be queued before this one's tokens are known: the
+        same requests, none finished, nobody waiting for a free row, no limit reached by the
+        token in flight, and KV room without preemption (the room is taken here)."""
+        sched = self.scheduler
+        if sched.waiting and len(sched.running) < sched.max_batch:
+            return False
+        if len(sched.running) != len(reqs) or any(a is not b for a, b in zip(sched.running, reqs)):
+            return False
+        allocator, new_blocks = self.runner.allocator, 0
+        for r in reqs:
+            if (r.finished or len(r.output_ids) + 1 >= r.params.max_tokens
+                    or len(r.all_ids) + 1 >= self.engine_config.max_model_len):
+                return False
+            new_blocks += max(0, allocator.blocks_needed(r.num_cached + sched.lookahead) - len(r.blocks))
+        if new_blocks > allocator.num_free:
+            return False
+        for r in reqs:
+            allocator.grow(r.blocks, r.num_cached + sched.lookahead)
+        return True
+
+    def _apply(self, reqs: list[Request], emitted: list[list[int]]) -> None:
+        """Append each request's new tokens (stop checks included) and retire finished ones."""
+        for req, toks in zip(reqs, emitted):
+            req.append_tokens(toks, self.eos_ids)
+            if not req.finished and len(req.all_ids) >= self.engine_config.max_model_len:
+                req.finish("length")
         for req in list(self.scheduler.running):
             if req.finished:
                 self.scheduler.retire(req)
                 if self.speculative is not None:
                     self.speculative.release(req)
-        return reqs
 
     def _prefill(self, reqs: list[Request]) -> list[list[int]]:
         spec = self.speculative
@@ -193,8 +230,12 @@ class LLM:
             emitted.append(row[:n])
         return emitted
 
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or self._in_flight is not None
+
     def _drain(self) -> None:
-        while self.scheduler.has_work:
+        while self.has_work:
             self.step()
 
     # ------------------------------------------------------------------ public API

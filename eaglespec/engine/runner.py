@@ -7,6 +7,7 @@ GPU. The host reads results once per step (the sampled tokens), never inside the
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -80,6 +81,22 @@ class StepRows:
 
     def sampling(self) -> SamplingTensors:
         return SamplingTensors(self["temperature"], self["top_k"], self["top_p"], self["seeds"], self["offsets"])
+
+
+@dataclass(slots=True)
+class DecodeFlight:
+    """A decode step queued on the device whose tokens the host has not read yet."""
+
+    reqs: list[Request]
+    tokens_device: torch.Tensor  # [bucket] int64, the step's output buffer
+    tokens_host: torch.Tensor  # [bucket] int64, pinned; filled by a copy queued after the step
+    done: torch.cuda.Event | None  # recorded after that copy (None on the CPU: already done)
+
+    def wait(self) -> list[int]:
+        """The sampled token of each request (blocks until the step has run)."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tokens_host[:len(self.reqs)].tolist()
 
 
 class ModelRunner:
@@ -170,9 +187,13 @@ class ModelRunner:
 
     def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int,
                      state_slots: list[int] | None = None, pad_state_slot: int = 0,
-                     pad_cached_len: int = 1) -> None:
+                     pad_cached_len: int = 1, tokens_in_flight: int = 0) -> None:
         """Write one step's inputs, padded to ``bucket`` rows, into the graphs' host staging
-        buffer: one host-to-device copy per step whatever the batch size."""
+        buffer: one host-to-device copy per step whatever the batch size.
+
+        tokens_in_flight: 1 when each request's input token is still on the device (the output
+        of a decode step not read yet); its input id is then filled in on the device and the
+        sampling counter counts it."""
         rows = StepRows(graphs.staging(bucket)["packed"], self.max_blocks_per_seq)
         i64, i32, f32, tables = rows.i64.numpy(), rows.i32.numpy(), rows.f32.numpy(), rows.block_tables.numpy()
         bs = self.cfg.block_size
@@ -188,24 +209,40 @@ class ModelRunner:
         for i, r in enumerate(reqs):
             p = r.num_cached
             blocks = r.blocks
-            i64[:, i] = (r.all_ids[p], p, blocks[p // bs] * bs + p % bs, r.seed_int64, len(r.output_ids),
+            token = r.all_ids[p] if not tokens_in_flight else 0
+            i64[:, i] = (token, p, blocks[p // bs] * bs + p % bs, r.seed_int64, len(r.output_ids) + tokens_in_flight,
                          state_slots[i] if state_slots else 0)
             i32[:, i] = (p + 1, r.params.top_k, p)
             f32[:, i] = (r.params.temperature, r.params.top_p)
             tables[i, :len(blocks)] = blocks
 
     @torch.inference_mode()
-    def decode(self, reqs: list[Request]) -> torch.Tensor:
-        """One token for each request (whose last token is not cached yet). Returns [B] on device."""
+    def launch_decode(self, reqs: list[Request], follow: DecodeFlight | None = None) -> DecodeFlight:
+        """Queue one decode step: one token for each request (whose last token is not cached
+        yet), without waiting for it. With ``follow`` (the step before, same requests in the
+        same order, not read yet) the input tokens are that step's outputs, taken on the device."""
         bucket = bucket_for(len(reqs), self.buckets)
         greedy = all(r.params.temperature == 0 for r in reqs)
         graphs = self.decode_graphs[greedy]
-        self.stage_inputs(graphs, reqs, bucket)
-        (tokens,) = graphs.run(bucket)
+        self.stage_inputs(graphs, reqs, bucket, tokens_in_flight=int(follow is not None))
+        prepare = None
+        if follow is not None:
+            prev = follow.tokens_device
+
+            def prepare(static: dict[str, torch.Tensor]) -> None:
+                StepRows(static["packed"], self.max_blocks_per_seq)["input_ids"].copy_(prev)
+        (tokens,) = graphs.run(bucket, prepare)
+        on_gpu = tokens.is_cuda
+        host = torch.empty(bucket, dtype=torch.int64, pin_memory=on_gpu)
+        host.copy_(tokens, non_blocking=on_gpu)  # queued now: the next replay overwrites ``tokens``
+        done = None
+        if on_gpu:
+            done = torch.cuda.Event()
+            done.record()
         for r in reqs:
             r.num_cached += 1
             r.target_forwards += 1
-        return tokens[:len(reqs)]
+        return DecodeFlight(reqs, tokens, host, done)
 
     @torch.inference_mode()
     def full_logits(self, token_ids: list[int]) -> torch.Tensor:

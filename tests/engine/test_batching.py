@@ -69,3 +69,44 @@ def test_stop_conditions_eos_and_max_tokens():
     first = free.token_ids.index(eos)
     assert stopped.token_ids == free.token_ids[:first + 1]
     assert stopped.finish_reason == "stop"
+
+
+def test_overlapped_decode_equals_step_by_step_decode(monkeypatch):
+    """Queueing the next decode step before reading the current one changes no output: greedy
+    and seeded sampling, requests stopping at different times (EOS, max_tokens, stop limits),
+    a request admitted while others decode."""
+    model = random_model(tiny_config(), seed=16)
+    vocab = model.config.vocab_size
+    prompts = _prompts(vocab, [7, 19, 3, 11], seed=6)
+    free = LLM.from_model(model, engine=small_engine()).generate(prompts[0], SamplingParams(max_tokens=12,
+                                                                                           ignore_eos=True))[0]
+    eos = free.token_ids[5]  # request 0 stops at its 6th token; the others may too
+    params = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, max_tokens=15, seed=7, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_p=0.9, max_tokens=9, seed=8)]
+
+    def run(overlap: bool):
+        llm = LLM.from_model(model, engine=small_engine(overlap_decode=overlap), eos_ids=(eos,))
+        follows = [0]
+        launch = llm.runner.launch_decode
+
+        def counting(reqs, follow=None):
+            follows[0] += follow is not None
+            return launch(reqs, follow)
+
+        monkeypatch.setattr(llm.runner, "launch_decode", counting)
+        first = [llm.add_request(p, sp) for p, sp in zip(prompts[:3], params[:3])]
+        for _ in range(4):
+            llm.step()
+        late = llm.add_request(prompts[3], params[3])  # admitted while the others decode
+        llm._drain()
+        outs = [llm._requests.pop(i).to_output() for i in first + [late]]
+        assert llm.runner.allocator.num_free == llm.runner.allocator.num_blocks - 1  # every block back
+        return [(o.token_ids, o.finish_reason) for o in outs], follows[0]
+
+    overlapped, follows = run(True)
+    stepwise, no_follows = run(False)
+    assert overlapped == stepwise
+    assert follows > 5 and no_follows == 0
+    assert overlapped[0][1] == "stop" and overlapped[1] == (overlapped[1][0], "length")
+    assert len(overlapped[1][0]) == 3 and len(overlapped[2][0]) == 15
