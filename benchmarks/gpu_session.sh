@@ -35,7 +35,7 @@ phase_bench_decode() {
   python3 -m eaglespec.bench.decode --preset smollm2-135m --batches 1,64 --out $OUT 2>&1 | tee -a $OUT/bench.log
   # What each batch-1 measure buys: steps read one by one, and cuBLAS with separate element-wise kernels.
   python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1 --no-overlap --out $OUT 2>&1 | tee -a $OUT/bench.log
-  python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1 --no-overlap --no-single-token-gemv \
+  python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1 --no-overlap --fused-rows 0 \
     --out $OUT 2>&1 | tee -a $OUT/bench.log
 }
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }

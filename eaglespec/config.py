@@ -166,7 +166,9 @@ class EngineConfig:
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
-    single_token_gemv: bool = True  # batch-1 decode on the fused matrix-vector kernels (Triton backend)
+    # Steps of up to this many tokens run on the fused product kernels (Triton backend): one
+    # token on matrix-vector kernels, more on small matrix kernels. 0 keeps cuBLAS everywhere.
+    fused_rows: int = 64
     overlap_decode: bool = True  # queue the next plain decode step before reading this one's tokens
 
     def __post_init__(self) -> None:

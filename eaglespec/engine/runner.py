@@ -180,7 +180,7 @@ class ModelRunner:
         rows = StepRows(x["packed"], self.max_blocks_per_seq)
         step = DecodeStep(rows["slots"], rows.block_tables, rows["context_lens"], self.scale, self.backend)
         out = self.model(rows["input_ids"], rows["positions"], step, self.cache, use_triton=self.fused,
-                         single_token_gemv=self.cfg.single_token_gemv)
+                         fused_rows=self.cfg.fused_rows)
         if greedy:
             return (greedy_argmax(out.logits) if self.fused else out.logits.argmax(dim=-1),)
         return (sample(out.logits, rows.sampling()),)

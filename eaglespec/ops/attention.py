@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from eaglespec.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
+from eaglespec.ops.triton_support import jit as _jit, mma_options, tl, triton  # noqa: F401
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -578,19 +578,6 @@ def _interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def _mma_options(dtype: torch.dtype, kernel) -> dict:
-    """Operand dtype and precision of the kernels' tl.dot calls.
-
-    16-bit inputs multiply in their own dtype (fp32 accumulation). fp32 inputs use exact fp32
-    products: tf32 would miss the fp32 tolerance. The Triton interpreter multiplies bf16 as raw
-    uint16 bits, so there bf16 operands are widened to fp32 (after the same bf16 rounding).
-    """
-    if dtype == torch.bfloat16 and _interpreted(kernel):
-        return {"MMA_DTYPE": tl.float32, "DOT_PRECISION": "ieee"}
-    mma = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-    return {"MMA_DTYPE": mma, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -659,7 +646,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        **_mma_options(q.dtype, _paged_prefill_kernel),
+        **mma_options(q.dtype, _paged_prefill_kernel),
         num_warps=4, num_stages=2,
     )
     return out
@@ -708,7 +695,7 @@ def _decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         ROW_TILES=row_tiles,
-        **_mma_options(q.dtype, _paged_decode_split_kernel),
+        **mma_options(q.dtype, _paged_decode_split_kernel),
         num_warps=8 if block_m >= 128 else 4, num_stages=2,
     )
     return part_out, part_lse, split_size
@@ -801,7 +788,7 @@ def _tree_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestor_bits:
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(nk)),
-        ROW_TILES=row_tiles, **_mma_options(q.dtype, _tree_attention_kernel),
+        ROW_TILES=row_tiles, **mma_options(q.dtype, _tree_attention_kernel),
         num_warps=8 if block_m >= 128 else 4,
     )
     return out, lse

@@ -61,7 +61,7 @@ def test_batch1_decode_on_fused_gemv_kernels_matches_the_torch_path(monkeypatch,
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     want = LLM.from_model(target, engine=small_engine()).generate([prompt], params)[0].token_ids
     calls = _counting(monkeypatch, "gemv_qkv_rope", module=gemv)
-    engine = small_engine(attention_backend="triton", single_token_gemv=enabled)
+    engine = small_engine(attention_backend="triton", fused_rows=1 if enabled else 0)
     got = LLM.from_model(target, engine=engine).generate([prompt], params)[0].token_ids
     assert got == want
     # Each decode step (all but the prefill's token) runs every layer on the fused kernels.
