@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--fused-rows", type=int, default=EngineConfig.fused_rows,
+    ap.add_argument("--fused-rows", type=int, default=EngineConfig().fused_rows,
                     help="steps of up to this many tokens on the fused product kernels (0: cuBLAS and "
                          "separate element-wise kernels, the comparison)")
     ap.add_argument("--no-overlap", action="store_true",
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
         print(f"{args.preset} batch {batch:3d}: {r['ms_per_step']:.2f} ms/step (floor {r['weight_floor_ms']:.2f}"
               f"{graph}), {100 * r['fraction_of_measured_copy_bandwidth']:.0f}% of copy bandwidth", flush=True)
     name = (f"decode-{args.preset}"
-            + (f"-fused-rows-{args.fused_rows}" if args.fused_rows != EngineConfig.fused_rows else "")
+            + (f"-fused-rows-{args.fused_rows}" if args.fused_rows != EngineConfig().fused_rows else "")
             + ("-no-overlap" if args.no_overlap else ""))
     path = write_result(name, {"weight_bytes": wbytes, "copy_bytes_per_s": copy_bw,
                                                   "prompt_len": args.prompt_len,

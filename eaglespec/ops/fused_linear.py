@@ -30,6 +30,7 @@ import torch
 from eaglespec.ops.triton_support import jit as _jit, mma_options, tl, triton  # noqa: F401
 
 MAX_ROWS = 64  # rows one M tile covers; longer inputs take several tiles (and re-read weights)
+SHARED_MEMORY_BYTES = 232448  # per block on Hopper: the pipeline stages of a tile must fit
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,14 +235,45 @@ def _check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weigh
                f"{name}: norm weight must have shape ({k},), got {tuple(norm_weight.shape)}")
 
 
+# Tiles from the H100 sweep of benchmarks/bench_fused_linear.py (8B shapes at 2-16 rows, SmolLM2
+# shapes at 4-33 rows; results in benchmarks/results/fused-linear-*.json): long column steps for
+# wide inputs, wide tiles for the wide gate|up output.
+def linear_tile(k: int) -> LinearTile:
+    return LinearTile(block_n=32, block_k=256 if k >= 1024 else 128, num_warps=4, num_stages=4)
+
+
+def silu_mul_tile(inter: int, k: int) -> LinearTile:
+    return LinearTile(block_n=64 if inter >= 8192 else 32, block_k=128 if k >= 2048 else 64, num_warps=4,
+                      num_stages=3)
+
+
+def qkv_rope_tile(head_dim: int, k: int) -> LinearTile:
+    half = triton.next_power_of_2(head_dim // 2)
+    return LinearTile(block_n=max(16, min(32, half)), block_k=256 if k >= 2048 else 64, num_warps=4,
+                      num_stages=4)  # tl.dot needs block_n >= 16
+
+
 def _block_m(rows: int) -> int:
     return min(MAX_ROWS, max(16, triton.next_power_of_2(max(rows, 1))))
 
 
-def _launch_options(x: torch.Tensor, tile: LinearTile, kernel) -> dict:
+def _launch_options(x: torch.Tensor, tile: LinearTile, kernel, weight_tiles: int) -> dict:
+    """Block sizes and stages for ``x``'s rows; fewer stages, then shorter column steps, until
+    the pipelined tiles fit in shared memory (fp32 operands take twice the room of bf16)."""
+    block_m = _block_m(x.shape[0])
     block_k = min(tile.block_k, max(16, triton.next_power_of_2(x.shape[1])))
-    return dict(BLOCK_M=_block_m(x.shape[0]), BLOCK_N=tile.block_n, BLOCK_K=block_k, num_warps=tile.num_warps,
-                num_stages=tile.num_stages, **mma_options(x.dtype, kernel))
+    stages = tile.num_stages
+
+    def stage_bytes() -> int:
+        return (block_m + weight_tiles * tile.block_n) * block_k * x.element_size()
+
+    while stage_bytes() * stages > SHARED_MEMORY_BYTES and (stages > 2 or block_k > 32):
+        if stages > 2:
+            stages -= 1
+        else:
+            block_k //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, num_warps=tile.num_warps,
+                num_stages=stages, **mma_options(x.dtype, kernel))
 
 
 def linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
@@ -254,11 +286,11 @@ def linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | No
     if residual is not None:
         _check(residual.shape == (t, n) and residual.stride(1) == 1 and residual.dtype == x.dtype,
                f"linear: residual must be [{t}, {n}] in {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
-    tile = tile or LinearTile()
+    tile = tile or linear_tile(k)
     y = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     if t == 0:
         return y
-    opts = _launch_options(x, tile, _linear_kernel)
+    opts = _launch_options(x, tile, _linear_kernel, weight_tiles=1)
     res = y if residual is None else residual
     _linear_kernel[(triton.cdiv(n, tile.block_n), triton.cdiv(t, opts["BLOCK_M"]))](
         x, weight, x if norm_weight is None else norm_weight, res, y,
@@ -274,11 +306,11 @@ def silu_mul_linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Te
     two_i, k = weight.shape
     _check(two_i % 2 == 0, f"silu_mul_linear: the gate|up weight needs an even row count, got {two_i}")
     inter, t = two_i // 2, x.shape[0]
-    tile = tile or LinearTile()
+    tile = tile or silu_mul_tile(inter, k)
     y = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     if t == 0:
         return y
-    opts = _launch_options(x, tile, _linear_pair_kernel)
+    opts = _launch_options(x, tile, _linear_pair_kernel, weight_tiles=2)
     _linear_pair_kernel[(triton.cdiv(inter, tile.block_n), triton.cdiv(t, opts["BLOCK_M"]))](
         x, weight, x if norm_weight is None else norm_weight, y, y, y, x, x, y, y, x,
         t, k, float(eps), x.stride(0), y.stride(0), 0, 0,
@@ -312,13 +344,13 @@ def qkv_rope_linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Te
         _check(slots.shape == (t,) and slots.dtype == torch.int64, f"qkv_rope_linear: slots must be [{t}] int64, "
                                                                    f"got {tuple(slots.shape)} {slots.dtype}")
     half = d // 2
-    tile = tile or LinearTile(block_n=max(16, min(32, triton.next_power_of_2(half))))  # tl.dot needs >= 16
+    tile = tile or qkv_rope_tile(d, weight.shape[1])
     q = torch.empty(t, num_heads, d, dtype=x.dtype, device=x.device)
     k = torch.empty(t, num_kv_heads, d, dtype=x.dtype, device=x.device)
     v = torch.empty(t, num_kv_heads, d, dtype=x.dtype, device=x.device)
     if t == 0:
         return q, k, v
-    opts = _launch_options(x, tile, _linear_pair_kernel)
+    opts = _launch_options(x, tile, _linear_pair_kernel, weight_tiles=2)
     _linear_pair_kernel[(groups * triton.cdiv(half, tile.block_n), triton.cdiv(t, opts["BLOCK_M"]))](
         x, weight, x if norm_weight is None else norm_weight, q, k, v, cos, sin,
         k_cache if write else q, v_cache if write else q, slots if write else x,
