@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gemv import time_graph  # noqa: E402
+from bench_gemv import time_over_copies, weight_copies  # noqa: E402
 from eaglespec.bench.decode import PRESETS  # noqa: E402
 from eaglespec.bench.results import write_result  # noqa: E402
 from eaglespec.models.llama import rope_cos_sin, rope_inverse_frequencies  # noqa: E402
@@ -65,24 +65,15 @@ def main() -> None:
                      lambda w, tile: L.linear(w, x_inter, residual=res, tile=tile)),
         }
         for name, (shape, unfused, fused_step) in ops.items():
-            nbytes = shape[0] * shape[1] * 2
-            copies = max(4, -(-400_000_000 // nbytes))
-            ws = [torch.randn(*shape, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
-
-            def run_all(step):
-                def fn():
-                    for w in ws:
-                        step(w)
-                return fn
-
+            ws = weight_copies(shape, dev, dt, min_copies=4)
             row = {"rows": t, "op": name, "weight_shape": list(shape),
-                   "unfused_us": time_graph(run_all(unfused), copies),
-                   "fused_us": time_graph(run_all(lambda w: fused_step(w, None)), copies), "sweep": []}
+                   "unfused_us": time_over_copies(unfused, ws),
+                   "fused_us": time_over_copies(lambda w: fused_step(w, None), ws), "sweep": []}
             for tile in (tiles if args.sweep else []):
                 if name == "qkv" and tile.block_n > max(16, d // 2):
                     continue
                 try:
-                    us = time_graph(run_all(lambda w, tl_=tile: fused_step(w, tl_)), copies)
+                    us = time_over_copies(lambda w, tl_=tile: fused_step(w, tl_), ws)
                 except Exception as e:  # a tile that does not compile or fit: skip it, say so
                     print(f"{name} {tile}: {type(e).__name__}: {str(e)[:100]}")
                     continue

@@ -46,6 +46,21 @@ def time_graph(fn, calls: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def weight_copies(shape: tuple[int, int], device, dtype, min_copies: int = 2,
+                  total_bytes: int = 400_000_000) -> list[torch.Tensor]:
+    """Enough random copies of a weight that a pass over them cannot stay in L2."""
+    copies = max(min_copies, -(-total_bytes // (shape[0] * shape[1] * 2)))
+    return [torch.randn(*shape, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+
+
+def time_over_copies(step, weights: list[torch.Tensor]) -> float:
+    """Microseconds per call of ``step(w)``, called on each weight copy in turn inside a graph."""
+    def fn():
+        for w in weights:
+            step(w)
+    return time_graph(fn, len(weights))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -83,23 +98,15 @@ def main() -> None:
     results = {"shapes": {}}
     for name, (shape, unfused, fused_step) in shapes.items():
         nbytes = shape[0] * shape[1] * 2
-        copies = max(2, -(-400_000_000 // nbytes))
-        ws = [torch.randn(*shape, device=dev, dtype=dt) * 0.02 for _ in range(copies)]
-
-        def run_all(step):
-            def fn():
-                for w in ws:
-                    step(w)
-            return fn
-
+        ws = weight_copies(shape, dev, dt)
         row = {"weight_shape": list(shape), "weight_MB": nbytes / 1e6,
-               "unfused_us": time_graph(run_all(unfused), copies),
-               "default_tile_us": time_graph(run_all(lambda w: fused_step(w, None)), copies), "sweep": []}
+               "unfused_us": time_over_copies(unfused, ws),
+               "default_tile_us": time_over_copies(lambda w: fused_step(w, None), ws), "sweep": []}
         for tile in ([] if args.quick else tiles):
             if tile.block_k > shape[1] or (name == "qkv" and tile.block_n > D // 2):
                 continue
             try:
-                us = time_graph(run_all(lambda w, t=tile: fused_step(w, t)), copies)
+                us = time_over_copies(lambda w, t=tile: fused_step(w, t), ws)
             except Exception as e:  # a tile that does not compile or fit: skip it, say so
                 print(f"{name} {tile}: {type(e).__name__}: {str(e)[:100]}")
                 continue

@@ -14,6 +14,12 @@ from eaglespec.models.llama import build_model
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def seeded_randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    """Normal values drawn on the CPU from ``seed`` (the same on every device), then moved to DEVICE."""
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=gen)).to(device=DEVICE, dtype=dtype)
+
+
 def _triton_kernels_runnable() -> bool:
     try:
         import triton  # noqa: F401

@@ -215,23 +215,25 @@ def _linear_pair_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _check(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """Raise ValueError(msg) unless cond: the launchers' input checks."""
     if not cond:
         raise ValueError(msg)
 
 
-def _check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
+def check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
+    """Weight, input rows and norm weight of a fused product: shapes, dtypes, device, layout."""
     if triton is None:
         raise RuntimeError("triton is not installed: use the *_ref functions instead")
-    _check(weight.dim() == 2 and weight.is_contiguous(), f"{name}: weight must be a contiguous [N, K] matrix, "
+    require(weight.dim() == 2 and weight.is_contiguous(), f"{name}: weight must be a contiguous [N, K] matrix, "
                                                          f"got shape {tuple(weight.shape)}")
     k = weight.shape[1]
-    _check(x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1,
+    require(x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1,
            f"{name}: input must be [T, {k}] rows with unit column stride, got shape {tuple(x.shape)}")
-    _check(x.dtype == weight.dtype, f"{name}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
-    _check(x.device == weight.device, f"{name}: input on {x.device}, weight on {weight.device}")
+    require(x.dtype == weight.dtype, f"{name}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+    require(x.device == weight.device, f"{name}: input on {x.device}, weight on {weight.device}")
     if norm_weight is not None:
-        _check(norm_weight.shape == (k,) and norm_weight.is_contiguous(),
+        require(norm_weight.shape == (k,) and norm_weight.is_contiguous(),
                f"{name}: norm weight must have shape ({k},), got {tuple(norm_weight.shape)}")
 
 
@@ -280,11 +282,11 @@ def linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | No
            residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
            tile: LinearTile | None = None) -> torch.Tensor:
     """Triton version of ``linear_ref`` (same arguments and result)."""
-    _check_operands("linear", weight, x, norm_weight)
+    check_operands("linear", weight, x, norm_weight)
     n, k = weight.shape
     t = x.shape[0]
     if residual is not None:
-        _check(residual.shape == (t, n) and residual.stride(1) == 1 and residual.dtype == x.dtype,
+        require(residual.shape == (t, n) and residual.stride(1) == 1 and residual.dtype == x.dtype,
                f"linear: residual must be [{t}, {n}] in {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
     tile = tile or linear_tile(k)
     y = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
@@ -302,9 +304,9 @@ def linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | No
 def silu_mul_linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,
                     eps: float = 1e-6, tile: LinearTile | None = None) -> torch.Tensor:
     """Triton version of ``silu_mul_linear_ref`` (same arguments and result)."""
-    _check_operands("silu_mul_linear", weight, x, norm_weight)
+    check_operands("silu_mul_linear", weight, x, norm_weight)
     two_i, k = weight.shape
-    _check(two_i % 2 == 0, f"silu_mul_linear: the gate|up weight needs an even row count, got {two_i}")
+    require(two_i % 2 == 0, f"silu_mul_linear: the gate|up weight needs an even row count, got {two_i}")
     inter, t = two_i // 2, x.shape[0]
     tile = tile or silu_mul_tile(inter, k)
     y = torch.empty(t, inter, dtype=x.dtype, device=x.device)
@@ -325,23 +327,23 @@ def qkv_rope_linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Te
                     tile: LinearTile | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``qkv_rope_linear_ref`` (same arguments and result). Slots are read on
     the device, not bounds-checked (that would read them on the host)."""
-    _check_operands("qkv_rope_linear", weight, x, norm_weight)
+    check_operands("qkv_rope_linear", weight, x, norm_weight)
     t = x.shape[0]
     groups = num_heads + 2 * num_kv_heads
-    _check(weight.shape[0] % groups == 0 and (weight.shape[0] // groups) % 2 == 0,
+    require(weight.shape[0] % groups == 0 and (weight.shape[0] // groups) % 2 == 0,
            f"qkv_rope_linear: weight has {weight.shape[0]} rows, not (Hq + 2 Hkv) = {groups} heads "
            f"of an even head_dim")
     d = weight.shape[0] // groups
     for name, table in (("cos", cos), ("sin", sin)):
-        _check(table.shape == (t, d) and table.is_contiguous() and table.dtype == x.dtype,
+        require(table.shape == (t, d) and table.is_contiguous() and table.dtype == x.dtype,
                f"qkv_rope_linear: {name} must be a contiguous ({t}, {d}) table in {x.dtype}, got "
                f"{tuple(table.shape)} {table.dtype}")
     write = slots is not None
     if write:
-        _check(k_cache is not None and v_cache is not None and k_cache.is_contiguous() and v_cache.is_contiguous()
+        require(k_cache is not None and v_cache is not None and k_cache.is_contiguous() and v_cache.is_contiguous()
                and k_cache.shape == v_cache.shape and tuple(k_cache.shape[2:]) == (num_kv_heads, d),
                f"qkv_rope_linear: caches must be contiguous [NB, BS, {num_kv_heads}, {d}] twins")
-        _check(slots.shape == (t,) and slots.dtype == torch.int64, f"qkv_rope_linear: slots must be [{t}] int64, "
+        require(slots.shape == (t,) and slots.dtype == torch.int64, f"qkv_rope_linear: slots must be [{t}] int64, "
                                                                    f"got {tuple(slots.shape)} {slots.dtype}")
     half = d // 2
     tile = tile or qkv_rope_tile(d, weight.shape[1])

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eaglespec.ops.fused_linear import (check_operands, linear_ref, qkv_rope_linear_ref, require,
+                                        silu_mul_linear_ref)
 from eaglespec.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
 
 
@@ -44,29 +46,17 @@ class GemvTile:
 # ----------------------------------------------------------------------------- references
 
 
-def _normed(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    from eaglespec.ops.fused import rms_norm_ref
-
-    return x if norm_weight is None else rms_norm_ref(x, norm_weight, eps)[0]
-
-
 def gemv_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,
              eps: float = 1e-6, residual: torch.Tensor | None = None,
              out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """weight [N, K], x [1, K] -> [1, N]: RMSNorm(x) (when norm_weight is given) @ weight.T, plus
-    residual [1, N]; the product rounds to x's dtype first, as ``F.linear`` does, then to out_dtype."""
-    y = torch.nn.functional.linear(_normed(x, norm_weight, eps), weight)
-    if residual is not None:
-        y = y + residual
-    return y.to(out_dtype or x.dtype)
+    """weight [N, K], x [1, K] -> [1, N]: ``fused_linear.linear_ref`` for one row."""
+    return linear_ref(weight, x, norm_weight, eps, residual, out_dtype)
 
 
 def gemv_silu_mul_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,
                       eps: float = 1e-6) -> torch.Tensor:
     """weight [2I, K] (gate rows then up rows), x [1, K] -> silu(gate) * up [1, I]."""
-    from eaglespec.ops.fused import silu_mul_ref
-
-    return silu_mul_ref(torch.nn.functional.linear(_normed(x, norm_weight, eps), weight))
+    return silu_mul_linear_ref(weight, x, norm_weight, eps)
 
 
 def gemv_qkv_rope_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
@@ -74,14 +64,9 @@ def gemv_qkv_rope_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.
                       slot: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """weight [(Hq + 2 Hkv) D, K], x [1, K], cos/sin [1, D], caches [NB, BS, Hkv, D], slot [1]
     int64 -> rotated q [1, Hq, D]; the rotated k and v are stored at ``slot``."""
-    from eaglespec.ops.fused import rope_and_cache_write_ref
-
-    d = k_cache.shape[-1]
-    qkv = torch.nn.functional.linear(_normed(x, norm_weight, eps), weight)
-    q, k, v = qkv.split((num_heads * d, num_kv_heads * d, num_kv_heads * d), dim=-1)
-    q_rot, _ = rope_and_cache_write_ref(q.view(1, num_heads, d), k.view(1, num_kv_heads, d),
-                                        v.view(1, num_kv_heads, d), cos, sin, k_cache, v_cache, slot)
-    return q_rot
+    q, _, _ = qkv_rope_linear_ref(weight, x, norm_weight, eps, cos, sin, num_heads, num_kv_heads,
+                                  k_cache, v_cache, slot)
+    return q
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -186,24 +171,10 @@ def _gemv_pair_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
-    if triton is None:
-        raise RuntimeError("triton is not installed: use the *_ref functions instead")
-    _check(weight.dim() == 2 and weight.is_contiguous(), f"{name}: weight must be a contiguous [N, K] matrix, "
-                                                         f"got shape {tuple(weight.shape)}")
-    k = weight.shape[1]
-    _check(x.shape == (1, k) and x.is_contiguous(),
-           f"{name}: input must be one contiguous row of {k} features, got shape {tuple(x.shape)}")
-    _check(x.dtype == weight.dtype, f"{name}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
-    _check(x.device == weight.device, f"{name}: input on {x.device}, weight on {weight.device}")
-    if norm_weight is not None:
-        _check(norm_weight.shape == (k,) and norm_weight.is_contiguous(),
-               f"{name}: norm weight must have shape ({k},), got {tuple(norm_weight.shape)}")
+    check_operands(name, weight, x, norm_weight)
+    require(x.shape[0] == 1 and x.is_contiguous(),
+           f"{name}: input must be one contiguous row of {weight.shape[1]} features, got shape {tuple(x.shape)}")
 
 
 def _block_k(k: int, cap: int) -> int:
@@ -233,7 +204,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None
     _check_operands("gemv", weight, x, norm_weight)
     n, k = weight.shape
     if residual is not None:
-        _check(residual.shape == (1, n) and residual.is_contiguous() and residual.dtype == x.dtype,
+        require(residual.shape == (1, n) and residual.is_contiguous() and residual.dtype == x.dtype,
                f"gemv: residual must be one contiguous row of {n} in {x.dtype}, got {tuple(residual.shape)} "
                f"{residual.dtype}")
     tile = tile or plain_tile(n, k)
@@ -250,7 +221,7 @@ def gemv_silu_mul(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tens
     """Triton version of ``gemv_silu_mul_ref`` (same arguments and result)."""
     _check_operands("gemv_silu_mul", weight, x, norm_weight)
     two_i, k = weight.shape
-    _check(two_i % 2 == 0, f"gemv_silu_mul: the gate|up weight needs an even row count, got {two_i}")
+    require(two_i % 2 == 0, f"gemv_silu_mul: the gate|up weight needs an even row count, got {two_i}")
     inter = two_i // 2
     tile = tile or silu_mul_tile(k)
     y = torch.empty(1, inter, dtype=x.dtype, device=x.device)
@@ -268,19 +239,19 @@ def gemv_qkv_rope(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tens
     """Triton version of ``gemv_qkv_rope_ref`` (same arguments and result). The slot is read on
     the device, not bounds-checked (that would read it on the host)."""
     _check_operands("gemv_qkv_rope", weight, x, norm_weight)
-    _check(k_cache.dim() == 4 and k_cache.is_contiguous() and v_cache.shape == k_cache.shape
+    require(k_cache.dim() == 4 and k_cache.is_contiguous() and v_cache.shape == k_cache.shape
            and v_cache.is_contiguous(), "gemv_qkv_rope: caches must be contiguous [NB, BS, Hkv, D] twins")
     d = k_cache.shape[-1]
-    _check(k_cache.shape[2] == num_kv_heads, f"gemv_qkv_rope: cache has {k_cache.shape[2]} KV heads, "
+    require(k_cache.shape[2] == num_kv_heads, f"gemv_qkv_rope: cache has {k_cache.shape[2]} KV heads, "
                                              f"expected {num_kv_heads}")
-    _check(weight.shape[0] == (num_heads + 2 * num_kv_heads) * d and d % 2 == 0,
+    require(weight.shape[0] == (num_heads + 2 * num_kv_heads) * d and d % 2 == 0,
            f"gemv_qkv_rope: weight has {weight.shape[0]} rows, expected (Hq + 2 Hkv) * D = "
            f"{(num_heads + 2 * num_kv_heads) * d} with an even head_dim")
     for name, table in (("cos", cos), ("sin", sin)):
-        _check(table.shape == (1, d) and table.is_contiguous() and table.dtype == x.dtype,
+        require(table.shape == (1, d) and table.is_contiguous() and table.dtype == x.dtype,
                f"gemv_qkv_rope: {name} must be a contiguous (1, {d}) table in {x.dtype}, got "
                f"{tuple(table.shape)} {table.dtype}")
-    _check(slot.shape == (1,) and slot.dtype == torch.int64, f"gemv_qkv_rope: slot must be one int64, "
+    require(slot.shape == (1,) and slot.dtype == torch.int64, f"gemv_qkv_rope: slot must be one int64, "
                                                              f"got {tuple(slot.shape)} {slot.dtype}")
     half = d // 2
     tile = tile or qkv_rope_tile(d, weight.shape[1])

@@ -11,18 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import DEVICE, needs_triton_kernels
+from tests.conftest import DEVICE, needs_triton_kernels, seeded_randn
 
 from eaglespec.ops import fused as Fu
 
 pytestmark = needs_triton_kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=gen)).to(device=DEVICE, dtype=dtype)
 
 
 def _assert_matches(got: torch.Tensor, want: torch.Tensor, atol_bf16: float = 3e-2) -> None:
@@ -45,8 +40,8 @@ def _inv_freq(d: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,h", [(1, 64), (7, 576), (3, 4096)])
 def test_rms_norm_matches_reference(dtype, t, h):
-    x = _randn(t, h, seed=1, dtype=dtype, scale=3.0)
-    w = 1.0 + 0.2 * _randn(h, seed=2, dtype=dtype)
+    x = seeded_randn(t, h, seed=1, dtype=dtype, scale=3.0)
+    w = 1.0 + 0.2 * seeded_randn(h, seed=2, dtype=dtype)
     out, res = Fu.rms_norm(x, w, 1e-5)
     want, _ = Fu.rms_norm_ref(x, w, 1e-5)
     assert res is None
@@ -56,10 +51,10 @@ def test_rms_norm_matches_reference(dtype, t, h):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_with_residual_on_strided_rows(dtype):
     t, h = 5, 576
-    wide = _randn(t, 2 * h, seed=3, dtype=dtype)
+    wide = seeded_randn(t, 2 * h, seed=3, dtype=dtype)
     x = wide[:, 100:100 + h]  # rows strided by 2h, as a slice of a wider output
-    residual = _randn(t, h, seed=4, dtype=dtype, scale=2.0)
-    w = 1.0 + 0.2 * _randn(h, seed=5, dtype=dtype)
+    residual = seeded_randn(t, h, seed=4, dtype=dtype, scale=2.0)
+    w = 1.0 + 0.2 * seeded_randn(h, seed=5, dtype=dtype)
     out, new_res = Fu.rms_norm(x, w, 1e-6, residual)
     want, want_res = Fu.rms_norm_ref(x, w, 1e-6, residual)
     if dtype == torch.float32:
@@ -73,25 +68,25 @@ def test_rms_norm_with_residual_on_strided_rows(dtype):
 
 def test_rms_norm_many_rows_small_hidden():
     """Several rows per program: the row mask and per-row statistics must stay apart."""
-    x = _randn(37, 64, seed=6)
+    x = seeded_randn(37, 64, seed=6)
     x[5] *= 100.0
-    w = _randn(64, seed=7)
+    w = seeded_randn(64, seed=7)
     out, _ = Fu.rms_norm(x, w, 1e-5)
     _assert_matches(out, Fu.rms_norm_ref(x, w, 1e-5)[0])
 
 
 def test_rms_norm_rejects_bad_input():
-    x = _randn(2, 64, seed=8)
+    x = seeded_randn(2, 64, seed=8)
     with pytest.raises(ValueError, match="weight has 32 entries"):
-        Fu.rms_norm(x, _randn(32, seed=9), 1e-5)
+        Fu.rms_norm(x, seeded_randn(32, seed=9), 1e-5)
     with pytest.raises(ValueError, match="weight dtype"):
-        Fu.rms_norm(x, _randn(64, seed=9, dtype=torch.bfloat16), 1e-5)
+        Fu.rms_norm(x, seeded_randn(64, seed=9, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(ValueError, match="residual shape"):
-        Fu.rms_norm(x, _randn(64, seed=9), 1e-5, residual=_randn(3, 64, seed=10))
+        Fu.rms_norm(x, seeded_randn(64, seed=9), 1e-5, residual=seeded_randn(3, 64, seed=10))
     with pytest.raises(ValueError, match="unit stride"):
-        Fu.rms_norm(_randn(64, 2, seed=11).t(), _randn(64, seed=9), 1e-5)
+        Fu.rms_norm(seeded_randn(64, 2, seed=11).t(), seeded_randn(64, seed=9), 1e-5)
     with pytest.raises(ValueError, match="2 dims"):
-        Fu.rms_norm(_randn(2, 2, 64, seed=12), _randn(64, seed=9), 1e-5)
+        Fu.rms_norm(seeded_randn(2, 2, 64, seed=12), seeded_randn(64, seed=9), 1e-5)
 
 
 # ----------------------------------------------------------------------------- RoPE + cache
@@ -99,7 +94,7 @@ def test_rms_norm_rejects_bad_input():
 
 def _qkv_views(t: int, hq: int, hkv: int, d: int, dtype, seed: int):
     """q/k/v as strided views into one fused projection output [T, (Hq + 2 Hkv) D]."""
-    qkv = _randn(t, (hq + 2 * hkv) * d, seed=seed, dtype=dtype, scale=2.0)
+    qkv = seeded_randn(t, (hq + 2 * hkv) * d, seed=seed, dtype=dtype, scale=2.0)
     q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
     return q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
 
@@ -183,13 +178,13 @@ def test_rope_and_cache_write_rejects_bad_input():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,inter", [(1, 112), (3, 1536)])
 def test_silu_mul_matches_reference(dtype, t, inter):
-    gate_up = _randn(t, 2 * inter, seed=30, dtype=dtype, scale=4.0)
+    gate_up = seeded_randn(t, 2 * inter, seed=30, dtype=dtype, scale=4.0)
     out = Fu.silu_mul(gate_up)
     _assert_matches(out, Fu.silu_mul_ref(gate_up), atol_bf16=6e-2)
 
 
 def test_silu_mul_strided_rows_and_errors():
-    wide = _randn(4, 300, seed=31)
+    wide = seeded_randn(4, 300, seed=31)
     gate_up = wide[:, :224]
     _assert_matches(Fu.silu_mul(gate_up), Fu.silu_mul_ref(gate_up))
     with pytest.raises(ValueError, match="even last dim"):
@@ -199,9 +194,9 @@ def test_silu_mul_strided_rows_and_errors():
 
 
 def test_empty_batches():
-    x = _randn(0, 64, seed=32)
-    assert Fu.rms_norm(x, _randn(64, seed=33), 1e-5)[0].shape == (0, 64)
-    assert Fu.silu_mul(_randn(0, 64, seed=34)).shape == (0, 32)
+    x = seeded_randn(0, 64, seed=32)
+    assert Fu.rms_norm(x, seeded_randn(64, seed=33), 1e-5)[0].shape == (0, 64)
+    assert Fu.silu_mul(seeded_randn(0, 64, seed=34)).shape == (0, 32)
     q, k, v = _qkv_views(0, 4, 2, 64, torch.float32, seed=35)
     q_rot, k_rot = Fu.rope_and_cache_write(q, k, v, *_cos_sin(torch.zeros(0, dtype=torch.int64, device=DEVICE), _inv_freq(64), q.dtype))
     assert q_rot.shape == (0, 4, 64) and k_rot.shape == (0, 2, 64)

@@ -12,17 +12,12 @@ import torch
 
 from eaglespec.models.llama import rope_cos_sin, rope_inverse_frequencies
 from eaglespec.ops import fused_linear as L
-from tests.conftest import DEVICE, needs_triton_kernels
+from tests.conftest import DEVICE, needs_triton_kernels, seeded_randn
 
 pytestmark = needs_triton_kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
 ROWS = [1, 5, 16, 70]
-
-
-def _randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=gen)).to(device=DEVICE, dtype=dtype)
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -36,22 +31,22 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t", ROWS)
 def test_linear_matches_reference(dtype, t):
-    w = _randn(100, 300, seed=1, dtype=dtype, scale=0.05)
-    x = _randn(t, 300, seed=2, dtype=dtype, scale=2.0)
-    g = (1.0 + 0.3 * _randn(300, seed=3)).to(dtype)
-    r = _randn(t, 100, seed=4, dtype=dtype)
+    w = seeded_randn(100, 300, seed=1, dtype=dtype, scale=0.05)
+    x = seeded_randn(t, 300, seed=2, dtype=dtype, scale=2.0)
+    g = (1.0 + 0.3 * seeded_randn(300, seed=3)).to(dtype)
+    r = seeded_randn(t, 100, seed=4, dtype=dtype)
     _assert_close(L.linear(w, x, g, 1e-5, r), L.linear_ref(w, x, g, 1e-5, r))
     _assert_close(L.linear(w, x), L.linear_ref(w, x))
-    wide = _randn(t, 400, seed=5, dtype=dtype)[:, 50:350]  # strided rows, as a slice of a wider output
+    wide = seeded_randn(t, 400, seed=5, dtype=dtype)[:, 50:350]  # strided rows, as a slice of a wider output
     _assert_close(L.linear(w, wide, residual=r), L.linear_ref(w, wide, residual=r))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t", ROWS)
 def test_silu_mul_linear_matches_reference(dtype, t):
-    w = _randn(2 * 72, 96, seed=6, dtype=dtype, scale=0.1)
-    x = _randn(t, 96, seed=7, dtype=dtype)
-    g = (1.0 + 0.3 * _randn(96, seed=8)).to(dtype)
+    w = seeded_randn(2 * 72, 96, seed=6, dtype=dtype, scale=0.1)
+    x = seeded_randn(t, 96, seed=7, dtype=dtype)
+    g = (1.0 + 0.3 * seeded_randn(96, seed=8)).to(dtype)
     _assert_close(L.silu_mul_linear(w, x, g, 1e-5), L.silu_mul_linear_ref(w, x, g, 1e-5))
     _assert_close(L.silu_mul_linear(w, x), L.silu_mul_linear_ref(w, x))
 
@@ -61,9 +56,9 @@ def test_silu_mul_linear_matches_reference(dtype, t):
 @pytest.mark.parametrize("hq,hkv,d,norm", [(6, 2, 16, True), (4, 4, 64, False)])
 def test_qkv_rope_linear_matches_reference_with_and_without_cache(dtype, t, hq, hkv, d, norm):
     k_in = 80
-    w = _randn((hq + 2 * hkv) * d, k_in, seed=9, dtype=dtype, scale=0.1)
-    x = _randn(t, k_in, seed=10, dtype=dtype)
-    g = (1.0 + 0.3 * _randn(k_in, seed=11)).to(dtype) if norm else None
+    w = seeded_randn((hq + 2 * hkv) * d, k_in, seed=9, dtype=dtype, scale=0.1)
+    x = seeded_randn(t, k_in, seed=10, dtype=dtype)
+    g = (1.0 + 0.3 * seeded_randn(k_in, seed=11)).to(dtype) if norm else None
     positions = torch.arange(t, device=DEVICE) * 37 + 5
     cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(d, 10000.0, None).to(DEVICE), dtype)
     got, want = L.qkv_rope_linear(w, x, g, 1e-5, cos, sin, hq, hkv), L.qkv_rope_linear_ref(w, x, g, 1e-5, cos, sin,

@@ -12,17 +12,12 @@ import torch
 
 from eaglespec.models.llama import rope_cos_sin, rope_inverse_frequencies
 from eaglespec.ops import gemv as G
-from tests.conftest import DEVICE, needs_triton_kernels
+from tests.conftest import DEVICE, needs_triton_kernels, seeded_randn
 
 pytestmark = needs_triton_kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
 SMALL_TILE = G.GemvTile(block_n=8, block_k=64)
-
-
-def _randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=gen)).to(device=DEVICE, dtype=dtype)
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -37,17 +32,17 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize("n,k,norm,residual", [(100, 300, False, False), (64, 576, True, False),
                                                (33, 1000, True, True), (17, 64, False, True)])
 def test_gemv_matches_reference(dtype, n, k, norm, residual):
-    w = _randn(n, k, seed=1, dtype=dtype, scale=0.05)
-    x = _randn(1, k, seed=2, dtype=dtype, scale=2.0)
-    g = (1.0 + 0.3 * _randn(k, seed=3)).to(dtype) if norm else None
-    r = _randn(1, n, seed=4, dtype=dtype) if residual else None
+    w = seeded_randn(n, k, seed=1, dtype=dtype, scale=0.05)
+    x = seeded_randn(1, k, seed=2, dtype=dtype, scale=2.0)
+    g = (1.0 + 0.3 * seeded_randn(k, seed=3)).to(dtype) if norm else None
+    r = seeded_randn(1, n, seed=4, dtype=dtype) if residual else None
     for tile in (SMALL_TILE, None):
         _assert_close(G.gemv(w, x, g, 1e-5, r, tile=tile), G.gemv_ref(w, x, g, 1e-5, r))
 
 
 def test_gemv_writes_float32_logits_rounded_like_the_model():
-    w = _randn(50, 96, seed=5, dtype=torch.bfloat16, scale=0.1)
-    x = _randn(1, 96, seed=6, dtype=torch.bfloat16)
+    w = seeded_randn(50, 96, seed=5, dtype=torch.bfloat16, scale=0.1)
+    x = seeded_randn(1, 96, seed=6, dtype=torch.bfloat16)
     g = torch.ones(96, dtype=torch.bfloat16, device=DEVICE)
     got = G.gemv(w, x, g, 1e-6, out_dtype=torch.float32, tile=SMALL_TILE)
     want = G.gemv_ref(w, x, g, 1e-6, out_dtype=torch.float32)
@@ -59,9 +54,9 @@ def test_gemv_writes_float32_logits_rounded_like_the_model():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter,k,norm", [(200, 300, True), (36, 64, False)])
 def test_gemv_silu_mul_matches_reference(dtype, inter, k, norm):
-    w = _randn(2 * inter, k, seed=7, dtype=dtype, scale=0.1)
-    x = _randn(1, k, seed=8, dtype=dtype)
-    g = (1.0 + 0.3 * _randn(k, seed=9)).to(dtype) if norm else None
+    w = seeded_randn(2 * inter, k, seed=7, dtype=dtype, scale=0.1)
+    x = seeded_randn(1, k, seed=8, dtype=dtype)
+    g = (1.0 + 0.3 * seeded_randn(k, seed=9)).to(dtype) if norm else None
     _assert_close(G.gemv_silu_mul(w, x, g, 1e-5, tile=SMALL_TILE), G.gemv_silu_mul_ref(w, x, g, 1e-5))
 
 
@@ -69,9 +64,9 @@ def test_gemv_silu_mul_matches_reference(dtype, inter, k, norm):
 @pytest.mark.parametrize("hq,hkv,d", [(6, 2, 32), (4, 4, 8), (9, 3, 64)])
 def test_gemv_qkv_rope_matches_reference_and_fills_only_its_slot(dtype, hq, hkv, d):
     k_in = 96
-    w = _randn((hq + 2 * hkv) * d, k_in, seed=10, dtype=dtype, scale=0.1)
-    x = _randn(1, k_in, seed=11, dtype=dtype)
-    g = (1.0 + 0.3 * _randn(k_in, seed=12)).to(dtype)
+    w = seeded_randn((hq + 2 * hkv) * d, k_in, seed=10, dtype=dtype, scale=0.1)
+    x = seeded_randn(1, k_in, seed=11, dtype=dtype)
+    g = (1.0 + 0.3 * seeded_randn(k_in, seed=12)).to(dtype)
     cos, sin = rope_cos_sin(torch.tensor([1234], device=DEVICE), rope_inverse_frequencies(d, 10000.0, None).to(DEVICE),
                             dtype)
     caches = [[torch.zeros(3, 4, hkv, d, dtype=dtype, device=DEVICE) for _ in range(2)] for _ in range(2)]
