@@ -16,6 +16,9 @@ The RMSNorm is applied as in ``ops/gemv.py``: x * norm_weight enters the product
 1/rms scales the result. Pairs of output columns that meet in the epilogue (gate j and up j,
 RoPE dims i and i + D/2) come from two weight tiles of the same program.
 
+The engine uses them when ``EngineConfig.fused_rows`` > 1, which is opt-in: on the H100 they win
+per product but lost end to end on SmolLM2 (docs/DESIGN_NOTES.md, item 13).
+
 Each ``*_ref`` is the PyTorch reference (the model's unfused ops); the kernels round where torch
 rounds and differ in summation order and where the norm's scale is applied. CPU tensors run the
 kernels under ``TRITON_INTERPRET=1``; the launchers read only shapes on the host.
@@ -226,15 +229,15 @@ def check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weight
     if triton is None:
         raise RuntimeError("triton is not installed: use the *_ref functions instead")
     require(weight.dim() == 2 and weight.is_contiguous(), f"{name}: weight must be a contiguous [N, K] matrix, "
-                                                         f"got shape {tuple(weight.shape)}")
+                                                          f"got shape {tuple(weight.shape)}")
     k = weight.shape[1]
     require(x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1,
-           f"{name}: input must be [T, {k}] rows with unit column stride, got shape {tuple(x.shape)}")
+            f"{name}: input must be [T, {k}] rows with unit column stride, got shape {tuple(x.shape)}")
     require(x.dtype == weight.dtype, f"{name}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
     require(x.device == weight.device, f"{name}: input on {x.device}, weight on {weight.device}")
     if norm_weight is not None:
         require(norm_weight.shape == (k,) and norm_weight.is_contiguous(),
-               f"{name}: norm weight must have shape ({k},), got {tuple(norm_weight.shape)}")
+                f"{name}: norm weight must have shape ({k},), got {tuple(norm_weight.shape)}")
 
 
 # Tiles from the H100 sweep of benchmarks/bench_fused_linear.py (8B shapes at 2-16 rows, SmolLM2
@@ -287,7 +290,7 @@ def linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | No
     t = x.shape[0]
     if residual is not None:
         require(residual.shape == (t, n) and residual.stride(1) == 1 and residual.dtype == x.dtype,
-               f"linear: residual must be [{t}, {n}] in {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
+                f"linear: residual must be [{t}, {n}] in {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
     tile = tile or linear_tile(k)
     y = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     if t == 0:
@@ -331,20 +334,20 @@ def qkv_rope_linear(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Te
     t = x.shape[0]
     groups = num_heads + 2 * num_kv_heads
     require(weight.shape[0] % groups == 0 and (weight.shape[0] // groups) % 2 == 0,
-           f"qkv_rope_linear: weight has {weight.shape[0]} rows, not (Hq + 2 Hkv) = {groups} heads "
-           f"of an even head_dim")
+            f"qkv_rope_linear: weight has {weight.shape[0]} rows, not (Hq + 2 Hkv) = {groups} heads "
+            f"of an even head_dim")
     d = weight.shape[0] // groups
     for name, table in (("cos", cos), ("sin", sin)):
         require(table.shape == (t, d) and table.is_contiguous() and table.dtype == x.dtype,
-               f"qkv_rope_linear: {name} must be a contiguous ({t}, {d}) table in {x.dtype}, got "
-               f"{tuple(table.shape)} {table.dtype}")
+                f"qkv_rope_linear: {name} must be a contiguous ({t}, {d}) table in {x.dtype}, got "
+                f"{tuple(table.shape)} {table.dtype}")
     write = slots is not None
     if write:
         require(k_cache is not None and v_cache is not None and k_cache.is_contiguous() and v_cache.is_contiguous()
-               and k_cache.shape == v_cache.shape and tuple(k_cache.shape[2:]) == (num_kv_heads, d),
-               f"qkv_rope_linear: caches must be contiguous [NB, BS, {num_kv_heads}, {d}] twins")
+                and k_cache.shape == v_cache.shape and tuple(k_cache.shape[2:]) == (num_kv_heads, d),
+                f"qkv_rope_linear: caches must be contiguous [NB, BS, {num_kv_heads}, {d}] twins")
         require(slots.shape == (t,) and slots.dtype == torch.int64, f"qkv_rope_linear: slots must be [{t}] int64, "
-                                                                   f"got {tuple(slots.shape)} {slots.dtype}")
+                                                                    f"got {tuple(slots.shape)} {slots.dtype}")
     half = d // 2
     tile = tile or qkv_rope_tile(d, weight.shape[1])
     q = torch.empty(t, num_heads, d, dtype=x.dtype, device=x.device)

@@ -174,7 +174,7 @@ def _gemv_pair_kernel(
 def _check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
     check_operands(name, weight, x, norm_weight)
     require(x.shape[0] == 1 and x.is_contiguous(),
-           f"{name}: input must be one contiguous row of {weight.shape[1]} features, got shape {tuple(x.shape)}")
+            f"{name}: input must be one contiguous row of {weight.shape[1]} features, got shape {tuple(x.shape)}")
 
 
 def _block_k(k: int, cap: int) -> int:
@@ -205,8 +205,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None
     n, k = weight.shape
     if residual is not None:
         require(residual.shape == (1, n) and residual.is_contiguous() and residual.dtype == x.dtype,
-               f"gemv: residual must be one contiguous row of {n} in {x.dtype}, got {tuple(residual.shape)} "
-               f"{residual.dtype}")
+                f"gemv: residual must be one contiguous row of {n} in {x.dtype}, got {tuple(residual.shape)} "
+                f"{residual.dtype}")
     tile = tile or plain_tile(n, k)
     y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, tile.block_n),)](
@@ -240,19 +240,19 @@ def gemv_qkv_rope(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tens
     the device, not bounds-checked (that would read it on the host)."""
     _check_operands("gemv_qkv_rope", weight, x, norm_weight)
     require(k_cache.dim() == 4 and k_cache.is_contiguous() and v_cache.shape == k_cache.shape
-           and v_cache.is_contiguous(), "gemv_qkv_rope: caches must be contiguous [NB, BS, Hkv, D] twins")
+            and v_cache.is_contiguous(), "gemv_qkv_rope: caches must be contiguous [NB, BS, Hkv, D] twins")
     d = k_cache.shape[-1]
     require(k_cache.shape[2] == num_kv_heads, f"gemv_qkv_rope: cache has {k_cache.shape[2]} KV heads, "
-                                             f"expected {num_kv_heads}")
+                                              f"expected {num_kv_heads}")
     require(weight.shape[0] == (num_heads + 2 * num_kv_heads) * d and d % 2 == 0,
-           f"gemv_qkv_rope: weight has {weight.shape[0]} rows, expected (Hq + 2 Hkv) * D = "
-           f"{(num_heads + 2 * num_kv_heads) * d} with an even head_dim")
+            f"gemv_qkv_rope: weight has {weight.shape[0]} rows, expected (Hq + 2 Hkv) * D = "
+            f"{(num_heads + 2 * num_kv_heads) * d} with an even head_dim")
     for name, table in (("cos", cos), ("sin", sin)):
         require(table.shape == (1, d) and table.is_contiguous() and table.dtype == x.dtype,
-               f"gemv_qkv_rope: {name} must be a contiguous (1, {d}) table in {x.dtype}, got "
-               f"{tuple(table.shape)} {table.dtype}")
+                f"gemv_qkv_rope: {name} must be a contiguous (1, {d}) table in {x.dtype}, got "
+                f"{tuple(table.shape)} {table.dtype}")
     require(slot.shape == (1,) and slot.dtype == torch.int64, f"gemv_qkv_rope: slot must be one int64, "
-                                                             f"got {tuple(slot.shape)} {slot.dtype}")
+                                                              f"got {tuple(slot.shape)} {slot.dtype}")
     half = d // 2
     tile = tile or qkv_rope_tile(d, weight.shape[1])
     q = torch.empty(1, num_heads, d, dtype=x.dtype, device=x.device)
