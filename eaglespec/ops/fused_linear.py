@@ -17,7 +17,8 @@ The RMSNorm is applied as in ``ops/gemv.py``: x * norm_weight enters the product
 RoPE dims i and i + D/2) come from two weight tiles of the same program.
 
 The engine uses them when ``EngineConfig.fused_rows`` > 1, which is opt-in: on the H100 they win
-per product but lost end to end on SmolLM2 (docs/DESIGN_NOTES.md, item 13).
+slightly per product, show no end-to-end gain on SmolLM2 and are much slower in fp32 (exact fp32
+tl.dot has no tensor cores); see docs/DESIGN_NOTES.md, item 13.
 
 Each ``*_ref`` is the PyTorch reference (the model's unfused ops); the kernels round where torch
 rounds and differ in summation order and where the norm's scale is applied. CPU tensors run the
