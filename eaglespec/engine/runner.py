@@ -89,7 +89,7 @@ class DecodeFlight:
 
     reqs: list[Request]
     tokens_device: torch.Tensor  # [bucket] int64, the step's output buffer
-    tokens_host: torch.Tensor  # [bucket] int64, pinned; filled by a copy queued after the step
+    tokens_host: torch.Tensor  # [bucket] int64: pinned, filled by a copy queued after the step (CUDA)
     done: torch.cuda.Event | None  # recorded after that copy (None on the CPU: already done)
 
     def wait(self) -> list[int]:
@@ -119,6 +119,7 @@ class ModelRunner:
         self.buckets = bucket_sizes(cfg.max_batch_size)
         use_graphs = cfg.use_cuda_graphs and device.type == "cuda" and self.backend == "triton"
         self.use_graphs = use_graphs
+        self._token_buffers: dict[int, list[torch.Tensor]] = {}  # see _token_buffer
         # Greedy batches skip the sampling distribution entirely (an argmax), so they get their own graphs.
         self.decode_graphs = {greedy: StepGraphs(lambda x, g=greedy: self._decode_fn(x, g), self.static_inputs,
                                                  use_graphs) for greedy in (True, False)}
@@ -232,17 +233,26 @@ class ModelRunner:
             def prepare(static: dict[str, torch.Tensor]) -> None:
                 StepRows(static["packed"], self.max_blocks_per_seq)["input_ids"].copy_(prev)
         (tokens,) = graphs.run(bucket, prepare)
-        on_gpu = tokens.is_cuda
-        host = torch.empty(bucket, dtype=torch.int64, pin_memory=on_gpu)
-        host.copy_(tokens, non_blocking=on_gpu)  # queued now: the next replay overwrites ``tokens``
-        done = None
-        if on_gpu:
+        host, done = tokens, None  # on the CPU the step has already run
+        if tokens.is_cuda:
+            host = self._token_buffer(bucket)
+            host.copy_(tokens, non_blocking=True)  # queued now: the next replay overwrites ``tokens``
             done = torch.cuda.Event()
             done.record()
         for r in reqs:
             r.num_cached += 1
             r.target_forwards += 1
         return DecodeFlight(reqs, tokens, host, done)
+
+    def _token_buffer(self, bucket: int) -> torch.Tensor:
+        """A pinned [bucket] int64 buffer for a decode step's tokens. Two per bucket, used in
+        turn: at most two steps are in flight, and the older one is read before a third starts."""
+        pair = self._token_buffers.get(bucket)
+        if pair is None:
+            pair = self._token_buffers[bucket] = [torch.empty(bucket, dtype=torch.int64, pin_memory=True)
+                                                  for _ in range(2)]
+        pair.reverse()
+        return pair[0]
 
     @torch.inference_mode()
     def full_logits(self, token_ids: list[int]) -> torch.Tensor:
