@@ -49,13 +49,10 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="float32 makes greedy outputs exactly comparable")
-    ap.add_argument("--fused-rows", type=int, default=EngineConfig().fused_rows,
-                    help="EngineConfig.fused_rows (steps of up to this many tokens on the fused products)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = EngineConfig(max_batch_size=max(batches), max_model_len=2048, gpu_memory_fraction=0.3,
-                          fused_rows=args.fused_rows)
+    engine = EngineConfig(max_batch_size=max(batches), max_model_len=2048, gpu_memory_fraction=0.3)
     plain = LLM(draft="none", device=args.device, dtype=args.dtype, engine=engine)
     convs = load_conversations(args.questions, 0, args.num)
     prompts = [plain.tokenizer.encode(plain.tokenizer.apply_chat_template([{"role": "user", "content": c[0]}]))
@@ -83,10 +80,9 @@ def main(argv=None) -> None:
             print(f"batch {batch:3d} {name:>16s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
                   f"speedup {row['speedup']:.2f}x  identical {row['identical_to_plain']}", flush=True)
     device = plain.device
-    name = ("e2e-smollm2-mtbench" + (f"-{args.dtype}" if args.dtype else "")
-            + (f"-fused-rows-{args.fused_rows}" if args.fused_rows != EngineConfig().fused_rows else ""))
+    name = "e2e-smollm2-mtbench" + (f"-{args.dtype}" if args.dtype else "")
     print("wrote", write_result(name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype),
-                                       "fused_rows": args.fused_rows, "rows": rows}, device, args.out))
+                                       "rows": rows}, device, args.out))
 
 
 if __name__ == "__main__":
