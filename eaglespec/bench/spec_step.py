@@ -124,8 +124,8 @@ def main(argv=None) -> None:
             st = rows_in.sampling()
 
             def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):
-                res = verify_tree(target, llm.runner.cache, tree, lens, tables, st, True, "hidden", sr.shape.depth,
-                                  llm.runner.scale, llm.runner.backend)
+                res = verify_tree(llm.runner.model, llm.runner.cache, tree, lens, tables, st, True, "hidden",
+                                  sr.shape.depth, llm.runner.scale, llm.runner.backend)
                 return res.accept.tokens, res.accept.num_emitted
 
             vg = StepGraphs(verify_fn, lambda b: {}, device.type == "cuda")

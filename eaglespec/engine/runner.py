@@ -103,13 +103,13 @@ class ModelRunner:
     """Owns the target model's KV cache and runs its forward passes."""
 
     def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, device: torch.device):
-        self.model = model
         self.cfg = cfg
         self.device = device
         mc = model.config
         self.dtype = model.output_weight.dtype
         self.backend = resolve_backend(cfg.attention_backend, device)
-        self.fused = self.backend == "triton"  # fused norm / RoPE / SwiGLU kernels go with Triton attention
+        # The model's kernel set goes with the attention backend (same weights, not copied).
+        self.model = model.with_kernels(self.backend)
         self.scale = default_scale(mc.head_dim)
         num_blocks = size_kv_pool(model, cfg, device, self.dtype)
         self.cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads,
@@ -158,7 +158,7 @@ class ModelRunner:
         out = self.model(torch.tensor(ids, dtype=torch.int64, device=dev),
                          torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache,
                          logits_rows=None if want_all else last_rows,
-                         want_hidden=want_hidden, want_taps=want_taps, use_triton=self.fused)
+                         want_hidden=want_hidden, want_taps=want_taps)
         if want_all:
             out.logits = out.logits.index_select(0, last_rows)
         tokens = sample(out.logits, request_sampling(reqs, dev))
@@ -180,9 +180,9 @@ class ModelRunner:
     def _decode_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
         rows = StepRows(x["packed"], self.max_blocks_per_seq)
         step = DecodeStep(rows["slots"], rows.block_tables, rows["context_lens"], self.scale, self.backend)
-        out = self.model(rows["input_ids"], rows["positions"], step, self.cache, use_triton=self.fused)
+        out = self.model(rows["input_ids"], rows["positions"], step, self.cache)
         if greedy:
-            return (greedy_argmax(out.logits) if self.fused else out.logits.argmax(dim=-1),)
+            return (greedy_argmax(out.logits) if self.backend == "triton" else out.logits.argmax(dim=-1),)
         return (sample(out.logits, rows.sampling()),)
 
     def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int,
@@ -268,7 +268,6 @@ class ModelRunner:
                 seq_lens=torch.tensor([len(token_ids)], dtype=torch.int32, device=dev),
                 max_query_len=len(token_ids), scale=self.scale, backend=self.backend)
             ids = torch.tensor(token_ids, dtype=torch.int64, device=dev)
-            return self.model(ids, torch.arange(len(token_ids), device=dev), step, self.cache,
-                              use_triton=self.fused).logits
+            return self.model(ids, torch.arange(len(token_ids), device=dev), step, self.cache).logits
         finally:
             self.allocator.release(blocks)

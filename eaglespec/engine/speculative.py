@@ -27,7 +27,7 @@ from eaglespec.spec.verifier import verify_tree
 class SpeculativeRunner:
     def __init__(self, runner: ModelRunner, head: EagleHead, spec: SpecConfig):
         self.runner = runner
-        self.head = head
+        self.head = head.with_kernels(runner.backend)  # the target's kernel set (same weights)
         self.shape = parse_tree(spec.tree)
         self.width = self.shape.depth + 1  # tokens one step can emit (accepted drafts + bonus)
         lc = head.config.layer
@@ -36,7 +36,7 @@ class SpeculativeRunner:
         # The head's cache shares block ids with the target: pair t sits where token t does.
         self.cache = KVCache.allocate(lc.num_layers, runner.cache.num_blocks, runner.cfg.block_size,
                                       lc.num_kv_heads, lc.head_dim, dtype, dev)
-        self.drafter = Drafter(head, self.shape, self.cache, runner.backend, default_scale(lc.head_dim))
+        self.drafter = Drafter(self.head, self.shape, self.cache, runner.backend, default_scale(lc.head_dim))
         num_slots = 2 * runner.cfg.max_batch_size + 1  # the last one is the padding rows' slot
         self.pad_slot = num_slots - 1
         self.pending_feat = torch.zeros(num_slots, self.width, head.config.feature_size, dtype=dtype, device=dev)
@@ -101,7 +101,7 @@ class SpeculativeRunner:
                                max(cu[i + 1] - cu[i] for i in range(len(reqs))), self.drafter.scale,
                                self.runner.backend)
             self.head(feats.index_select(0, torch.tensor(rows, device=dev)), torch.tensor(ids, device=dev),
-                      torch.tensor(pos, device=dev), step, self.cache, use_triton=self.runner.fused)
+                      torch.tensor(pos, device=dev), step, self.cache)
         slot_ids = torch.tensor([self._slot(r) for r in reqs], device=dev)
         self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
         self.pending_tok[slot_ids, 0] = sampled

@@ -35,7 +35,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
     positions = cached_lens[:, None].long() + tree.depth
     out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
-                 want_hidden=feature == "hidden", want_taps=feature == "taps", use_triton=backend == "triton")
+                 want_hidden=feature == "hidden", want_taps=feature == "taps")
     logits = out.logits.view(bsz, n, -1)
     if greedy:
         # One argmax over every node, then the accepted path from bit masks (no per-depth walk).
