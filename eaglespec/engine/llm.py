@@ -12,7 +12,7 @@ from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.request import Output, Request
 from eaglespec.engine.runner import DecodeFlight, ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
-from eaglespec.engine.speculative import SpeculativeRunner
+from eaglespec.speculative.step import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eaglespec.config import LlamaConfig
-from eaglespec.models.attention_step import AttentionStep, KVCache
+from eaglespec.kv_cache import KVCache
+from eaglespec.models.attention_step import AttentionStep
 from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, RMSNorm,
                                     add_rms_norm, apply_rope, checked_kernels, fused_layer_slices,
                                     load_named_tensors, rope_cos_sin, rope_inverse_frequencies,

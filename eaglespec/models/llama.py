@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eaglespec.config import LlamaConfig
-from eaglespec.models.attention_step import AttentionStep, KVCache
+from eaglespec.kv_cache import KVCache
+from eaglespec.models.attention_step import AttentionStep
 from eaglespec.ops import fused, gemv
 
 

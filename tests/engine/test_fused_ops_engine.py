@@ -9,7 +9,7 @@ from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from eaglespec.ops import fused, gemv
 from tests.conftest import needs_triton_kernels, small_engine
-from tests.spec.test_speculative_greedy import _prompts, eagle1_head, predictable_target
+from tests.speculative.test_speculative_greedy import _prompts, eagle1_head, predictable_target
 
 
 

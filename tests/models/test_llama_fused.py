@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eaglespec.models.attention_step import DecodeStep, KVCache, PrefillStep, TreeStep
+from eaglespec.kv_cache import KVCache
+from eaglespec.models.attention_step import DecodeStep, PrefillStep, TreeStep
 from eaglespec.models.llama import build_model
 from tests.conftest import DEVICE, needs_triton_kernels, random_model, tiny_config
-from tests.spec.test_speculative_greedy import eagle1_head, eagle3_head
+from tests.speculative.test_speculative_greedy import eagle1_head, eagle3_head
 
 pytestmark = needs_triton_kernels
 

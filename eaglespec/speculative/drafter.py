@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eaglespec.kv_cache import commit_tree_kv
-from eaglespec.models.attention_step import AttentionStep, KVCache, TreeStep
+from eaglespec.kv_cache import KVCache, commit_tree_kv
+from eaglespec.models.attention_step import AttentionStep, TreeStep
 from eaglespec.models.eagle import EagleHead
 from eaglespec.ops import attention as ops
-from eaglespec.spec.tree import TreeBatch, TreeShape, select_tree
+from eaglespec.speculative.tree import TreeBatch, TreeShape, select_tree
 
 
 @dataclass(slots=True)

@@ -13,15 +13,19 @@ import torch
 from eaglespec.config import SpecConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for
 from eaglespec.engine.request import Request
-from eaglespec.engine.runner import ModelRunner, StepRows
-from eaglespec.kv_cache import block_table_tensor, slots_for
-from eaglespec.models.attention_step import KVCache, PrefillStep
+from eaglespec.engine.runner import DECODE_ROWS, ModelRunner, StepRows
+from eaglespec.kv_cache import KVCache, block_table_tensor, slots_for
+from eaglespec.models.attention_step import PrefillStep
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import ModelOutput
 from eaglespec.ops.attention import default_scale
-from eaglespec.spec.drafter import Drafter
-from eaglespec.spec.tree import parse_tree
-from eaglespec.spec.verifier import verify_tree
+from eaglespec.speculative.drafter import Drafter
+from eaglespec.speculative.tree import parse_tree
+from eaglespec.speculative.verifier import verify_tree
+
+# A speculative step reads, per request, the decode fields plus its pending-state slot and the
+# target's cached length L (the root sits at position L).
+SPEC_ROWS = DECODE_ROWS.extended(i64=("state_slots",), i32=("cached_lens",))
 
 
 class SpeculativeRunner:
@@ -110,22 +114,22 @@ class SpeculativeRunner:
     # ------------------------------------------------------------------ the step
 
     def _static_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
-        inputs = self.runner.static_inputs(bucket)
-        rows = StepRows(inputs["packed"], self.runner.max_blocks_per_seq)
+        inputs = self.runner.static_inputs(bucket, SPEC_ROWS)
+        rows = StepRows(inputs["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         rows["state_slots"].fill_(self.pad_slot)
         rows["cached_lens"].fill_(self.width + 1)
         return inputs
 
     def _step_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
-        rows = StepRows(x["packed"], self.runner.max_blocks_per_seq)
+        rows = StepRows(x["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], rows.block_tables
         counts = self.pending_count.index_select(0, slot_ids)
         hidden, logits = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
                                              self.pending_tok.index_select(0, slot_ids), counts,
                                              lens - counts.to(lens.dtype), tables)
         tree = self.drafter.build(hidden, logits, rows["input_ids"], lens, tables)
-        res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy, self.feature,
-                          self.shape.depth, self.runner.scale, self.runner.backend)
+        res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy,
+                          self.feature, self.shape.depth, self.runner.scale, self.runner.backend)
         self.pending_feat.index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
         self.pending_tok.index_copy_(0, slot_ids, res.accept.tokens.clamp_min(0))
         self.pending_count.index_copy_(0, slot_ids, res.accept.num_emitted)
@@ -140,8 +144,17 @@ class SpeculativeRunner:
         # run keeps their head prefix non-negative.
         greedy = all(r.params.temperature == 0 for r in reqs)
         graphs = self.graphs[greedy]
-        self.runner.stage_inputs(graphs, reqs, bucket, [self._slot(r) for r in reqs],
-                                 pad_state_slot=self.pad_slot, pad_cached_len=self.width + 1)
+        self.stage_inputs(graphs, reqs, bucket)
         tokens, counts = graphs.run(bucket)
         return tokens[:len(reqs)], counts[:len(reqs)]
 
+    def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int) -> None:
+        """The runner's decode fields, then each request's state slot and cached length (padding
+        rows: the scratch slot and a length past the widest pending run)."""
+        rows = self.runner.stage_inputs(graphs, reqs, bucket, fields=SPEC_ROWS)
+        n = len(reqs)
+        state_slots, cached_lens = rows["state_slots"].numpy(), rows["cached_lens"].numpy()
+        state_slots[:n] = [self._slot(r) for r in reqs]
+        state_slots[n:] = self.pad_slot
+        cached_lens[:n] = [r.num_cached for r in reqs]
+        cached_lens[n:] = self.width + 1
