@@ -71,6 +71,23 @@ def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeB
     return TreeBatch(tokens, par, dep, ancestor_bits_from_parents(par, depth))
 
 
+def prefill_all(llm: LLM, batch: int) -> list:
+    """Prefill every waiting request (the head too), however many ``schedule()`` calls the
+    prefill token budget needs; check that ``batch`` requests are running, each with its whole
+    prompt cached, so every row of the timed step is a real sequence and not padding."""
+    while llm.scheduler.waiting:
+        scheduled = llm.scheduler.schedule()
+        if scheduled is None or scheduled.kind != "prefill":
+            raise RuntimeError("spec_step: the KV pool cannot hold every request's prompt; lower --batches or --context")
+        for r, toks in zip(scheduled.requests, llm._prefill(scheduled.requests)):
+            r.append_tokens(toks, ())
+    reqs = list(llm.scheduler.running)
+    if len(reqs) != batch or any(r.num_cached != len(r.all_ids) - 1 for r in reqs):
+        raise RuntimeError(f"spec_step: expected {batch} prefilled sequences, have {len(reqs)} running "
+                           f"({sum(r.num_cached == len(r.all_ids) - 1 for r in reqs)} fully cached)")
+    return reqs
+
+
 def tree_specs(max_nodes: int) -> list[str]:
     specs = ["chain:1", "chain:3", "dynamic:3,2,4", "dynamic:4,4,8", "dynamic:5,4,16", "dynamic:6,6,32",
              "dynamic:6,8,48", "dynamic:7,8,60"]
@@ -103,10 +120,7 @@ def main(argv=None) -> None:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist() for _ in range(batch)]
             ids = [llm.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
-            scheduled = llm.scheduler.schedule()  # prefill all of them (the head too)
-            reqs = scheduled.requests
-            for r, toks in zip(reqs, llm._prefill(reqs)):
-                r.append_tokens(toks, ())
+            reqs = prefill_all(llm, batch)
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
