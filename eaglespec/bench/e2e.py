@@ -62,13 +62,10 @@ def main(argv=None) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="float32 makes greedy outputs exactly comparable")
-    ap.add_argument("--fused-rows", type=int, default=EngineConfig().fused_rows,
-                    help="EngineConfig.fused_rows (steps of up to this many tokens on the fused products)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = EngineConfig(max_batch_size=max(batches), max_model_len=2048, gpu_memory_fraction=0.3,
-                          fused_rows=args.fused_rows)
+    engine = EngineConfig(max_batch_size=max(batches), max_model_len=2048, gpu_memory_fraction=0.3)
     plain = LLM(draft="none", device=args.device, dtype=args.dtype, engine=engine)
     convs = load_conversations(args.questions, 0, args.num)
     prompts = [plain.tokenizer.encode(plain.tokenizer.apply_chat_template([{"role": "user", "content": c[0]}]))
