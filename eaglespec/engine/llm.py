@@ -89,18 +89,24 @@ class LLM:
         return self
 
     def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool) -> None:
+        import dataclasses
+
+        from eaglespec.spec.tree import parse_tree
+
         self.model = target
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
         self.engine_config = engine or EngineConfig()
+        if not self.engine_config.max_model_len:  # 0: the model's own context length
+            self.engine_config = dataclasses.replace(self.engine_config,
+                                                     max_model_len=target.config.max_position_embeddings)
         self.spec_config = spec
-        self.runner = ModelRunner(target, self.engine_config, self.device)
-        self.speculative = None
         head = self._resolve_draft(draft, target, default_draft)
         if head is not None:
             self.spec_config = spec or default_spec_config(draft, default_draft)
-            self.speculative = SpeculativeRunner(self.runner, head, self.spec_config)
-        lookahead = self.speculative.lookahead if self.speculative else 1
+        lookahead = parse_tree(self.spec_config.tree).depth + 1 if head is not None else 1
+        self.runner = ModelRunner(target, self.engine_config, self.device, lookahead)
+        self.speculative = SpeculativeRunner(self.runner, head, self.spec_config) if head is not None else None
         self.scheduler = Scheduler(self.runner.allocator, self.engine_config.max_batch_size,
                                    self.engine_config.max_model_len, self.engine_config.prefill_token_budget,
                                    lookahead=lookahead)
@@ -137,8 +143,10 @@ class LLM:
         from eaglespec.tokenizer import IncrementalDetokenizer
 
         params = params or SamplingParams()
+        ids = self._encode(prompt)
+        self.scheduler.check_prompt(len(ids))
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = Request(next(self._ids), self._encode(prompt), params, seed,
+        req = Request(next(self._ids), ids, params, seed,
                       IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None)
         self._requests[req.request_id] = req
         self.scheduler.add(req)
@@ -195,9 +203,11 @@ class LLM:
 
     def _apply(self, reqs: list[Request], emitted: list[list[int]]) -> None:
         """Append each request's new tokens (stop checks included) and retire finished ones."""
+        limit = self.engine_config.max_model_len
         for req, toks in zip(reqs, emitted):
-            req.append_tokens(toks, self.eos_ids)
-            if not req.finished and len(req.all_ids) >= self.engine_config.max_model_len:
+            # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
+            req.append_tokens(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids)
+            if not req.finished and len(req.all_ids) >= limit:
                 req.finish("length")
         for req in list(self.scheduler.running):
             if req.finished:
@@ -248,7 +258,10 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        encoded = [self._encode(p) for p in prompts]
+        for ids in encoded:  # refuse the whole batch before any of it is queued
+            self.scheduler.check_prompt(len(ids))
+        ids = [self.add_request(p, sp) for p, sp in zip(encoded, plist)]
         self._drain()
         return [self._requests.pop(i).to_output() for i in ids]
 
