@@ -171,13 +171,13 @@ class LLM:
             if not reqs or scheduled.kind == "prefill" or self.speculative is not None:
                 emitted = [] if not reqs else (self._prefill(reqs) if scheduled.kind == "prefill"
                                                else self._speculate(reqs))
-                self._apply(reqs, emitted)
+                self._apply(reqs, emitted, prefill=scheduled.kind == "prefill")
                 return reqs
             flight = self.runner.launch_decode(reqs)
         if self.engine_config.overlap_decode and self._can_follow(flight.reqs):
             self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
-        self._apply(flight.reqs, [[t] for t in flight.wait()])  # the one host read of the step
+        self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)  # the one host read of the step
         return live
 
     def _can_follow(self, reqs: list[Request]) -> bool:
@@ -201,12 +201,12 @@ class LLM:
             allocator.grow(r.blocks, r.num_cached + sched.lookahead)
         return True
 
-    def _apply(self, reqs: list[Request], emitted: list[list[int]]) -> None:
+    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefill: bool) -> None:
         """Append each request's new tokens (stop checks included) and retire finished ones."""
         limit = self.engine_config.max_model_len
         for req, toks in zip(reqs, emitted):
             # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
-            req.append_tokens(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids)
+            req.record_step(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids, prefill)
             if not req.finished and len(req.all_ids) >= limit:
                 req.finish("length")
         for req in list(self.scheduler.running):
@@ -230,7 +230,6 @@ class LLM:
         emitted = []
         for req, row, n in zip(reqs, tokens, counts):
             req.num_cached += n
-            req.target_forwards += 1
             if not req.proposed_per_depth:
                 req.proposed_per_depth = [0] * depth
                 req.accepted_per_depth = [0] * depth

@@ -167,7 +167,6 @@ class ModelRunner:
         tokens = sample(out.logits, request_sampling(reqs, dev))
         for r, n in zip(reqs, new_counts):
             r.num_cached += n
-            r.target_forwards += 1
         return tokens, out, new_counts
 
     # ------------------------------------------------------------------ decode
@@ -244,7 +243,6 @@ class ModelRunner:
             done.record()
         for r in reqs:
             r.num_cached += 1
-            r.target_forwards += 1
         return DecodeFlight(reqs, tokens, host, done)
 
     def _token_buffer(self, bucket: int) -> torch.Tensor:

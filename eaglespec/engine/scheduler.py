@@ -14,6 +14,7 @@ positions (``ModelRunner.max_blocks_per_seq``).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -87,6 +88,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._grow(req, total + self.lookahead)
+            if req.scheduled_at is None:
+                req.scheduled_at = time.perf_counter()
             admitted.append(req)
             budget -= uncached
         if admitted:
