@@ -166,11 +166,6 @@ class EngineConfig:
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
-    # Steps of up to this many tokens run on the fused product kernels (Triton backend): one
-    # token on matrix-vector kernels, more on small matrix kernels. 0 keeps cuBLAS everywhere.
-    # More than 1 is opt-in: on the H100 the small matrix kernels showed no end-to-end gain and
-    # are much slower in fp32 (docs/DESIGN_NOTES.md, item 13).
-    fused_rows: int = 1
     overlap_decode: bool = True  # queue the next plain decode step before reading this one's tokens
 
     def __post_init__(self) -> None:

@@ -182,8 +182,7 @@ class ModelRunner:
     def _decode_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
         rows = StepRows(x["packed"], self.max_blocks_per_seq)
         step = DecodeStep(rows["slots"], rows.block_tables, rows["context_lens"], self.scale, self.backend)
-        out = self.model(rows["input_ids"], rows["positions"], step, self.cache, use_triton=self.fused,
-                         fused_rows=self.cfg.fused_rows)
+        out = self.model(rows["input_ids"], rows["positions"], step, self.cache, use_triton=self.fused)
         if greedy:
             return (greedy_argmax(out.logits) if self.fused else out.logits.argmax(dim=-1),)
         return (sample(out.logits, rows.sampling()),)

@@ -55,10 +55,8 @@ def chain_bits(n: int, device) -> torch.Tensor:
 class Drafter:
     """Owns nothing but references: the head, its KV cache and the static tree shape."""
 
-    def __init__(self, head: EagleHead, shape: TreeShape, cache: KVCache, backend: str, scale: float,
-                 fused_rows: int = 0):
+    def __init__(self, head: EagleHead, shape: TreeShape, cache: KVCache, backend: str, scale: float):
         self.head = head
-        self.fused_rows = fused_rows  # head steps of at most this many tokens use the fused products
         self.shape = shape
         self.cache = cache
         self.backend = backend
@@ -91,7 +89,7 @@ class Drafter:
         step = TreeStep(block_tables, prefix_lens, bits, self.scale, self.backend)
         positions = prefix_lens[:, None].long() + torch.arange(width, device=tokens.device)
         out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache,
-                        use_triton=self.backend == "triton", fused_rows=self.fused_rows)
+                        use_triton=self.backend == "triton")
         nodes = torch.arange(width, device=tokens.device).expand(bsz, width)
         nodes = torch.where(nodes < counts[:, None], nodes, torch.full_like(nodes, -1))
         commit_tree_kv(self.cache, *step.stacked(), nodes, prefix_lens, block_tables)
@@ -139,7 +137,7 @@ class Drafter:
             step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, slot, f_bits, self.scale, self.backend)
             positions = (cached_lens[:, None].long() + d - 1).expand(bsz, width).contiguous()
             out = self.head(f_hidden.reshape(bsz * width, -1), f_tokens.reshape(-1), positions.reshape(-1),
-                            step, self.cache, use_triton=self.backend == "triton", fused_rows=self.fused_rows)
+                            step, self.cache, use_triton=self.backend == "triton")
             child_v, child_i = torch.topk(F.log_softmax(out.logits, dim=-1), shape.branch, dim=-1)
             cand_scores = (f_scores[:, :, None] + child_v.view(bsz, width, -1)).reshape(bsz, -1)
             cand_tokens = self._target_ids(child_i).view(bsz, -1)
