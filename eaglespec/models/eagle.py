@@ -204,6 +204,9 @@ class EagleHead(nn.Module):
                     continue
                 if name == "t2d":
                     t = t.bool()
+                elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{source}: tensor {name!r} holds non-finite values (NaN or inf); "
+                                     f"a draft head needs finite weights")
                 yield name, t
         load_named_tensors(self, filtered(), self.fused_slices(), source, what=f"an {self.config.kind} head")
         if self.config.kind == "eagle3":

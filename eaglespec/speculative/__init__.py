@@ -1,7 +1,8 @@
 """Everything of one speculative step, in the order it runs: ``tree`` (tree shapes and the
 fixed-shape tree batch), ``drafter`` (the head builds the trees), ``verifier`` (one target
 forward over every node), ``acceptance`` (greedy and lossless sampled acceptance) and ``step``
-(the whole step as one fixed-shape function, one CUDA graph per batch bucket).
+(the whole step as one fixed-shape function, one CUDA graph per batch bucket); ``policy``
+chooses which tree (or none) pays for a batch.
 """
 
 from eaglespec.speculative.step import SpeculativeRunner
