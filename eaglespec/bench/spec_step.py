@@ -105,7 +105,7 @@ def main(argv=None) -> None:
             ids = [llm.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
             scheduled = llm.scheduler.schedule()  # prefill all of them (the head too)
             reqs = scheduled.requests
-            for r, toks in zip(reqs, llm._prefill(reqs)):
+            for r, toks in zip(reqs, llm.core._prefill(scheduled)):
                 r.append_tokens(toks, ())
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
