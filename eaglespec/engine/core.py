@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,8 @@ class RequestDelta:
     num_output_tokens: int  # all output tokens so far
     stats: dict  # Request.stats(): tau, accept_rate_per_depth, target_forwards, ...
     error: str | None = None
+    accepted_per_depth: list[int] = field(default_factory=list)  # counts so far (rates are in stats)
+    proposed_per_depth: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -158,7 +160,8 @@ class EngineCore:
         if req.finished:
             self.requests.pop(req.request_id, None)
         return RequestDelta(req.request_id, tokens, text, req.finish_reason, len(req.prompt_ids),
-                            len(req.output_ids), req.stats(), req.error)
+                            len(req.output_ids), req.stats(), req.error, list(req.accepted_per_depth),
+                            list(req.proposed_per_depth))
 
     def _run_step(self) -> list[Request]:
         """Run one step; return the requests that made progress (finished ones included).

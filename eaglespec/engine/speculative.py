@@ -107,8 +107,9 @@ class SpeculativeRunner:
                                torch.tensor(lens, dtype=torch.int32, device=dev),
                                max(cu[i + 1] - cu[i] for i in range(len(reqs))), self.drafter.scale,
                                self.runner.backend)
-            self.head(feats.index_select(0, torch.tensor(rows, device=dev)), torch.tensor(ids, device=dev),
-                      torch.tensor(pos, device=dev), step, self.cache, use_triton=self.runner.fused)
+            self.head(feats.index_select(0, torch.tensor(rows, dtype=torch.int64, device=dev)),
+                      torch.tensor(ids, dtype=torch.int64, device=dev),
+                      torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache, use_triton=self.runner.fused)
         finished = [r for r, whole in zip(reqs, complete) if whole]
         if finished:
             slot_ids = torch.tensor([self._slot(r) for r in finished], device=dev)
