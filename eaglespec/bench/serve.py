@@ -168,7 +168,7 @@ async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrenc
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    forwards = delta("eaglespec_target_forwards_total")
+    forwards = delta("eaglespec_decode_forwards_total")
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
     depth_rates = {}
@@ -188,7 +188,7 @@ async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrenc
         "ttft_p99_ms": 1000 * percentile([r.ttft_s for r in ok], 99),
         "tpot_p50_ms": 1000 * percentile([r.tpot_s for r in ok if r.tokens > 1], 50),
         "tpot_p99_ms": 1000 * percentile([r.tpot_s for r in ok if r.tokens > 1], 99),
-        "tau": delta("eaglespec_finished_generation_tokens_total") / forwards if forwards else 0.0,
+        "tau": delta("eaglespec_decode_tokens_total") / forwards if forwards else 0.0,
         "accept_rate_per_depth": [depth_rates[k] for k in sorted(depth_rates, key=int)],
     }
 

@@ -23,6 +23,7 @@ from eaglespec.engine.scheduler import Scheduler, ScheduledStep
 from eaglespec.engine.speculative import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import LlamaForCausalLM
+from eaglespec.spec.tree import parse_tree
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,10 @@ class EngineCore:
         self.eos_ids = tuple(eos_ids)
         self.config = engine
         self.device = device
-        self.runner = ModelRunner(target, engine, device)
+        lookahead = parse_tree(spec.tree).depth + 1 if head is not None else 1
+        self.runner = ModelRunner(target, engine, device, lookahead)
         self.speculative = SpeculativeRunner(self.runner, head, spec) if head is not None else None
         self.spec_config = spec if head is not None else None
-        lookahead = self.speculative.lookahead if self.speculative else 1
         self.scheduler = Scheduler(self.runner.allocator, engine.max_batch_size, engine.max_model_len,
                                    engine.prefill_token_budget, lookahead=lookahead)
         self._ids = itertools.count()
@@ -92,8 +93,10 @@ class EngineCore:
         from eaglespec.tokenizer import IncrementalDetokenizer
 
         params = params or SamplingParams()
+        ids = self.encode(prompt)
+        self.scheduler.check_prompt(len(ids))
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = Request(next(self._ids), self.encode(prompt), params, seed,
+        req = Request(next(self._ids), ids, params, seed,
                       IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
@@ -187,7 +190,7 @@ class EngineCore:
                 else:
                     emitted = self._speculate(reqs) if reqs else []
                     self.last_step_kind = "speculative"
-                self._apply(reqs, emitted)
+                self._apply(reqs, emitted, prefill=scheduled.kind == "prefill")
                 return reqs
             flight = self.runner.launch_decode(reqs)
         self._current = flight.reqs
@@ -195,7 +198,7 @@ class EngineCore:
         if self.config.overlap_decode and self._can_follow(flight.reqs):
             self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
-        self._apply(flight.reqs, [[t] for t in flight.wait()])  # the one host read of the step
+        self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)  # the one host read of the step
         return live
 
     def _recover(self, exc: Exception) -> list[Request]:
@@ -252,11 +255,13 @@ class EngineCore:
             allocator.grow(r.blocks, r.num_cached + sched.lookahead)
         return True
 
-    def _apply(self, reqs: list[Request], emitted: list[list[int]]) -> None:
+    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefill: bool) -> None:
         """Append each request's new tokens (stop checks included) and retire finished ones."""
+        limit = self.config.max_model_len
         for req, toks in zip(reqs, emitted):
-            req.append_tokens(toks, self.eos_ids)
-            if not req.finished and len(req.all_ids) >= self.config.max_model_len:
+            # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
+            req.record_step(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids, prefill)
+            if not req.finished and len(req.all_ids) >= limit:
                 req.finish("length")
         for req in list(self.scheduler.running):
             if req.finished:
@@ -280,7 +285,6 @@ class EngineCore:
         emitted = []
         for req, row, n in zip(reqs, tokens, counts):
             req.num_cached += n
-            req.target_forwards += 1
             if not req.proposed_per_depth:
                 req.proposed_per_depth = [0] * depth
                 req.accepted_per_depth = [0] * depth

@@ -88,10 +88,15 @@ class LLM:
         return self
 
     def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool) -> None:
+        import dataclasses
+
         self.model = target
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
         self.engine_config = engine or EngineConfig()
+        if not self.engine_config.max_model_len:  # 0: the model's own context length
+            self.engine_config = dataclasses.replace(self.engine_config,
+                                                     max_model_len=target.config.max_position_embeddings)
         head = self._resolve_draft(draft, target, default_draft)
         self.spec_config = (spec or default_spec_config(draft, default_draft)) if head is not None else spec
         self.core = EngineCore(target, tokenizer, self.eos_ids, head, self.spec_config, self.engine_config,
@@ -151,7 +156,10 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        encoded = [self.core.encode(p) for p in prompts]
+        for ids in encoded:  # refuse the whole batch before any of it is queued
+            self.scheduler.check_prompt(len(ids))
+        ids = [self.add_request(p, sp) for p, sp in zip(encoded, plist)]
         self._drain()
         return [self._requests.pop(i).to_output() for i in ids]
 

@@ -9,10 +9,17 @@ output so far), which yields exactly the token a decode step would have.
 
 Steps alternate: after a prefill step, running requests that are ready decode before the next
 prefill, so a long prompt arriving never stalls the streams already running.
+
+The context limit: a sequence holds at most ``max_model_len`` tokens. A step writes up to
+``lookahead`` cache positions from its last cached token (a speculative tree's accepted path),
+so near the limit a step may compute positions past it: those tokens are dropped and the
+request finishes with "length". Blocks therefore cover ``max_model_len - 1 + lookahead``
+positions (``ModelRunner.max_blocks_per_seq``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -47,18 +54,26 @@ class Scheduler:
         self._last_kind = "decode"
 
     def add(self, req: Request) -> None:
-        """Queue a request, or fail it at once with a message when it can never run."""
+        """Queue a request; one whose prompt fills the context ends at once with "length" (no
+        tokens); one that can never run fails with a message. A prompt longer than
+        ``max_model_len`` is the caller's mistake: ValueError (see ``check_prompt``)."""
+        self.check_prompt(len(req.prompt_ids))
         need = len(req.prompt_ids) + self.lookahead
         if not req.prompt_ids:
             req.fail("empty prompt: give at least one token")
-        elif need > self.max_model_len:
-            req.fail(f"prompt of {len(req.prompt_ids)} tokens does not fit max_model_len "
-                     f"{self.max_model_len} (with {self.lookahead} tokens of lookahead)")
+        elif len(req.prompt_ids) == self.max_model_len:
+            req.finish("length")
         elif self.allocator.blocks_needed(need) > self.allocator.num_blocks - 1:
             req.fail(f"prompt of {len(req.prompt_ids)} tokens needs more KV blocks than the whole pool "
                      f"({self.allocator.num_blocks - 1} blocks of {self.allocator.block_size})")
         else:
             self.waiting.append(req)
+
+    def check_prompt(self, num_tokens: int) -> None:
+        """Raise ValueError for a prompt longer than the context limit."""
+        if num_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {num_tokens} tokens is longer than max_model_len {self.max_model_len} "
+                             f"(the most tokens a sequence may hold, prompt and output together)")
 
     @property
     def has_work(self) -> bool:
@@ -80,7 +95,7 @@ class Scheduler:
         alternate while both have work."""
         ready = [r for r in self.running if is_ready(r)]
         if not (ready and self._last_kind == "prefill"):
-            step = self._schedule_prefill()
+            step = self.schedule_prefill()
             if step is not None:
                 self._last_kind = "prefill"
                 return step
@@ -107,7 +122,8 @@ class Scheduler:
                 batch.append(req)
         return ScheduledStep("decode", batch)
 
-    def _schedule_prefill(self) -> ScheduledStep | None:
+    def schedule_prefill(self) -> ScheduledStep | None:
+        """A prefill step, or None when nothing is left to prefill or admit."""
         budget = self.prefill_token_budget
         reqs, ends = [], []
         # Requests part-way through a chunked prefill go first (their blocks are already held).
@@ -130,6 +146,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._grow(req, total + self.lookahead)
+            if req.scheduled_at is None:
+                req.scheduled_at = time.perf_counter()
             self.running.append(req)
             end = min(total, req.num_cached + budget)
             reqs.append(req)

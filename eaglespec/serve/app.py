@@ -36,7 +36,6 @@ class ServedModel:
     tokenizer: object
     vocab_size: int
     max_model_len: int  # prompt + generated tokens
-    lookahead: int  # cache slots a step may write past the sequence (prompt + this must fit)
     aliases: tuple[str, ...] = ()
 
 
@@ -160,9 +159,9 @@ def build_app(engine: EngineThread, served: ServedModel, metrics: ServerMetrics,
 
     def sampling(req, prompt_len: int, default_max: int | None, index: int) -> SamplingParams:
         room = served.max_model_len - prompt_len
-        if prompt_len + served.lookahead > served.max_model_len:
+        if prompt_len >= served.max_model_len:
             raise APIError(400, f"this model's maximum context length is {served.max_model_len} tokens; the "
-                           f"prompt has {prompt_len} (and a step needs {served.lookahead} more)",
+                           f"prompt has {prompt_len}, leaving no room to generate",
                            param="prompt", code="context_length_exceeded")
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max or room
         if max_tokens > room:

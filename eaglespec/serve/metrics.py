@@ -21,11 +21,12 @@ class ServerMetrics:
         self.kv_in_use = Gauge("eaglespec_kv_blocks_in_use", "KV cache blocks held by requests", registry=r)
         self.kv_total = Gauge("eaglespec_kv_blocks_total", "KV cache blocks in the pool", registry=r)
         self.steps = Counter("eaglespec_engine_steps", "Engine steps by kind", ["kind"], registry=r)
-        self.target_forwards = Counter("eaglespec_target_forwards", "Target forwards of finished requests "
-                                       "(tau = generation tokens of finished requests / this)", registry=r)
-        self.finished_tokens = Counter("eaglespec_finished_generation_tokens", "Tokens of finished requests",
-                                       registry=r)
-        self.tau = Gauge("eaglespec_tau", "Tokens emitted per target forward, over finished requests", registry=r)
+        self.decode_forwards = Counter("eaglespec_decode_forwards", "Decoding target forwards (plain or "
+                                       "speculative steps) of finished requests", registry=r)
+        self.decode_tokens = Counter("eaglespec_decode_tokens", "Tokens those forwards emitted (tau = "
+                                     "decode_tokens / decode_forwards)", registry=r)
+        self.tau = Gauge("eaglespec_tau", "Tokens emitted per decoding target forward, over finished requests",
+                         registry=r)
         self.proposed = Counter("eaglespec_spec_proposed", "Speculative steps that proposed a draft at this depth",
                                 ["depth"], registry=r)
         self.accepted = Counter("eaglespec_spec_accepted", "Drafts accepted at this depth", ["depth"], registry=r)
@@ -57,11 +58,11 @@ class ServerMetrics:
         n = delta.num_output_tokens
         if handle.first_token_at is not None and n > 1:
             self.tpot.observe((now - handle.first_token_at) / (n - 1))
-        forwards = delta.stats.get("target_forwards", 0)
+        forwards, tokens = delta.stats.get("decode_forwards", 0), delta.stats.get("decode_tokens", 0)
         if forwards:
-            self.target_forwards.inc(forwards)
-            self.finished_tokens.inc(n)
-            self._tau_totals[0] += n
+            self.decode_forwards.inc(forwards)
+            self.decode_tokens.inc(tokens)
+            self._tau_totals[0] += tokens
             self._tau_totals[1] += forwards
             self.tau.set(self._tau_totals[0] / self._tau_totals[1])
         for d, (acc, prop) in enumerate(zip(delta.accepted_per_depth, delta.proposed_per_depth)):

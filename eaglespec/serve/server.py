@@ -50,7 +50,7 @@ def build_server_app(llm, served_model_name: str | None = None, max_body_bytes: 
     metrics = ServerMetrics(name, tree, depth)
     engine = EngineThread(core, metrics)
     served = ServedModel(name=name, tokenizer=llm.tokenizer, vocab_size=llm.model.config.vocab_size,
-                         max_model_len=llm.engine_config.max_model_len, lookahead=core.scheduler.lookahead)
+                         max_model_len=llm.engine_config.max_model_len)
     engine.start()
     return build_app(engine, served, metrics, max_body_bytes), engine
 
