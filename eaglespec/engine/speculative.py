@@ -36,7 +36,8 @@ class SpeculativeRunner:
         # The head's cache shares block ids with the target: pair t sits where token t does.
         self.cache = KVCache.allocate(lc.num_layers, runner.cache.num_blocks, runner.cfg.block_size,
                                       lc.num_kv_heads, lc.head_dim, dtype, dev)
-        self.drafter = Drafter(head, self.shape, self.cache, runner.backend, default_scale(lc.head_dim),
+        self.vocab = head.draft_vocab(spec.draft_vocab_size)  # the [N, H] rows gathered once, here
+        self.drafter = Drafter(head, self.vocab, self.shape, self.cache, runner.backend, default_scale(lc.head_dim),
                                fused_rows=runner.cfg.fused_rows)
         num_slots = 2 * runner.cfg.max_batch_size + 1  # the last one is the padding rows' slot
         self.pad_slot = num_slots - 1
@@ -121,10 +122,10 @@ class SpeculativeRunner:
         rows = StepRows(x["packed"], self.runner.max_blocks_per_seq)
         slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], rows.block_tables
         counts = self.pending_count.index_select(0, slot_ids)
-        hidden, logits = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
+        hidden, last = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
                                              self.pending_tok.index_select(0, slot_ids), counts,
                                              lens - counts.to(lens.dtype), tables)
-        tree = self.drafter.build(hidden, logits, rows["input_ids"], lens, tables)
+        tree = self.drafter.build(hidden, last, rows["input_ids"], lens, tables)
         res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy, self.feature,
                           self.shape.depth, self.runner.scale, self.runner.backend, self.runner.cfg.fused_rows)
         self.pending_feat.index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
