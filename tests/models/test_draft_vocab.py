@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from eaglespec.bench.e2e import parse_draft_vocabs
 from eaglespec.config import SpecConfig
 from eaglespec.models.eagle import EagleConfig, build_head, load_head, save_head
 from eaglespec.spec.drafter import Drafter
@@ -111,3 +112,11 @@ def test_head_forward_gives_the_projection_input(target):
     own = head.draft_to_target().tolist()
     cols = [own.index(t) for t in vocab.to_target.tolist()]
     torch.testing.assert_close(vocab.logits(out.last), head.logits(out)[:, cols])
+
+
+def test_benchmark_draft_vocab_lists():
+    assert parse_draft_vocabs("4k,8192, 16K,full") == [4096, 8192, 16384, None]
+    assert parse_draft_vocabs("") == [None]
+    for bad in ("0", "big", "-4k"):
+        with pytest.raises(ValueError, match="--draft-vocab"):
+            parse_draft_vocabs(bad)
