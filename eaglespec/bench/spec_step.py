@@ -6,6 +6,8 @@ CUDA graph and timed by replaying it (median of CUDA-event timings). Reported pe
   decode_ms   plain decode step (one token per sequence)
   verify_ms   target forward over the tree (two-pass tree attention) + acceptance + commit
   step_ms     the whole speculative step: head extend, drafting, verify, accept, commit
+  *_census    kernels launched by one eager run of the step (graphs off, torch.profiler) and the
+              sum of their device time: a step bound by launches shows many kernels, little time
 Random weights accept almost nothing, so tokens/s is also reported at *forced* acceptance
 lengths tau = 2..5 (tokens per step = tau, clearly not measured acceptance).
 ``--draft-vocab 32768,full``: each tree once per draft vocabulary size (the random head gets a
@@ -57,6 +59,24 @@ def time_graph(fn, reps: int = 30) -> float:
     return times[len(times) // 2]
 
 
+def kernel_census(fn) -> dict:
+    """Device work of one eager run of ``fn`` (graphs off), from torch.profiler: kernels launched,
+    memory copies and sets, and the sum of their device time (CUDA only; None elsewhere)."""
+    if not torch.cuda.is_available():
+        return {"kernels": None, "copies_and_sets": None, "device_us": None}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = [e for e in events if e.name.lower().startswith(("memcpy", "memset"))]
+    device_us = sum(getattr(e, "device_time", 0.0) for e in events)
+    return {"kernels": len(events) - len(copies), "copies_and_sets": len(copies), "device_us": device_us}
+
+
 def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeBatch:
     """A random tree of ``nodes`` draft nodes (plus the root) no deeper than ``depth``."""
     gen = torch.Generator().manual_seed(nodes)
@@ -74,6 +94,23 @@ def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeB
     return TreeBatch(tokens, par, dep, ancestor_bits_from_parents(par, depth))
 
 
+def prefill_all(llm: LLM, batch: int) -> list:
+    """Prefill every waiting request (the head too), however many ``schedule()`` calls the
+    prefill token budget needs; check that ``batch`` requests are running, each with its whole
+    prompt cached, so every row of the timed step is a real sequence and not padding."""
+    while llm.scheduler.waiting:
+        scheduled = llm.scheduler.schedule()
+        if scheduled is None or scheduled.kind != "prefill":
+            raise RuntimeError("spec_step: the KV pool cannot hold every request's prompt; lower --batches or --context")
+        for r, toks in zip(scheduled.requests, llm._prefill(scheduled.requests)):
+            r.append_tokens(toks, ())
+    reqs = list(llm.scheduler.running)
+    if len(reqs) != batch or any(r.num_cached != len(r.all_ids) - 1 for r in reqs):
+        raise RuntimeError(f"spec_step: expected {batch} prefilled sequences, have {len(reqs)} running "
+                           f"({sum(r.num_cached == len(r.all_ids) - 1 for r in reqs)} fully cached)")
+    return reqs
+
+
 def tree_specs(max_nodes: int) -> list[str]:
     specs = ["chain:1", "chain:3", "dynamic:3,2,4", "dynamic:4,4,8", "dynamic:5,4,16", "dynamic:6,6,32",
              "dynamic:6,8,48", "dynamic:7,8,60"]
@@ -86,7 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--max-nodes", type=int, default=64)
-    ap.add_argument("--trees", default="", help="';'-separated trees (default: a family from chain:1 to 60 nodes)")
+    ap.add_argument("--trees", default="", help="';'-separated trees (default: a family up to --max-nodes)")
     ap.add_argument("--draft-vocab", default="full",
                     help="comma-separated draft vocabulary sizes, e.g. 32768,full (each tree runs with each)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -114,19 +151,18 @@ def main(argv=None) -> None:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist() for _ in range(batch)]
             ids = [llm.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
-            scheduled = llm.scheduler.schedule()  # prefill all of them (the head too)
-            reqs = scheduled.requests
-            for r, toks in zip(reqs, llm._prefill(reqs)):
-                r.append_tokens(toks, ())
+            reqs = prefill_all(llm, batch)
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
             graphs = sr.graphs[True]
             llm.runner.stage_inputs(graphs, reqs, bucket, [sr._slot(r) for r in reqs])
             step_ms = time_graph(lambda: graphs.run(bucket))
+            step_census = kernel_census(lambda: graphs.fn(graphs.inputs(bucket)))
             decode_graphs = llm.runner.decode_graphs[True]
             llm.runner.stage_inputs(decode_graphs, reqs, bucket)
             decode_ms = time_graph(lambda: decode_graphs.run(bucket))
+            decode_census = kernel_census(lambda: decode_graphs.fn(decode_graphs.inputs(bucket)))
             # Verify alone: a fixed random tree of the same size through target + accept + commit.
             tree = random_tree(batch, sr.shape.num_nodes, sr.shape.depth, cfg.vocab_size, device)
             rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq)
@@ -145,6 +181,7 @@ def main(argv=None) -> None:
                    "decode_ms": decode_ms,
                    "verify_ms": verify_ms, "step_ms": step_ms, "verify_over_decode": verify_ms / decode_ms,
                    "step_over_decode": step_ms / decode_ms,
+                   "step_census": step_census, "decode_census": decode_census,
                    "forced_tokens_per_s": {str(t): 1000 * t * batch / step_ms for t in (2, 3, 4, 5)
                                            if t <= sr.shape.depth + 1},
                    "plain_tokens_per_s": 1000 * batch / decode_ms}
@@ -152,7 +189,8 @@ def main(argv=None) -> None:
             print(f"{spec_str:>15s} ({row['nodes']:2d} nodes, vocab {sr.vocab.size:6d}) batch {batch:3d}: "
                   f"decode {decode_ms:6.2f} ms, "
                   f"verify {verify_ms:6.2f} ms ({row['verify_over_decode']:.2f}x), step {step_ms:6.2f} ms "
-                  f"({row['step_over_decode']:.2f}x)", flush=True)
+                  f"({row['step_over_decode']:.2f}x); kernels: step {step_census['kernels']}, "
+                  f"decode {decode_census['kernels']}", flush=True)
             write_result(name, {"context": args.context, "rows": rows, "note": NOTE},
                          device, args.out)
             for r in reqs:

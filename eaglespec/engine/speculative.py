@@ -37,8 +37,7 @@ class SpeculativeRunner:
         self.cache = KVCache.allocate(lc.num_layers, runner.cache.num_blocks, runner.cfg.block_size,
                                       lc.num_kv_heads, lc.head_dim, dtype, dev)
         self.vocab = head.draft_vocab(spec.draft_vocab_size)  # the [N, H] rows gathered once, here
-        self.drafter = Drafter(head, self.vocab, self.shape, self.cache, runner.backend, default_scale(lc.head_dim),
-                               fused_rows=runner.cfg.fused_rows)
+        self.drafter = Drafter(head, self.vocab, self.shape, self.cache, runner.backend, default_scale(lc.head_dim))
         num_slots = 2 * runner.cfg.max_batch_size + 1  # the last one is the padding rows' slot
         self.pad_slot = num_slots - 1
         self.pending_feat = torch.zeros(num_slots, self.width, head.config.feature_size, dtype=dtype, device=dev)
@@ -127,7 +126,7 @@ class SpeculativeRunner:
                                              lens - counts.to(lens.dtype), tables)
         tree = self.drafter.build(hidden, last, rows["input_ids"], lens, tables)
         res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy, self.feature,
-                          self.shape.depth, self.runner.scale, self.runner.backend, self.runner.cfg.fused_rows)
+                          self.shape.depth, self.runner.scale, self.runner.backend)
         self.pending_feat.index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
         self.pending_tok.index_copy_(0, slot_ids, res.accept.tokens.clamp_min(0))
         self.pending_count.index_copy_(0, slot_ids, res.accept.num_emitted)

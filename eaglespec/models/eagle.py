@@ -230,6 +230,8 @@ class EagleHead(nn.Module):
         if own_ids is None:
             rows = ranking[:size]
         else:  # EAGLE-3: its own rows, ordered by the rank of their target token
+            if int(own_ids.min()) < 0 or int(own_ids.max()) >= ranking.numel():
+                raise ValueError("d2t maps draft ids outside the target vocabulary: cannot rank them")
             rank_of = torch.empty_like(ranking)
             rank_of[ranking] = torch.arange(ranking.numel(), device=ranking.device)
             rows = torch.sort(rank_of[own_ids], stable=True).indices[:size]
@@ -238,13 +240,11 @@ class EagleHead(nn.Module):
         return DraftVocab(weight.index_select(0, rows).contiguous(), to_target)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionStep, cache: KVCache, use_triton: bool = False, fused_rows: int = 0) -> DraftOutput:
+                attn: AttentionStep, cache: KVCache, use_triton: bool = False) -> DraftOutput:
         """features [T, feature_size] (target features) or [T, H] (the head's own hidden);
         tokens/positions [T]. Returns the new hidden [T, H] and the output projection's input
         [T, H] (``DraftVocab.logits`` or ``logits`` make the draft logits).
-        use_triton: element-wise ops on the fused Triton kernels (as in LlamaForCausalLM); with
-        fused_rows, EAGLE-1 layers of steps of at most that many tokens run on the fused product
-        kernels."""
+        use_triton: element-wise ops on the fused Triton kernels (as in LlamaForCausalLM)."""
         emb = F.embedding(tokens, self.embed_weight)
         dtype = self.fc.weight.dtype
         emb = emb.to(dtype)
@@ -252,10 +252,7 @@ class EagleHead(nn.Module):
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))
-            if use_triton and tokens.shape[0] <= fused_rows:
-                for i, layer in enumerate(self.layers):
-                    h = layer.forward_rows(h, cos, sin, i, attn, cache)
-            elif use_triton:
+            if use_triton:
                 residual = None
                 for i, layer in enumerate(self.layers):
                     h, residual = layer.forward_fused(h, residual, cos, sin, i, attn, cache)
@@ -292,6 +289,9 @@ class EagleHead(nn.Module):
                     continue
                 if name == "t2d":
                     t = t.bool()
+                elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{source}: tensor {name!r} holds non-finite values (NaN or inf); "
+                                     f"a draft head needs finite weights")
                 yield name, t
         load_named_tensors(self, filtered(), self.fused_slices(), source, what=f"an {self.config.kind} head")
         if self.config.kind == "eagle3":

@@ -27,7 +27,7 @@ from torch import nn
 
 from eaglespec.config import LlamaConfig
 from eaglespec.models.attention_step import AttentionStep, KVCache
-from eaglespec.ops import fused, fused_linear, gemv
+from eaglespec.ops import fused, gemv
 
 
 class RMSNorm(nn.Module):
@@ -167,24 +167,6 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = add_rms_norm(self.post_attention_layernorm, a, residual)
         return self.mlp.forward_fused(h), residual
 
-    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                     attn: AttentionStep, cache: KVCache) -> torch.Tensor:
-        """A few tokens [T, H] through the layer on the fused product kernels (norms, RoPE, the
-        cache store when the step has slots, SwiGLU and residual adds inside the products).
-        Returns the layer's output [T, H]."""
-        t = x.shape[0]
-        sa, mlp = self.self_attn, self.mlp
-        norm_in = self.input_layernorm.weight if isinstance(self.input_layernorm, RMSNorm) else None
-        slots = attn.kv_slots
-        caches = (None, None) if slots is None else (cache.k[layer], cache.v[layer])
-        q, k, v = fused_linear.qkv_rope_linear(sa.qkv_proj.weight, x, norm_in, _eps(self.input_layernorm), cos, sin,
-                                               sa.num_heads, sa.num_kv_heads, *caches, slots)
-        out = attn.attend(layer, q, k, v, cache, kv_written=slots is not None)
-        h = fused_linear.linear(sa.o_proj.weight, out.reshape(t, -1), residual=x)
-        norm = self.post_attention_layernorm
-        act = fused_linear.silu_mul_linear(mlp.gate_up_proj.weight, h, norm.weight, norm.eps)
-        return fused_linear.linear(mlp.down_proj.weight, act, residual=h)
-
     def forward_single_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                              attn: AttentionStep, cache: KVCache) -> torch.Tensor:
         """One token [1, H] through the layer on the fused matrix-vector kernels; K/V go to the
@@ -235,23 +217,20 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                 cache: KVCache, logits_rows: torch.Tensor | None = None,
-                want_hidden: bool = False, want_taps: bool = False, use_triton: bool = False,
-                fused_rows: int = 0) -> ModelOutput:
+                want_hidden: bool = False, want_taps: bool = False, use_triton: bool = False) -> ModelOutput:
         """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None).
 
         use_triton: run the element-wise ops on the fused Triton kernels (CUDA, or the CPU under
         TRITON_INTERPRET=1); the torch path is the reference.
-        fused_rows: with use_triton, steps of at most this many tokens run their layers on the
-        fused product kernels (``ops.fused_linear``); a single token whose K/V go to the cache
-        and that wants only logits runs on the matrix-vector kernels (``ops.gemv``).
+        With use_triton, a single token whose K/V go to the cache and that wants only logits
+        runs on the matrix-vector kernels (``ops.gemv``).
         """
         t = input_ids.shape[0]
-        if (use_triton and fused_rows >= 1 and t == 1 and logits_rows is None
+        if (use_triton and t == 1 and logits_rows is None
                 and not want_hidden and not want_taps and attn.kv_slots is not None):
             return self._forward_single_token(input_ids, positions, attn, cache)
         if use_triton:
-            return self._forward_fused(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps,
-                                       fused_layers=1 <= t <= fused_rows)
+            return self._forward_fused(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         tap_layers = self.config.eagle3_layers if want_taps else ()
@@ -269,9 +248,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                        cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
-                       want_taps: bool, fused_layers: bool = False) -> ModelOutput:
-        """``forward`` on the Triton path (same results up to kernel rounding); ``fused_layers``
-        runs each layer on the fused product kernels."""
+                       want_taps: bool) -> ModelOutput:
+        """``forward`` on the Triton path (same results up to kernel rounding)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # once for all layers
         residual = None
@@ -280,10 +258,7 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if i in tap_layers:  # the layer's input is only formed inside its norm: form it here
                 layer_inputs[i] = x if residual is None else x + residual
-            if fused_layers:
-                x = layer.forward_rows(x, cos, sin, i, attn, cache)
-            else:
-                x, residual = layer.forward_fused(x, residual, cos, sin, i, attn, cache)
+            x, residual = layer.forward_fused(x, residual, cos, sin, i, attn, cache)
         taps = torch.cat([layer_inputs[i] for i in tap_layers], dim=-1) if want_taps else None
         if logits_rows is not None:  # the final norm is row-wise: normalise the selected rows only
             x = x.index_select(0, logits_rows)

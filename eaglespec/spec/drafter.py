@@ -47,6 +47,20 @@ class DraftTreeStep(AttentionStep):
         return out.reshape(bsz * width, *out.shape[2:]).to(q.dtype)
 
 
+# Floor of a sanitised draft log-probability: finite, so cumulative scores stay ordered.
+DRAFT_LOGP_FLOOR = -1e4
+
+
+def draft_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax of draft logits with NaN and inf mapped into [DRAFT_LOGP_FLOOR, 0].
+
+    A broken head (NaN or inf weights) must only cost speed: its scores still rank children
+    and order the tree, and the tree stays a tree. On the device, no host synchronisation.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return torch.nan_to_num(logp, nan=DRAFT_LOGP_FLOOR, posinf=0.0, neginf=DRAFT_LOGP_FLOOR).clamp(DRAFT_LOGP_FLOOR, 0.0)
+
+
 def chain_bits(n: int, device) -> torch.Tensor:
     """[n] int64: row i sees rows 0..i (a causal chain as an ancestor mask)."""
     return (torch.ones((), dtype=torch.int64, device=device) << (torch.arange(n, device=device) + 1)) - 1
@@ -57,18 +71,18 @@ class Drafter:
     the static tree shape."""
 
     def __init__(self, head: EagleHead, vocab: DraftVocab, shape: TreeShape, cache: KVCache, backend: str,
-                 scale: float, fused_rows: int = 0):
+                 scale: float):
         widest = max(shape.branch, shape.frontier[0] if shape.kind == "static" else 0)
         if vocab.size < widest:
             raise ValueError(f"draft vocabulary of {vocab.size} tokens is smaller than the tree's {widest} "
                              f"children per node")
         self.head = head
         self.vocab = vocab
-        self.fused_rows = fused_rows  # head steps of at most this many tokens use the fused products
         self.shape = shape
         self.cache = cache
         self.backend = backend
         self.scale = scale
+        self.vocab_size = head.config.layer.vocab_size  # the target's vocabulary
         # Static trees: which candidates of each level are nodes, as device tensors made once
         # (a host-to-device copy inside a CUDA-graph capture is not allowed).
         self.static_columns: list[torch.Tensor] = []
@@ -96,7 +110,7 @@ class Drafter:
         step = TreeStep(block_tables, prefix_lens, bits, self.scale, self.backend)
         positions = prefix_lens[:, None].long() + torch.arange(width, device=tokens.device)
         out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache,
-                        use_triton=self.backend == "triton", fused_rows=self.fused_rows)
+                        use_triton=self.backend == "triton")
         nodes = torch.arange(width, device=tokens.device).expand(bsz, width)
         nodes = torch.where(nodes < counts[:, None], nodes, torch.full_like(nodes, -1))
         commit_tree_kv(self.cache, *step.stacked(), nodes, prefix_lens, block_tables)
@@ -107,10 +121,11 @@ class Drafter:
     def _children(self, last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best children of each row: draft log-probabilities [T, k] over the draft
         vocabulary, and their target ids [T, k]. The one place where the draft vocabulary's
-        [N, H] projection and its id map are applied."""
-        logp = F.log_softmax(self.vocab.logits(last), dim=-1)
-        values, draft_ids = torch.topk(logp, k, dim=-1)
-        return values, self.vocab.target_ids(draft_ids)
+        [N, H] projection and its id map are applied. Ids are clamped into the target
+        vocabulary: a head mapping outside it proposes some in-vocabulary token instead, which
+        verification judges like any other."""
+        values, draft_ids = torch.topk(draft_log_probs(self.vocab.logits(last)), k, dim=-1)
+        return values, self.vocab.target_ids(draft_ids).clamp(0, self.vocab_size - 1)
 
     def build(self, hidden_root: torch.Tensor, last_root: torch.Tensor, root_tokens: torch.Tensor,
               cached_lens: torch.Tensor, block_tables: torch.Tensor) -> TreeBatch:
@@ -147,7 +162,7 @@ class Drafter:
             step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, slot, f_bits, self.scale, self.backend)
             positions = (cached_lens[:, None].long() + d - 1).expand(bsz, width).contiguous()
             out = self.head(f_hidden.reshape(bsz * width, -1), f_tokens.reshape(-1), positions.reshape(-1),
-                            step, self.cache, use_triton=self.backend == "triton", fused_rows=self.fused_rows)
+                            step, self.cache, use_triton=self.backend == "triton")
             child_v, child_tokens = self._children(out.last, shape.branch)
             cand_scores = (f_scores[:, :, None] + child_v.view(bsz, width, -1)).reshape(bsz, -1)
             cand_tokens = child_tokens.view(bsz, -1)

@@ -25,19 +25,17 @@ class VerifyResult:
 
 def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cached_lens: torch.Tensor,
                 block_tables: torch.Tensor, st: SamplingTensors, greedy: bool, feature: str,
-                max_depth: int, scale: float, backend: str, fused_rows: int = 0) -> VerifyResult:
+                max_depth: int, scale: float, backend: str) -> VerifyResult:
     """Target forward over every node, acceptance, and commit of the accepted path's K/V.
 
     cached_lens [B] = L (the root sits at position L); ``feature`` is "hidden" (EAGLE-1) or
-    "taps" (EAGLE-3): which target features the head reads next. ``fused_rows``: as in
-    ``LlamaForCausalLM.forward``.
+    "taps" (EAGLE-3): which target features the head reads next.
     """
     bsz, n = tree.tokens.shape
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
     positions = cached_lens[:, None].long() + tree.depth
     out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
-                 want_hidden=feature == "hidden", want_taps=feature == "taps", use_triton=backend == "triton",
-                 fused_rows=fused_rows)
+                 want_hidden=feature == "hidden", want_taps=feature == "taps", use_triton=backend == "triton")
     logits = out.logits.view(bsz, n, -1)
     if greedy:
         # One argmax over every node, then the accepted path from bit masks (no per-depth walk).
