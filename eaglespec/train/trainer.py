@@ -758,12 +758,13 @@ class _Window:
 
 
 def speculative_llm(target: LlamaForCausalLM, head: EagleHead, tree: str, tokenizer=None, engine=None,
-                    eos_ids: tuple[int, ...] = ()):
-    """An LLM that drafts with ``head`` over ``tree`` (engine defaults unless given)."""
+                    eos_ids: tuple[int, ...] = (), draft_vocab_size: int | None = None):
+    """An LLM that drafts with ``head`` over ``tree`` (engine defaults unless given) and over
+    ``draft_vocab_size`` of its most frequent tokens (None: the head's default)."""
     from eaglespec.engine.llm import LLM
 
-    return LLM.from_model(target, tokenizer=tokenizer, draft=head, spec=SpecConfig(tree=tree), engine=engine,
-                          eos_ids=eos_ids)
+    return LLM.from_model(target, tokenizer=tokenizer, draft=head, engine=engine, eos_ids=eos_ids,
+                          spec=SpecConfig(tree=tree, draft_vocab_size=draft_vocab_size))
 
 
 def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree: str | None = None) -> dict:
@@ -777,7 +778,8 @@ def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree:
     if llm.speculative is None:
         raise ValueError("evaluate_tau needs an LLM with a draft head")
     if tree is not None and tree != llm.spec_config.tree:
-        llm = speculative_llm(llm.model, llm.speculative.head, tree, llm.tokenizer, llm.engine_config, llm.eos_ids)
+        llm = speculative_llm(llm.model, llm.speculative.head, tree, llm.tokenizer, llm.engine_config, llm.eos_ids,
+                              llm.spec_config.draft_vocab_size)
     params = params or SamplingParams(max_tokens=128)
     start = time.perf_counter()
     outs = llm.generate(list(prompts), params)
