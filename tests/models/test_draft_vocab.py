@@ -11,11 +11,11 @@ import torch
 from eaglespec.bench.e2e import parse_draft_vocabs
 from eaglespec.config import SpecConfig
 from eaglespec.models.eagle import EagleConfig, build_head, load_head, save_head
-from eaglespec.spec.drafter import Drafter
-from eaglespec.spec.tree import parse_tree
+from eaglespec.speculative.drafter import Drafter
+from eaglespec.speculative.tree import parse_tree
 from eaglespec.train.trainer import DenseCausalStep
 from tests.conftest import random_model, tiny_config
-from tests.spec.test_speculative_greedy import eagle1_head, eagle3_head
+from tests.speculative.test_speculative_greedy import eagle1_head, eagle3_head
 
 VOCAB = 97
 

@@ -24,7 +24,7 @@ from eaglespec.train.trainer import (DenseCausalStep, TrainConfig, Trainer, TTTS
                                      speculative_llm, target_forward)
 from eaglespec.train.token_ranking import rank_tokens
 from tests.conftest import random_model, small_engine, tiny_config
-from tests.spec.test_speculative_greedy import predictable_target
+from tests.speculative.test_speculative_greedy import predictable_target
 
 VOCAB = 61
 

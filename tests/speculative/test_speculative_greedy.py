@@ -10,7 +10,7 @@ import torch
 from eaglespec.config import LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from eaglespec.models.eagle import EagleConfig, build_head
-from eaglespec.spec.drafter import Drafter
+from eaglespec.speculative.drafter import Drafter
 from eaglespec.train.token_ranking import rank_tokens
 from tests.conftest import needs_triton_kernels, random_model, small_engine, tiny_config
 
