@@ -40,7 +40,9 @@ class SpeculativeRunner:
         # The head's cache shares block ids with the target: pair t sits where token t does.
         self.cache = KVCache.allocate(lc.num_layers, runner.cache.num_blocks, runner.cfg.block_size,
                                       lc.num_kv_heads, lc.head_dim, dtype, dev)
-        self.drafter = Drafter(self.head, self.shape, self.cache, runner.backend, default_scale(lc.head_dim))
+        self.vocab = self.head.draft_vocab(spec.draft_vocab_size)  # the [N, H] rows gathered once, here
+        self.drafter = Drafter(self.head, self.vocab, self.shape, self.cache, runner.backend,
+                               default_scale(lc.head_dim))
         num_slots = 2 * runner.cfg.max_batch_size + 1  # the last one is the padding rows' slot
         self.pad_slot = num_slots - 1
         self.pending_feat = torch.zeros(num_slots, self.width, head.config.feature_size, dtype=dtype, device=dev)
@@ -134,10 +136,10 @@ class SpeculativeRunner:
         rows = StepRows(x["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], rows.block_tables
         counts = self.pending_count.index_select(0, slot_ids)
-        hidden, logits = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
-                                             self.pending_tok.index_select(0, slot_ids), counts,
-                                             lens - counts.to(lens.dtype), tables)
-        tree = self.drafter.build(hidden, logits, rows["input_ids"], lens, tables)
+        hidden, last = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
+                                           self.pending_tok.index_select(0, slot_ids), counts,
+                                           lens - counts.to(lens.dtype), tables)
+        tree = self.drafter.build(hidden, last, rows["input_ids"], lens, tables)
         res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy,
                           self.feature, self.shape.depth, self.runner.scale, self.runner.backend)
         self.pending_feat.index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
