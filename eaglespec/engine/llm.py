@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import random
 from typing import Iterator, Sequence
 
@@ -121,24 +122,40 @@ class LLM:
 
     # ------------------------------------------------------------------ requests
 
-    def _encode(self, prompt: Prompt) -> list[int]:
+    def _encode(self, prompt: Prompt, what: str = "prompt") -> list[int]:
+        """Token ids of a prompt (text, or token ids checked against the vocabulary)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this LLM has no tokenizer: give prompts as lists of token ids")
-            return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
+                raise ValueError(f"{what} is text but this model has no tokenizer (no tokenizer.json next to "
+                                 f"its weights): give it as a list of token ids")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise ValueError(f"{what} is empty: it must hold at least one token")
+            return ids
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.dtype.is_floating_point:
+            prompt = prompt.tolist()
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError(f"{what} is {type(prompt).__name__}: decode it to str, or give a list of token ids")
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"{what} must be a string or a list of int token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError(f"{what} is empty: it must hold at least one token")
         vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        return ids
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"{what}: token ids must be ints, got {t!r} ({type(t).__name__}) at position {i}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"{what}: token id {t} at position {i} is out of range [0, {vocab})")
+        return [int(t) for t in prompt]
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, what: str = "prompt") -> int:
         from eaglespec.tokenizer import IncrementalDetokenizer
 
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams or None, got {type(params).__name__}")
         params = params or SamplingParams()
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = Request(next(self._ids), self._encode(prompt), params, seed,
+        req = Request(next(self._ids), self._encode(prompt, what), params, seed,
                       IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None)
         self._requests[req.request_id] = req
         self.scheduler.add(req)
@@ -243,12 +260,16 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[Output]:
         """Generate for a batch of prompts (strings or token-id lists), continuously batched."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        plist = params if isinstance(params, list) else [params] * len(prompts)
+        prompts = _prompt_list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        encoded = []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):  # every request checked before any runs
+            encoded.append(self._encode(p, f"prompts[{i}]"))
+            if sp is not None and not isinstance(sp, SamplingParams):
+                raise TypeError(f"params[{i}] must be a SamplingParams or None, got {type(sp).__name__}")
+        ids = [self.add_request(p, sp, f"prompts[{i}]") for i, (p, sp) in enumerate(zip(encoded, plist))]
         self._drain()
         return [self._requests.pop(i).to_output() for i in ids]
 
@@ -268,11 +289,33 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Output:
         """Apply the chat template to one conversation and generate the assistant's reply."""
+        from eaglespec.tokenizer import chat_messages
+
+        messages = chat_messages(messages)
         if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
+            raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json next to its "
+                             "weights)")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate([self.tokenizer.encode(text)], params)[0]
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """The target's full-sequence logits [T, vocab] (fp32)."""
-        return self.runner.full_logits(self._encode(token_ids))
+        ids = self._encode(token_ids, "token_ids")
+        limit = self.engine_config.max_model_len
+        if len(ids) > limit:
+            raise ValueError(f"token_ids: {len(ids)} tokens, more than max_model_len ({limit})")
+        return self.runner.full_logits(ids)
+
+
+def _prompt_list(prompts) -> list:
+    """``prompts`` as a list of prompts: one string or token-id list becomes a list of one."""
+    if isinstance(prompts, str) or isinstance(prompts, torch.Tensor) and prompts.dim() == 1:
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):
+        raise TypeError("prompts is bytes: decode it to str, or give a list of token ids")
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a list of int token ids, or a list of those; "
+                        f"got {type(prompts).__name__}")
+    if prompts and isinstance(prompts[0], numbers.Number) and not isinstance(prompts[0], bool):
+        return [prompts]
+    return list(prompts)
