@@ -244,7 +244,7 @@ class EngineConfig:
     kv_cache_tokens: int = 16384  # CPU default pool size in tokens when num_blocks is 0
     gpu_memory_fraction: float = 0.6  # of free memory after the weights; the rest serves graphs and tree logits
     max_batch_size: int = 64
-    max_model_len: int = 4096
+    max_model_len: int = 0  # most tokens of a sequence (prompt + output); 0: the model's max_position_embeddings
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
@@ -258,3 +258,6 @@ class EngineConfig:
                              f"got {self.attention_backend!r}")
         if self.max_batch_size < 1:
             raise ValueError("EngineConfig.max_batch_size must be >= 1")
+        if isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 0:
+            raise ValueError(f"EngineConfig.max_model_len must be an integer >= 1 (or 0 for the model's "
+                             f"context length), got {self.max_model_len!r}")

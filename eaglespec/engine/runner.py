@@ -102,7 +102,10 @@ class DecodeFlight:
 class ModelRunner:
     """Owns the target model's KV cache and runs its forward passes."""
 
-    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, device: torch.device):
+    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, device: torch.device, lookahead: int = 1):
+        """lookahead: cache positions one step writes from a sequence's last cached token (1 for
+        plain decoding, depth + 1 for a speculative tree); block tables are wide enough for a
+        sequence one token short of ``max_model_len`` to take such a step."""
         self.model = model
         self.cfg = cfg
         self.device = device
@@ -115,7 +118,7 @@ class ModelRunner:
         self.cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads,
                                       mc.head_dim, self.dtype, device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size)
-        self.max_blocks_per_seq = (cfg.max_model_len + cfg.block_size - 1) // cfg.block_size
+        self.max_blocks_per_seq = self.allocator.blocks_needed(cfg.max_model_len - 1 + lookahead)
         self.buckets = bucket_sizes(cfg.max_batch_size)
         use_graphs = cfg.use_cuda_graphs and device.type == "cuda" and self.backend == "triton"
         self.use_graphs = use_graphs
@@ -164,7 +167,6 @@ class ModelRunner:
         tokens = sample(out.logits, request_sampling(reqs, dev))
         for r, n in zip(reqs, new_counts):
             r.num_cached += n
-            r.target_forwards += 1
         return tokens, out, new_counts
 
     # ------------------------------------------------------------------ decode
@@ -240,7 +242,6 @@ class ModelRunner:
             done.record()
         for r in reqs:
             r.num_cached += 1
-            r.target_forwards += 1
         return DecodeFlight(reqs, tokens, host, done)
 
     def _token_buffer(self, bucket: int) -> torch.Tensor:
