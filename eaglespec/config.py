@@ -230,6 +230,9 @@ class SpecConfig:
     tree: str = "dynamic:5,8,32"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tree, str):
+            raise TypeError(f"SpecConfig.tree must be a string (chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
+                            f"path), got {type(self.tree).__name__}")
         if not _TREE_SPEC.match(self.tree) and not self.tree.endswith(".json"):
             raise ValueError(f"SpecConfig.tree must be chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
                              f"path, got {self.tree!r}")

@@ -125,3 +125,8 @@ def test_python_dash_m_eaglespec_runs_the_cli():
     bad = subprocess.run([sys.executable, "-m", "eaglespec", "generate", "hi", "--draft", "none", "--tree",
                           "chain:3"], capture_output=True, text=True, cwd=root, env=env, timeout=300)
     assert bad.returncode == 2 and "turns speculation off" in bad.stderr
+
+
+def test_spec_config_tree_must_be_a_string():
+    with pytest.raises(TypeError, match=r"SpecConfig\.tree must be a string .*got int"):
+        SpecConfig(tree=3)
