@@ -28,8 +28,9 @@ from eaglespec.engine.llm import LLM
 from eaglespec.engine.runner import StepRows
 from eaglespec.models.eagle import EagleConfig, build_head
 from eaglespec.models.llama import build_model
-from eaglespec.spec.tree import TreeBatch, ancestor_bits_from_parents
-from eaglespec.spec.verifier import verify_tree
+from eaglespec.speculative.step import SPEC_ROWS
+from eaglespec.speculative.tree import TreeBatch, ancestor_bits_from_parents
+from eaglespec.speculative.verifier import verify_tree
 
 
 NOTE = ("random weights: acceptance is not measured here; forced_tokens_per_s assumes tau tokens per step "
@@ -146,7 +147,7 @@ def main(argv=None) -> None:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
             graphs = sr.graphs[True]
-            llm.runner.stage_inputs(graphs, reqs, bucket, [sr._slot(r) for r in reqs])
+            sr.stage_inputs(graphs, reqs, bucket)
             step_ms = time_graph(lambda: graphs.run(bucket))
             step_census = kernel_census(lambda: graphs.fn(graphs.inputs(bucket)))
             decode_graphs = llm.runner.decode_graphs[True]
@@ -155,14 +156,14 @@ def main(argv=None) -> None:
             decode_census = kernel_census(lambda: decode_graphs.fn(decode_graphs.inputs(bucket)))
             # Verify alone: a fixed random tree of the same size through target + accept + commit.
             tree = random_tree(batch, sr.shape.num_nodes, sr.shape.depth, cfg.vocab_size, device)
-            rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq)
+            rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq, SPEC_ROWS)
             tables = rows_in.block_tables
             lens = rows_in["cached_lens"]
             st = rows_in.sampling()
 
             def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):
-                res = verify_tree(target, llm.runner.cache, tree, lens, tables, st, True, "hidden", sr.shape.depth,
-                                  llm.runner.scale, llm.runner.backend)
+                res = verify_tree(llm.runner.model, llm.runner.cache, tree, lens, tables, st, True, "hidden",
+                                  sr.shape.depth, llm.runner.scale, llm.runner.backend)
                 return res.accept.tokens, res.accept.num_emitted
 
             vg = StepGraphs(verify_fn, lambda b: {}, device.type == "cuda")

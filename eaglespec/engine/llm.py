@@ -12,11 +12,11 @@ import torch
 
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.request import Output, Request
-from eaglespec.engine.runner import DecodeFlight, ModelRunner
+from eaglespec.engine.runner import DecodeFlight, ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
-from eaglespec.engine.speculative import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
+from eaglespec.speculative.step import SpeculativeRunner
 
 Prompt = str | Sequence[int]
 
@@ -72,7 +72,7 @@ def check_speculation_args(draft, spec, default_draft: bool) -> SpecConfig | Non
     A tree needs a draft head: with ``draft="none"``, or no head for this model, a given spec is
     an error rather than silently ignored. The tree itself is parsed (limits, choices file).
     """
-    from eaglespec.spec.tree import parse_tree
+    from eaglespec.speculative.tree import parse_tree
 
     if isinstance(spec, str):
         spec = SpecConfig(tree=spec)
@@ -125,7 +125,8 @@ class LLM:
         dt = resolve_dtype(dtype, self.device)
         ckpt = open_checkpoint(model_path, progress=progress)
         tokenizer, no_tokenizer_reason = load_tokenizer(ckpt)
-        target = build_model(ckpt.config, self.device, dt)
+        kernels = resolve_backend((engine or EngineConfig()).attention_backend, self.device)
+        target = build_model(ckpt.config, self.device, dt, kernels=kernels)
         target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
         tokenizer_eos = tokenizer.eos_ids if tokenizer is not None else ()
         eos = tuple(dict.fromkeys(ckpt.generation_eos_ids + tokenizer_eos + ckpt.config.eos_token_ids))
@@ -148,7 +149,7 @@ class LLM:
                no_tokenizer_reason: str = "") -> None:
         import dataclasses
 
-        from eaglespec.spec.tree import parse_tree
+        from eaglespec.speculative.tree import parse_tree
 
         self.model = target
         self.tokenizer = tokenizer

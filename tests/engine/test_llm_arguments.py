@@ -17,7 +17,7 @@ from eaglespec.engine.llm import LLM, check_speculation_args, is_default_model, 
 from eaglespec.models import loading
 from tests.conftest import random_model, small_engine
 from tests.models.test_loading import random_tensors, tiny_config, write_hf_dir
-from tests.spec.test_speculative_greedy import eagle1_head, predictable_target
+from tests.speculative.test_speculative_greedy import eagle1_head, predictable_target
 
 
 @pytest.fixture

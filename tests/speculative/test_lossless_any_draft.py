@@ -3,7 +3,7 @@
 Random, zero, NaN-holding, inf-holding and adversarial heads (out-of-vocabulary, negative and
 repeated proposed ids), on every tree kind: greedy speculative output equals plain greedy output
 at batch 1 and 4, and seeded sampling follows the target's exact distribution (chi-square, as in
-tests/ops/test_acceptance.py).
+tests/speculative/test_acceptance.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
-from eaglespec.ops.acceptance import accept_greedy_by_masks
 from eaglespec.ops.sampling import SamplingTensors, target_probs
-from eaglespec.spec.drafter import draft_log_probs
-from eaglespec.spec.tree import ancestor_bits_from_parents
+from eaglespec.speculative.acceptance import accept_greedy_by_masks
+from eaglespec.speculative.drafter import draft_log_probs
+from eaglespec.speculative.tree import ancestor_bits_from_parents
 from tests.conftest import small_engine
-from tests.ops.test_acceptance import chi_square
-from tests.spec.test_speculative_greedy import _prompts, eagle1_head, eagle3_head, predictable_target
+from tests.speculative.test_acceptance import chi_square
+from tests.speculative.test_speculative_greedy import _prompts, eagle1_head, eagle3_head, predictable_target
 
 VOCAB = 61
 

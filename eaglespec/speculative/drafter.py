@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eaglespec.kv_cache import commit_tree_kv
-from eaglespec.models.attention_step import AttentionStep, KVCache, TreeStep
+from eaglespec.kv_cache import KVCache, commit_tree_kv
+from eaglespec.models.attention_step import AttentionStep, TreeStep
 from eaglespec.models.eagle import EagleHead
 from eaglespec.ops import attention as ops
-from eaglespec.spec.tree import TreeBatch, TreeShape, select_tree
+from eaglespec.speculative.tree import TreeBatch, TreeShape, select_tree
 
 
 @dataclass(slots=True)
@@ -103,8 +103,7 @@ class Drafter:
         bits = chain_bits(width, tokens.device).expand(bsz, width).contiguous()
         step = TreeStep(block_tables, prefix_lens, bits, self.scale, self.backend)
         positions = prefix_lens[:, None].long() + torch.arange(width, device=tokens.device)
-        out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache,
-                        use_triton=self.backend == "triton")
+        out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache)
         nodes = torch.arange(width, device=tokens.device).expand(bsz, width)
         nodes = torch.where(nodes < counts[:, None], nodes, torch.full_like(nodes, -1))
         commit_tree_kv(self.cache, *step.stacked(), nodes, prefix_lens, block_tables)
@@ -155,7 +154,7 @@ class Drafter:
             step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, slot, f_bits, self.scale, self.backend)
             positions = (cached_lens[:, None].long() + d - 1).expand(bsz, width).contiguous()
             out = self.head(f_hidden.reshape(bsz * width, -1), f_tokens.reshape(-1), positions.reshape(-1),
-                            step, self.cache, use_triton=self.backend == "triton")
+                            step, self.cache)
             child_v, child_i = torch.topk(draft_log_probs(out.logits), shape.branch, dim=-1)
             cand_scores = (f_scores[:, :, None] + child_v.view(bsz, width, -1)).reshape(bsz, -1)
             cand_tokens = self._target_ids(child_i).view(bsz, -1)
