@@ -6,6 +6,8 @@ with a message naming the field.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -146,12 +148,15 @@ def _rope_key(scaling: dict | None) -> dict | None:
     return None if key.get("rope_type", "default") == "default" else key
 
 
+MIN_TEMPERATURE = 1e-5  # smaller positive temperatures sample greedily (as vLLM does)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How one request samples and when it stops."""
 
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 means no top-k cut
+    temperature: float = 0.0  # 0 means greedy; below MIN_TEMPERATURE taken as 0 (logits / T would overflow)
+    top_k: int = 0  # 0 means no top-k cut (so does any k >= 2**31, more than any vocabulary)
     top_p: float = 1.0  # 1 means no nucleus cut
     max_tokens: int = 128
     seed: int | None = None  # same seed, same output; None draws one
@@ -159,17 +164,54 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        self.temperature = _real("SamplingParams.temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        self.top_k = _integer("SamplingParams.top_k", self.top_k, "an int >= 0 (0 = no top-k cut)")
         if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+            raise ValueError(f"SamplingParams.top_k must be an int >= 0 (0 = no top-k cut), got {self.top_k}")
+        if self.top_k >= 2**31:  # device tensors hold int32
+            self.top_k = 0
+        self.top_p = _real("SamplingParams.top_p", self.top_p, "a number in (0, 1]")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"SamplingParams.top_p must be a number in (0, 1], got {self.top_p}")
+        self.max_tokens = _integer("SamplingParams.max_tokens", self.max_tokens, "an int >= 1")
         if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+            raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens}")
+        if self.seed is not None:
+            self.seed = _integer("SamplingParams.seed", self.seed, "an int or None")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if self.stop is None:
+            self.stop = ()
+        if not isinstance(self.stop, (list, tuple)):
+            raise TypeError(f"SamplingParams.stop must be a string or a list of strings, "
+                            f"got {type(self.stop).__name__}")
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise TypeError(f"SamplingParams.stop must hold strings, got {s!r} ({type(s).__name__})")
+            if not s:
+                raise ValueError("SamplingParams.stop must hold non-empty strings, got ''")
         self.stop = tuple(self.stop)
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"SamplingParams.ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+
+def _integer(field: str, value, expected: str) -> int:
+    """``value`` as an int, or TypeError naming the field (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{field} must be {expected}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _real(field: str, value, expected: str) -> float:
+    """``value`` as a float, or TypeError naming the field (bools and strings are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{field} must be {expected}, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 _TREE_SPEC = re.compile(r"^(chain:\d+|dynamic:\d+,\d+,\d+)$")
@@ -193,6 +235,9 @@ class SpecConfig:
     draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tree, str):
+            raise TypeError(f"SpecConfig.tree must be a string (chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
+                            f"path), got {type(self.tree).__name__}")
         if not _TREE_SPEC.match(self.tree) and not self.tree.endswith(".json"):
             raise ValueError(f"SpecConfig.tree must be chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
                              f"path, got {self.tree!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import random
 from dataclasses import dataclass, field
 
@@ -54,9 +55,10 @@ class EngineCore:
     """Continuous batching over a target (and an optional draft head) on one device."""
 
     def __init__(self, target: LlamaForCausalLM, tokenizer, eos_ids: tuple[int, ...], head: EagleHead | None,
-                 spec: SpecConfig | None, engine: EngineConfig, device: torch.device):
+                 spec: SpecConfig | None, engine: EngineConfig, device: torch.device, no_tokenizer_reason: str = ""):
         self.model = target
         self.tokenizer = tokenizer
+        self.no_tokenizer_reason = no_tokenizer_reason or "no tokenizer was given"  # said when text comes
         self.eos_ids = tuple(eos_ids)
         self.config = engine
         self.device = device
@@ -74,26 +76,42 @@ class EngineCore:
 
     # ------------------------------------------------------------------ requests
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary)."""
+    def encode(self, prompt: str | list[int], what: str = "prompt") -> list[int]:
+        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary).
+        Anything else raises TypeError / ValueError naming ``what`` and what was expected."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: give prompts as lists of token ids")
-            return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
+                raise ValueError(f"{what} is text but this model has no tokenizer ({self.no_tokenizer_reason}): "
+                                 f"give it as a list of token ids")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise ValueError(f"{what} is empty: it must hold at least one token")
+            return ids
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.dtype.is_floating_point:
+            prompt = prompt.tolist()
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError(f"{what} is {type(prompt).__name__}: decode it to str, or give a list of token ids")
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"{what} must be a string or a list of int token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError(f"{what} is empty: it must hold at least one token")
         vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        return ids
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"{what}: token ids must be ints, got {t!r} ({type(t).__name__}) at position {i}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"{what}: token id {t} at position {i} is out of range [0, {vocab})")
+        return [int(t) for t in prompt]
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, what: str = "prompt") -> int:
         """Queue a request; it joins the running batch as soon as KV blocks allow. A request
         that can never run (empty, longer than the context) finishes with an error delta."""
         from eaglespec.tokenizer import IncrementalDetokenizer
 
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams or None, got {type(params).__name__}")
         params = params or SamplingParams()
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, what)
         self.scheduler.check_prompt(len(ids))
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = Request(next(self._ids), ids, params, seed,
