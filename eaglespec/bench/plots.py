@@ -22,11 +22,15 @@ def plot_spec_step(path: str) -> str:
         rec = json.load(f)
     rows = rec["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    vocabs = sorted({r.get("draft_vocab") or 0 for r in rows})  # one line per batch and draft vocabulary
     for batch in sorted({r["batch"] for r in rows}):
-        sel = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["nodes"])
-        nodes = [r["nodes"] for r in sel]
-        axes[0].plot(nodes, [r["verify_over_decode"] for r in sel], marker="o", label=f"batch {batch}")
-        axes[1].plot(nodes, [r["step_over_decode"] for r in sel], marker="o", label=f"batch {batch}")
+        for vocab in vocabs:
+            sel = sorted((r for r in rows if r["batch"] == batch and (r.get("draft_vocab") or 0) == vocab),
+                         key=lambda r: r["nodes"])
+            nodes = [r["nodes"] for r in sel]
+            label = f"batch {batch}" + (f", draft vocab {vocab}" if len(vocabs) > 1 else "")
+            axes[0].plot(nodes, [r["verify_over_decode"] for r in sel], marker="o", label=label)
+            axes[1].plot(nodes, [r["step_over_decode"] for r in sel], marker="o", label=label)
     for ax, title in zip(axes, ("verify (target forward + accept + commit)", "whole step (draft + verify)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)

@@ -20,10 +20,10 @@ from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.request import Request
 from eaglespec.engine.runner import DecodeFlight, ModelRunner
 from eaglespec.engine.scheduler import Scheduler, ScheduledStep, is_ready
-from eaglespec.engine.speculative import SpeculativeRunner
+from eaglespec.speculative.step import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import LlamaForCausalLM
-from eaglespec.spec.tree import parse_tree
+from eaglespec.speculative.tree import parse_tree
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ import torch
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.core import EngineCore, RequestDelta
 from eaglespec.engine.request import Output, Request
-from eaglespec.engine.runner import ModelRunner
+from eaglespec.engine.runner import ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
-from eaglespec.engine.speculative import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
+from eaglespec.speculative.step import SpeculativeRunner
 
 Prompt = str | Sequence[int]
 
@@ -68,7 +68,8 @@ class LLM:
         self.device = resolve_device(device)
         dt = resolve_dtype(dtype, self.device)
         ckpt = open_checkpoint(model or default_model_path(), progress=progress)
-        target = build_model(ckpt.config, self.device, dt)
+        kernels = resolve_backend((engine or EngineConfig()).attention_backend, self.device)
+        target = build_model(ckpt.config, self.device, dt, kernels=kernels)
         target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
         tokenizer = Tokenizer.from_source(ckpt.tokenizer_source)
         if ckpt.chat_template and not tokenizer.chat_template:

@@ -89,7 +89,7 @@ class Scheduler:
         self.allocator.grow(req.blocks, num_tokens)
 
     def release(self, req: Request) -> None:
-        # The draft head's cache uses the same block ids (see engine/speculative.py).
+        # The draft head's cache uses the same block ids (see speculative/step.py).
         self.allocator.release(req.blocks)
 
     def schedule(self) -> ScheduledStep | None:

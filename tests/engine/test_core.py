@@ -9,7 +9,7 @@ import torch
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from tests.conftest import random_model, small_engine
-from tests.spec.test_speculative_greedy import eagle1_head, predictable_target
+from tests.speculative.test_speculative_greedy import eagle1_head, predictable_target
 
 
 def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
