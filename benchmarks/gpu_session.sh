@@ -46,6 +46,22 @@ phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU ker
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --num 32 --batches 1,8 --batch1-num 8 \
     --max-tokens 128 --dtype float32 --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
+# Serving (issue 9): the default model served with its head, then without; the same load on both.
+# benchmarks/serve-prompts.jsonl: `eaglespec bench serve --write-prompts` (MT-bench + ShareGPT from 16,000 on).
+serve_and_bench() {  # $1 = label, $2 = port, rest: serve arguments
+  local label=$1 port=$2; shift 2
+  python3 -m eaglespec.cli serve --port $port --max-batch-size 64 --max-model-len 4096 "$@" > $OUT/serve-$label.log 2>&1 &
+  local pid=$!
+  local health="import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/health').status_code != 200)"
+  for _ in $(seq 600); do python3 -c "$health" 2> /dev/null && break; sleep 1; done
+  python3 -m eaglespec.cli bench serve --url http://127.0.0.1:$port --label $label --prompts benchmarks/serve-prompts.jsonl \
+    --out $OUT 2>&1 | tee -a $OUT/bench.log
+  python3 -c "import httpx; print(httpx.get('http://127.0.0.1:$port/metrics').text)" > $OUT/serve-$label-metrics.txt
+  kill $pid; wait $pid 2>/dev/null
+}
+phase_bench_serve_spec() { serve_and_bench spec 8000; }
+phase_bench_serve_plain() { serve_and_bench plain 8001 --draft none; }
+# Both JSONs in benchmarks/results, then `python -m eaglespec.bench.plots` draws them in one figure.
 phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 | tee -a $OUT/bench.log; }
 
 # Training the shipped head (issue 4): prompts and MT-bench questions travel in .carry/.
@@ -68,7 +84,7 @@ phase_train() {  # $1 = eagle1 | eagle3
 for p in "$@"; do
   case $p in
     stage-a) phase_stage_a ;; stage-b) phase_stage_b ;; env) phase_env ;; tests) phase_tests ;;
-    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;;
+    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

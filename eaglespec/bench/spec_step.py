@@ -103,7 +103,7 @@ def prefill_all(llm: LLM, batch: int) -> list:
         scheduled = llm.scheduler.schedule_prefill()
         if scheduled is None:
             raise RuntimeError("spec_step: the KV pool cannot hold every request's prompt; lower --batches or --context")
-        llm.core._apply(scheduled.requests, llm.core._prefill(scheduled), prefill=True)
+        llm.core._apply(scheduled.requests, llm.core._prefill(scheduled), [True] * len(scheduled.requests))
     reqs = list(llm.scheduler.running)
     if len(reqs) != batch or any(r.num_cached != len(r.all_ids) - 1 for r in reqs):
         raise RuntimeError(f"spec_step: expected {batch} prefilled sequences, have {len(reqs)} running "

@@ -20,7 +20,7 @@ import torch
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.request import Request
 from eaglespec.engine.runner import DecodeFlight, ModelRunner
-from eaglespec.engine.scheduler import Scheduler, ScheduledStep
+from eaglespec.engine.scheduler import Scheduler, ScheduledStep, is_ready
 from eaglespec.speculative.step import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import LlamaForCausalLM
@@ -67,7 +67,8 @@ class EngineCore:
         self.speculative = SpeculativeRunner(self.runner, head, spec) if head is not None else None
         self.spec_config = spec if head is not None else None
         self.scheduler = Scheduler(self.runner.allocator, engine.max_batch_size, engine.max_model_len,
-                                   engine.prefill_token_budget, lookahead=lookahead)
+                                   engine.prefill_token_budget, lookahead=lookahead,
+                                   mixed_decode=self.speculative is None)
         self._ids = itertools.count()
         self.requests: dict[int, Request] = {}  # live requests (finished ones leave after their last delta)
         self._in_flight: DecodeFlight | None = None  # a decode step queued but not read yet
@@ -203,12 +204,14 @@ class EngineCore:
             self._current = reqs
             if not reqs or scheduled.kind == "prefill" or self.speculative is not None:
                 if scheduled.kind == "prefill":
+                    prefilling = [not is_ready(r) for r in reqs]  # the others decode in this forward
                     emitted = self._prefill(scheduled)
-                    self.last_step_kind = "prefill"
+                    self.last_step_kind = "prefill" if all(prefilling) else "mixed"
                 else:
+                    prefilling = [False] * len(reqs)
                     emitted = self._speculate(reqs) if reqs else []
                     self.last_step_kind = "speculative"
-                self._apply(reqs, emitted, prefill=scheduled.kind == "prefill")
+                self._apply(reqs, emitted, prefilling)
                 return reqs
             flight = self.runner.launch_decode(reqs)
         self._current = flight.reqs
@@ -216,7 +219,7 @@ class EngineCore:
         if self.config.overlap_decode and self._can_follow(flight.reqs):
             self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
-        self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)  # the one host read of the step
+        self._apply(flight.reqs, [[t] for t in flight.wait()], [False] * len(flight.reqs))  # the one host read
         return live
 
     def _recover(self, exc: Exception) -> list[Request]:
@@ -273,10 +276,11 @@ class EngineCore:
             allocator.grow(r.blocks, r.num_cached + sched.lookahead)
         return True
 
-    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefill: bool) -> None:
-        """Append each request's new tokens (stop checks included) and retire finished ones."""
+    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefilling: list[bool]) -> None:
+        """Append each request's new tokens (stop checks included) and retire finished ones;
+        ``prefilling[i]``: request i's forward was (part of) its prefill, not a decoding step."""
         limit = self.config.max_model_len
-        for req, toks in zip(reqs, emitted):
+        for req, toks, prefill in zip(reqs, emitted, prefilling):
             # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
             req.record_step(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids, prefill)
             if not req.finished and len(req.all_ids) >= limit:
