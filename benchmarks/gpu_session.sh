@@ -28,22 +28,13 @@ phase_env() {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
 }
 phase_tests() {
-  python3 -m pytest -q tests/ops tests/spec tests/engine tests/models/test_llama_vs_transformers.py tests/models/test_llama_fused.py 2>&1 | tee $OUT/gpu-tests.log | tail -15
+  python3 -m pytest -q tests/ops tests/speculative tests/engine tests/models/test_llama_vs_transformers.py tests/models/test_llama_fused.py 2>&1 | tee $OUT/gpu-tests.log | tail -15
 }
 phase_bench_decode() {
   python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1,16,64 --out $OUT 2>&1 | tee -a $OUT/bench.log
   python3 -m eaglespec.bench.decode --preset smollm2-135m --batches 1,64 --out $OUT 2>&1 | tee -a $OUT/bench.log
-  # What each batch-1 measure buys: steps read one by one, and cuBLAS with separate element-wise kernels.
+  # What overlapping buys at batch 1: steps read one by one.
   python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1 --no-overlap --out $OUT 2>&1 | tee -a $OUT/bench.log
-  python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1 --no-overlap --fused-rows 0 \
-    --out $OUT 2>&1 | tee -a $OUT/bench.log
-  # Batches of 16 and 64 with the small fused products off (cuBLAS and separate kernels).
-  python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 16,64 --fused-rows 1 --out $OUT 2>&1 | tee -a $OUT/bench.log
-  python3 -m eaglespec.bench.decode --preset smollm2-135m --batches 1,64 --fused-rows 1 --out $OUT 2>&1 | tee -a $OUT/bench.log
-}
-phase_bench_fused_linear() {
-  python3 benchmarks/bench_fused_linear.py --preset llama-3.1-8b --rows 2,16,64 --out $OUT 2>&1 | tee -a $OUT/bench.log | grep -v wrote
-  python3 benchmarks/bench_fused_linear.py --preset smollm2-135m --rows 4,33 --out $OUT 2>&1 | tee -a $OUT/bench.log | grep -v wrote
 }
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }
@@ -77,7 +68,7 @@ phase_train() {  # $1 = eagle1 | eagle3
 for p in "$@"; do
   case $p in
     stage-a) phase_stage_a ;; stage-b) phase_stage_b ;; env) phase_env ;; tests) phase_tests ;;
-    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-fused-linear) phase_bench_fused_linear ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;;
+    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

@@ -46,9 +46,14 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise TypeError(f"LlamaConfig.rope_scaling must be a dict or None, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default", None):
-                raise ValueError(f"LlamaConfig: unsupported rope_scaling type {kind!r} (supported: llama3)")
+                raise ValueError(f"LlamaConfig: unsupported rope type {kind!r} (implemented: default, llama3)")
+            missing = [k for k in ("factor", "original_max_position_embeddings") if k not in self.rope_scaling]
+            if kind == "llama3" and missing:
+                raise ValueError(f"LlamaConfig.rope_scaling: llama3 scaling needs {missing}")
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
         if not self.eagle3_layers:
             n = self.num_layers
@@ -64,6 +69,7 @@ class LlamaConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         heads = cfg["num_attention_heads"]
+        rope_theta, rope_scaling = _rope_from_hf_dict(cfg)
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -73,8 +79,8 @@ class LlamaConfig:
             num_kv_heads=cfg.get("num_key_value_heads", heads),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"),
@@ -104,6 +110,40 @@ class LlamaConfig:
             "attention_bias": False,
             "mlp_bias": False,
         }
+
+
+def _rope_from_hf_dict(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either config format.
+
+    Classic (transformers < 5): top-level ``rope_theta`` and ``rope_scaling``. transformers 5:
+    ``rope_parameters = {"rope_theta": ..., "rope_type": "default" | "llama3", ...}``. Both
+    formats in one file must agree.
+    """
+    classic_theta, classic_scaling = cfg.get("rope_theta"), cfg.get("rope_scaling")
+    params = cfg.get("rope_parameters")
+    if params is None:
+        return float(classic_theta if classic_theta is not None else 10000.0), classic_scaling
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"config rope_parameters must be one dict of RoPE settings (per-layer-type RoPE "
+                         f"is not implemented), got {params!r}")
+    if "rope_theta" not in params:
+        raise ValueError(f"config rope_parameters has no rope_theta: {params!r}")
+    theta = float(params["rope_theta"])
+    kind = params.get("rope_type", params.get("type", "default"))
+    scaling = None if kind == "default" else {k: v for k, v in params.items() if k != "rope_theta"}
+    if classic_theta is not None and float(classic_theta) != theta:
+        raise ValueError(f"config gives rope_theta {classic_theta} and rope_parameters.rope_theta {theta}")
+    if classic_scaling is not None and _rope_key(classic_scaling) != _rope_key(scaling):
+        raise ValueError(f"config gives rope_scaling {classic_scaling!r} and rope_parameters {params!r}")
+    return theta, scaling
+
+
+def _rope_key(scaling: dict | None) -> dict | None:
+    """A scaling dict in one spelling (``type`` read as ``rope_type``; default = None)."""
+    if scaling is None:
+        return None
+    key = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+    return None if key.get("rope_type", "default") == "default" else key
 
 
 @dataclass(slots=True)
@@ -162,15 +202,10 @@ class EngineConfig:
     kv_cache_tokens: int = 16384  # CPU default pool size in tokens when num_blocks is 0
     gpu_memory_fraction: float = 0.6  # of free memory after the weights; the rest serves graphs and tree logits
     max_batch_size: int = 64
-    max_model_len: int = 4096
+    max_model_len: int = 0  # most tokens of a sequence (prompt + output); 0: the model's max_position_embeddings
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
-    # Steps of up to this many tokens run on the fused product kernels (Triton backend): one
-    # token on matrix-vector kernels, more on small matrix kernels. 0 keeps cuBLAS everywhere.
-    # More than 1 is opt-in: on the H100 the small matrix kernels showed no end-to-end gain and
-    # are much slower in fp32 (docs/DESIGN_NOTES.md, item 13).
-    fused_rows: int = 1
     overlap_decode: bool = True  # queue the next plain decode step before reading this one's tokens
 
     def __post_init__(self) -> None:
@@ -181,3 +216,6 @@ class EngineConfig:
                              f"got {self.attention_backend!r}")
         if self.max_batch_size < 1:
             raise ValueError("EngineConfig.max_batch_size must be >= 1")
+        if isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 0:
+            raise ValueError(f"EngineConfig.max_model_len must be an integer >= 1 (or 0 for the model's "
+                             f"context length), got {self.max_model_len!r}")

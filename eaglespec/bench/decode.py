@@ -110,9 +110,6 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--fused-rows", type=int, default=EngineConfig().fused_rows,
-                    help="steps of up to this many tokens on the fused product kernels (0: cuBLAS and "
-                         "separate element-wise kernels, the comparison)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="read each step's tokens before queueing the next (the comparison)")
     args = ap.parse_args(argv)
@@ -123,7 +120,7 @@ def main(argv=None) -> None:
     model.init_random(seed=0)
     batches = [int(b) for b in args.batches.split(",")]
     engine = EngineConfig(max_batch_size=max(batches), max_model_len=args.prompt_len + args.new_tokens + 64,
-                          gpu_memory_fraction=0.5, fused_rows=args.fused_rows,
+                          gpu_memory_fraction=0.5,
                           overlap_decode=not args.no_overlap)
     llm = LLM.from_model(model, engine=engine)
     wbytes = weight_bytes(model)
@@ -144,11 +141,9 @@ def main(argv=None) -> None:
         print(f"{args.preset} batch {batch:3d}: {r['ms_per_step']:.2f} ms/step (floor {r['weight_floor_ms']:.2f}"
               f"{graph}), {100 * r['fraction_of_measured_copy_bandwidth']:.0f}% of copy bandwidth", flush=True)
     name = (f"decode-{args.preset}"
-            + (f"-fused-rows-{args.fused_rows}" if args.fused_rows != EngineConfig().fused_rows else "")
             + ("-no-overlap" if args.no_overlap else ""))
     path = write_result(name, {"weight_bytes": wbytes, "copy_bytes_per_s": copy_bw,
                                                   "prompt_len": args.prompt_len,
-                                                  "fused_rows": args.fused_rows,
                                                   "overlap_decode": not args.no_overlap,
                                                   "new_tokens": args.new_tokens, "rows": rows}, device, args.out)
     print("wrote", path)

@@ -19,14 +19,25 @@ from eaglespec.bench.results import write_result
 from eaglespec.train.data import load_conversations
 
 
-def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: SamplingParams) -> dict:
-    """Generate every prompt, ``batch`` at a time; wall time includes everything the engine does."""
+def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[SamplingParams]) -> dict:
+    """Generate every prompt, ``batch`` at a time; wall time includes everything the engine does.
+
+    Checks that each group of ``batch`` prompts really ran as one batch (all of them running
+    at once at some step), so a row labelled batch 64 measured 64 sequences."""
     outs = []
     sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        outs += llm.generate(prompts[i:i + batch], params)
+        group = prompts[i:i + batch]
+        ids = [llm.add_request(p, sp) for p, sp in zip(group, params[i:i + batch])]
+        peak = 0
+        while llm.has_work:
+            llm.step()
+            peak = max(peak, len(llm.scheduler.running))
+        if peak != len(group):
+            raise RuntimeError(f"e2e: a batch of {len(group)} prompts ran at most {peak} at once")
+        outs += [llm._requests.pop(j).to_output() for j in ids]
     sync()
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
@@ -43,24 +54,25 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--questions", default="mtbench", help="'mtbench' (package) or a .jsonl path")
     ap.add_argument("--num", type=int, default=80)
-    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--batch1-num", type=int, default=16, help="prompts timed at batch 1 (slow)")
     ap.add_argument("--trees", default="", help="';'-separated trees (default: the shipped serving tree)")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="float32 makes greedy outputs exactly comparable")
-    ap.add_argument("--fused-rows", type=int, default=EngineConfig().fused_rows,
-                    help="EngineConfig.fused_rows (steps of up to this many tokens on the fused products)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    engine = EngineConfig(max_batch_size=max(batches), max_model_len=2048, gpu_memory_fraction=0.3,
-                          fused_rows=args.fused_rows)
+    engine = EngineConfig(max_batch_size=max(batches), max_model_len=2048, gpu_memory_fraction=0.3)
     plain = LLM(draft="none", device=args.device, dtype=args.dtype, engine=engine)
     convs = load_conversations(args.questions, 0, args.num)
     prompts = [plain.tokenizer.encode(plain.tokenizer.apply_chat_template([{"role": "user", "content": c[0]}]))
                for c in convs if c]
-    params = SamplingParams(max_tokens=args.max_tokens)
+    # One seed per prompt: the same prompt samples the same way in every engine and batch size.
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=i)
+              for i in range(len(prompts))]
     trees = [t for t in args.trees.split(";") if t] or [None]
     engines = {"plain": plain}
     for tree in trees:
@@ -68,13 +80,13 @@ def main(argv=None) -> None:
         engines[llm.spec_config.tree] = llm
     for llm in engines.values():  # warm-up: Triton compiles, every bucket's graph captured
         for b in batches:
-            llm.generate(prompts[:b], SamplingParams(max_tokens=8))
+            llm.generate(prompts[:b], SamplingParams(max_tokens=8, temperature=args.temperature, top_p=args.top_p))
     rows = []
     for batch in batches:
         subset = prompts[:args.batch1_num] if batch == 1 else prompts
-        base = run_batch(plain, subset, batch, params)
+        base = run_batch(plain, subset, batch, params[:len(subset)])
         for name, llm in engines.items():
-            r = base if name == "plain" else run_batch(llm, subset, batch, params)
+            r = base if name == "plain" else run_batch(llm, subset, batch, params[:len(subset)])
             same = sum(a.token_ids == b.token_ids for a, b in zip(r["outputs"], base["outputs"]))
             row = {k: v for k, v in r.items() if k != "outputs"}
             row.update(batch=batch, engine=name, prompts=len(subset), speedup=r["tokens_per_s"] / base["tokens_per_s"],
@@ -83,10 +95,11 @@ def main(argv=None) -> None:
             print(f"batch {batch:3d} {name:>16s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
                   f"speedup {row['speedup']:.2f}x  identical {row['identical_to_plain']}", flush=True)
     device = plain.device
-    name = ("e2e-smollm2-mtbench" + (f"-{args.dtype}" if args.dtype else "")
-            + (f"-fused-rows-{args.fused_rows}" if args.fused_rows != EngineConfig().fused_rows else ""))
-    print("wrote", write_result(name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype),
-                                       "fused_rows": args.fused_rows, "rows": rows}, device, args.out))
+    name = ("e2e-smollm2-mtbench" + (f"-t{args.temperature:g}-p{args.top_p:g}" if args.temperature else "")
+            + (f"-{args.dtype}" if args.dtype else ""))
+    path = write_result(name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype),
+                               "temperature": args.temperature, "top_p": args.top_p, "rows": rows}, device, args.out)
+    print("wrote", path, "(plot: python -m eaglespec.bench.plots, needs the [plot] extra)")
 
 
 if __name__ == "__main__":

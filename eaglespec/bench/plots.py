@@ -43,25 +43,26 @@ def plot_spec_step(path: str) -> str:
 
 
 def plot_e2e(path: str) -> str:
+    """Speedup over plain decoding against batch size, one line per engine (tau annotated)."""
     import matplotlib.pyplot as plt
 
     with open(path) as f:
         rec = json.load(f)
     rows = rec["rows"]
-    engines = list(dict.fromkeys(r["engine"] for r in rows))
-    batches = sorted({r["batch"] for r in rows})
+    engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "plain"]
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(engines)
-    for i, eng in enumerate(engines):
-        speed = [next(r["speedup"] for r in rows if r["batch"] == b and r["engine"] == eng) for b in batches]
-        bars = ax.bar([j + i * width for j in range(len(batches))], speed, width, label=eng)
-        for bar, r in zip(bars, [next(r for r in rows if r["batch"] == b and r["engine"] == eng) for b in batches]):
-            ax.annotate(f"τ {r['tau']:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
+    for eng in engines:
+        sel = sorted((r for r in rows if r["engine"] == eng), key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in sel], [r["speedup"] for r in sel], marker="o", label=eng)
+        for r in sel:
+            ax.annotate(f"τ {r['tau']:.1f}", (r["batch"], r["speedup"]), textcoords="offset points",
+                        xytext=(0, 5), ha="center", fontsize=7)
     ax.axhline(1.0, color="grey", lw=1)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
     ax.set_ylabel("tokens/s over plain decoding")
-    ax.set_title(f"{rec['benchmark']} on {rec['device']} ({rec['date']})", fontsize=10)
+    sampling = "greedy" if not rec.get("temperature") else f"temperature {rec['temperature']}, top-p {rec.get('top_p')}"
+    ax.set_title(f"{rec['benchmark']} on {rec['device']} ({rec['date']}), {sampling}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = path[:-5] + ".png"

@@ -6,6 +6,8 @@ CUDA graph and timed by replaying it (median of CUDA-event timings). Reported pe
   decode_ms   plain decode step (one token per sequence)
   verify_ms   target forward over the tree (two-pass tree attention) + acceptance + commit
   step_ms     the whole speculative step: head extend, drafting, verify, accept, commit
+  *_census    kernels launched by one eager run of the step (graphs off, torch.profiler) and the
+              sum of their device time: a step bound by launches shows many kernels, little time
 Random weights accept almost nothing, so tokens/s is also reported at *forced* acceptance
 lengths tau = 2..5 (tokens per step = tau, clearly not measured acceptance).
 """
@@ -26,8 +28,9 @@ from eaglespec.engine.llm import LLM
 from eaglespec.engine.runner import StepRows
 from eaglespec.models.eagle import EagleConfig, build_head
 from eaglespec.models.llama import build_model
-from eaglespec.spec.tree import TreeBatch, ancestor_bits_from_parents
-from eaglespec.spec.verifier import verify_tree
+from eaglespec.speculative.step import SPEC_ROWS
+from eaglespec.speculative.tree import TreeBatch, ancestor_bits_from_parents
+from eaglespec.speculative.verifier import verify_tree
 
 
 NOTE = ("random weights: acceptance is not measured here; forced_tokens_per_s assumes tau tokens per step "
@@ -54,6 +57,24 @@ def time_graph(fn, reps: int = 30) -> float:
     return times[len(times) // 2]
 
 
+def kernel_census(fn) -> dict:
+    """Device work of one eager run of ``fn`` (graphs off), from torch.profiler: kernels launched,
+    memory copies and sets, and the sum of their device time (CUDA only; None elsewhere)."""
+    if not torch.cuda.is_available():
+        return {"kernels": None, "copies_and_sets": None, "device_us": None}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = [e for e in events if e.name.lower().startswith(("memcpy", "memset"))]
+    device_us = sum(getattr(e, "device_time", 0.0) for e in events)
+    return {"kernels": len(events) - len(copies), "copies_and_sets": len(copies), "device_us": device_us}
+
+
 def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeBatch:
     """A random tree of ``nodes`` draft nodes (plus the root) no deeper than ``depth``."""
     gen = torch.Generator().manual_seed(nodes)
@@ -71,6 +92,23 @@ def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeB
     return TreeBatch(tokens, par, dep, ancestor_bits_from_parents(par, depth))
 
 
+def prefill_all(llm: LLM, batch: int) -> list:
+    """Prefill every waiting request (the head too), however many ``schedule()`` calls the
+    prefill token budget needs; check that ``batch`` requests are running, each with its whole
+    prompt cached, so every row of the timed step is a real sequence and not padding."""
+    while llm.scheduler.waiting:
+        scheduled = llm.scheduler.schedule()
+        if scheduled is None or scheduled.kind != "prefill":
+            raise RuntimeError("spec_step: the KV pool cannot hold every request's prompt; lower --batches or --context")
+        for r, toks in zip(scheduled.requests, llm._prefill(scheduled.requests)):
+            r.append_tokens(toks, ())
+    reqs = list(llm.scheduler.running)
+    if len(reqs) != batch or any(r.num_cached != len(r.all_ids) - 1 for r in reqs):
+        raise RuntimeError(f"spec_step: expected {batch} prefilled sequences, have {len(reqs)} running "
+                           f"({sum(r.num_cached == len(r.all_ids) - 1 for r in reqs)} fully cached)")
+    return reqs
+
+
 def tree_specs(max_nodes: int) -> list[str]:
     specs = ["chain:1", "chain:3", "dynamic:3,2,4", "dynamic:4,4,8", "dynamic:5,4,16", "dynamic:6,6,32",
              "dynamic:6,8,48", "dynamic:7,8,60"]
@@ -83,6 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--max-nodes", type=int, default=64)
+    ap.add_argument("--trees", default="", help="';'-separated trees (default: a family up to --max-nodes)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
@@ -95,7 +134,7 @@ def main(argv=None) -> None:
     head.init_random(seed=1)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
-    for spec_str in tree_specs(args.max_nodes):
+    for spec_str in [t for t in args.trees.split(";") if t] or tree_specs(args.max_nodes):
         engine = EngineConfig(max_batch_size=max(batches), max_model_len=args.context + 128, gpu_memory_fraction=0.3)
         llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree=spec_str), engine=engine)
         sr = llm.speculative
@@ -103,29 +142,28 @@ def main(argv=None) -> None:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist() for _ in range(batch)]
             ids = [llm.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
-            scheduled = llm.scheduler.schedule()  # prefill all of them (the head too)
-            reqs = scheduled.requests
-            for r, toks in zip(reqs, llm._prefill(reqs)):
-                r.append_tokens(toks, ())
+            reqs = prefill_all(llm, batch)
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
             graphs = sr.graphs[True]
-            llm.runner.stage_inputs(graphs, reqs, bucket, [sr._slot(r) for r in reqs])
+            sr.stage_inputs(graphs, reqs, bucket)
             step_ms = time_graph(lambda: graphs.run(bucket))
+            step_census = kernel_census(lambda: graphs.fn(graphs.inputs(bucket)))
             decode_graphs = llm.runner.decode_graphs[True]
             llm.runner.stage_inputs(decode_graphs, reqs, bucket)
             decode_ms = time_graph(lambda: decode_graphs.run(bucket))
+            decode_census = kernel_census(lambda: decode_graphs.fn(decode_graphs.inputs(bucket)))
             # Verify alone: a fixed random tree of the same size through target + accept + commit.
             tree = random_tree(batch, sr.shape.num_nodes, sr.shape.depth, cfg.vocab_size, device)
-            rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq)
+            rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq, SPEC_ROWS)
             tables = rows_in.block_tables
             lens = rows_in["cached_lens"]
             st = rows_in.sampling()
 
             def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):
-                res = verify_tree(target, llm.runner.cache, tree, lens, tables, st, True, "hidden", sr.shape.depth,
-                                  llm.runner.scale, llm.runner.backend)
+                res = verify_tree(llm.runner.model, llm.runner.cache, tree, lens, tables, st, True, "hidden",
+                                  sr.shape.depth, llm.runner.scale, llm.runner.backend)
                 return res.accept.tokens, res.accept.num_emitted
 
             vg = StepGraphs(verify_fn, lambda b: {}, device.type == "cuda")
@@ -133,13 +171,15 @@ def main(argv=None) -> None:
             row = {"tree": spec_str, "nodes": sr.shape.num_nodes, "batch": batch, "decode_ms": decode_ms,
                    "verify_ms": verify_ms, "step_ms": step_ms, "verify_over_decode": verify_ms / decode_ms,
                    "step_over_decode": step_ms / decode_ms,
+                   "step_census": step_census, "decode_census": decode_census,
                    "forced_tokens_per_s": {str(t): 1000 * t * batch / step_ms for t in (2, 3, 4, 5)
                                            if t <= sr.shape.depth + 1},
                    "plain_tokens_per_s": 1000 * batch / decode_ms}
             rows.append(row)
             print(f"{spec_str:>15s} ({row['nodes']:2d} nodes) batch {batch:3d}: decode {decode_ms:6.2f} ms, "
                   f"verify {verify_ms:6.2f} ms ({row['verify_over_decode']:.2f}x), step {step_ms:6.2f} ms "
-                  f"({row['step_over_decode']:.2f}x)", flush=True)
+                  f"({row['step_over_decode']:.2f}x); kernels: step {step_census['kernels']}, "
+                  f"decode {decode_census['kernels']}", flush=True)
             write_result(f"spec-step-{args.preset}", {"context": args.context, "rows": rows, "note": NOTE},
                          device, args.out)
             for r in reqs:

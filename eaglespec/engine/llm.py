@@ -10,11 +10,11 @@ import torch
 
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.request import Output, Request
-from eaglespec.engine.runner import DecodeFlight, ModelRunner
+from eaglespec.engine.runner import DecodeFlight, ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
-from eaglespec.engine.speculative import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
+from eaglespec.speculative.step import SpeculativeRunner
 
 Prompt = str | Sequence[int]
 
@@ -69,7 +69,8 @@ class LLM:
         self.device = resolve_device(device)
         dt = resolve_dtype(dtype, self.device)
         ckpt = open_checkpoint(model or default_model_path(), progress=progress)
-        target = build_model(ckpt.config, self.device, dt)
+        kernels = resolve_backend((engine or EngineConfig()).attention_backend, self.device)
+        target = build_model(ckpt.config, self.device, dt, kernels=kernels)
         target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
         tokenizer = Tokenizer.from_source(ckpt.tokenizer_source)
         if ckpt.chat_template and not tokenizer.chat_template:
@@ -89,18 +90,24 @@ class LLM:
         return self
 
     def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool) -> None:
+        import dataclasses
+
+        from eaglespec.speculative.tree import parse_tree
+
         self.model = target
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
         self.engine_config = engine or EngineConfig()
+        if not self.engine_config.max_model_len:  # 0: the model's own context length
+            self.engine_config = dataclasses.replace(self.engine_config,
+                                                     max_model_len=target.config.max_position_embeddings)
         self.spec_config = spec
-        self.runner = ModelRunner(target, self.engine_config, self.device)
-        self.speculative = None
         head = self._resolve_draft(draft, target, default_draft)
         if head is not None:
             self.spec_config = spec or default_spec_config(draft, default_draft)
-            self.speculative = SpeculativeRunner(self.runner, head, self.spec_config)
-        lookahead = self.speculative.lookahead if self.speculative else 1
+        lookahead = parse_tree(self.spec_config.tree).depth + 1 if head is not None else 1
+        self.runner = ModelRunner(target, self.engine_config, self.device, lookahead)
+        self.speculative = SpeculativeRunner(self.runner, head, self.spec_config) if head is not None else None
         self.scheduler = Scheduler(self.runner.allocator, self.engine_config.max_batch_size,
                                    self.engine_config.max_model_len, self.engine_config.prefill_token_budget,
                                    lookahead=lookahead)
@@ -137,8 +144,10 @@ class LLM:
         from eaglespec.tokenizer import IncrementalDetokenizer
 
         params = params or SamplingParams()
+        ids = self._encode(prompt)
+        self.scheduler.check_prompt(len(ids))
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = Request(next(self._ids), self._encode(prompt), params, seed,
+        req = Request(next(self._ids), ids, params, seed,
                       IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None)
         self._requests[req.request_id] = req
         self.scheduler.add(req)
@@ -163,13 +172,13 @@ class LLM:
             if not reqs or scheduled.kind == "prefill" or self.speculative is not None:
                 emitted = [] if not reqs else (self._prefill(reqs) if scheduled.kind == "prefill"
                                                else self._speculate(reqs))
-                self._apply(reqs, emitted)
+                self._apply(reqs, emitted, prefill=scheduled.kind == "prefill")
                 return reqs
             flight = self.runner.launch_decode(reqs)
         if self.engine_config.overlap_decode and self._can_follow(flight.reqs):
             self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
-        self._apply(flight.reqs, [[t] for t in flight.wait()])  # the one host read of the step
+        self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)  # the one host read of the step
         return live
 
     def _can_follow(self, reqs: list[Request]) -> bool:
@@ -193,11 +202,13 @@ class LLM:
             allocator.grow(r.blocks, r.num_cached + sched.lookahead)
         return True
 
-    def _apply(self, reqs: list[Request], emitted: list[list[int]]) -> None:
+    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefill: bool) -> None:
         """Append each request's new tokens (stop checks included) and retire finished ones."""
+        limit = self.engine_config.max_model_len
         for req, toks in zip(reqs, emitted):
-            req.append_tokens(toks, self.eos_ids)
-            if not req.finished and len(req.all_ids) >= self.engine_config.max_model_len:
+            # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
+            req.record_step(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids, prefill)
+            if not req.finished and len(req.all_ids) >= limit:
                 req.finish("length")
         for req in list(self.scheduler.running):
             if req.finished:
@@ -220,7 +231,6 @@ class LLM:
         emitted = []
         for req, row, n in zip(reqs, tokens, counts):
             req.num_cached += n
-            req.target_forwards += 1
             if not req.proposed_per_depth:
                 req.proposed_per_depth = [0] * depth
                 req.accepted_per_depth = [0] * depth
@@ -248,7 +258,10 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        encoded = [self._encode(p) for p in prompts]
+        for ids in encoded:  # refuse the whole batch before any of it is queued
+            self.scheduler.check_prompt(len(ids))
+        ids = [self.add_request(p, sp) for p, sp in zip(encoded, plist)]
         self._drain()
         return [self._requests.pop(i).to_output() for i in ids]
 

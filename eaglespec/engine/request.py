@@ -34,10 +34,13 @@ class Request:
     num_cached: int = 0  # tokens whose K/V are in the target cache
     finish_reason: str | None = None
     error: str | None = None
-    target_forwards: int = 0
+    prefill_forwards: int = 0  # target forwards that prefilled this request (more than 1 after preemption)
+    decode_forwards: int = 0  # plain decode or speculative steps whose tokens this request took
+    prefill_tokens: int = 0  # output tokens sampled by prefill forwards
     accepted_per_depth: list[int] = field(default_factory=list)  # drafts accepted at depth d
     proposed_per_depth: list[int] = field(default_factory=list)  # steps that proposed depth d
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # when the request was added
+    scheduled_at: float | None = None  # when its first prefill was scheduled
     first_token_at: float | None = None
     finished_at: float | None = None
     pending_text: str = ""  # text produced but not yet handed to a stream
@@ -49,12 +52,30 @@ class Request:
         return s - (1 << 64) if s >= 1 << 63 else s
 
     @property
+    def target_forwards(self) -> int:
+        return self.prefill_forwards + self.decode_forwards
+
+    @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def record_step(self, tokens: list[int], eos_ids: tuple[int, ...], prefill: bool) -> None:
+        """Take the tokens of one target forward (a prefill, or a decode / speculative step) and
+        count that forward. A step that ran after the request had stopped (the overlapped
+        decode step queued before the stop was seen) is not its work and is not counted."""
+        if self.finished:
+            return
+        before = len(self.output_ids)
+        self.append_tokens(tokens, eos_ids)
+        if prefill:
+            self.prefill_forwards += 1
+            self.prefill_tokens += len(self.output_ids) - before
+        else:
+            self.decode_forwards += 1
 
     def append_tokens(self, tokens: list[int], eos_ids: tuple[int, ...]) -> None:
         """Add sampled tokens in order, stopping at EOS, max_tokens or a stop string."""
@@ -99,15 +120,29 @@ class Request:
         self.finished_at = time.perf_counter()
 
     def stats(self) -> dict:
+        """Prefill and decoding reported apart: tau, ms_per_token and tokens_per_s cover the
+        decoding forwards only (plain decoding has tau exactly 1), ttft_ms runs from the request's
+        arrival to its first token, prefill_ms from its first scheduled prefill to that token."""
         new = len(self.output_ids)
-        elapsed = (self.finished_at or time.perf_counter()) - self.started
+        decode_tokens = new - self.prefill_tokens
+        now = time.perf_counter()
+        first = self.first_token_at
+        decode_s = ((self.finished_at or now) - first) if first is not None else 0.0
         rates = [a / p if p else 0.0 for a, p in zip(self.accepted_per_depth, self.proposed_per_depth)]
         return {
-            "tau": new / self.target_forwards if self.target_forwards else 0.0,
+            "tau": decode_tokens / self.decode_forwards if self.decode_forwards else 0.0,
             "accept_rate_per_depth": rates,
             "target_forwards": self.target_forwards,
             "new_tokens": new,
-            "ms_per_token": 1000.0 * elapsed / new if new else 0.0,
+            "ms_per_token": 1000.0 * decode_s / decode_tokens if decode_tokens else 0.0,
+            "prompt_tokens": len(self.prompt_ids),
+            "ttft_ms": 1000.0 * (first - self.started) if first is not None else 0.0,
+            "prefill_ms": 1000.0 * (first - self.scheduled_at) if first is not None and self.scheduled_at else 0.0,
+            "decode_ms": 1000.0 * decode_s,
+            "prefill_forwards": self.prefill_forwards,
+            "decode_forwards": self.decode_forwards,
+            "decode_tokens": decode_tokens,
+            "tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
         }
 
     def to_output(self) -> Output:

@@ -4,10 +4,17 @@ Invariant for every running request: all of its tokens but the last are in the K
 (``num_cached == len(all_ids) - 1`` between steps); one forward over the uncached tokens yields
 the next token. A preempted request loses its blocks and is prefilled again later (prompt and
 output so far), which yields exactly the token a decode step would have.
+
+The context limit: a sequence holds at most ``max_model_len`` tokens. A step writes up to
+``lookahead`` cache positions from its last cached token (a speculative tree's accepted path),
+so near the limit a step may compute positions past it: those tokens are dropped and the
+request finishes with "length". Blocks therefore cover ``max_model_len - 1 + lookahead``
+positions (``ModelRunner.max_blocks_per_seq``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -33,18 +40,26 @@ class Scheduler:
         self.running: list[Request] = []
 
     def add(self, req: Request) -> None:
-        """Queue a request, or fail it at once with a message when it can never run."""
+        """Queue a request; one whose prompt fills the context ends at once with "length" (no
+        tokens); one that can never run fails with a message. A prompt longer than
+        ``max_model_len`` is the caller's mistake: ValueError (see ``check_prompt``)."""
+        self.check_prompt(len(req.prompt_ids))
         need = len(req.prompt_ids) + self.lookahead
         if not req.prompt_ids:
             req.fail("empty prompt: give at least one token")
-        elif need > self.max_model_len:
-            req.fail(f"prompt of {len(req.prompt_ids)} tokens does not fit max_model_len "
-                     f"{self.max_model_len} (with {self.lookahead} tokens of lookahead)")
+        elif len(req.prompt_ids) == self.max_model_len:
+            req.finish("length")
         elif self.allocator.blocks_needed(need) > self.allocator.num_blocks - 1:
             req.fail(f"prompt of {len(req.prompt_ids)} tokens needs more KV blocks than the whole pool "
                      f"({self.allocator.num_blocks - 1} blocks of {self.allocator.block_size})")
         else:
             self.waiting.append(req)
+
+    def check_prompt(self, num_tokens: int) -> None:
+        """Raise ValueError for a prompt longer than the context limit."""
+        if num_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {num_tokens} tokens is longer than max_model_len {self.max_model_len} "
+                             f"(the most tokens a sequence may hold, prompt and output together)")
 
     @property
     def has_work(self) -> bool:
@@ -57,7 +72,7 @@ class Scheduler:
         self.allocator.grow(req.blocks, num_tokens)
 
     def release(self, req: Request) -> None:
-        # The draft head's cache uses the same block ids (see engine/speculative.py).
+        # The draft head's cache uses the same block ids (see speculative/step.py).
         self.allocator.release(req.blocks)
 
     def schedule(self) -> ScheduledStep | None:
@@ -73,6 +88,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._grow(req, total + self.lookahead)
+            if req.scheduled_at is None:
+                req.scheduled_at = time.perf_counter()
             admitted.append(req)
             budget -= uncached
         if admitted:

@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from eaglespec.config import LlamaConfig
-from eaglespec.models.attention_step import AttentionStep, KVCache
+from eaglespec.kv_cache import KVCache
+from eaglespec.models.attention_step import AttentionStep
 from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, RMSNorm,
-                                    add_rms_norm, apply_rope, fused_layer_slices, load_named_tensors, rope_cos_sin,
-                                    rope_inverse_frequencies, unfused_named_tensors)
+                                    add_rms_norm, apply_rope, checked_kernels, fused_layer_slices,
+                                    load_named_tensors, rope_cos_sin, rope_inverse_frequencies,
+                                    unfused_named_tensors, with_kernels)
 
 
 @dataclass(slots=True)
@@ -109,11 +111,13 @@ class Eagle3Layer(nn.Module):
 
 class EagleHead(nn.Module):
     """A draft head bound to its target (it borrows the target's embedding and, for EAGLE-1,
-    its lm_head; they are buffers here, never copied nor saved)."""
+    its lm_head; they are buffers here, never copied nor saved). Like the target it runs on one
+    kernel set, the target's unless told otherwise."""
 
-    def __init__(self, cfg: EagleConfig, target: LlamaForCausalLM):
+    def __init__(self, cfg: EagleConfig, target: LlamaForCausalLM, kernels: str | None = None):
         super().__init__()
         self.config = cfg
+        self.kernels = checked_kernels(kernels or target.kernels)  # "torch" or "triton"
         lc = cfg.layer
         if lc.vocab_size != target.config.vocab_size:
             raise ValueError(f"draft head vocabulary {lc.vocab_size} != target vocabulary {target.config.vocab_size}")
@@ -139,6 +143,10 @@ class EagleHead(nn.Module):
     def num_layers(self) -> int:
         return self.config.layer.num_layers
 
+    def with_kernels(self, kernels: str) -> "EagleHead":
+        """This head on another kernel set ("torch" or "triton"): weights shared, not copied."""
+        return with_kernels(self, kernels)
+
     def draft_to_target(self) -> torch.Tensor | None:
         """[draft_vocab] target id of each draft id (None when the vocabularies are the same)."""
         if self.config.kind == "eagle1":
@@ -146,12 +154,12 @@ class EagleHead(nn.Module):
         return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionStep, cache: KVCache, use_triton: bool = False, fused_rows: int = 0) -> DraftOutput:
+                attn: AttentionStep, cache: KVCache) -> DraftOutput:
         """features [T, feature_size] (target features) or [T, H] (the head's own hidden);
         tokens/positions [T]. Returns the new hidden [T, H] and draft logits [T, draft_vocab].
-        use_triton: element-wise ops on the fused Triton kernels (as in LlamaForCausalLM); with
-        fused_rows, EAGLE-1 layers of steps of at most that many tokens run on the fused product
-        kernels."""
+        On the "triton" kernel set the element-wise ops run on the fused kernels (as in
+        LlamaForCausalLM)."""
+        use_triton = self.kernels == "triton"
         emb = F.embedding(tokens, self.embed_weight)
         dtype = self.fc.weight.dtype
         emb = emb.to(dtype)
@@ -159,10 +167,7 @@ class EagleHead(nn.Module):
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))
-            if use_triton and tokens.shape[0] <= fused_rows:
-                for i, layer in enumerate(self.layers):
-                    h = layer.forward_rows(h, cos, sin, i, attn, cache)
-            elif use_triton:
+            if use_triton:
                 residual = None
                 for i, layer in enumerate(self.layers):
                     h, residual = layer.forward_fused(h, residual, cos, sin, i, attn, cache)
@@ -199,6 +204,9 @@ class EagleHead(nn.Module):
                     continue
                 if name == "t2d":
                     t = t.bool()
+                elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{source}: tensor {name!r} holds non-finite values (NaN or inf); "
+                                     f"a draft head needs finite weights")
                 yield name, t
         load_named_tensors(self, filtered(), self.fused_slices(), source, what=f"an {self.config.kind} head")
         if self.config.kind == "eagle3":
@@ -227,11 +235,13 @@ class EagleHead(nn.Module):
             self.t2d[: self.config.draft_vocab_size] = True
 
 
-def build_head(cfg: EagleConfig, target: LlamaForCausalLM, dtype: torch.dtype | None = None) -> EagleHead:
-    """An uninitialised head on the target's device (weights loaded or randomised after)."""
+def build_head(cfg: EagleConfig, target: LlamaForCausalLM, dtype: torch.dtype | None = None,
+               kernels: str | None = None) -> EagleHead:
+    """An uninitialised head on the target's device (weights loaded or randomised after), on the
+    ``kernels`` set (default: the target's)."""
     device = target.output_weight.device
     dtype = dtype or target.output_weight.dtype
-    head = EagleHead(cfg, target)
+    head = EagleHead(cfg, target, kernels)
     for module in head.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=False))

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eaglespec.ops.fused_linear import (check_operands, linear_ref, qkv_rope_linear_ref, require,
-                                        silu_mul_linear_ref)
+from eaglespec.ops.fused import rms_norm_ref, rope_and_cache_write_ref, silu_mul_ref
 from eaglespec.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
 
 
@@ -46,17 +45,25 @@ class GemvTile:
 # ----------------------------------------------------------------------------- references
 
 
+def _normed(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return x if norm_weight is None else rms_norm_ref(x, norm_weight, eps)[0]
+
+
 def gemv_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,
              eps: float = 1e-6, residual: torch.Tensor | None = None,
              out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """weight [N, K], x [1, K] -> [1, N]: ``fused_linear.linear_ref`` for one row."""
-    return linear_ref(weight, x, norm_weight, eps, residual, out_dtype)
+    """weight [N, K], x [1, K] -> [1, N]: RMSNorm(x) (when norm_weight is given) @ weight.T, plus
+    residual [1, N]; the product rounds to x's dtype first, as ``F.linear`` does, then to out_dtype."""
+    y = torch.nn.functional.linear(_normed(x, norm_weight, eps), weight)
+    if residual is not None:
+        y = y + residual
+    return y.to(out_dtype or x.dtype)
 
 
 def gemv_silu_mul_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,
                       eps: float = 1e-6) -> torch.Tensor:
     """weight [2I, K] (gate rows then up rows), x [1, K] -> silu(gate) * up [1, I]."""
-    return silu_mul_linear_ref(weight, x, norm_weight, eps)
+    return silu_mul_ref(torch.nn.functional.linear(_normed(x, norm_weight, eps), weight))
 
 
 def gemv_qkv_rope_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
@@ -64,9 +71,12 @@ def gemv_qkv_rope_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.
                       slot: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """weight [(Hq + 2 Hkv) D, K], x [1, K], cos/sin [1, D], caches [NB, BS, Hkv, D], slot [1]
     int64 -> rotated q [1, Hq, D]; the rotated k and v are stored at ``slot``."""
-    q, _, _ = qkv_rope_linear_ref(weight, x, norm_weight, eps, cos, sin, num_heads, num_kv_heads,
-                                  k_cache, v_cache, slot)
-    return q
+    d = weight.shape[0] // (num_heads + 2 * num_kv_heads)
+    qkv = torch.nn.functional.linear(_normed(x, norm_weight, eps), weight)
+    q, k, v = qkv.split((num_heads * d, num_kv_heads * d, num_kv_heads * d), dim=-1)
+    q_rot, _ = rope_and_cache_write_ref(q.reshape(1, num_heads, d), k.reshape(1, num_kv_heads, d),
+                                        v.reshape(1, num_kv_heads, d), cos, sin, k_cache, v_cache, slot)
+    return q_rot
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -171,8 +181,26 @@ def _gemv_pair_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+def require(cond: bool, msg: str) -> None:
+    """Raise ValueError(msg) unless cond: the launchers' input checks."""
+    if not cond:
+        raise ValueError(msg)
+
+
 def _check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
-    check_operands(name, weight, x, norm_weight)
+    """Weight, input row and norm weight of a fused product: shapes, dtypes, device, layout."""
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the *_ref functions instead")
+    require(weight.dim() == 2 and weight.is_contiguous(), f"{name}: weight must be a contiguous [N, K] matrix, "
+                                                          f"got shape {tuple(weight.shape)}")
+    k = weight.shape[1]
+    require(x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1,
+            f"{name}: input must be [T, {k}] rows with unit column stride, got shape {tuple(x.shape)}")
+    require(x.dtype == weight.dtype, f"{name}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+    require(x.device == weight.device, f"{name}: input on {x.device}, weight on {weight.device}")
+    if norm_weight is not None:
+        require(norm_weight.shape == (k,) and norm_weight.is_contiguous(),
+                f"{name}: norm weight must have shape ({k},), got {tuple(norm_weight.shape)}")
     require(x.shape[0] == 1 and x.is_contiguous(),
             f"{name}: input must be one contiguous row of {weight.shape[1]} features, got shape {tuple(x.shape)}")
 

@@ -2,7 +2,7 @@
 
 The target runs without a KV pool: a padded batch [B, T] is packed as B*T rows and every row
 attends causally inside its own sequence (``DenseCausalStep``, torch SDPA). The head sees the
-same geometry it meets when serving (see ``eaglespec.spec.drafter``): the pair (feature_t,
+same geometry it meets when serving (see ``eaglespec.speculative.drafter``): the pair (feature_t,
 token_{t+1}) sits at position t, and its output predicts feature_{t+1} and token_{t+2}.
 
 EAGLE-1: loss = SmoothL1(h_t, f_{t+1}) + 0.1 * CE(lm_head(h_t), softmax(target logits_{t+1})).

@@ -3,15 +3,13 @@ exactly the tokens of the torch path (fp32), for plain and speculative decoding.
 
 from __future__ import annotations
 
-import functools
-import pytest
 import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from eaglespec.ops import fused, gemv
 from tests.conftest import needs_triton_kernels, small_engine
-from tests.spec.test_speculative_greedy import _prompts, eagle1_head, predictable_target
+from tests.speculative.test_speculative_greedy import _prompts, eagle1_head, predictable_target
 
 
 
@@ -37,12 +35,12 @@ def test_fused_kernels_in_the_engine_match_the_torch_path(monkeypatch):
     plain = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
     head = eagle1_head(target, seed=9)
 
-    # The engine passes use_triton=True with the "triton" attention backend; binding it here as
-    # well keeps this test meaningful whichever way the runner is wired.
-    monkeypatch.setattr(target, "forward", functools.partial(target.forward, use_triton=True))
+    # The "triton" attention backend runs the model's "triton" kernel set (same weights).
     norms, ropes = _counting(monkeypatch, "rms_norm"), _counting(monkeypatch, "rope_and_cache_write")
     engine = small_engine(attention_backend="triton")
-    fused_plain = LLM.from_model(target, engine=engine).generate(prompts, params)
+    fused_llm = LLM.from_model(target, engine=engine)
+    assert fused_llm.runner.model.kernels == "triton" and target.kernels == "torch"
+    fused_plain = fused_llm.generate(prompts, params)
     assert norms[0] > 0 and ropes[0] > 0
     assert [o.token_ids for o in fused_plain] == [o.token_ids for o in plain]
 
@@ -53,16 +51,15 @@ def test_fused_kernels_in_the_engine_match_the_torch_path(monkeypatch):
 
 
 @needs_triton_kernels
-@pytest.mark.parametrize("enabled", [True, False])
-def test_batch1_decode_on_fused_gemv_kernels_matches_the_torch_path(monkeypatch, enabled):
+def test_batch1_decode_on_fused_gemv_kernels_matches_the_torch_path(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     target = predictable_target(seed=32).to(device)
     prompt = _prompts(target.config.vocab_size, [9], seed=3)[0]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     want = LLM.from_model(target, engine=small_engine()).generate([prompt], params)[0].token_ids
     calls = _counting(monkeypatch, "gemv_qkv_rope", module=gemv)
-    engine = small_engine(attention_backend="triton", fused_rows=1 if enabled else 0)
+    engine = small_engine(attention_backend="triton")
     got = LLM.from_model(target, engine=engine).generate([prompt], params)[0].token_ids
     assert got == want
     # Each decode step (all but the prefill's token) runs every layer on the fused kernels.
-    assert calls[0] == (7 * target.config.num_layers if enabled else 0)
+    assert calls[0] == 7 * target.config.num_layers

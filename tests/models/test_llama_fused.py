@@ -1,5 +1,5 @@
-"""The model's Triton path (``use_triton=True``: fused norm+residual, RoPE+cache store, silu*up;
-with ``fused_rows`` the fused product kernels) against its torch path, for every kind of step
+"""The model's "triton" kernel set (fused norm+residual, RoPE+cache store, silu*up; a single
+token on the fused matrix-vector kernels) against its "torch" reference, for every kind of step
 and for both draft-head kinds (fp32)."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eaglespec.models.attention_step import DecodeStep, KVCache, PrefillStep, TreeStep
-from eaglespec.ops import fused_linear
+from eaglespec.kv_cache import KVCache
+from eaglespec.models.attention_step import DecodeStep, PrefillStep, TreeStep
+from eaglespec.models.llama import build_model
 from tests.conftest import DEVICE, needs_triton_kernels, random_model, tiny_config
-from tests.spec.test_speculative_greedy import eagle1_head, eagle3_head
+from tests.speculative.test_speculative_greedy import eagle1_head, eagle3_head
 
 pytestmark = needs_triton_kernels
 
@@ -35,30 +36,16 @@ def _prefill(lens: list[int], tables: list[list[int]], scale: float) -> PrefillS
                        _tensor(lens, torch.int32), max(lens), scale)
 
 
-def _both_paths(model, make_step, ids, pos, fused_rows=0, **kw):
+def _both_paths(model, make_step, ids, pos, **kw):
     """Run the same step on fresh copies of one cache state with each path."""
     outs = {}
-    for use_triton in (False, True):
+    for kernels in ("torch", "triton"):
         cache, step = make_step()
-        extra = {"fused_rows": fused_rows} if use_triton else {}
-        outs[use_triton] = (model(ids, pos, step, cache, use_triton=use_triton, **extra, **kw), cache, step)
-    return outs[False], outs[True]
+        outs[kernels] = (model.with_kernels(kernels)(ids, pos, step, cache, **kw), cache, step)
+    return outs["torch"], outs["triton"]
 
 
-def _count_fused_products(monkeypatch) -> list[int]:
-    calls = [0]
-    real = fused_linear.qkv_rope_linear
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused_linear, "qkv_rope_linear", counting)
-    return calls
-
-
-@pytest.mark.parametrize("fused_rows", [0, 64])
-def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree(fused_rows, monkeypatch):
+def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree():
     # 4 layers so the EAGLE-3 taps (layers 2, 2, 1) are inside the stack, not the embedding.
     model = random_model(tiny_config(num_layers=4), seed=3).to(DEVICE)
     cfg = model.config
@@ -73,10 +60,7 @@ def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree(fused_rows
         cache = KVCache(base.k.clone(), base.v.clone())
         return cache, _prefill(lens, tables, scale)
 
-    calls = _count_fused_products(monkeypatch)
-    (ref, ref_cache, _), (got, got_cache, _) = _both_paths(model, prefill, ids, pos, fused_rows,
-                                                           want_hidden=True, want_taps=True)
-    assert calls[0] == (cfg.num_layers if fused_rows else 0)  # the fused layers really ran
+    (ref, ref_cache, _), (got, got_cache, _) = _both_paths(model, prefill, ids, pos, want_hidden=True, want_taps=True)
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got.hidden, ref.hidden, **TOL)
     torch.testing.assert_close(got.taps, ref.taps, **TOL)
@@ -86,7 +70,7 @@ def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree(fused_rows
 
     # Only the selected rows' logits / features.
     rows = _tensor([4, 23])
-    (ref, _, _), (got, _, _) = _both_paths(model, prefill, ids, pos, fused_rows, logits_rows=rows, want_taps=True)
+    (ref, _, _), (got, _, _) = _both_paths(model, prefill, ids, pos, logits_rows=rows, want_taps=True)
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got.taps, ref.taps, **TOL)
     assert got.logits.shape == (2, cfg.vocab_size)
@@ -100,7 +84,7 @@ def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree(fused_rows
         return cache, DecodeStep(_tensor(slots), _tensor(tables, torch.int32), _tensor([n + 1 for n in lens],
                                                                                       torch.int32), scale)
 
-    (ref, ref_dec_cache, _), (got, got_dec_cache, _) = _both_paths(model, decode, dec_ids, dec_pos, fused_rows)
+    (ref, ref_dec_cache, _), (got, got_dec_cache, _) = _both_paths(model, decode, dec_ids, dec_pos)
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got_dec_cache.k, ref_dec_cache.k, **TOL)
     torch.testing.assert_close(got_dec_cache.v, ref_dec_cache.v, **TOL)
@@ -115,8 +99,7 @@ def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree(fused_rows
         cache = KVCache(ref_cache.k.clone(), ref_cache.v.clone())
         return cache, TreeStep(_tensor(tables, torch.int32), _tensor(lens, torch.int32), bits, scale)
 
-    (ref, ref_tree_cache, ref_step), (got, got_tree_cache, got_step) = _both_paths(model, tree, tree_ids, tree_pos,
-                                                                                   fused_rows)
+    (ref, ref_tree_cache, ref_step), (got, got_tree_cache, got_step) = _both_paths(model, tree, tree_ids, tree_pos)
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     (got_k, got_v), (ref_k, ref_v) = got_step.stacked(), ref_step.stacked()
     assert got_k.shape == (cfg.num_layers, 2, n, cfg.num_kv_heads, cfg.head_dim)
@@ -126,8 +109,8 @@ def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree(fused_rows
     assert torch.equal(got_tree_cache.k, ref_cache.k)  # the tree never touches the paged cache
 
 
-@pytest.mark.parametrize("kind,fused_rows", [("eagle1", 0), ("eagle1", 64), ("eagle3", 0)])
-def test_fused_draft_heads_match_torch_path(kind, fused_rows):
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_fused_draft_heads_match_torch_path(kind):
     target = random_model(tiny_config(), seed=4).to(DEVICE)
     head = eagle1_head(target, seed=5, layers=2, oracle=False) if kind == "eagle1" else eagle3_head(target, seed=5)
     lc = head.config.layer
@@ -137,12 +120,11 @@ def test_fused_draft_heads_match_torch_path(kind, fused_rows):
     tokens = torch.randint(0, lc.vocab_size, (t,), generator=gen).to(DEVICE)
     positions = torch.arange(t, device=DEVICE)
     outs = {}
-    for use_triton in (False, True):
+    for kernels in ("torch", "triton"):
         cache = KVCache.allocate(lc.num_layers, 4, BS, lc.num_kv_heads, lc.head_dim, torch.float32, DEVICE)
         step = _prefill([t], [[1]], lc.head_dim ** -0.5)
-        extra = {"fused_rows": fused_rows} if use_triton else {}
-        outs[use_triton] = (head(feats, tokens, positions, step, cache, use_triton=use_triton, **extra), cache)
-    (ref, ref_cache), (got, got_cache) = outs[False], outs[True]
+        outs[kernels] = (head.with_kernels(kernels)(feats, tokens, positions, step, cache), cache)
+    (ref, ref_cache), (got, got_cache) = outs["torch"], outs["triton"]
     torch.testing.assert_close(got.hidden, ref.hidden, **TOL)
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
@@ -164,13 +146,29 @@ def test_single_token_gemv_path_matches_torch_path(tied):
     slot = table[0][n // BS] * BS + n % BS
 
     outs = {}
-    for path, kw in (("torch", {}), ("gemv", dict(use_triton=True, fused_rows=1))):
+    for kernels in ("torch", "triton"):
         c = KVCache(cache.k.clone(), cache.v.clone())
         step = DecodeStep(_tensor([slot]), _tensor(table, torch.int32), _tensor([n + 1], torch.int32), scale)
-        outs[path] = (model(_tensor([5]), _tensor([n]), step, c, **kw), c)
-    (ref, ref_cache), (got, got_cache) = outs["torch"], outs["gemv"]
+        outs[kernels] = (model.with_kernels(kernels)(_tensor([5]), _tensor([n]), step, c), c)
+    (ref, ref_cache), (got, got_cache) = outs["torch"], outs["triton"]
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
     torch.testing.assert_close(got_cache.v, ref_cache.v, **TOL)
     assert not torch.equal(ref_cache.k, cache.k)  # the step really stored its K/V
     assert got.hidden is None and got.logits.dtype == torch.float32
+
+
+def test_kernel_set_is_chosen_when_built_and_shares_the_weights():
+    model = random_model(tiny_config(), seed=7)
+    assert model.kernels == "torch"
+    twin = model.with_kernels("triton")
+    assert twin.kernels == "triton" and model.kernels == "torch"  # the original keeps its set
+    assert twin.with_kernels("triton") is twin and model.with_kernels("torch") is model
+    for (name, p), (twin_name, q) in zip(model.named_parameters(), twin.named_parameters()):
+        assert name == twin_name and p is q  # shared, not copied
+    head = eagle1_head(model, seed=8, layers=1, oracle=False)
+    assert head.kernels == "torch" and head.with_kernels("triton").fc.weight is head.fc.weight
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        model.with_kernels("cuda")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        build_model(tiny_config(), "cpu", torch.float32, kernels="fused")

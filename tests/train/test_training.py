@@ -23,7 +23,7 @@ from eaglespec.train.trainer import (DenseCausalStep, TrainConfig, Trainer, TTTS
                                      evaluate_tau, head_config_for, pad_batch, plan_batches, plot_log,
                                      speculative_llm, target_forward)
 from tests.conftest import random_model, small_engine, tiny_config
-from tests.spec.test_speculative_greedy import predictable_target
+from tests.speculative.test_speculative_greedy import predictable_target
 
 VOCAB = 61
 

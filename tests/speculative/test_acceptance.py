@@ -1,4 +1,4 @@
-"""Tests of ops/acceptance.py: hand-made trees, special cases, and the lossless property.
+"""Tests of speculative/acceptance.py: hand-made trees, special cases, and the lossless property.
 
 The lossless test runs a tiny speculative generator: the target is a second-order Markov model
 over 8 tokens (a logits table indexed by the last two tokens), the draft a perturbed copy. Each
@@ -17,12 +17,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from eaglespec.ops import acceptance
-from eaglespec.ops.acceptance import (AcceptResult, accept_by_target_draws, accept_greedy,
-                                      accept_sampled_by_rows, accept_sampled_children, accept_stream,
-                                      accept_topk_children)
 from eaglespec.ops.sampling import (STREAM_DRAFT, SamplingTensors, sample, sample_from_probs,
                                     target_probs)
+from eaglespec.speculative import acceptance
+from eaglespec.speculative.acceptance import (AcceptResult, accept_by_target_draws, accept_greedy,
+                                              accept_sampled_by_rows, accept_sampled_children, accept_stream,
+                                              accept_topk_children)
 
 # ----------------------------------------------------------------------------- helpers
 

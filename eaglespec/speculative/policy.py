@@ -1,0 +1,114 @@
+"""Which speculation (a tree, or none) pays for the batch at hand.
+
+Speculation trades one target forward per token for a costlier step that yields several tokens.
+Whether that pays depends on the batch size (a big batch leaves no idle compute to verify
+trees with) and on how much the draft is accepted (the prompts, the sampling settings), so it is
+chosen per step from measurements, not fixed:
+
+- the wall time of a step, per (choice, batch bucket, greedy or sampled), as an exponential
+  moving average of the steps that choice ran (the first run of a graph is warm-up, ignored);
+- the tokens one step yields per sequence, per (choice, greedy or sampled): acceptance does not
+  depend on the batch size, so what a tree earns at batch 1 predicts it at batch 16.
+
+Each step runs the choice with the highest expected tokens per second. A choice with no timing
+yet in this bucket is tried first (each once, in order); after that, one step in every
+``explore_every`` re-measures the choice measured longest ago, so a choice that became better
+(other prompts, other acceptance) is found again. Plain decoding is one of the choices, so a
+draft that never accepts ends with plain decoding and loses only the exploring steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PLAIN = "plain"
+
+
+@dataclass(slots=True)
+class _Average:
+    """Exponential moving average; ``count`` observations so far."""
+
+    value: float = 0.0
+    count: int = 0
+    last_step: int = -1  # the policy step of the last observation
+
+    def update(self, x: float, smoothing: float, step: int) -> None:
+        self.value = x if self.count == 0 else (1 - smoothing) * self.value + smoothing * x
+        self.count += 1
+        self.last_step = step
+
+
+@dataclass
+class SpeculationPolicy:
+    """Picks, per step, plain decoding or one of ``trees`` (tree spec strings)."""
+
+    trees: list[str]
+    smoothing: float = 0.2  # weight of the newest observation in the moving averages
+    explore_every: int = 64  # one exploring step in this many, per bucket
+    warmup_runs: int = 1  # first runs of a (choice, bucket) not timed: graph capture, compilation
+    _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
+    _tokens: dict[tuple, _Average] = field(default_factory=dict)  # (choice, greedy) -> tokens / sequence / step
+    _runs: dict[tuple, int] = field(default_factory=dict)  # (choice, bucket, greedy) -> steps run
+    _steps: dict[tuple, int] = field(default_factory=dict)  # (bucket, greedy) -> steps chosen
+
+    def __post_init__(self) -> None:
+        if not self.trees:
+            raise ValueError("SpeculationPolicy needs at least one tree to choose from")
+        if len(set(self.trees)) != len(self.trees) or PLAIN in self.trees:
+            raise ValueError(f"SpeculationPolicy.trees must be distinct tree specs, got {self.trees}")
+        if not 0.0 < self.smoothing <= 1.0:
+            raise ValueError(f"SpeculationPolicy.smoothing must be in (0, 1], got {self.smoothing}")
+        if self.explore_every < 2:
+            raise ValueError(f"SpeculationPolicy.explore_every must be >= 2, got {self.explore_every}")
+
+    @property
+    def choices(self) -> list[str]:
+        return [PLAIN, *self.trees]
+
+    def choose(self, bucket: int, greedy: bool) -> str:
+        """The choice to run for a step of this batch bucket."""
+        key = (bucket, greedy)
+        step = self._steps.get(key, 0)
+        self._steps[key] = step + 1
+        untimed = [c for c in self.choices if (c, bucket, greedy) not in self._seconds]
+        if untimed:
+            return untimed[0]
+        if step % self.explore_every == self.explore_every - 1:
+            return min(self.choices, key=lambda c: self._seconds[(c, bucket, greedy)].last_step)
+        return self.best(bucket, greedy)
+
+    def observe(self, choice: str, bucket: int, greedy: bool, seconds: float, tokens_per_sequence: float) -> None:
+        """Record one step that ran ``choice``: its wall time and mean tokens per sequence."""
+        if choice not in self.choices:
+            raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
+        run_key = (choice, bucket, greedy)
+        runs = self._runs.get(run_key, 0)
+        self._runs[run_key] = runs + 1
+        step = self._steps.get((bucket, greedy), 0)
+        self._tokens.setdefault((choice, greedy), _Average()).update(tokens_per_sequence, self.smoothing, step)
+        if runs >= self.warmup_runs:
+            self._seconds.setdefault(run_key, _Average()).update(seconds, self.smoothing, step)
+
+    def expected_rate(self, choice: str, bucket: int, greedy: bool) -> float | None:
+        """Expected tokens per second per sequence of ``choice`` (None until measured)."""
+        seconds = self._seconds.get((choice, bucket, greedy))
+        if seconds is None or seconds.value <= 0:
+            return None
+        tokens = 1.0 if choice == PLAIN else self._tokens[(choice, greedy)].value
+        return tokens / seconds.value
+
+    def best(self, bucket: int, greedy: bool) -> str:
+        """The measured choice with the highest expected rate (plain until something is measured)."""
+        rates = {c: self.expected_rate(c, bucket, greedy) for c in self.choices}
+        measured = {c: r for c, r in rates.items() if r is not None}
+        return max(measured, key=measured.get) if measured else PLAIN
+
+    def summary(self) -> list[dict]:
+        """One row per measured (choice, bucket, greedy): step ms, tokens per sequence, rate."""
+        rows = []
+        for (choice, bucket, greedy), seconds in sorted(self._seconds.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+            rows.append({"choice": choice, "bucket": bucket, "greedy": greedy, "step_ms": 1000 * seconds.value,
+                         "tokens_per_sequence": 1.0 if choice == PLAIN else self._tokens[(choice, greedy)].value,
+                         "tokens_per_s_per_sequence": self.expected_rate(choice, bucket, greedy),
+                         "steps_timed": seconds.count})
+        return rows
