@@ -13,8 +13,12 @@ logits are the largest tensor of the whole draft). Here the product never leaves
                   to target ids when the draft has its own vocabulary
 
 Ties: equal logits are taken lowest vocabulary index first, in the kernels and in the
-reference (a stable descending sort), so both pick the same tokens. The launcher reads only
-shapes on the host, so it can be captured in a CUDA graph.
+reference (a stable descending sort), so both pick the same tokens.
+
+A broken head (NaN or inf weights) must only cost speed, never break the tree: NaN logits rank
+as -inf, log-probabilities come out finite in [LOGP_FLOOR, 0] (NaN, e.g. inf - inf, becomes the
+floor), and mapped ids are clamped into the target vocabulary. The launcher reads only shapes
+on the host, so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -25,22 +29,29 @@ from eaglespec.ops.triton_support import jit as _jit, mma_options, tl, triton  #
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Floor of a sanitised draft log-probability: finite, so cumulative scores stay ordered.
+LOGP_FLOOR = -1e4
+
 
 # ----------------------------------------------------------------------------- reference
 
 
-def draft_topk_ref(hidden: torch.Tensor, weight: torch.Tensor, k: int,
-                   to_target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draft_topk_ref(hidden: torch.Tensor, weight: torch.Tensor, k: int, to_target: torch.Tensor | None = None,
+                   target_vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [R, H], weight [V, H] -> (log-probs [R, k] fp32, token ids [R, k] int64), best first.
 
     log-probs are those of log_softmax(hidden @ weight.T) (the product rounded to the weight
-    dtype, then fp32); ties go to the lowest index. ``to_target`` [V] int64 maps the ids.
+    dtype, then fp32), sanitised as the module says; ties go to the lowest index.
+    ``to_target`` [V] int64 maps the ids; ids are clamped into [0, target_vocab) (default V).
     """
     logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
-    logp = torch.log_softmax(logits, dim=-1)
-    values, ids = torch.sort(logp, dim=-1, descending=True, stable=True)
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    values, ids = torch.sort(logits, dim=-1, descending=True, stable=True)
     values, ids = values[:, :k], ids[:, :k]
-    return values, ids if to_target is None else to_target[ids]
+    logp = torch.nan_to_num(values - lse, nan=LOGP_FLOOR).clamp(LOGP_FLOOR, 0.0)
+    ids = ids if to_target is None else to_target[ids]
+    return logp, ids.clamp(0, (target_vocab or weight.shape[0]) - 1)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -70,9 +81,10 @@ def _draft_topk_partial_kernel(
         acc = tl.dot(x.to(MMA_DTYPE), w.to(MMA_DTYPE), acc, input_precision=DOT_PRECISION)
     # Round where torch's product rounds (to the weight dtype), then work in fp32.
     logits = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+    logits = tl.where(col_ok[None, :] & (logits == logits), logits, float("-inf"))  # NaN ranks last
     tile_max = tl.max(logits, axis=1)
-    safe_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+    infinite = (tile_max == float("-inf")) | (tile_max == float("inf"))
+    safe_max = tl.where(infinite, 0.0, tile_max)
     tile_sum = tl.sum(tl.exp(logits - safe_max[:, None]), axis=1)
     out = rows.to(tl.int64) * num_tiles + tile
     tl.store(tile_max_ptr + out, tile_max, mask=row_ok)
@@ -91,7 +103,7 @@ def _draft_topk_partial_kernel(
 @_jit
 def _draft_topk_merge_kernel(
     cand_val_ptr, cand_idx_ptr, tile_max_ptr, tile_sum_ptr, to_target_ptr, out_val_ptr, out_idx_ptr,
-    num_tiles,
+    num_tiles, max_id, floor,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_MAP: tl.constexpr,
 ):
@@ -102,7 +114,10 @@ def _draft_topk_merge_kernel(
     m = tl.load(tile_max_ptr + row * num_tiles + t, mask=t_ok, other=float("-inf"))
     s = tl.load(tile_sum_ptr + row * num_tiles + t, mask=t_ok, other=0.0)
     big = tl.max(m, axis=0)
-    lse = big + tl.log(tl.sum(tl.where(t_ok, s * tl.exp(m - big), 0.0), axis=0))
+    finite = (big != float("inf")) & (big != float("-inf"))
+    safe_big = tl.where(finite, big, 0.0)
+    total = tl.sum(tl.where(t_ok & (m != float("-inf")), s * tl.exp(m - safe_big), 0.0), axis=0)
+    lse = tl.where(finite, safe_big + tl.log(total), big)  # +-inf when the largest logit is
     c = tl.arange(0, BLOCK_C)
     c_ok = (c < num_tiles * K_PAD) & ((c % K_PAD) < K)
     vals = tl.load(cand_val_ptr + row * num_tiles * K_PAD + c, mask=c_ok, other=float("-inf"))
@@ -113,7 +128,10 @@ def _draft_topk_merge_kernel(
         token = best_idx.to(tl.int64)
         if HAS_MAP:
             token = tl.load(to_target_ptr + token)
-        tl.store(out_val_ptr + row * K + j, best - lse)
+        token = tl.minimum(tl.maximum(token, 0), max_id)
+        logp = best - lse
+        logp = tl.where(logp == logp, logp, floor)  # inf - inf
+        tl.store(out_val_ptr + row * K + j, tl.minimum(tl.maximum(logp, floor), 0.0))
         tl.store(out_idx_ptr + row * K + j, token)
         hit = idx == best_idx
         vals = tl.where(hit, float("-inf"), vals)
@@ -136,8 +154,8 @@ def _row_block(rows: int) -> int:
     return max(16, min(64, _pow2(rows)))  # tl.dot needs 16+ rows; more rows share a weight tile
 
 
-def draft_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int,
-               to_target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draft_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, to_target: torch.Tensor | None = None,
+               target_vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``draft_topk_ref`` (same arguments and results): two launches, no
     [R, V] logits in memory. hidden [R, H] (rows may be strided), weight [V, H] contiguous
     in hidden's dtype; CUDA tensors, or CPU ones under TRITON_INTERPRET=1."""
@@ -160,6 +178,8 @@ def draft_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int,
                f"to_target must be int64 of shape ({vocab},), got {getattr(to_target, 'dtype', None)} "
                f"{tuple(getattr(to_target, 'shape', ()))}")
         _check(to_target.device == hidden.device, f"to_target is on {to_target.device}, hidden on {hidden.device}")
+    target_vocab = target_vocab or vocab
+    _check(isinstance(target_vocab, int) and target_vocab >= 1, f"target_vocab must be a positive int, got {target_vocab!r}")
     if triton is None:
         raise RuntimeError("triton is not installed: use draft_topk_ref")
     kernel = _draft_topk_partial_kernel
@@ -186,6 +206,6 @@ def draft_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int,
         num_warps=4, **mma_options(hidden.dtype, kernel))
     _draft_topk_merge_kernel[(rows,)](
         cand_val, cand_idx, tile_max, tile_sum, values if to_target is None else to_target, values, ids,
-        num_tiles, K=k, K_PAD=k_pad, BLOCK_C=_pow2(num_tiles * k_pad), BLOCK_T=_pow2(num_tiles),
+        num_tiles, target_vocab - 1, LOGP_FLOOR, K=k, K_PAD=k_pad, BLOCK_C=_pow2(num_tiles * k_pad), BLOCK_T=_pow2(num_tiles),
         HAS_MAP=to_target is not None, num_warps=4)
     return values, ids

@@ -68,8 +68,8 @@ def test_ids_map_to_the_target_vocabulary():
     weight = seeded_randn(200, 16, seed=6)
     hidden = seeded_randn(4, 16, seed=7)
     to_target = (torch.arange(200) * 3 + 11).to(DEVICE)
-    _, ids = draft_topk(hidden, weight, 6, to_target)
-    _, ref = draft_topk_ref(hidden, weight, 6, to_target)
+    _, ids = draft_topk(hidden, weight, 6, to_target, target_vocab=700)
+    _, ref = draft_topk_ref(hidden, weight, 6, to_target, target_vocab=700)
     _, raw = draft_topk_ref(hidden, weight, 6)
     assert torch.equal(ids, ref) and torch.equal(ids, raw * 3 + 11)
 
@@ -86,3 +86,35 @@ def test_launcher_rejects_bad_input():
         draft_topk(hidden, weight.double(), 3)
     with pytest.raises(ValueError, match="to_target must be int64"):
         draft_topk(hidden, weight, 3, torch.arange(49, device=hidden.device))
+
+
+@needs_triton_kernels
+@pytest.mark.parametrize("poison", ["nan_rows", "inf_row", "nan_hidden", "neg_inf_row"])
+def test_broken_heads_give_finite_ordered_scores(poison):
+    """NaN or inf anywhere: the same finite log-probs in [floor, 0] and ids from kernel and reference."""
+    hidden = seeded_randn(3, 16, seed=10)
+    weight = seeded_randn(300, 16, seed=11)
+    if poison == "nan_rows":
+        weight[[5, 140]] = float("nan")
+    elif poison == "inf_row":
+        weight[200, 0] = float("inf")
+    elif poison == "nan_hidden":
+        hidden[1, 3] = float("nan")
+    else:
+        weight[7] = float("-inf")
+    values, ids = draft_topk(hidden, weight, 4)
+    ref_v, ref_i = draft_topk_ref(hidden, weight, 4)
+    assert torch.isfinite(values).all() and (values <= 0).all() and (values >= -1e4).all()
+    assert torch.equal(ids, ref_i)
+    torch.testing.assert_close(values, ref_v, atol=1e-4, rtol=1e-5)
+    assert bool((values[:, :-1] >= values[:, 1:]).all())
+
+
+@needs_triton_kernels
+def test_mapped_ids_are_clamped_into_the_target_vocabulary():
+    weight = seeded_randn(40, 16, seed=12)
+    hidden = seeded_randn(2, 16, seed=13)
+    to_target = torch.where(torch.arange(40) % 2 == 0, torch.arange(40) + 100, -torch.arange(40)).to(DEVICE)
+    _, ids = draft_topk(hidden, weight, 6, to_target, target_vocab=61)
+    _, ref = draft_topk_ref(hidden, weight, 6, to_target, target_vocab=61)
+    assert torch.equal(ids, ref) and bool(((ids == 0) | (ids == 60)).all())
