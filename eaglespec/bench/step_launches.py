@@ -152,8 +152,7 @@ def count_step(llm: LLM, batch: int, context: int) -> tuple[LaunchCounter, Launc
     bucket = bucket_for(batch, llm.runner.buckets)
     graphs = sr.graphs[True]
     with torch.inference_mode():
-        llm.runner.stage_inputs(graphs, reqs, bucket, [sr._slot(r) for r in reqs],
-                                pad_state_slot=sr.pad_slot, pad_cached_len=sr.width + 1)
+        sr.stage_inputs(graphs, reqs, bucket)
         with count_launches() as spec_counter:
             graphs.run(bucket)
         decode = llm.runner.decode_graphs[True]

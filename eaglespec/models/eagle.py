@@ -153,10 +153,24 @@ class EagleHead(nn.Module):
             return None
         return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
 
+    @property
+    def readout_weight(self) -> torch.Tensor:
+        """[draft_vocab, H] the output projection (EAGLE-1: the target's lm_head)."""
+        return self.lm_head_weight if self.config.kind == "eagle1" else self.lm_head.weight
+
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionStep, cache: KVCache) -> DraftOutput:
         """features [T, feature_size] (target features) or [T, H] (the head's own hidden);
-        tokens/positions [T]. Returns the new hidden [T, H] and draft logits [T, draft_vocab].
+        tokens/positions [T]. Returns the new hidden [T, H] and draft logits [T, draft_vocab]."""
+        hidden, readout = self.hidden_and_readout(features, tokens, positions, attn, cache)
+        weight = self.readout_weight
+        return DraftOutput(hidden, F.linear(readout, weight.to(readout.dtype)).float())
+
+    def hidden_and_readout(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                           attn: AttentionStep, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` up to the output projection: the new hidden [T, H] and the rows the
+        projection reads [T, H] (EAGLE-1: the hidden itself; EAGLE-3: its final norm), so a
+        drafter can fuse the projection with its top-k (``ops.draft_topk``).
         On the "triton" kernel set the element-wise ops run on the fused kernels (as in
         LlamaForCausalLM)."""
         use_triton = self.kernels == "triton"
@@ -175,7 +189,7 @@ class EagleHead(nn.Module):
             else:
                 for i, layer in enumerate(self.layers):
                     h = layer(h, cos, sin, i, attn, cache)
-            return DraftOutput(h, F.linear(h, self.lm_head_weight.to(dtype)).float())
+            return h, h
         h = features.to(dtype)
         if h.shape[-1] != hidden_size:  # target taps: project 3H -> H first
             h = self.fc(h)
@@ -184,7 +198,7 @@ class EagleHead(nn.Module):
         else:
             h = self.midlayer(emb, h, cos, sin, 0, attn, cache)
         normed = add_rms_norm(self.norm, h, None)[0] if use_triton else self.norm(h)
-        return DraftOutput(h, self.lm_head(normed).float())
+        return h, normed
 
     # ------------------------------------------------------------------ weights
 

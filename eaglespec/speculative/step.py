@@ -124,10 +124,10 @@ class SpeculativeRunner:
         rows = StepRows(x["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], rows.block_tables
         counts = self.pending_count.index_select(0, slot_ids)
-        hidden, logits = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
+        hidden, readout = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
                                              self.pending_tok.index_select(0, slot_ids), counts,
                                              lens - counts.to(lens.dtype), tables)
-        tree = self.drafter.build(hidden, logits, rows["input_ids"], lens, tables)
+        tree = self.drafter.build(hidden, readout, rows["input_ids"], lens, tables)
         res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy,
                           self.feature, self.shape.depth, self.runner.scale, self.runner.backend)
         self.pending_feat.index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
