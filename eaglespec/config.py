@@ -186,11 +186,19 @@ class SpecConfig:
     """
 
     tree: str = "dynamic:5,8,32"
+    # The draft scores only this many of the most frequent target tokens (its output projection
+    # keeps their rows; the target still verifies over its whole vocabulary, so outputs are
+    # unchanged). None: the head's own default (its config's draft_vocab_size, else all). At most
+    # the head's vocabulary; fewer than it has needs the head's token ranking.
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if not _TREE_SPEC.match(self.tree) and not self.tree.endswith(".json"):
             raise ValueError(f"SpecConfig.tree must be chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
                              f"path, got {self.tree!r}")
+        n = self.draft_vocab_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"SpecConfig.draft_vocab_size must be None or an int >= 1, got {n!r}")
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ import torch
 
 from eaglespec.kv_cache import KVCache, commit_tree_kv
 from eaglespec.models.attention_step import AttentionStep, TreeStep
-from eaglespec.models.eagle import EagleHead
+from eaglespec.models.eagle import DraftVocab, EagleHead
 from eaglespec.ops import attention as ops
 from eaglespec.ops.draft_topk import draft_topk, draft_topk_ref
 from eaglespec.ops.tree_expand import (CandidatePool, Level, expand_level, expand_level_ref, select_tree,
@@ -96,17 +96,23 @@ class DraftOps:
 
 
 class Drafter:
-    """Owns nothing but references (the head, its KV cache, the static tree shape) and the
-    fixed-shape buffers its steps reuse (per batch size: the candidate pool, the side K/V)."""
+    """Owns references (the head, the vocabulary it drafts over, its KV cache, the static tree
+    shape) and the fixed-shape buffers its steps reuse (per batch size: the candidate pool and
+    the side K/V)."""
 
-    def __init__(self, head: EagleHead, shape: TreeShape, cache: KVCache, backend: str, scale: float):
+    def __init__(self, head: EagleHead, vocab: DraftVocab, shape: TreeShape, cache: KVCache, backend: str,
+                 scale: float):
+        widest = max(shape.branch, shape.frontier[0] if shape.kind == "static" else 0)
+        if vocab.size < widest:
+            raise ValueError(f"draft vocabulary of {vocab.size} tokens is smaller than the tree's {widest} "
+                             f"children per node")
         self.head = head
+        self.vocab = vocab
         self.shape = shape
         self.cache = cache
         self.backend = backend
         self.scale = scale
         self.ops = DraftOps.for_backend(backend)
-        self.to_target = head.draft_to_target()  # [draft_vocab] or None
         self.vocab_size = head.config.layer.vocab_size  # the target's vocabulary
         # Device tensors made once: a host-to-device copy inside a CUDA-graph capture is not allowed.
         self.levels, self.pool_depth = tree_levels(shape, cache.k.device)
@@ -128,41 +134,44 @@ class Drafter:
         """Run and commit the pending pairs of each sequence; return the last pair's outputs.
 
         feats [B, P, feature], tokens [B, P], counts [B] (1..P valid pairs), prefix_lens [B] =
-        pairs already cached. Returns hidden [B, H] and readout [B, H] (what the output
-        projection reads) of the last valid pair, which propose the children of the root.
+        pairs already cached. Returns hidden [B, H] and the projection input [B, H] of the last
+        valid pair, which propose the children of the root.
         """
         bsz, width = tokens.shape
         bits = chain_bits(width, tokens.device).expand(bsz, width).contiguous()
         step = TreeStep(block_tables, prefix_lens, bits, self.scale, self.backend)
         positions = prefix_lens[:, None].long() + torch.arange(width, device=tokens.device)
-        hidden, readout = self.head.hidden_and_readout(feats.reshape(bsz * width, -1), tokens.reshape(-1),
-                                                       positions.reshape(-1), step, self.cache)
+        out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache)
         nodes = torch.arange(width, device=tokens.device).expand(bsz, width)
         nodes = torch.where(nodes < counts[:, None], nodes, torch.full_like(nodes, -1))
         commit_tree_kv(self.cache, *step.stacked(), nodes, prefix_lens, block_tables)
         last = (counts - 1).clamp_min(0)
         rows = torch.arange(bsz, device=tokens.device) * width + last
-        hidden_last = hidden.index_select(0, rows)
-        return hidden_last, hidden_last if readout is hidden else readout.index_select(0, rows)
+        hidden_last = out.hidden.index_select(0, rows)
+        return hidden_last, hidden_last if out.last is out.hidden else out.last.index_select(0, rows)
 
-    def _children(self, readout: torch.Tensor, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's ``branch`` best children, as [B, rows per sequence * branch] scores and ids."""
-        weight = self.head.readout_weight
-        values, ids = self.ops.topk(readout.to(weight.dtype), weight, self.shape.branch, self.to_target,
+    def _children(self, last: torch.Tensor, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ``branch`` best children as [B, rows per sequence * branch] draft
+        log-probabilities over the draft vocabulary and target ids: the one place where the
+        vocabulary's [N, H] projection and its id map are applied (fused with the top-k, no
+        [rows, N] logits in memory). Ids are clamped into the target vocabulary: a head mapping
+        outside it proposes some in-vocabulary token instead, which verification judges."""
+        weight = self.vocab.weight
+        values, ids = self.ops.topk(last.to(weight.dtype), weight, self.shape.branch, self.vocab.to_target,
                                     self.vocab_size)
         return values.view(bsz, -1), ids.view(bsz, -1)
 
-    def build(self, hidden_root: torch.Tensor, readout_root: torch.Tensor, root_tokens: torch.Tensor,
+    def build(self, hidden_root: torch.Tensor, last_root: torch.Tensor, root_tokens: torch.Tensor,
               cached_lens: torch.Tensor, block_tables: torch.Tensor) -> TreeBatch:
         """Draft one tree per sequence (children ranked by draft log-probability).
 
-        hidden_root / readout_root [B, H] from ``extend``; root_tokens [B]; cached_lens [B] = L,
+        hidden_root / last_root [B, H] from ``extend``; root_tokens [B]; cached_lens [B] = L,
         the target's (and after ``extend`` the head's) cached length.
         """
         shape, ops = self.shape, self.ops
         bsz = root_tokens.shape[0]
         pool, side_k, side_v = self.buffers(bsz)
-        values, ids = self._children(readout_root, bsz)
+        values, ids = self._children(last_root, bsz)
         frontier = ops.expand(values, ids, None, pool, self.levels[0], shape.branch)
         hidden = hidden_root
         for d in range(1, shape.depth):
@@ -170,9 +179,10 @@ class Drafter:
             step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, self.levels[d - 1].slot, frontier.bits,
                                  self.scale, self.backend)
             positions = (cached_lens[:, None].long() + (d - 1)).expand(bsz, width).reshape(-1)
-            hidden, readout = self.head.hidden_and_readout(hidden.index_select(0, frontier.rows),
-                                                           frontier.tokens.reshape(-1), positions, step, self.cache)
-            values, ids = self._children(readout, bsz)
+            out = self.head(hidden.index_select(0, frontier.rows), frontier.tokens.reshape(-1), positions, step,
+                            self.cache)
+            hidden = out.hidden
+            values, ids = self._children(out.last, bsz)
             frontier = ops.expand(values, ids, frontier, pool, self.levels[d], shape.branch)
         tokens, parents, depth, bits = ops.select(pool, root_tokens.long(), shape.num_nodes, shape.depth)
         return TreeBatch(tokens, parents, depth, bits)
