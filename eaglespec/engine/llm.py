@@ -44,18 +44,6 @@ def shipped_head_path() -> str | None:
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-def default_spec_config(draft, default_draft: bool) -> SpecConfig:
-    """The tree that served the shipped head best, else the library default."""
-    import json
-    import os
-
-    path = shipped_head_path() if default_draft and draft is None else None
-    if path and os.path.isfile(os.path.join(path, "serving.json")):
-        with open(os.path.join(path, "serving.json")) as f:
-            return SpecConfig(tree=json.load(f)["tree"])
-    return SpecConfig()
-
-
 class LLM:
     """The public entry point (see DESIGN.md's public contract)."""
 
@@ -99,7 +87,7 @@ class LLM:
             self.engine_config = dataclasses.replace(self.engine_config,
                                                      max_model_len=target.config.max_position_embeddings)
         head = self._resolve_draft(draft, target, default_draft)
-        self.spec_config = (spec or default_spec_config(draft, default_draft)) if head is not None else spec
+        self.spec_config = (spec or SpecConfig()) if head is not None else spec
         self.core = EngineCore(target, tokenizer, self.eos_ids, head, self.spec_config, self.engine_config,
                                self.device)
         self._requests: dict[int, Request] = {}  # this front end's requests, finished ones until collected
