@@ -216,18 +216,26 @@ def _real(field: str, value, expected: str) -> float:
 
 _TREE_SPEC = re.compile(r"^(chain:\d+|dynamic:\d+,\d+,\d+)$")
 
+# The trees ``tree="auto"`` chooses among (besides plain decoding): short chains for large
+# batches, where a step's extra tokens cost real compute, and dynamic trees for small ones.
+AUTO_TREES = ("chain:1", "chain:2", "chain:3", "dynamic:4,6,16", "dynamic:5,8,32")
+
 
 @dataclass(slots=True)
 class SpecConfig:
     """Speculative decoding settings.
 
-    ``tree`` is ``chain:K`` (K draft tokens in a line), ``dynamic:DEPTH,TOPK,NODES`` (EAGLE-2
-    dynamic tree) or a path to a JSON list of choices (static tree, EAGLE/Medusa format).
-    Children are the draft's top-k at every node; under sampling they are accepted by the
-    lossless rule for deterministic children (see docs/DESIGN_NOTES.md).
+    ``tree`` is ``auto`` (the default: each step runs plain decoding or one of ``auto_trees``,
+    whichever measures the most tokens/s for the batch at hand, see speculative/policy.py),
+    ``chain:K`` (K draft tokens in a line), ``dynamic:DEPTH,TOPK,NODES`` (EAGLE-2 dynamic tree)
+    or a path to a JSON list of choices (static tree, EAGLE/Medusa format). A tree other than
+    ``auto`` is forced on every step. Children are the draft's top-k at every node; under
+    sampling they are accepted by the lossless rule for deterministic children (see
+    docs/DESIGN_NOTES.md).
     """
 
-    tree: str = "dynamic:5,8,32"
+    tree: str = "auto"
+    auto_trees: tuple[str, ...] = AUTO_TREES  # the candidates of ``tree="auto"``
     # The draft scores only this many of the most frequent target tokens (its output projection
     # keeps their rows; the target still verifies over its whole vocabulary, so outputs are
     # unchanged). None: the head's own default (its config's draft_vocab_size, else all). At most
@@ -236,14 +244,26 @@ class SpecConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.tree, str):
-            raise TypeError(f"SpecConfig.tree must be a string (chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
-                            f"path), got {type(self.tree).__name__}")
-        if not _TREE_SPEC.match(self.tree) and not self.tree.endswith(".json"):
-            raise ValueError(f"SpecConfig.tree must be chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
-                             f"path, got {self.tree!r}")
+            raise TypeError(f"SpecConfig.tree must be a string (auto, chain:K, dynamic:DEPTH,TOPK,NODES or a "
+                            f".json path), got {type(self.tree).__name__}")
+        self.auto_trees = tuple(self.auto_trees)
+        for field_name, trees in (("tree", (self.tree,)), ("auto_trees", self.auto_trees)):
+            for tree in trees:
+                if not isinstance(tree, str) or not (_TREE_SPEC.match(tree) or tree.endswith(".json")
+                                                     or (field_name == "tree" and tree == "auto")):
+                    raise ValueError(f"SpecConfig.{field_name}: a tree must be "
+                                     f"{'auto, ' if field_name == 'tree' else ''}chain:K, dynamic:DEPTH,TOPK,NODES "
+                                     f"or a .json path, got {tree!r}")
+        if not self.auto_trees or len(set(self.auto_trees)) != len(self.auto_trees):
+            raise ValueError(f"SpecConfig.auto_trees must be distinct trees, at least one, got {self.auto_trees}")
         n = self.draft_vocab_size
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"SpecConfig.draft_vocab_size must be None or an int >= 1, got {n!r}")
+
+    @property
+    def trees(self) -> tuple[str, ...]:
+        """The trees a speculative engine prepares: the candidates of auto, or the forced one."""
+        return self.auto_trees if self.tree == "auto" else (self.tree,)
 
 
 @dataclass(slots=True)

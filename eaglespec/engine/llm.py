@@ -44,17 +44,6 @@ def shipped_head_path() -> str | None:
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-def default_spec_config(draft, default_draft: bool) -> SpecConfig:
-    """The tree that served the shipped head best, else the library default."""
-    import json
-
-    path = shipped_head_path() if default_draft and draft is None else None
-    if path and os.path.isfile(os.path.join(path, "serving.json")):
-        with open(os.path.join(path, "serving.json")) as f:
-            return SpecConfig(tree=json.load(f)["tree"])
-    return SpecConfig()
-
-
 def is_default_model(path) -> bool:
     """Whether ``path`` is the embedded default model (the one the shipped head was trained for)."""
     from eaglespec.models.loading import default_model_path
@@ -88,7 +77,8 @@ def check_speculation_args(draft, spec, default_draft: bool) -> SpecConfig | Non
         raise FileNotFoundError(f"draft head directory not found: {os.fspath(draft)!r} (give a directory with "
                                 f"config.json and model.safetensors, or 'none')")
     if spec is not None:
-        parse_tree(spec.tree)
+        for tree in spec.trees:
+            parse_tree(tree)
     return spec
 
 
@@ -156,7 +146,7 @@ class LLM:
             self.engine_config = dataclasses.replace(self.engine_config,
                                                      max_model_len=target.config.max_position_embeddings)
         head = self._resolve_draft(draft, target, default_draft)
-        self.spec_config = (spec or default_spec_config(draft, default_draft)) if head is not None else spec
+        self.spec_config = (spec or SpecConfig()) if head is not None else spec
         self.core = EngineCore(target, tokenizer, self.eos_ids, head, self.spec_config, self.engine_config,
                                self.device, no_tokenizer_reason=no_tokenizer_reason)
         self._requests: dict[int, Request] = {}  # this front end's requests, finished ones until collected

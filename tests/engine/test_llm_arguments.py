@@ -54,7 +54,7 @@ def test_a_tree_without_any_head_is_refused_before_loading(no_loading, hf_dir_wi
     ("dynamic:9,9,9", ValueError, r"DEPTH\*TOPK must be <= 64"),
     ("dynamic:0,2,3", ValueError, r"DEPTH, TOPK and NODES must be positive"),
     ("missing-choices.json", FileNotFoundError, r"missing-choices\.json"),
-    ("bogus", ValueError, r"SpecConfig\.tree must be chain:K"),
+    ("bogus", ValueError, r"SpecConfig\.tree: a tree must be auto, chain:K"),
     (7, TypeError, r"spec must be a SpecConfig, a tree string or None, got int"),
 ])
 def test_tree_errors_come_before_loading(no_loading, tmp_path, spec, error, message):
@@ -97,7 +97,7 @@ def test_embedded_model_named_explicitly_gets_the_shipped_head(tmp_path):
     assert check_speculation_args(None, "chain:3", default_draft=True).tree == "chain:3"
     explicit = LLM(model=path, device="cpu", dtype="float32", engine=small_engine(max_model_len=512))
     assert explicit.speculative is not None
-    assert explicit.spec_config == llm_module.default_spec_config(None, True)
+    assert explicit.spec_config == SpecConfig()  # tree="auto", as with no model named
     shipped = llm_module.load_head(shipped_head_path(), explicit.model)
     assert torch.equal(explicit.speculative.head.fc.weight, shipped.fc.weight)
 
