@@ -69,8 +69,9 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
     forwards = sum(o.stats["target_forwards"] for o in outs)
     depth = max((len(o.stats["accept_rate_per_depth"]) for o in outs), default=0)
     steps = [o.stats["target_forwards"] - 1 for o in outs]  # speculative steps (prefill excluded)
-    rates = [sum(o.stats["accept_rate_per_depth"][d] * s for o, s in zip(outs, steps)) / max(sum(steps), 1)
-             for d in range(depth)]
+    # A request that ran plain steps only (tree=auto) has no per-depth rates: it counts as 0.
+    rates = [sum((o.stats["accept_rate_per_depth"] + [0.0] * depth)[d] * s for o, s in zip(outs, steps))
+             / max(sum(steps), 1) for d in range(depth)]
     chosen: dict[str, int] = {}  # decoding steps per tree (or plain), summed over requests
     for o in outs:
         for choice, n in o.stats.get("speculation", {}).items():
