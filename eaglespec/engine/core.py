@@ -204,6 +204,7 @@ class EngineCore:
         """
         started = time.perf_counter()
         flight, self._in_flight = self._in_flight, None
+        followed = flight is not None  # a plain step queued behind the previous one: steady state
         if flight is None:
             scheduled = self.scheduler.schedule()
             if scheduled is None:
@@ -218,11 +219,12 @@ class EngineCore:
                 return reqs
             choice = self._choose(reqs)
             if choice != PLAIN:
+                steady = self.last_choice == choice
                 emitted = self._speculate(reqs, choice)
                 self.last_step_kind = "speculative"
                 self._apply(reqs, emitted, [False] * len(reqs))
                 self.speculative.observe(choice, reqs, time.perf_counter() - started,
-                                         sum(map(len, emitted)) / len(reqs))
+                                         sum(map(len, emitted)) / len(reqs), steady)
                 return reqs
             flight = self._launch_decode(reqs)
         self._current = flight.reqs
@@ -235,7 +237,7 @@ class EngineCore:
         for r in flight.reqs:
             r.steps_by_choice[PLAIN] = r.steps_by_choice.get(PLAIN, 0) + 1
         if self.speculative is not None:
-            self.speculative.observe(PLAIN, flight.reqs, time.perf_counter() - started, 1.0)
+            self.speculative.observe(PLAIN, flight.reqs, time.perf_counter() - started, 1.0, followed)
         return live
 
     def _choose(self, reqs: list[Request], plan: bool = False) -> str:

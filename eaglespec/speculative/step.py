@@ -109,11 +109,13 @@ class SpeculativeRunner:
             return next(iter(self.programs))
         return self.policy.choose(bucket_for(len(reqs), self.runner.buckets), _all_greedy(reqs))
 
-    def observe(self, choice: str, reqs: list[Request], seconds: float, tokens_per_sequence: float) -> None:
-        """Feed the policy one step's wall time and mean tokens per sequence."""
+    def observe(self, choice: str, reqs: list[Request], seconds: float, tokens_per_sequence: float,
+                steady: bool) -> None:
+        """Feed the policy one step's wall time and mean tokens per sequence (``steady``: the
+        step followed one of the same choice, see SpeculationPolicy.observe)."""
         if self.policy is not None:
             self.policy.observe(choice, bucket_for(len(reqs), self.runner.buckets), _all_greedy(reqs), seconds,
-                                tokens_per_sequence)
+                                tokens_per_sequence, steady)
 
     @property
     def lookahead(self) -> int:

@@ -23,14 +23,14 @@ PRICES = {PLAIN: 1.0, "chain:1": 1.5, "chain:3": 1.8, "dynamic:3,3,8": 2.2}
 class PricedPolicy(SpeculationPolicy):
     prices: dict = field(default_factory=dict)
 
-    def observe(self, choice, bucket, greedy, seconds, tokens_per_sequence):
-        super().observe(choice, bucket, greedy, self.prices[choice], tokens_per_sequence)
+    def observe(self, choice, bucket, greedy, seconds, tokens_per_sequence, steady=True):
+        super().observe(choice, bucket, greedy, self.prices[choice], tokens_per_sequence, steady)
 
 
 def _engine(head, target):
     llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree="auto", auto_trees=TREES),
                          engine=small_engine(max_batch_size=4, num_blocks=96))
-    llm.speculative.policy = PricedPolicy(list(TREES), explore_every=6, prices=PRICES)
+    llm.speculative.policy = PricedPolicy(list(TREES), epoch_steps=2, explore_every=4, prices=PRICES)
     return llm
 
 
