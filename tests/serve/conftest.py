@@ -41,7 +41,9 @@ def served():
     from eaglespec import LLM, EngineConfig
     from eaglespec.serve.server import ServerThread, build_server_app
 
-    llm = LLM(device="cpu", dtype="float32",
+    # A forced tree, so every decoding step speculates and the speculation metrics are exact
+    # (the default, tree="auto", may decode plainly where that measures faster).
+    llm = LLM(device="cpu", dtype="float32", spec="chain:3",
               engine=EngineConfig(max_batch_size=16, max_model_len=512, kv_cache_tokens=8192))
     assert llm.core.speculative is not None  # the shipped head serves
     app, engine = build_server_app(llm)

@@ -54,24 +54,27 @@ def test_auto_picks_plain_when_the_draft_never_pays_and_keeps_outputs(greedy):
         for choice, n in o.stats["speculation"].items():
             steps[choice] = steps.get(choice, 0) + n
     assert steps[PLAIN] > 2 * sum(n for c, n in steps.items() if c != PLAIN), steps
-    if greedy:  # plain steps and tree steps interleaved: still exactly plain decoding's tokens
-        ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
-        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    # Plain steps and tree steps interleaved: still exactly plain decoding's tokens, greedy or
+    # seeded (a tree's draw at depth d is plain sampling's draw d tokens ahead; fp32 here).
+    ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
 
 
-def test_auto_picks_a_tree_when_the_draft_pays_and_keeps_outputs():
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_auto_picks_a_tree_when_the_draft_pays_and_keeps_outputs(temperature):
     target = predictable_target(seed=32)
     prompts = _prompts(target.config.vocab_size, [7, 18, 11, 3], seed=9)
-    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    params = SamplingParams(max_tokens=48, ignore_eos=True, temperature=temperature, seed=5)
     llm = _engine(eagle1_head(target, seed=10), target)
     outs = llm.generate(prompts, params)
     ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
-    assert llm.speculative.policy.best(4, True) != PLAIN
     # Every choice was tried, and the requests report which ran.
     ran = set().union(*(o.stats["speculation"] for o in outs))
     assert ran == {PLAIN, *TREES}
-    assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.3
+    if temperature == 0:  # the oracle-ish head pays at these prices (sampled: it may not)
+        assert llm.speculative.policy.best(4, True) != PLAIN
+        assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.3
 
 
 def test_forced_tree_never_runs_plain_steps():
