@@ -17,7 +17,8 @@ def test_bench_serve_smoke(served, tmp_path):
     except ImportError:  # the plot extra is not installed: everything but the picture
         plot = ["--no-plot"]
     rc = bench.main(["--url", served.url, "--concurrency", "1,2", "--requests-per-client", "1", "--min-requests", "2",
-                     "--sharegpt", "0", "--mtbench-tokens", "4", "--out", str(tmp_path), "--device", "cpu", *plot])
+                     "--sharegpt", "0", "--mtbench-tokens", "4", "--out", str(tmp_path), "--device", "cpu", "--no-warmup",
+                     *plot])
     assert rc == 0
     [path] = list(tmp_path.glob("serve-*.json"))
     rec = json.loads(path.read_text())
