@@ -67,6 +67,8 @@ class EngineCore:
         lookahead = max(parse_tree(t).depth for t in spec.trees) + 1 if head is not None else 1
         self.runner = ModelRunner(target, engine, device, lookahead)
         self.speculative = SpeculativeRunner(self.runner, head, spec) if head is not None else None
+        if self.speculative is not None:
+            self.speculative.calibrate()
         self.spec_config = spec if head is not None else None
         self.scheduler = Scheduler(self.runner.allocator, engine.max_batch_size, engine.max_model_len,
                                    engine.prefill_token_budget, lookahead=lookahead,

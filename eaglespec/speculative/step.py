@@ -80,6 +80,29 @@ class SpeculativeRunner:
         # tree="auto": measured choice per step; a forced tree runs on every step.
         self.policy = SpeculationPolicy(list(spec.trees)) if spec.tree == "auto" else None
 
+    @torch.inference_mode()
+    def calibrate(self, reps: int = 5) -> None:
+        """Under tree="auto" on a GPU: capture every choice's graphs for every batch bucket now,
+        not while serving, and seed the policy with their replay times (the engine's wall clock
+        refines them, host work included, once serving starts)."""
+        if self.policy is None or not self.runner.use_graphs:
+            return
+        from tqdm import tqdm
+
+        steps = [(choice, greedy, bucket) for bucket in self.runner.buckets for greedy in (True, False)
+                 for choice in self.policy.choices]
+        for choice, greedy, bucket in tqdm(steps, desc="capturing and timing speculation choices", leave=False):
+            graphs = (self.plain_graphs if choice == PLAIN else self.programs[choice].graphs)[greedy]
+            self.stage_inputs(graphs, [], bucket)  # padding rows only: the scratch block and slot
+            graphs.run(bucket)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graphs.run(bucket)
+            end.record()
+            end.synchronize()
+            self.policy.seed(choice, bucket, greedy, start.elapsed_time(end) / 1000 / reps)
+
     def choose(self, reqs: list[Request]) -> str:
         """What runs next for these requests: a tree spec, or ``PLAIN`` (policy.PLAIN)."""
         if self.policy is None:
