@@ -77,7 +77,8 @@ class EngineCore:
         self.requests: dict[int, Request] = {}  # live requests (finished ones leave after their last delta)
         self._in_flight: DecodeFlight | None = None  # a decode step queued but not read yet
         self._touched: list[Request] = []  # finished outside a step (failed at admission, aborted)
-        self.last_step_kind = ""  # "prefill", "decode", "speculative" (for metrics)
+        self.last_step_kind = ""  # "prefill", "mixed", "decode", "speculative" (for metrics)
+        self.last_step_size = 0  # requests in the last step (for metrics: how many really ran at once)
         self.last_choice = ""  # the tree (or "plain") the last decoding step ran (for metrics)
         # The choice made for the step after an overlapped one, with its (bucket) key.
         self._planned: tuple[int, bool, str] | None = None
@@ -211,6 +212,7 @@ class EngineCore:
                 return []
             reqs = scheduled.requests
             self._current = reqs
+            self.last_step_size = len(reqs)
             if scheduled.kind == "prefill" or not reqs:
                 prefilling = [not is_ready(r) for r in reqs]  # the others decode in this forward
                 emitted = self._prefill(scheduled) if reqs else []
@@ -228,6 +230,7 @@ class EngineCore:
                 return reqs
             flight = self._launch_decode(reqs)
         self._current = flight.reqs
+        self.last_step_size = len(flight.reqs)
         self.last_step_kind = "decode"
         self.last_choice = PLAIN
         if self.config.overlap_decode and self._can_follow(flight.reqs) and self._choose(flight.reqs, plan=True) == PLAIN:
