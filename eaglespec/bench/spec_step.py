@@ -99,12 +99,11 @@ def prefill_all(llm: LLM, batch: int) -> list:
     """Prefill every waiting request (the head too), however many ``schedule()`` calls the
     prefill token budget needs; check that ``batch`` requests are running, each with its whole
     prompt cached, so every row of the timed step is a real sequence and not padding."""
-    while llm.scheduler.waiting:
-        scheduled = llm.scheduler.schedule()
-        if scheduled is None or scheduled.kind != "prefill":
+    while llm.scheduler.waiting or any(r.num_cached < len(r.all_ids) - 1 for r in llm.scheduler.running):
+        scheduled = llm.scheduler.schedule_prefill()
+        if scheduled is None:
             raise RuntimeError("spec_step: the KV pool cannot hold every request's prompt; lower --batches or --context")
-        for r, toks in zip(scheduled.requests, llm._prefill(scheduled.requests)):
-            r.append_tokens(toks, ())
+        llm.core._apply(scheduled.requests, llm.core._prefill(scheduled), prefill=True)
     reqs = list(llm.scheduler.running)
     if len(reqs) != batch or any(r.num_cached != len(r.all_ids) - 1 for r in reqs):
         raise RuntimeError(f"spec_step: expected {batch} prefilled sequences, have {len(reqs)} running "

@@ -150,9 +150,11 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill
 
     @torch.inference_mode()
-    def prefill(self, reqs: list[Request], want_hidden: bool = False,
+    def prefill(self, reqs: list[Request], ends: list[int] | None = None, want_hidden: bool = False,
                 want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput, list[int]]:
-        """Prefill the uncached tokens of each request (blocks already allocated).
+        """Prefill each request's uncached tokens up to ``ends`` (default: all of them; blocks
+        already allocated). A request whose end is short of its length (a chunk of a long
+        prompt) gets a sampled token too, which the caller drops.
 
         Returns the sampled next token per request [B] (on device), the model output whose
         logits are those of each request's last token (hidden/taps cover *every* prefilled
@@ -160,9 +162,9 @@ class ModelRunner:
         """
         bs = self.cfg.block_size
         ids, pos, slots, cu, lens, new_counts = [], [], [], [0], [], []
-        for r in reqs:
+        for i, r in enumerate(reqs):
             tokens = r.all_ids
-            start, end = r.num_cached, len(tokens)
+            start, end = r.num_cached, (ends[i] if ends else len(tokens))
             ids += tokens[start:end]
             pos += list(range(start, end))
             slots += slots_for(r.blocks, start, end, bs)

@@ -76,28 +76,34 @@ class SpeculativeRunner:
 
     @torch.inference_mode()
     def after_prefill(self, reqs: list[Request], out: ModelOutput, sampled: torch.Tensor,
-                      new_counts: list[int]) -> None:
+                      new_counts: list[int], complete: list[bool]) -> None:
         """Prefill the head with the prompt pairs and leave the last pair pending.
 
         ``out`` holds the target features of every prefilled token, packed by request;
-        ``sampled`` [B] the token each request's prefill produced (still on the device).
+        ``sampled`` [B] the token each request's prefill produced (still on the device);
+        ``complete[i]`` False when request i's prefill was a chunk short of its length: then
+        the token after the chunk is known, every pair of the chunk goes into the head's
+        cache and nothing is left pending.
         """
         feats = out.hidden if self.feature == "hidden" else out.taps
         bs = self.runner.cfg.block_size
         dev = self.runner.device
         rows, ids, pos, slots, cu, lens, last_rows = [], [], [], [], [0], [], []
         offset = 0
-        for r, n in zip(reqs, new_counts):
-            end = len(r.all_ids)  # the sampled token is not appended yet
+        for r, n, whole in zip(reqs, new_counts, complete):
+            end = r.num_cached  # prefilled up to here; the sampled token is not appended yet
             start = end - n
-            # Pairs (feature_t, x_{t+1}) for t in [start, end - 2]; the last one waits for x_end.
-            rows += range(offset, offset + n - 1)
-            ids += r.all_ids[start + 1:end]
-            pos += range(start, end - 1)
-            slots += slots_for(r.blocks, start, end - 1, bs)
-            cu.append(cu[-1] + n - 1)
-            lens.append(end - 1)
-            last_rows.append(offset + n - 1)
+            # Pairs (feature_t, x_{t+1}) for t in [start, end - 2]; the last one waits for x_end
+            # unless x_end is already known (a chunk).
+            m = n - 1 if whole else n
+            rows += range(offset, offset + m)
+            ids += r.all_ids[start + 1:start + 1 + m]
+            pos += range(start, start + m)
+            slots += slots_for(r.blocks, start, start + m, bs)
+            cu.append(cu[-1] + m)
+            lens.append(start + m)
+            if whole:
+                last_rows.append(offset + n - 1)
             offset += n
         if cu[-1] > 0:
             step = PrefillStep(torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -106,12 +112,16 @@ class SpeculativeRunner:
                                torch.tensor(lens, dtype=torch.int32, device=dev),
                                max(cu[i + 1] - cu[i] for i in range(len(reqs))), self.drafter.scale,
                                self.runner.backend)
-            self.head(feats.index_select(0, torch.tensor(rows, device=dev)), torch.tensor(ids, device=dev),
-                      torch.tensor(pos, device=dev), step, self.cache)
-        slot_ids = torch.tensor([self._slot(r) for r in reqs], device=dev)
-        self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
-        self.pending_tok[slot_ids, 0] = sampled
-        self.pending_count[slot_ids] = 1
+            self.head(feats.index_select(0, torch.tensor(rows, dtype=torch.int64, device=dev)),
+                      torch.tensor(ids, dtype=torch.int64, device=dev),
+                      torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache)
+        finished = [r for r, whole in zip(reqs, complete) if whole]
+        if finished:
+            slot_ids = torch.tensor([self._slot(r) for r in finished], device=dev)
+            which = torch.tensor([i for i, whole in enumerate(complete) if whole], device=dev)
+            self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
+            self.pending_tok[slot_ids, 0] = sampled.index_select(0, which)
+            self.pending_count[slot_ids] = 1
 
     # ------------------------------------------------------------------ the step
 
