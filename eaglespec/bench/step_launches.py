@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eaglespec.bench.decode import PRESETS
+from eaglespec.bench.spec_step import prefill_all
 from eaglespec.config import EngineConfig, LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.graphs import bucket_for
 from eaglespec.engine.llm import LLM
@@ -141,11 +142,7 @@ def count_step(llm: LLM, batch: int, context: int) -> tuple[LaunchCounter, Launc
     for _ in range(batch):
         llm.add_request(torch.randint(0, vocab, (context,), generator=gen).tolist(),
                         SamplingParams(max_tokens=4, ignore_eos=True))
-    reqs = llm.scheduler.schedule().requests
-    if len(reqs) != batch:
-        raise RuntimeError(f"prefilled {len(reqs)} rows, wanted {batch}")
-    for r, toks in zip(reqs, llm._prefill(reqs)):
-        r.append_tokens(toks, ())
+    reqs = prefill_all(llm, batch)
     sr = llm.speculative
     for r in reqs:
         llm.scheduler._grow(r, r.num_cached + sr.lookahead)
