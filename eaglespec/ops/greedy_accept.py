@@ -209,3 +209,70 @@ def greedy_accept(tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tens
             nodes, width, block_tables.shape[1], block_tables.stride(0), block_size,
             BLOCK_N=max(16, _pow2(nodes)), BLOCK_W=max(16, _pow2(width)), num_warps=1)
     return AcceptResult(out_tokens, num, path), CommitIndices(slots, rows)
+
+
+# ----------------------------------------------------------------------------- the head's extend
+
+
+@dataclass(slots=True)
+class ExtendIndices:
+    """Where the head's pending pairs of one step go (W pairs per sequence, the first ``count`` real)."""
+
+    positions: torch.Tensor  # [B * W] int64 position of each pair (prefix_len + i)
+    commit: CommitIndices  # pairs past ``count`` go to the scratch slot
+    last_rows: torch.Tensor  # [B] int64 flat row b * W + count - 1 of each sequence's last real pair
+
+
+def extend_indices_ref(counts: torch.Tensor, prefix_lens: torch.Tensor, block_tables: torch.Tensor,
+                       block_size: int, width: int) -> ExtendIndices:
+    """counts [B] (1..W real pairs), prefix_lens [B] pairs already cached -> ``ExtendIndices``."""
+    bsz = counts.shape[0]
+    steps = torch.arange(width, device=counts.device)
+    positions = prefix_lens[:, None].long() + steps
+    nodes = torch.where(steps < counts[:, None], steps, torch.full_like(positions, -1))
+    last_rows = torch.arange(bsz, device=counts.device) * width + (counts.long() - 1).clamp_min(0)
+    return ExtendIndices(positions.reshape(-1), commit_indices(nodes, prefix_lens, block_tables, block_size, width),
+                         last_rows)
+
+
+@_jit
+def _extend_indices_kernel(counts_ptr, lens_ptr, table_ptr, pos_ptr, slot_ptr, row_ptr, last_ptr,
+                           W, max_blocks, stride_table, block_size, BLOCK_W: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    w = tl.arange(0, BLOCK_W)
+    w_ok = w < W
+    count = tl.load(counts_ptr + b).to(tl.int64)
+    pos = tl.load(lens_ptr + b).to(tl.int64) + w
+    col = tl.minimum(pos // block_size, max_blocks - 1)
+    block = tl.load(table_ptr + b * stride_table + col, mask=w_ok, other=0).to(tl.int64)
+    real = w < count
+    tl.store(pos_ptr + b * W + w, pos, mask=w_ok)
+    tl.store(slot_ptr + b * W + w, tl.where(real, block * block_size + pos % block_size, 0), mask=w_ok)
+    tl.store(row_ptr + b * W + w, b * W + tl.where(real, w, 0), mask=w_ok)
+    tl.store(last_ptr + b, b * W + tl.maximum(count - 1, 0))
+
+
+def extend_indices(counts: torch.Tensor, prefix_lens: torch.Tensor, block_tables: torch.Tensor,
+                   block_size: int, width: int) -> ExtendIndices:
+    """Triton version of ``extend_indices_ref`` (same arguments and results), one launch."""
+    bsz = counts.shape[0] if isinstance(counts, torch.Tensor) and counts.dim() == 1 else -1
+    for name, t in (("counts", counts), ("prefix_lens", prefix_lens)):
+        _check(isinstance(t, torch.Tensor) and tuple(t.shape) == (bsz,) and t.dtype in (torch.int32, torch.int64)
+               and t.is_contiguous(), f"{name} must be a contiguous int32/int64 [batch] tensor, got "
+               f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    _check(block_tables.dim() == 2 and block_tables.shape[0] == bsz and block_tables.dtype == torch.int32
+           and block_tables.stride(1) == 1, f"block_tables must be int32 [{bsz}, max_blocks] with unit inner stride, "
+                                            f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+    _check(isinstance(width, int) and width >= 1 and isinstance(block_size, int) and block_size >= 1,
+           f"width and block_size must be positive ints, got {width!r}, {block_size!r}")
+    dev = counts.device
+    out = ExtendIndices(torch.empty(bsz * width, dtype=torch.int64, device=dev),
+                        CommitIndices(torch.empty(bsz * width, dtype=torch.int64, device=dev),
+                                      torch.empty(bsz * width, dtype=torch.int64, device=dev)),
+                        torch.empty(bsz, dtype=torch.int64, device=dev))
+    if bsz:
+        _extend_indices_kernel[(bsz,)](counts, prefix_lens, block_tables, out.positions, out.commit.slots,
+                                       out.commit.rows, out.last_rows, width, block_tables.shape[1],
+                                       block_tables.stride(0), block_size, BLOCK_W=max(16, _pow2(width)),
+                                       num_warps=1)
+    return out

@@ -34,8 +34,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     """
     bsz, n = tree.tokens.shape
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
-    positions = cached_lens[:, None].long() + tree.depth
-    out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
+    out = target(tree.tokens.reshape(-1), tree.positions.reshape(-1), step, cache,
                  want_hidden=feature == "hidden", want_taps=feature == "taps")
     logits = out.logits.view(bsz, n, -1)
     width = max_depth + 1

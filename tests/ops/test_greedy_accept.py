@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eaglespec.ops.greedy_accept import greedy_accept, greedy_accept_ref
+from eaglespec.ops.greedy_accept import extend_indices, extend_indices_ref, greedy_accept, greedy_accept_ref
 from eaglespec.ops.tree_expand import ancestor_bits_from_parents
 from tests.conftest import DEVICE, needs_triton_kernels
 
@@ -80,3 +80,20 @@ def test_launcher_rejects_bad_input():
         greedy_accept(*tree[:4], tree[4].int(), 3, lens, tables, 4)
     with pytest.raises(ValueError, match="block_tables must be int32"):
         greedy_accept(*tree, 3, lens, tables.long(), 4)
+
+
+@needs_triton_kernels
+@pytest.mark.parametrize("bsz,width", [(1, 4), (5, 6), (16, 2)])
+def test_extend_indices_match_reference(bsz, width):
+    gen = torch.Generator().manual_seed(bsz * 10 + width)
+    counts = torch.randint(1, width + 1, (bsz,), generator=gen).to(DEVICE)
+    lens = torch.randint(0, 60, (bsz,), generator=gen, dtype=torch.int32).to(DEVICE)
+    tables = torch.randint(1, 300, (bsz, 20), generator=gen, dtype=torch.int32).to(DEVICE)
+    got = extend_indices(counts, lens, tables, 4, width)
+    ref = extend_indices_ref(counts, lens, tables, 4, width)
+    assert torch.equal(got.positions, ref.positions) and torch.equal(got.last_rows, ref.last_rows)
+    assert torch.equal(got.commit.slots, ref.commit.slots) and torch.equal(got.commit.rows, ref.commit.rows)
+    # Pairs past the count go to the scratch slot; the last real pair is row count - 1.
+    slots = ref.commit.slots.view(bsz, width)
+    assert bool((slots[torch.arange(width, device=DEVICE)[None, :] >= counts[:, None]] == 0).all())
+    assert torch.equal(ref.last_rows, torch.arange(bsz, device=DEVICE) * width + counts - 1)
