@@ -106,7 +106,7 @@ def greedy_accept_ref(tokens: torch.Tensor, parents: torch.Tensor, depth: torch.
 
 # ----------------------------------------------------------------------------- kernel
 
-_BIG = 2147483647
+_BIG = tl.constexpr(2147483647) if tl is not None else 2147483647  # Triton globals must be constexprs
 
 
 @_jit

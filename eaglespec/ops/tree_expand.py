@@ -150,7 +150,7 @@ def ancestor_bits_from_parents(parents: torch.Tensor, max_depth: int) -> torch.T
 
 # ----------------------------------------------------------------------------- kernels
 
-_BIG = 2147483647
+_BIG = tl.constexpr(2147483647) if tl is not None else 2147483647  # past every candidate index (Triton globals must be constexprs)
 
 
 @_jit
