@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eaglespec.ops.greedy_accept import CommitIndices, commit_indices
+
 
 @dataclass(slots=True)
 class KVCache:
@@ -107,15 +109,14 @@ def commit_tree_kv(cache: KVCache, tree_k: torch.Tensor, tree_v: torch.Tensor, n
     nodes [B, P] node index of each entry to keep, -1 for none (those go to the scratch block
     0); entry i of sequence b lands at position start_pos[b] + i. Fixed shapes, no host sync.
     """
-    num_layers, bsz, _, hkv, d = tree_k.shape
-    width = nodes.shape[1]
-    bs = cache.k.shape[2]
-    pos = start_pos[:, None].long() + torch.arange(width, device=nodes.device)
-    col = (pos // bs).clamp(max=block_tables.shape[1] - 1)
-    block = torch.gather(block_tables.long(), 1, col)
-    keep = nodes >= 0
-    slots = torch.where(keep, block * bs + pos % bs, torch.zeros_like(pos)).reshape(-1)
-    flat = (torch.arange(bsz, device=nodes.device)[:, None] * tree_k.shape[2] + nodes.clamp_min(0)).reshape(-1)
+    copy_tree_kv(cache, tree_k, tree_v, commit_indices(nodes, start_pos, block_tables, cache.k.shape[2],
+                                                       tree_k.shape[2]))
+
+
+def copy_tree_kv(cache: KVCache, tree_k: torch.Tensor, tree_v: torch.Tensor, where: CommitIndices) -> None:
+    """tree_k/v [L, B, N, Hkv, D] rows ``where.rows`` (flat b * N + node) -> cache slots
+    ``where.slots``: two gathers, two scatters."""
+    num_layers, _, _, hkv, d = tree_k.shape
     for src, dst in ((tree_k, cache.k), (tree_v, cache.v)):
-        rows = src.reshape(num_layers, -1, hkv, d).index_select(1, flat)
-        dst.view(num_layers, -1, hkv, d).index_copy_(1, slots, rows.to(dst.dtype))
+        rows = src.reshape(num_layers, -1, hkv, d).index_select(1, where.rows)
+        dst.view(num_layers, -1, hkv, d).index_copy_(1, where.slots, rows.to(dst.dtype))

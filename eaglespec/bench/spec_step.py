@@ -78,8 +78,9 @@ def kernel_census(fn) -> dict:
     return {"kernels": len(events) - len(copies), "copies_and_sets": len(copies), "device_us": device_us}
 
 
-def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeBatch:
-    """A random tree of ``nodes`` draft nodes (plus the root) no deeper than ``depth``."""
+def random_tree(batch: int, nodes: int, depth: int, vocab: int, device, cached_lens: torch.Tensor) -> TreeBatch:
+    """A random tree of ``nodes`` draft nodes (plus the root) no deeper than ``depth``, its
+    root at position cached_lens [B]."""
     gen = torch.Generator().manual_seed(nodes)
     parents, depths = [-1], [0]
     for i in range(1, nodes + 1):
@@ -92,7 +93,7 @@ def random_tree(batch: int, nodes: int, depth: int, vocab: int, device) -> TreeB
     par = torch.tensor(parents, device=device).expand(batch, -1).contiguous()
     dep = torch.tensor(depths, device=device).expand(batch, -1).contiguous()
     tokens = torch.randint(0, vocab, (batch, nodes + 1), generator=gen).to(device)
-    return TreeBatch(tokens, par, dep, ancestor_bits_from_parents(par, depth))
+    return TreeBatch(tokens, par, dep, ancestor_bits_from_parents(par, depth), cached_lens[:, None].long() + dep)
 
 
 def prefill_all(llm: LLM, batch: int) -> list:
@@ -165,10 +166,10 @@ def main(argv=None) -> None:
             decode_ms = time_graph(lambda: decode_graphs.run(bucket))
             decode_census = kernel_census(lambda: decode_graphs.fn(decode_graphs.inputs(bucket)))
             # Verify alone: a fixed random tree of the same size through target + accept + commit.
-            tree = random_tree(batch, program.shape.num_nodes, program.shape.depth, cfg.vocab_size, device)
             rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq, SPEC_ROWS)
             tables = rows_in.block_tables
             lens = rows_in["cached_lens"]
+            tree = random_tree(batch, program.shape.num_nodes, program.shape.depth, cfg.vocab_size, device, lens)
             st = rows_in.sampling()
 
             def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):

@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eaglespec.bench.decode import PRESETS
+from eaglespec.bench.spec_step import prefill_all
 from eaglespec.config import EngineConfig, LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.graphs import bucket_for
 from eaglespec.engine.llm import LLM
@@ -110,19 +111,21 @@ class count_launches:
             cls.run = original
 
 
-def narrow_config(cfg: LlamaConfig) -> LlamaConfig:
-    """The same layer count and structure with tiny widths: the same launches, fast on a CPU."""
+def narrow_config(cfg: LlamaConfig, num_layers: int) -> LlamaConfig:
+    """The same structure with tiny widths and ``num_layers`` layers: the launches of the real
+    model are those of 2 layers plus (layers - 2) times one layer's, fast on a CPU."""
     fields = {f: getattr(cfg, f) for f in cfg.__slots__}
     fields.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
-                  num_kv_heads=2 if cfg.num_kv_heads < cfg.num_heads else 4, head_dim=16)
+                  num_kv_heads=2 if cfg.num_kv_heads < cfg.num_heads else 4, head_dim=16, num_layers=num_layers,
+                  eagle3_layers=())
     return LlamaConfig(**fields)
 
 
 def build(preset: str, device: torch.device, tree: str, max_batch: int, context: int, backend: str,
-          narrow: bool = False):
+          narrow_layers: int = 0):
     cfg: LlamaConfig = PRESETS[preset]
-    if narrow:
-        cfg = narrow_config(cfg)
+    if narrow_layers:
+        cfg = narrow_config(cfg, narrow_layers)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = build_model(cfg, device, dtype)
     target.init_random(seed=0)
@@ -141,11 +144,7 @@ def count_step(llm: LLM, batch: int, context: int) -> tuple[LaunchCounter, Launc
     for _ in range(batch):
         llm.add_request(torch.randint(0, vocab, (context,), generator=gen).tolist(),
                         SamplingParams(max_tokens=4, ignore_eos=True))
-    reqs = llm.scheduler.schedule().requests
-    if len(reqs) != batch:
-        raise RuntimeError(f"prefilled {len(reqs)} rows, wanted {batch}")
-    for r, toks in zip(reqs, llm._prefill(reqs)):
-        r.append_tokens(toks, ())
+    reqs = prefill_all(llm, batch)
     sr = llm.speculative
     for r in reqs:
         llm.scheduler._grow(r, r.num_cached + sr.lookahead)
@@ -162,6 +161,14 @@ def count_step(llm: LLM, batch: int, context: int) -> tuple[LaunchCounter, Launc
     return spec_counter, decode_counter
 
 
+def _extrapolate(two: LaunchCounter, three: LaunchCounter, layers: int) -> LaunchCounter:
+    """Counts at ``layers`` layers from counts at 2 and 3 (each layer adds the same launches)."""
+    out = LaunchCounter()
+    for name in set(two.counts) | set(three.counts):
+        out.counts[name] = two.counts[name] + (layers - 2) * (three.counts[name] - two.counts[name])
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS))
@@ -172,17 +179,27 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=0, help="print the N most frequent ops of each step")
     ap.add_argument("--narrow", action="store_true",
-                    help="tiny widths, same layers: the same launch counts, fast under TRITON_INTERPRET=1")
+                    help="tiny widths, 2 and 3 layers, extrapolated to the preset's layers: the same launch "
+                         "counts, fast under TRITON_INTERPRET=1")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
+    layers = PRESETS[args.preset].num_layers
     for tree in args.trees.split(";"):
         for batch in batches:
-            llm = build(args.preset, device, tree, batch, args.context, args.backend, args.narrow)
-            spec_c, decode_c = count_step(llm, batch, args.context)
-            row = {"tree": tree, "batch": batch, "step_launches": spec_c.total, "decode_launches": decode_c.total}
+            if args.narrow:  # per-layer launches are the same at every layer: extrapolate
+                two = count_step(build(args.preset, device, tree, batch, args.context, args.backend, 2), batch,
+                                 args.context)
+                three = count_step(build(args.preset, device, tree, batch, args.context, args.backend, 3), batch,
+                                   args.context)
+                spec_c, decode_c = (_extrapolate(a, b, layers) for a, b in zip(two, three))
+            else:
+                spec_c, decode_c = count_step(build(args.preset, device, tree, batch, args.context, args.backend),
+                                              batch, args.context)
+            row = {"tree": tree, "batch": batch, "step_launches": spec_c.total, "decode_launches": decode_c.total,
+                   "step_ops": dict(spec_c.counts.most_common())}
             rows.append(row)
             print(f"{tree:>16s} batch {batch:3d}: step {spec_c.total:5d} launches, decode {decode_c.total:4d}",
                   flush=True)

@@ -38,6 +38,7 @@ from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForC
                                     add_rms_norm, apply_rope, checked_kernels, fused_layer_slices,
                                     load_named_tensors, rope_cos_sin, rope_inverse_frequencies,
                                     unfused_named_tensors, with_kernels)
+from eaglespec.ops.rope_table import rope_table
 
 
 @dataclass(slots=True)
@@ -257,7 +258,7 @@ class EagleHead(nn.Module):
         emb = F.embedding(tokens, self.embed_weight)
         dtype = self.fc.weight.dtype
         emb = emb.to(dtype)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        cos, sin = (rope_table if use_triton else rope_cos_sin)(positions, self.inv_freq, dtype)
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))

@@ -32,6 +32,7 @@ from eaglespec.config import LlamaConfig
 from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import AttentionStep
 from eaglespec.ops import fused, gemv
+from eaglespec.ops.rope_table import rope_table, rope_table_ref
 
 
 KERNEL_SETS = ("torch", "triton")
@@ -84,12 +85,9 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) 
     return inv.float()
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, head_dim] for rotate-half RoPE, computed from positions (no table to size)."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+# cos/sin [T, head_dim] for rotate-half RoPE, computed from positions (no table to size): the
+# torch forward's op; the Triton forward runs its one-launch kernel ``ops.rope_table.rope_table``.
+rope_cos_sin = rope_table_ref
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -281,7 +279,7 @@ class LlamaForCausalLM(nn.Module):
         matrix-vector kernels; every other step on the fused element-wise kernels between cuBLAS
         products."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # once for all layers
+        cos, sin = rope_table(positions, self.inv_freq, x.dtype)  # once for all layers
         if x.shape[0] == 1 and logits_rows is None and attn.kv_slots is not None:
             tap_layers = self.config.eagle3_layers if want_taps else ()
             layer_inputs = {}

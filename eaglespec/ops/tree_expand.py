@@ -52,12 +52,14 @@ class Frontier:
     pool_index: torch.Tensor  # [B, W] int64 where each sits in the pool
     rows: torch.Tensor  # [B * W] int64 flat row of the parent among the level's head rows
     bits: torch.Tensor  # [B, W] int64 draft side slots each may attend to (its own included)
+    positions: torch.Tensor  # [B * W] int64 where the head runs them: L + their depth - 1
 
 
 @dataclass(slots=True)
 class Level:
     """How one level grows (host values, fixed for a tree shape)."""
 
+    index: int  # i: the level takes the children of depth-i nodes; they sit at position L + i
     offset: int  # first pool column of this level's candidates
     width: int  # frontier nodes chosen for the next level
     slot: int  # first draft side slot of that next frontier
@@ -76,10 +78,10 @@ def _candidates(child_values, child_tokens, parent: Frontier | None, branch: int
 
 
 def expand_level_ref(child_values: torch.Tensor, child_tokens: torch.Tensor, parent: Frontier | None,
-                     pool: CandidatePool, level: Level, branch: int) -> Frontier:
+                     pool: CandidatePool, level: Level, branch: int, cached_lens: torch.Tensor) -> Frontier:
     """child_values/child_tokens [B, F * k] (k = branch children per frontier row, best first;
-    the root level: F = 1 and ``parent`` None). Writes the level's candidates into ``pool``
-    and returns the next frontier."""
+    the root level: F = 1 and ``parent`` None), cached_lens [B] = L. Writes the level's
+    candidates into ``pool`` and returns the next frontier."""
     bsz, count = child_values.shape
     dev = child_values.device
     scores, parents, bits = _candidates(child_values, child_tokens, parent, branch)
@@ -98,16 +100,17 @@ def expand_level_ref(child_values: torch.Tensor, child_tokens: torch.Tensor, par
     own = torch.ones((), dtype=torch.int64, device=dev) << (level.slot + torch.arange(level.width, device=dev))
     frows = count // branch
     rows = torch.arange(bsz, device=dev)[:, None] * frows + chosen // branch
+    positions = (cached_lens[:, None].long() + level.index).expand(bsz, level.width)
     return Frontier(torch.gather(child_tokens, 1, chosen), torch.gather(scores, 1, chosen), pool_index,
-                    rows.reshape(-1), torch.gather(bits, 1, chosen) | own)
+                    rows.reshape(-1), torch.gather(bits, 1, chosen) | own, positions.reshape(-1))
 
 
-def select_tree_ref(pool: CandidatePool, root_tokens: torch.Tensor, num_nodes: int,
-                    max_depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_tree_ref(pool: CandidatePool, root_tokens: torch.Tensor, num_nodes: int, max_depth: int,
+                    cached_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The ``num_nodes`` best candidates of each pool laid out as a tree, root first.
 
-    Returns tokens, parents (-1 for the root), depth and ancestor bits, each [B, num_nodes + 1]
-    int64. Nodes come ordered by depth, then by score (lowest pool index on ties), so every
+    Returns tokens, parents (-1 for the root), depth, ancestor bits and positions (L + depth,
+    cached_lens [B] = L), each [B, num_nodes + 1] int64. Nodes come ordered by depth, then by score (lowest pool index on ties), so every
     parent precedes its children and siblings are tried best first.
     """
     bsz = pool.tokens.shape[0]
@@ -127,7 +130,8 @@ def select_tree_ref(pool: CandidatePool, root_tokens: torch.Tensor, num_nodes: i
     parents = torch.cat([minus_one, parent_node], dim=1)
     tokens = torch.cat([root_tokens[:, None].long(), torch.gather(pool.tokens, 1, chosen)], dim=1)
     depths = torch.cat([torch.zeros_like(minus_one), torch.gather(depth, 1, chosen)], dim=1)
-    return tokens, parents, depths, ancestor_bits_from_parents(parents, max_depth)
+    return (tokens, parents, depths, ancestor_bits_from_parents(parents, max_depth),
+            cached_lens[:, None].long() + depths)
 
 
 def ancestor_bits_from_parents(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
@@ -153,8 +157,8 @@ _BIG = tl.constexpr(2147483647) if tl is not None else 2147483647  # past every 
 def _expand_level_kernel(
     val_ptr, tok_ptr, f_score_ptr, f_pool_ptr, f_bits_ptr, cols_ptr,
     pool_tok_ptr, pool_score_ptr, pool_parent_ptr,
-    out_tok_ptr, out_score_ptr, out_pool_ptr, out_rows_ptr, out_bits_ptr,
-    C, F, P, offset, slot,
+    out_tok_ptr, out_score_ptr, out_pool_ptr, out_rows_ptr, out_bits_ptr, lens_ptr, out_pos_ptr,
+    C, F, P, offset, slot, level_index,
     K: tl.constexpr, W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
     ROOT: tl.constexpr, STATIC: tl.constexpr,
 ):
@@ -217,12 +221,14 @@ def _expand_level_kernel(
     tl.store(out_pool_ptr + b * W + j, pool_col.to(tl.int64), mask=j_ok)
     tl.store(out_rows_ptr + b * W + j, b * (C // K) + (chosen // K).to(tl.int64), mask=j_ok)
     tl.store(out_bits_ptr + b * W + j, c_pbits | (one << (slot + j).to(tl.int64)), mask=j_ok)
+    position = tl.load(lens_ptr + b).to(tl.int64) + level_index
+    tl.store(out_pos_ptr + b * W + j, position + tl.zeros((BLOCK_W,), tl.int64), mask=j_ok)
 
 
 @_jit
 def _select_tree_kernel(
-    pool_tok_ptr, pool_score_ptr, pool_parent_ptr, pool_depth_ptr, root_ptr,
-    tokens_ptr, parents_ptr, depth_ptr, bits_ptr,
+    pool_tok_ptr, pool_score_ptr, pool_parent_ptr, pool_depth_ptr, root_ptr, lens_ptr,
+    tokens_ptr, parents_ptr, depth_ptr, bits_ptr, pos_ptr,
     P, MAX_DEPTH,
     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -261,6 +267,9 @@ def _select_tree_kernel(
     for _ in range(MAX_DEPTH):  # each pass pulls in one more generation (one parent at most: sum = or)
         bits = own | tl.sum(tl.where(is_parent, bits[None, :], 0), axis=1)
     root = tl.load(root_ptr + b)
+    length = tl.load(lens_ptr + b).to(tl.int64)
+    tl.store(pos_ptr + b * N, length)
+    tl.store(pos_ptr + b * N + node, length + c_depth, mask=i_ok)
     tl.store(tokens_ptr + b * N, root.to(tl.int64))
     tl.store(parents_ptr + b * N, -1)
     tl.store(depth_ptr + b * N, 0)
@@ -305,8 +314,15 @@ def _require_triton(t: torch.Tensor) -> None:
            f"tree kernels need CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 to run them on the CPU")
 
 
+def _check_lens(cached_lens: torch.Tensor, bsz: int) -> None:
+    _check(isinstance(cached_lens, torch.Tensor) and tuple(cached_lens.shape) == (bsz,)
+           and cached_lens.dtype in (torch.int32, torch.int64) and cached_lens.is_contiguous(),
+           f"cached_lens must be a contiguous int32/int64 [{bsz}] tensor, got "
+           f"{getattr(cached_lens, 'dtype', type(cached_lens).__name__)} {tuple(getattr(cached_lens, 'shape', ()))}")
+
+
 def expand_level(child_values: torch.Tensor, child_tokens: torch.Tensor, parent: Frontier | None,
-                 pool: CandidatePool, level: Level, branch: int) -> Frontier:
+                 pool: CandidatePool, level: Level, branch: int, cached_lens: torch.Tensor) -> Frontier:
     """Triton version of ``expand_level_ref`` (same arguments and results), one launch."""
     _check(isinstance(child_values, torch.Tensor) and child_values.dim() == 2,
            "child_values must be [batch, frontier * branch]")
@@ -333,13 +349,15 @@ def expand_level(child_values: torch.Tensor, child_tokens: torch.Tensor, parent:
         end = level.offset + count
     _check(0 <= level.offset and end <= size, f"level writes pool columns [{level.offset}, {end}), pool has {size}")
     _check(0 <= level.slot and level.slot + width <= 63, f"level.slot + width must be <= 63, got {level.slot + width}")
+    _check_lens(cached_lens, bsz)
     _require_triton(child_values)
     dev = child_values.device
     out = Frontier(torch.empty(bsz, width, dtype=torch.int64, device=dev),
                    torch.empty(bsz, width, dtype=torch.float32, device=dev),
                    torch.empty(bsz, width, dtype=torch.int64, device=dev),
                    torch.empty(bsz * width, dtype=torch.int64, device=dev),
-                   torch.empty(bsz, width, dtype=torch.int64, device=dev))
+                   torch.empty(bsz, width, dtype=torch.int64, device=dev),
+                   torch.empty(bsz * width, dtype=torch.int64, device=dev))
     if bsz == 0:
         return out
     ref = parent if parent is not None else out  # placeholders for the root level
@@ -347,18 +365,19 @@ def expand_level(child_values: torch.Tensor, child_tokens: torch.Tensor, parent:
         child_values, child_tokens, ref.scores, ref.pool_index, ref.bits,
         static if static is not None else ref.pool_index,
         pool.tokens, pool.scores, pool.parents,
-        out.tokens, out.scores, out.pool_index, out.rows, out.bits,
-        count, frows, size, level.offset, level.slot,
+        out.tokens, out.scores, out.pool_index, out.rows, out.bits, cached_lens, out.positions,
+        count, frows, size, level.offset, level.slot, level.index,
         K=branch, W=width, BLOCK_C=max(16, _pow2(count)), BLOCK_W=max(16, _pow2(width)),
         ROOT=parent is None, STATIC=static is not None, num_warps=4)
     return out
 
 
-def select_tree(pool: CandidatePool, root_tokens: torch.Tensor, num_nodes: int,
-                max_depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_tree(pool: CandidatePool, root_tokens: torch.Tensor, num_nodes: int, max_depth: int,
+                cached_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Triton version of ``select_tree_ref`` (same arguments and results), one launch."""
     bsz = root_tokens.shape[0] if isinstance(root_tokens, torch.Tensor) else -1
     _check_int("root_tokens", root_tokens, (bsz,))
+    _check_lens(cached_lens, bsz)
     size = _check_pool(pool, bsz)
     _check(isinstance(num_nodes, int) and 1 <= num_nodes <= min(size, 63),
            f"num_nodes must be in [1, min(pool size {size}, 63)], got {num_nodes!r}")
@@ -366,11 +385,11 @@ def select_tree(pool: CandidatePool, root_tokens: torch.Tensor, num_nodes: int,
     _require_triton(root_tokens)
     dev = root_tokens.device
     n = num_nodes + 1
-    tokens, parents, depth, bits = (torch.empty(bsz, n, dtype=torch.int64, device=dev) for _ in range(4))
+    tokens, parents, depth, bits, positions = (torch.empty(bsz, n, dtype=torch.int64, device=dev) for _ in range(5))
     if bsz == 0:
-        return tokens, parents, depth, bits
+        return tokens, parents, depth, bits, positions
     _select_tree_kernel[(bsz,)](
-        pool.tokens, pool.scores, pool.parents, pool.depth, root_tokens,
-        tokens, parents, depth, bits, size, max_depth,
+        pool.tokens, pool.scores, pool.parents, pool.depth, root_tokens, cached_lens,
+        tokens, parents, depth, bits, positions, size, max_depth,
         K=num_nodes, BLOCK_P=max(16, _pow2(size)), BLOCK_K=max(16, _pow2(num_nodes)), num_warps=4)
-    return tokens, parents, depth, bits
+    return tokens, parents, depth, bits, positions

@@ -29,23 +29,15 @@ depth d uses ``accept_stream(d, 0)``; the sibling tests of ``accept_sampled_chil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+# The greedy rule by masks (and its kernel) lives with its kernel; re-exported for the other rules.
+from eaglespec.ops.greedy_accept import AcceptResult, accept_greedy_by_masks  # noqa: F401
 from eaglespec.ops.sampling import STREAM_ACCEPT, sample_from_probs, uniform_noise
 
 ACCEPT_STREAM_STRIDE = 1024  # streams reserved per depth
-
-
-@dataclass
-class AcceptResult:
-    """What one verify step emits per sequence (fixed shapes, -1 padded)."""
-
-    tokens: torch.Tensor  # [B, max_depth + 1] int64: accepted draft tokens, then the bonus token
-    num_emitted: torch.Tensor  # [B] int64: accepted + 1
-    path: torch.Tensor  # [B, max_depth + 1] int64: root, then accepted nodes (num_emitted entries)
 
 
 def accept_stream(depth: int, slot: int = 0) -> int:
@@ -286,45 +278,3 @@ def accept_sampled_by_rows(tokens: torch.Tensor, parents: torch.Tensor, depth: t
         active = moves
     num_emitted = (out_tokens >= 0).sum(dim=1)
     return AcceptResult(tokens=out_tokens, num_emitted=num_emitted, path=path)
-
-
-def accept_greedy_by_masks(tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor,
-                           ancestor_bits: torch.Tensor, best: torch.Tensor, max_depth: int) -> AcceptResult:
-    """``accept_greedy`` without a walk: ~20 batched ops whatever the depth (the walk costs a few
-    small kernels per depth, which shows at batch 1 on a GPU).
-
-    best [B, N] is the target's argmax at every node; ancestor_bits [B, N] as in TreeBatch (a
-    node's own bit and its ancestors'). A node is correct when its token is its parent's best;
-    the accepted node is the deepest one whose whole ancestor chain is correct. This equals the
-    walk when siblings carry distinct tokens (at most one child of a node can then match), which
-    holds for trees of top-k children; with duplicate siblings the walk would take the first.
-    """
-    batch, nodes = tokens.shape
-    device = tokens.device
-    index = torch.arange(nodes, device=device)
-    parent_best = torch.gather(best, 1, parents.clamp_min(0))
-    # Only node 0 is the root: any other node without a parent (an orphan, which a tree built
-    # from degenerate draft scores can hold) is never accepted, as in the walk.
-    correct = torch.where(index == 0, True, (tokens == parent_best) & (parents >= 0))
-    one = torch.ones((), dtype=torch.int64, device=device)
-    correct_bits = (correct.long() * (one << index)).sum(dim=1)  # distinct bits: the sum is an OR
-    chain_ok = (ancestor_bits & ~correct_bits[:, None]) == 0
-    # Deepest correct chain; among equals the lowest index (siblings are tried in index order).
-    score = torch.where(chain_ok, depth * (nodes + 1) + (nodes - index), torch.full_like(depth, -1))
-    last = score.argmax(dim=1)  # [B]
-    accepted = torch.gather(depth, 1, last[:, None])[:, 0]
-    on_path = ((torch.gather(ancestor_bits, 1, last[:, None]) >> index) & 1) == 1  # [B, N]
-    width = max_depth + 1
-    # path[b, depth of node] = node for nodes on the accepted path; others go to a spare column.
-    column = torch.where(on_path, depth.clamp(max=max_depth), torch.full_like(depth, width))
-    path = torch.full((batch, width + 1), -1, dtype=torch.int64, device=device)
-    path.scatter_(1, column, torch.where(on_path, index.expand(batch, -1), torch.full_like(depth, -1)))
-    path = path[:, :width]
-    # Emitted: the tokens of path[1..accepted], then the bonus (best at the last node).
-    steps = torch.arange(width, device=device)
-    next_node = torch.cat([path[:, 1:], torch.full((batch, 1), -1, dtype=torch.int64, device=device)], dim=1)
-    drafted = torch.gather(tokens, 1, next_node.clamp_min(0))
-    bonus = torch.gather(best, 1, last[:, None])
-    out = torch.where(steps < accepted[:, None], drafted, torch.where(steps == accepted[:, None], bonus,
-                                                                        torch.full_like(drafted, -1)))
-    return AcceptResult(tokens=out, num_emitted=accepted + 1, path=path)

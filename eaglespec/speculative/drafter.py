@@ -14,11 +14,12 @@ from typing import Callable
 
 import torch
 
-from eaglespec.kv_cache import KVCache, commit_tree_kv
+from eaglespec.kv_cache import KVCache, copy_tree_kv
 from eaglespec.models.attention_step import AttentionStep, TreeStep
 from eaglespec.models.eagle import DraftVocab, EagleHead
 from eaglespec.ops import attention as ops
 from eaglespec.ops.draft_topk import draft_topk, draft_topk_ref
+from eaglespec.ops.greedy_accept import extend_indices, extend_indices_ref
 from eaglespec.ops.tree_expand import (CandidatePool, Level, expand_level, expand_level_ref, select_tree,
                                        select_tree_ref)
 from eaglespec.speculative.tree import TreeBatch, TreeShape
@@ -74,7 +75,7 @@ def tree_levels(shape: TreeShape, device) -> tuple[list[Level], torch.Tensor]:
             kept = (1 if i == 0 else shape.frontier[i - 1]) * shape.branch
         # The last level's frontier never runs: its bits are unused (slot 0 keeps them in range).
         slot = sum(shape.frontier[:i]) if i < shape.depth - 1 else 0
-        levels.append(Level(offset, shape.frontier[i], slot, columns))
+        levels.append(Level(i, offset, shape.frontier[i], slot, columns))
         depths += [i + 1] * kept
         offset += kept
     return levels, torch.tensor(depths, dtype=torch.int64, device=device)
@@ -87,12 +88,13 @@ class DraftOps:
     topk: Callable
     expand: Callable
     select: Callable
+    extend_indices: Callable
 
     @classmethod
     def for_backend(cls, backend: str) -> "DraftOps":
         if backend == "triton":
-            return cls(draft_topk, expand_level, select_tree)
-        return cls(draft_topk_ref, expand_level_ref, select_tree_ref)
+            return cls(draft_topk, expand_level, select_tree, extend_indices)
+        return cls(draft_topk_ref, expand_level_ref, select_tree_ref, extend_indices_ref)
 
 
 class Drafter:
@@ -117,6 +119,14 @@ class Drafter:
         # Device tensors made once: a host-to-device copy inside a CUDA-graph capture is not allowed.
         self.levels, self.pool_depth = tree_levels(shape, cache.k.device)
         self._buffers: dict[int, tuple[CandidatePool, torch.Tensor, torch.Tensor]] = {}
+        self._chain_bits: dict[tuple[int, int], torch.Tensor] = {}
+
+    def chain_bits(self, batch: int, width: int) -> torch.Tensor:
+        """[batch, width] int64 causal masks of the extend step, made once per shape."""
+        if (batch, width) not in self._chain_bits:
+            bits = chain_bits(width, self.cache.k.device).expand(batch, width).contiguous()
+            self._chain_bits[(batch, width)] = bits
+        return self._chain_bits[(batch, width)]
 
     def buffers(self, batch: int) -> tuple[CandidatePool, torch.Tensor, torch.Tensor]:
         """The candidate pool and the side K/V [L, B, S, Hkv, D] of a batch size. Reused by
@@ -138,17 +148,12 @@ class Drafter:
         valid pair, which propose the children of the root.
         """
         bsz, width = tokens.shape
-        bits = chain_bits(width, tokens.device).expand(bsz, width).contiguous()
-        step = TreeStep(block_tables, prefix_lens, bits, self.scale, self.backend)
-        positions = prefix_lens[:, None].long() + torch.arange(width, device=tokens.device)
-        out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache)
-        nodes = torch.arange(width, device=tokens.device).expand(bsz, width)
-        nodes = torch.where(nodes < counts[:, None], nodes, torch.full_like(nodes, -1))
-        commit_tree_kv(self.cache, *step.stacked(), nodes, prefix_lens, block_tables)
-        last = (counts - 1).clamp_min(0)
-        rows = torch.arange(bsz, device=tokens.device) * width + last
-        hidden_last = out.hidden.index_select(0, rows)
-        return hidden_last, hidden_last if out.last is out.hidden else out.last.index_select(0, rows)
+        where = self.ops.extend_indices(counts, prefix_lens, block_tables, self.cache.block_size, width)
+        step = TreeStep(block_tables, prefix_lens, self.chain_bits(bsz, width), self.scale, self.backend)
+        out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), where.positions, step, self.cache)
+        copy_tree_kv(self.cache, *step.stacked(), where.commit)
+        hidden_last = out.hidden.index_select(0, where.last_rows)
+        return hidden_last, hidden_last if out.last is out.hidden else out.last.index_select(0, where.last_rows)
 
     def _children(self, last: torch.Tensor, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's ``branch`` best children as [B, rows per sequence * branch] draft
@@ -172,17 +177,14 @@ class Drafter:
         bsz = root_tokens.shape[0]
         pool, side_k, side_v = self.buffers(bsz)
         values, ids = self._children(last_root, bsz)
-        frontier = ops.expand(values, ids, None, pool, self.levels[0], shape.branch)
+        frontier = ops.expand(values, ids, None, pool, self.levels[0], shape.branch, cached_lens)
         hidden = hidden_root
         for d in range(1, shape.depth):
-            width = shape.frontier[d - 1]
             step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, self.levels[d - 1].slot, frontier.bits,
                                  self.scale, self.backend)
-            positions = (cached_lens[:, None].long() + (d - 1)).expand(bsz, width).reshape(-1)
-            out = self.head(hidden.index_select(0, frontier.rows), frontier.tokens.reshape(-1), positions, step,
-                            self.cache)
+            out = self.head(hidden.index_select(0, frontier.rows), frontier.tokens.reshape(-1), frontier.positions,
+                            step, self.cache)
             hidden = out.hidden
             values, ids = self._children(out.last, bsz)
-            frontier = ops.expand(values, ids, frontier, pool, self.levels[d], shape.branch)
-        tokens, parents, depth, bits = ops.select(pool, root_tokens.long(), shape.num_nodes, shape.depth)
-        return TreeBatch(tokens, parents, depth, bits)
+            frontier = ops.expand(values, ids, frontier, pool, self.levels[d], shape.branch, cached_lens)
+        return TreeBatch(*ops.select(pool, root_tokens.long(), shape.num_nodes, shape.depth, cached_lens))

@@ -120,3 +120,4 @@ class TreeBatch:
     parents: torch.Tensor  # [B, N] int64 parent node index, -1 for the root
     depth: torch.Tensor  # [B, N] int64, root 0
     ancestor_bits: torch.Tensor  # [B, N] int64, bit j of row i set when node j is i or its ancestor
+    positions: torch.Tensor  # [B, N] int64 where the target runs each node: L + depth

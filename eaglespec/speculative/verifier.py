@@ -9,11 +9,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from eaglespec.kv_cache import KVCache, commit_tree_kv
+from eaglespec.kv_cache import KVCache, copy_tree_kv
 from eaglespec.models.attention_step import TreeStep
 from eaglespec.models.llama import LlamaForCausalLM
+from eaglespec.ops.greedy_accept import commit_indices, greedy_accept, greedy_accept_ref
 from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
-from eaglespec.speculative.acceptance import AcceptResult, accept_by_target_draws, accept_greedy_by_masks
+from eaglespec.speculative.acceptance import AcceptResult, accept_by_target_draws
 from eaglespec.speculative.tree import TreeBatch
 
 
@@ -33,14 +34,20 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     """
     bsz, n = tree.tokens.shape
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
-    positions = cached_lens[:, None].long() + tree.depth
-    out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
+    out = target(tree.tokens.reshape(-1), tree.positions.reshape(-1), step, cache,
                  want_hidden=feature == "hidden", want_taps=feature == "taps")
     logits = out.logits.view(bsz, n, -1)
+    width = max_depth + 1
     if greedy:
-        # One argmax over every node, then the accepted path from bit masks (no per-depth walk).
-        best = greedy_argmax(out.logits).view(bsz, n) if backend == "triton" else logits.argmax(dim=-1)
-        accept = accept_greedy_by_masks(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits, best, max_depth)
+        # One argmax over every node, then the accepted path and its K/V destinations in one go.
+        if backend == "triton":
+            accept, where = greedy_accept(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits,
+                                          greedy_argmax(out.logits).view(bsz, n), max_depth, cached_lens,
+                                          block_tables, cache.block_size)
+        else:
+            accept, where = greedy_accept_ref(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits,
+                                              logits.argmax(dim=-1), max_depth, cached_lens, block_tables,
+                                              cache.block_size)
     else:
         # One draw from the target distribution at the current node per depth: exact for
         # children chosen deterministically (see speculative.acceptance.accept_topk_children).
@@ -51,11 +58,10 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
         accept = accept_by_target_draws(
             tree.tokens, tree.parents, tree.depth, valid, max_depth,
             lambda d, node: sample(_rows(logits, node), replace(st, offsets=st.offsets + d)))
-    commit_tree_kv(cache, *step.stacked(), accept.path, cached_lens, block_tables)
+        where = commit_indices(accept.path, cached_lens, block_tables, cache.block_size, n)
+    copy_tree_kv(cache, *step.stacked(), where)
     feats = out.hidden if feature == "hidden" else out.taps
-    feats = feats.view(bsz, n, -1)
-    path = accept.path.clamp_min(0)
-    path_features = torch.gather(feats, 1, path[:, :, None].expand(-1, -1, feats.shape[-1]))
+    path_features = feats.index_select(0, where.rows).view(bsz, width, -1)
     return VerifyResult(accept, path_features)
 
 

@@ -33,8 +33,9 @@ def _grow(fn, bsz, depth, branch, width, static_cols, pool_depth, seed, ties):
         vals, toks = _children(bsz, rows, branch, 500, gen, ties)
         cols = None if static_cols is None else static_cols[d]
         w = width[d]
-        level = Level(offset, w, slot, cols)
-        parent_next = fn(vals, toks, parent, pool, level, branch)
+        level = Level(d, offset, w, slot, cols)
+        lens = (torch.arange(bsz, dtype=torch.int32) * 7 + 3).to(DEVICE)
+        parent_next = fn(vals, toks, parent, pool, level, branch, lens)
         frontiers.append(parent_next)
         offset += w if cols is not None else vals.shape[1]
         slot += 0 if d == 0 else rows
@@ -57,7 +58,7 @@ def test_dynamic_levels_match_reference(bsz, depth, topk, ties):
     for name in ("tokens", "scores", "parents"):
         assert torch.equal(getattr(pool, name), getattr(ref_pool, name)), name
     for a, b in zip(fronts, ref_f):
-        for name in ("tokens", "scores", "pool_index", "rows", "bits"):
+        for name in ("tokens", "scores", "pool_index", "rows", "bits", "positions"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
     # The frontier really is the best of the level, and its parents are the rows it came from.
     assert bool((ref_f[1].scores[:, :-1] >= ref_f[1].scores[:, 1:]).all())
@@ -75,7 +76,7 @@ def test_static_levels_match_reference():
     for name in ("tokens", "scores", "parents"):
         assert torch.equal(getattr(pool, name), getattr(ref_pool, name)), name
     for a, b in zip(fronts, ref_f):
-        for name in ("tokens", "scores", "pool_index", "rows", "bits"):
+        for name in ("tokens", "scores", "pool_index", "rows", "bits", "positions"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert ref_pool.parents[0].tolist() == [-1, -1, -1, 0, 0, 1, 3]
 
@@ -87,11 +88,13 @@ def test_select_tree_matches_reference(bsz, depth, topk, nodes, ties):
     pool_depth, width = _dynamic_setup(depth, topk)
     pool, _ = _grow(expand_level_ref, bsz, depth, topk, width, None, pool_depth, 17, ties)
     root = torch.arange(bsz, device=DEVICE) + 900
-    got = select_tree(pool, root, nodes, depth)
-    ref = select_tree_ref(pool, root, nodes, depth)
-    for name, a, b in zip(("tokens", "parents", "depth", "bits"), got, ref):
+    lens = torch.arange(bsz, dtype=torch.int32, device=DEVICE) * 5 + 2
+    got = select_tree(pool, root, nodes, depth, lens)
+    ref = select_tree_ref(pool, root, nodes, depth, lens)
+    for name, a, b in zip(("tokens", "parents", "depth", "bits", "positions"), got, ref):
         assert torch.equal(a, b), name
-    tokens, parents, depths, bits = ref
+    tokens, parents, depths, bits, positions = ref
+    assert torch.equal(positions, lens[:, None].long() + depths)
     # A valid tree: parents precede children, depth = parent's + 1, bits = own | the parent's.
     assert bool((parents[:, 1:] < torch.arange(1, nodes + 1, device=DEVICE)).all())
     parent_depth = torch.gather(depths, 1, parents[:, 1:].clamp_min(0))
@@ -106,9 +109,12 @@ def test_launchers_reject_bad_input():
     pool = CandidatePool.allocate(1, pool_depth)
     vals = torch.zeros(1, 2, device=DEVICE)
     toks = torch.zeros(1, 2, dtype=torch.int64, device=DEVICE)
+    lens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="child_values must be a contiguous torch.float32"):
-        expand_level(vals.double(), toks, None, pool, Level(0, 2, 0), 2)
+        expand_level(vals.double(), toks, None, pool, Level(0, 0, 2, 0), 2, lens)
     with pytest.raises(ValueError, match="level writes pool columns"):
-        expand_level(vals, toks, None, pool, Level(5, 2, 0), 2)
+        expand_level(vals, toks, None, pool, Level(0, 5, 2, 0), 2, lens)
+    with pytest.raises(ValueError, match="cached_lens must be"):
+        expand_level(vals, toks, None, pool, Level(0, 0, 2, 0), 2, lens.float())
     with pytest.raises(ValueError, match="num_nodes must be"):
-        select_tree(pool, torch.zeros(1, dtype=torch.int64, device=DEVICE), 0, 2)
+        select_tree(pool, torch.zeros(1, dtype=torch.int64, device=DEVICE), 0, 2, lens)
