@@ -104,6 +104,8 @@ class Scheduler:
         # Make room for this step's writes, preempting the newest requests if the pool is full.
         ready: list[Request] = []
         for req in list(self.running):
+            if req not in self.running:
+                continue  # preempted for an older request this step
             need = req.num_cached + self.lookahead
             while not self._fits(req, need):
                 victim = self.running[-1]
