@@ -28,7 +28,7 @@ phase_env() {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
 }
 phase_tests() {
-  python3 -m pytest -q tests/ops tests/spec tests/engine tests/models/test_llama_vs_transformers.py tests/models/test_llama_fused.py 2>&1 | tee $OUT/gpu-tests.log | tail -15
+  python3 -m pytest -q tests/ops tests/speculative tests/engine tests/models/test_llama_vs_transformers.py tests/models/test_llama_fused.py 2>&1 | tee $OUT/gpu-tests.log | tail -15
 }
 phase_bench_decode() {
   python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1,16,64 --out $OUT 2>&1 | tee -a $OUT/bench.log

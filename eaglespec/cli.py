@@ -1,7 +1,9 @@
-"""Command line: ``eaglespec generate | chat | train``.
+"""Command line: ``eaglespec generate | chat | serve | bench serve | train``.
 
     eaglespec generate PROMPT        one completion, streamed to stdout (PROMPT "-": stdin)
-    eaglespec chat                   interactive chat with line editing, replies streamed
+    eaglespec chat [--url URL]       interactive chat with line editing, replies streamed
+    eaglespec serve                  OpenAI-compatible HTTP server
+    eaglespec bench serve            load generator against a running server
     eaglespec train prepare|fit|eval|all --config FILE.toml     train an EAGLE draft head
 
 Text goes to stdout and everything else (loading progress, statistics, errors) to stderr, so
@@ -34,7 +36,7 @@ else {default}"""
 
 def _tree_help() -> str:
     from eaglespec.config import SpecConfig
-    from eaglespec.spec.tree import MAX_TREE_NODES
+    from eaglespec.speculative.tree import MAX_TREE_NODES
 
     shipped = "dynamic:5,8,32"
     try:
@@ -66,7 +68,7 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, max_model_len: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="Hugging Face safetensors directory or .gguf file "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
@@ -76,6 +78,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on "
                                                  "CUDA, float32 on the CPU)")
+    if not max_model_len:  # the server sizes its engine with its own options
+        return
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="most tokens of a sequence, prompt and reply together (default: the model's "
                         "context length from its config, e.g. 8192 for SmolLM2); a reply that reaches it "
@@ -247,8 +251,14 @@ def cmd_chat(args) -> int:
     except ImportError:  # not on every platform
         pass
     system = _checked_text(args.system, "--system")
-    params = _params(args)
-    llm = _build_llm(args)
+    if args.url:
+        reply = _http_replier(args)
+    else:
+        params = _params(args)
+        llm = _build_llm(args)
+
+        def reply(messages: list[dict]) -> str:
+            return _reply(llm, llm.chat_prompt(messages), params, args).text
     messages = _messages(system)
     print("eaglespec chat: an empty line, Ctrl-D or Ctrl-C ends.", file=sys.stderr, flush=True)
     try:
@@ -265,11 +275,35 @@ def cmd_chat(args) -> int:
                 print(f"eaglespec: error: {exc}", file=sys.stderr)
                 continue
             messages.append({"role": "user", "content": line})
-            out = _reply(llm, llm.chat_prompt(messages), params, args)
-            messages.append({"role": "assistant", "content": out.text})
+            messages.append({"role": "assistant", "content": reply(messages)})
     except KeyboardInterrupt:
         print("\neaglespec: interrupted, bye", file=sys.stderr)
     return 0
+
+
+def _http_replier(args):
+    """``chat --url``: replies from a running ``eaglespec serve``, streamed (text only)."""
+    import openai
+
+    if args.json:
+        raise ValueError("chat --url streams text; --json needs the local engine's stats")
+    client = openai.OpenAI(base_url=args.url.rstrip("/") + "/v1", api_key="none")
+    model = client.models.list().data[0].id
+    print(f"eaglespec: chatting with {model} at {args.url}", file=sys.stderr, flush=True)
+
+    def reply(messages: list[dict]) -> str:
+        pieces = []
+        for chunk in client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                    max_tokens=args.max_tokens, temperature=args.temperature,
+                                                    top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                                                    extra_body={"top_k": args.top_k}):
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        print()
+        return "".join(pieces)
+    return reply
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="EAGLE speculative decoding for Llama models: the target's own output from fewer "
                     "target forwards.\nText goes to stdout; progress, statistics and errors to stderr.")
     parser.add_argument("--version", action="version", version=f"eaglespec {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench,train}")
     g = sub.add_parser("generate", help="one completion, streamed", formatter_class=argparse.RawTextHelpFormatter,
                        description="Generate a completion for one prompt, streamed to stdout as it is produced.")
     g.add_argument("prompt", nargs="?", default=None, help="the prompt text, or '-' to read it from stdin")
@@ -292,7 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "line, Ctrl-D or Ctrl-C ends it.")
     _add_model_args(c)
     _add_sampling_args(c)
+    c.add_argument("--url", default=None, help="talk to a running `eaglespec serve` (e.g. http://127.0.0.1:8000)")
     c.set_defaults(fn=cmd_chat)
+    from eaglespec.serve.server import add_serve_args, cmd_serve
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server", formatter_class=argparse.RawTextHelpFormatter)
+    _add_model_args(s, max_model_len=False)
+    add_serve_args(s)
+    s.set_defaults(fn=cmd_serve)
+    b = sub.add_parser("bench", help="benchmarks")
+    bench = b.add_subparsers(dest="bench", required=True)
+    from eaglespec.bench.serve import add_bench_serve_args, cmd_bench_serve
+
+    bs = bench.add_parser("serve", help="load generator against a running server")
+    add_bench_serve_args(bs)
+    bs.set_defaults(fn=cmd_bench_serve)
     from eaglespec.train.cli import add_train_commands
 
     add_train_commands(sub)

@@ -46,9 +46,14 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise TypeError(f"LlamaConfig.rope_scaling must be a dict or None, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default", None):
-                raise ValueError(f"LlamaConfig: unsupported rope_scaling type {kind!r} (supported: llama3)")
+                raise ValueError(f"LlamaConfig: unsupported rope type {kind!r} (implemented: default, llama3)")
+            missing = [k for k in ("factor", "original_max_position_embeddings") if k not in self.rope_scaling]
+            if kind == "llama3" and missing:
+                raise ValueError(f"LlamaConfig.rope_scaling: llama3 scaling needs {missing}")
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
         if not self.eagle3_layers:
             n = self.num_layers
@@ -64,6 +69,7 @@ class LlamaConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         heads = cfg["num_attention_heads"]
+        rope_theta, rope_scaling = _rope_from_hf_dict(cfg)
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -73,8 +79,8 @@ class LlamaConfig:
             num_kv_heads=cfg.get("num_key_value_heads", heads),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"),
@@ -104,6 +110,40 @@ class LlamaConfig:
             "attention_bias": False,
             "mlp_bias": False,
         }
+
+
+def _rope_from_hf_dict(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either config format.
+
+    Classic (transformers < 5): top-level ``rope_theta`` and ``rope_scaling``. transformers 5:
+    ``rope_parameters = {"rope_theta": ..., "rope_type": "default" | "llama3", ...}``. Both
+    formats in one file must agree.
+    """
+    classic_theta, classic_scaling = cfg.get("rope_theta"), cfg.get("rope_scaling")
+    params = cfg.get("rope_parameters")
+    if params is None:
+        return float(classic_theta if classic_theta is not None else 10000.0), classic_scaling
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"config rope_parameters must be one dict of RoPE settings (per-layer-type RoPE "
+                         f"is not implemented), got {params!r}")
+    if "rope_theta" not in params:
+        raise ValueError(f"config rope_parameters has no rope_theta: {params!r}")
+    theta = float(params["rope_theta"])
+    kind = params.get("rope_type", params.get("type", "default"))
+    scaling = None if kind == "default" else {k: v for k, v in params.items() if k != "rope_theta"}
+    if classic_theta is not None and float(classic_theta) != theta:
+        raise ValueError(f"config gives rope_theta {classic_theta} and rope_parameters.rope_theta {theta}")
+    if classic_scaling is not None and _rope_key(classic_scaling) != _rope_key(scaling):
+        raise ValueError(f"config gives rope_scaling {classic_scaling!r} and rope_parameters {params!r}")
+    return theta, scaling
+
+
+def _rope_key(scaling: dict | None) -> dict | None:
+    """A scaling dict in one spelling (``type`` read as ``rope_type``; default = None)."""
+    if scaling is None:
+        return None
+    key = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
+    return None if key.get("rope_type", "default") == "default" else key
 
 
 @dataclass(slots=True)
@@ -146,11 +186,19 @@ class SpecConfig:
     """
 
     tree: str = "dynamic:5,8,32"
+    # The draft scores only this many of the most frequent target tokens (its output projection
+    # keeps their rows; the target still verifies over its whole vocabulary, so outputs are
+    # unchanged). None: the head's own default (its config's draft_vocab_size, else all). At most
+    # the head's vocabulary; fewer than it has needs the head's token ranking.
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if not _TREE_SPEC.match(self.tree) and not self.tree.endswith(".json"):
             raise ValueError(f"SpecConfig.tree must be chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
                              f"path, got {self.tree!r}")
+        n = self.draft_vocab_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"SpecConfig.draft_vocab_size must be None or an int >= 1, got {n!r}")
 
 
 @dataclass(slots=True)

@@ -1,14 +1,42 @@
-"""The paged KV pool's bookkeeping: a free list of blocks and each sequence's block list.
-
-The tensors themselves are ``models.attention_step.KVCache``; this module decides which block
-holds which token. Block 0 is never handed out: padded rows of a CUDA-graph batch write there.
+"""The paged KV pool: its tensors (``KVCache``), the bookkeeping of which block holds which
+token (a free list of blocks and each sequence's block list), and the commit of accepted tree
+nodes' K/V into place. Block 0 is never handed out: padded rows of a CUDA-graph batch write there.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(slots=True)
+class KVCache:
+    """The paged KV pool of one model: block 0 is a scratch block that padded rows write to."""
+
+    k: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
+    v: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [T, Hkv, D] at flat slots [T] (slot = block * block_size + offset)."""
+        hkv, d = self.k.shape[-2:]
+        self.k[layer].view(-1, hkv, d).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].view(-1, hkv, d).index_copy_(0, slots, v.to(self.v.dtype))
 
 
 class KVPoolExhausted(RuntimeError):
@@ -71,11 +99,11 @@ def pool_blocks_from_memory(free_bytes: int, fraction: float, num_layers: int, b
     return max(int(free_bytes * fraction) // per_block, 2)
 
 
-def commit_tree_kv(cache, tree_k: torch.Tensor, tree_v: torch.Tensor, nodes: torch.Tensor,
+def commit_tree_kv(cache: KVCache, tree_k: torch.Tensor, tree_v: torch.Tensor, nodes: torch.Tensor,
                    start_pos: torch.Tensor, block_tables: torch.Tensor) -> None:
     """Move the K/V of chosen tree nodes into consecutive cache positions, on device.
 
-    cache: a KVCache ([L, num_blocks, block_size, Hkv, D] tensors); tree_k/v [L, B, N, Hkv, D];
+    cache: [L, num_blocks, block_size, Hkv, D] tensors; tree_k/v [L, B, N, Hkv, D];
     nodes [B, P] node index of each entry to keep, -1 for none (those go to the scratch block
     0); entry i of sequence b lands at position start_pos[b] + i. Fixed shapes, no host sync.
     """

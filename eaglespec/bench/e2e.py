@@ -5,6 +5,8 @@ template applied), greedy, 256 new tokens. For each batch size the same prompts 
 plain decoding and through each tree; reported: tokens/s, tau, acceptance per depth, speedup,
 and how many outputs are token-for-token identical to plain decoding (bf16 kernels may flip
 near-tied argmaxes between the two paths; fp32 on the CPU is exact, see the tests).
+``--draft-vocab 4096,8192,16384,full`` runs every tree once per draft vocabulary size (the head
+drafts over that many of its most frequent tokens; full = its whole vocabulary).
 """
 
 from __future__ import annotations
@@ -16,7 +18,27 @@ import torch
 
 from eaglespec import LLM, EngineConfig, SamplingParams, SpecConfig
 from eaglespec.bench.results import write_result
+from eaglespec.engine.llm import default_spec_config, shipped_head_path
+from eaglespec.models.eagle import load_head
 from eaglespec.train.data import load_conversations
+
+
+def parse_draft_vocabs(text: str) -> list[int | None]:
+    """``--draft-vocab``: comma-separated sizes ("4096", "8k" = 8192) or "full" (None: the
+    head's own vocabulary)."""
+    sizes: list[int | None] = []
+    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
+        if item == "full":
+            sizes.append(None)
+            continue
+        try:
+            n = int(item[:-1]) * 1024 if item.endswith("k") else int(item)
+        except ValueError:
+            raise ValueError(f"--draft-vocab: {item!r} is not a size (4096, 8k) or 'full'") from None
+        if n < 1:
+            raise ValueError(f"--draft-vocab: sizes must be >= 1, got {item!r}")
+        sizes.append(n)
+    return sizes or [None]
 
 
 def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[SamplingParams]) -> dict:
@@ -57,6 +79,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--batch1-num", type=int, default=16, help="prompts timed at batch 1 (slow)")
     ap.add_argument("--trees", default="", help="';'-separated trees (default: the shipped serving tree)")
+    ap.add_argument("--draft-vocab", default="full",
+                    help="comma-separated draft vocabulary sizes, e.g. 4096,8192,16384,full (each tree runs with each)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -73,11 +97,15 @@ def main(argv=None) -> None:
     # One seed per prompt: the same prompt samples the same way in every engine and batch size.
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=i)
               for i in range(len(prompts))]
-    trees = [t for t in args.trees.split(";") if t] or [None]
+    trees = [t for t in args.trees.split(";") if t] or [default_spec_config(None, True).tree]
+    vocabs = parse_draft_vocabs(args.draft_vocab)
+    head = load_head(shipped_head_path(), plain.model)  # one head (and one target) for every engine
     engines = {"plain": plain}
     for tree in trees:
-        llm = LLM(device=args.device, dtype=args.dtype, engine=engine, spec=SpecConfig(tree=tree) if tree else None)
-        engines[llm.spec_config.tree] = llm
+        for size in vocabs:
+            llm = LLM.from_model(plain.model, tokenizer=plain.tokenizer, draft=head, engine=engine,
+                                 spec=SpecConfig(tree=tree, draft_vocab_size=size), eos_ids=plain.eos_ids)
+            engines[tree if size is None else f"{tree} vocab {size}"] = llm
     for llm in engines.values():  # warm-up: Triton compiles, every bucket's graph captured
         for b in batches:
             llm.generate(prompts[:b], SamplingParams(max_tokens=8, temperature=args.temperature, top_p=args.top_p))
@@ -90,13 +118,14 @@ def main(argv=None) -> None:
             same = sum(a.token_ids == b.token_ids for a, b in zip(r["outputs"], base["outputs"]))
             row = {k: v for k, v in r.items() if k != "outputs"}
             row.update(batch=batch, engine=name, prompts=len(subset), speedup=r["tokens_per_s"] / base["tokens_per_s"],
-                       identical_to_plain=f"{same}/{len(subset)}")
+                       identical_to_plain=f"{same}/{len(subset)}",
+                       draft_vocab=None if name == "plain" else llm.speculative.vocab.size)
             rows.append(row)
-            print(f"batch {batch:3d} {name:>16s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
+            print(f"batch {batch:3d} {name:>28s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
                   f"speedup {row['speedup']:.2f}x  identical {row['identical_to_plain']}", flush=True)
     device = plain.device
     name = ("e2e-smollm2-mtbench" + (f"-t{args.temperature:g}-p{args.top_p:g}" if args.temperature else "")
-            + (f"-{args.dtype}" if args.dtype else ""))
+            + (f"-{args.dtype}" if args.dtype else "") + ("-draft-vocab" if vocabs != [None] else ""))
     path = write_result(name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype),
                                "temperature": args.temperature, "top_p": args.top_p, "rows": rows}, device, args.out)
     print("wrote", path, "(plot: python -m eaglespec.bench.plots, needs the [plot] extra)")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
-import random
 from typing import Iterator, Sequence
 
 import torch
 
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
+from eaglespec.engine.core import EngineCore, RequestDelta
 from eaglespec.engine.request import Output, Request
-from eaglespec.engine.runner import DecodeFlight, ModelRunner
+from eaglespec.engine.runner import ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
-from eaglespec.engine.speculative import SpeculativeRunner
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
+from eaglespec.speculative.step import SpeculativeRunner
 
 Prompt = str | Sequence[int]
 
@@ -98,7 +97,8 @@ class LLM:
         self.device = resolve_device(device)
         dt = resolve_dtype(dtype, self.device)
         ckpt = open_checkpoint(model or default_model_path(), progress=progress)
-        target = build_model(ckpt.config, self.device, dt)
+        kernels = resolve_backend((engine or EngineConfig()).attention_backend, self.device)
+        target = build_model(ckpt.config, self.device, dt, kernels=kernels)
         target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
         tokenizer = Tokenizer.from_source(ckpt.tokenizer_source)
         if ckpt.chat_template and not tokenizer.chat_template:
@@ -120,8 +120,6 @@ class LLM:
     def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool) -> None:
         import dataclasses
 
-        from eaglespec.spec.tree import parse_tree
-
         self.model = target
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
@@ -129,19 +127,24 @@ class LLM:
         if not self.engine_config.max_model_len:  # 0: the model's own context length
             self.engine_config = dataclasses.replace(self.engine_config,
                                                      max_model_len=target.config.max_position_embeddings)
-        self.spec_config = spec
         head = self._resolve_draft(draft, target, default_draft)
-        if head is not None:
-            self.spec_config = spec or default_spec_config(draft, default_draft)
-        lookahead = parse_tree(self.spec_config.tree).depth + 1 if head is not None else 1
-        self.runner = ModelRunner(target, self.engine_config, self.device, lookahead)
-        self.speculative = SpeculativeRunner(self.runner, head, self.spec_config) if head is not None else None
-        self.scheduler = Scheduler(self.runner.allocator, self.engine_config.max_batch_size,
-                                   self.engine_config.max_model_len, self.engine_config.prefill_token_budget,
-                                   lookahead=lookahead)
-        self._ids = itertools.count()
-        self._requests: dict[int, Request] = {}
-        self._in_flight: DecodeFlight | None = None  # a decode step queued but not read yet
+        self.spec_config = (spec or default_spec_config(draft, default_draft)) if head is not None else spec
+        self.core = EngineCore(target, tokenizer, self.eos_ids, head, self.spec_config, self.engine_config,
+                               self.device)
+        self._requests: dict[int, Request] = {}  # this front end's requests, finished ones until collected
+
+    # The engine's parts, for tests and benchmarks that look inside.
+    @property
+    def runner(self) -> ModelRunner:
+        return self.core.runner
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def speculative(self) -> SpeculativeRunner | None:
+        return self.core.speculative
 
     @staticmethod
     def _resolve_draft(draft, target: LlamaForCausalLM, default_draft: bool) -> EagleHead | None:
@@ -156,125 +159,22 @@ class LLM:
 
     # ------------------------------------------------------------------ requests
 
-    def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this LLM has no tokenizer: give prompts as lists of token ids")
-            return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        return ids
-
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
-        from eaglespec.tokenizer import IncrementalDetokenizer
+        rid = self.core.add_request(prompt if isinstance(prompt, str) else list(prompt), params)
+        self._requests[rid] = self.core.requests[rid]
+        return rid
 
-        params = params or SamplingParams()
-        ids = self._encode(prompt)
-        self.scheduler.check_prompt(len(ids))
-        seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = Request(next(self._ids), ids, params, seed,
-                      IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None)
-        self._requests[req.request_id] = req
-        self.scheduler.add(req)
-        return req.request_id
-
-    def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that made progress (finished ones included).
-
-        Plain decoding overlaps the host with the device: while a decode step runs, the next
-        one is queued with its input tokens taken on the device, and only then are the first
-        step's tokens read and checked. That needs the batch to go on unchanged (nothing to
-        admit, nothing finished or preempted, room for one more token each); otherwise the
-        step ends without a successor. A request that stops while its successor runs wastes
-        that one token, which is dropped.
-        """
-        flight, self._in_flight = self._in_flight, None
-        if flight is None:
-            scheduled = self.scheduler.schedule()
-            if scheduled is None:
-                return []
-            reqs = scheduled.requests
-            if not reqs or scheduled.kind == "prefill" or self.speculative is not None:
-                emitted = [] if not reqs else (self._prefill(reqs) if scheduled.kind == "prefill"
-                                               else self._speculate(reqs))
-                self._apply(reqs, emitted, prefill=scheduled.kind == "prefill")
-                return reqs
-            flight = self.runner.launch_decode(reqs)
-        if self.engine_config.overlap_decode and self._can_follow(flight.reqs):
-            self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
-        live = [r for r in flight.reqs if not r.finished]
-        self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)  # the one host read of the step
-        return live
-
-    def _can_follow(self, reqs: list[Request]) -> bool:
-        """Whether the next decode step may be queued before this one's tokens are known: the
-        same requests, none finished, nobody waiting for a free row, no limit reached by the
-        token in flight, and KV room without preemption (the room is taken here)."""
-        sched = self.scheduler
-        if sched.waiting and len(sched.running) < sched.max_batch:
-            return False
-        if len(sched.running) != len(reqs) or any(a is not b for a, b in zip(sched.running, reqs)):
-            return False
-        allocator, new_blocks = self.runner.allocator, 0
-        for r in reqs:
-            if (r.finished or len(r.output_ids) + 1 >= r.params.max_tokens
-                    or len(r.all_ids) + 1 >= self.engine_config.max_model_len):
-                return False
-            new_blocks += max(0, allocator.blocks_needed(r.num_cached + sched.lookahead) - len(r.blocks))
-        if new_blocks > allocator.num_free:
-            return False
-        for r in reqs:
-            allocator.grow(r.blocks, r.num_cached + sched.lookahead)
-        return True
-
-    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefill: bool) -> None:
-        """Append each request's new tokens (stop checks included) and retire finished ones."""
-        limit = self.engine_config.max_model_len
-        for req, toks in zip(reqs, emitted):
-            # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
-            req.record_step(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids, prefill)
-            if not req.finished and len(req.all_ids) >= limit:
-                req.finish("length")
-        for req in list(self.scheduler.running):
-            if req.finished:
-                self.scheduler.retire(req)
-                if self.speculative is not None:
-                    self.speculative.release(req)
-
-    def _prefill(self, reqs: list[Request]) -> list[list[int]]:
-        spec = self.speculative
-        want = {} if spec is None else {"want_hidden": spec.feature == "hidden", "want_taps": spec.feature == "taps"}
-        tokens, out, new_counts = self.runner.prefill(reqs, **want)
-        if spec is not None:
-            spec.after_prefill(reqs, out, tokens, new_counts)
-        return [[t] for t in tokens.tolist()]
-
-    def _speculate(self, reqs: list[Request]) -> list[list[int]]:
-        tokens, counts = self.speculative.step(reqs)
-        tokens, counts = tokens.tolist(), counts.tolist()  # the one host read of the step
-        depth = self.speculative.shape.depth
-        emitted = []
-        for req, row, n in zip(reqs, tokens, counts):
-            req.num_cached += n
-            if not req.proposed_per_depth:
-                req.proposed_per_depth = [0] * depth
-                req.accepted_per_depth = [0] * depth
-            for d in range(depth):
-                req.proposed_per_depth[d] += 1
-                req.accepted_per_depth[d] += int(n - 1 > d)
-            emitted.append(row[:n])
-        return emitted
+    def step(self) -> list[RequestDelta]:
+        """Run one engine step (see ``EngineCore.step``)."""
+        return self.core.step()
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or self._in_flight is not None
+        return self.core.has_work
 
     def _drain(self) -> None:
-        while self.has_work:
-            self.step()
+        while self.core.has_work:
+            self.core.step()
 
     # ------------------------------------------------------------------ public API
 
@@ -286,7 +186,7 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [self.core.encode(p) for p in prompts]
         for ids in encoded:  # refuse the whole batch before any of it is queued
             self.scheduler.check_prompt(len(ids))
         ids = [self.add_request(p, sp) for p, sp in zip(encoded, plist)]
@@ -301,16 +201,18 @@ class LLM:
 
     def _stream_pieces(self, prompt: Prompt, params: SamplingParams | None, stream: TextStream) -> Iterator[str]:
         rid = self.add_request(prompt, params)
-        req = self._requests[rid]
-        while not req.finished:
-            self.step()
-            if req.pending_text:
-                piece, req.pending_text = req.pending_text, ""
-                yield piece
-        if req.pending_text:
-            yield req.pending_text
-        self._drain()
-        stream.output = self._requests.pop(rid).to_output()
+        try:
+            finished = False
+            while not finished:
+                for delta in self.core.step():
+                    if delta.request_id == rid:
+                        if delta.new_text:
+                            yield delta.new_text
+                        finished = delta.finished
+            stream.output = self._requests[rid].to_output()
+        finally:
+            self.core.abort(rid)  # a stream closed early frees its blocks
+            self._requests.pop(rid, None)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The token ids of one conversation under the chat template, ready for the reply."""
@@ -325,4 +227,4 @@ class LLM:
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """The target's full-sequence logits [T, vocab] (fp32)."""
-        return self.runner.full_logits(self._encode(token_ids))
+        return self.runner.full_logits(self.core.encode(token_ids))

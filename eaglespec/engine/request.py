@@ -43,7 +43,9 @@ class Request:
     scheduled_at: float | None = None  # when its first prefill was scheduled
     first_token_at: float | None = None
     finished_at: float | None = None
-    pending_text: str = ""  # text produced but not yet handed to a stream
+    failures: int = 0  # engine steps that raised while this request was in the batch
+    reported_tokens: int = 0  # output tokens already handed out in deltas
+    reported_chars: int = 0  # characters of ``text`` already handed out in deltas
 
     @property
     def seed_int64(self) -> int:
@@ -92,23 +94,27 @@ class Request:
             if self.detokenizer is not None:
                 piece = self.detokenizer.add(tok)
                 self.text += piece
-                self.pending_text += piece
-                if self._hit_stop_string():
+                if self._hit_stop_string(len(piece)):
                     return
             if len(self.output_ids) >= self.params.max_tokens:
                 self.finish("length")
 
-    def _hit_stop_string(self) -> bool:
+    def _hit_stop_string(self, new_chars: int) -> bool:
         for stop in self.params.stop:
-            start = max(0, len(self.text) - len(self.pending_text) - len(stop))
+            start = max(0, len(self.text) - new_chars - len(stop))
             idx = self.text.find(stop, start)
             if idx >= 0:
-                cut = len(self.text) - idx
                 self.text = self.text[:idx]
-                self.pending_text = self.pending_text[:max(len(self.pending_text) - cut, 0)]
                 self.finish("stop")
                 return True
         return False
+
+    def text_safe_to_show(self) -> int:
+        """How much of ``text`` can be streamed now: all of it once finished, else all but
+        the tail that could still turn out to be the start of a stop string."""
+        if self.finished or not self.params.stop:
+            return len(self.text)
+        return max(len(self.text) - max(len(s) for s in self.params.stop) + 1, self.reported_chars)
 
     def fail(self, message: str) -> None:
         self.error = message

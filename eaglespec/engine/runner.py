@@ -14,8 +14,8 @@ import torch
 from eaglespec.config import EngineConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for, bucket_sizes
 from eaglespec.engine.request import Request
-from eaglespec.kv_cache import BlockAllocator, block_table_tensor, pool_blocks_from_memory, slots_for
-from eaglespec.models.attention_step import DecodeStep, KVCache, PrefillStep
+from eaglespec.kv_cache import BlockAllocator, KVCache, block_table_tensor, pool_blocks_from_memory, slots_for
+from eaglespec.models.attention_step import DecodeStep, PrefillStep
 from eaglespec.models.llama import LlamaForCausalLM, ModelOutput
 from eaglespec.ops.attention import default_scale
 from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
@@ -46,35 +46,55 @@ def request_sampling(reqs: list[Request], device) -> SamplingTensors:
                                        [len(r.output_ids) for r in reqs], device)
 
 
+@dataclass(frozen=True, slots=True)
+class RowFields:
+    """Names of a step's per-request input fields, by dtype. A step that needs more than a
+    decode step (the speculative one) extends ``DECODE_ROWS``; the decode fields stay first."""
+
+    i64: tuple[str, ...]
+    i32: tuple[str, ...]
+    f32: tuple[str, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return 8 * len(self.i64) + 4 * len(self.i32) + 4 * len(self.f32)
+
+    def extended(self, i64: tuple[str, ...] = (), i32: tuple[str, ...] = (), f32: tuple[str, ...] = ()) -> "RowFields":
+        return RowFields(self.i64 + i64, self.i32 + i32, self.f32 + f32)
+
+
+# What a decode step reads per request (sampling included).
+DECODE_ROWS = RowFields(i64=("input_ids", "positions", "slots", "seeds", "offsets"), i32=("context_lens", "top_k"),
+                        f32=("temperature", "top_p"))
+
+
 class StepRows:
     """A step's inputs packed into one byte buffer, so staging them is a single copy.
 
-    Sections, one row per request: int64 fields, int32 fields, fp32 fields, then the int32
-    block table [bucket, max_blocks]. ``rows["positions"]`` is a [bucket] view; the same layout
-    serves the pinned host twin (filled through numpy) and the device buffer the graph reads.
+    Sections, one row per request: int64 fields, int32 fields, fp32 fields (named by ``fields``),
+    then the int32 block table [bucket, max_blocks]. ``rows["positions"]`` is a [bucket] view; the
+    same layout serves the pinned host twin (filled through numpy) and the device buffer the graph
+    reads.
     """
 
-    I64 = ("input_ids", "positions", "slots", "seeds", "offsets", "state_slots")
-    I32 = ("context_lens", "top_k", "cached_lens")
-    F32 = ("temperature", "top_p")
-    _ROW_BYTES = 8 * len(I64) + 4 * len(I32) + 4 * len(F32)
-
-    def __init__(self, packed: torch.Tensor, max_blocks: int):
-        bucket = packed.numel() // (self._ROW_BYTES + 4 * max_blocks)
+    def __init__(self, packed: torch.Tensor, max_blocks: int, fields: RowFields = DECODE_ROWS):
+        self.fields = fields
+        bucket = packed.numel() // (fields.row_bytes + 4 * max_blocks)
         views, offset = [], 0
-        for dtype, shape in ((torch.int64, (len(self.I64), bucket)), (torch.int32, (len(self.I32), bucket)),
-                             (torch.float32, (len(self.F32), bucket)), (torch.int32, (bucket, max_blocks))):
+        for dtype, shape in ((torch.int64, (len(fields.i64), bucket)), (torch.int32, (len(fields.i32), bucket)),
+                             (torch.float32, (len(fields.f32), bucket)), (torch.int32, (bucket, max_blocks))):
             nbytes = shape[0] * shape[1] * dtype.itemsize
             views.append(packed[offset:offset + nbytes].view(dtype).view(shape))
             offset += nbytes
         self.i64, self.i32, self.f32, self.block_tables = views
 
-    @classmethod
-    def allocate(cls, bucket: int, max_blocks: int, device: torch.device) -> torch.Tensor:
-        return torch.zeros(bucket * (cls._ROW_BYTES + 4 * max_blocks), dtype=torch.uint8, device=device)
+    @staticmethod
+    def allocate(bucket: int, max_blocks: int, device: torch.device, fields: RowFields = DECODE_ROWS) -> torch.Tensor:
+        return torch.zeros(bucket * (fields.row_bytes + 4 * max_blocks), dtype=torch.uint8, device=device)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        for section, names in ((self.i64, self.I64), (self.i32, self.I32), (self.f32, self.F32)):
+        f = self.fields
+        for section, names in ((self.i64, f.i64), (self.i32, f.i32), (self.f32, f.f32)):
             if name in names:
                 return section[names.index(name)]
         raise KeyError(name)
@@ -106,13 +126,13 @@ class ModelRunner:
         """lookahead: cache positions one step writes from a sequence's last cached token (1 for
         plain decoding, depth + 1 for a speculative tree); block tables are wide enough for a
         sequence one token short of ``max_model_len`` to take such a step."""
-        self.model = model
         self.cfg = cfg
         self.device = device
         mc = model.config
         self.dtype = model.output_weight.dtype
         self.backend = resolve_backend(cfg.attention_backend, device)
-        self.fused = self.backend == "triton"  # fused norm / RoPE / SwiGLU kernels go with Triton attention
+        # The model's kernel set goes with the attention backend (same weights, not copied).
+        self.model = model.with_kernels(self.backend)
         self.scale = default_scale(mc.head_dim)
         num_blocks = size_kv_pool(model, cfg, device, self.dtype)
         self.cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads,
@@ -130,9 +150,11 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill
 
     @torch.inference_mode()
-    def prefill(self, reqs: list[Request], want_hidden: bool = False,
+    def prefill(self, reqs: list[Request], ends: list[int] | None = None, want_hidden: bool = False,
                 want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput, list[int]]:
-        """Prefill the uncached tokens of each request (blocks already allocated).
+        """Prefill each request's uncached tokens up to ``ends`` (default: all of them; blocks
+        already allocated). A request whose end is short of its length (a chunk of a long
+        prompt) gets a sampled token too, which the caller drops.
 
         Returns the sampled next token per request [B] (on device), the model output whose
         logits are those of each request's last token (hidden/taps cover *every* prefilled
@@ -140,9 +162,9 @@ class ModelRunner:
         """
         bs = self.cfg.block_size
         ids, pos, slots, cu, lens, new_counts = [], [], [], [0], [], []
-        for r in reqs:
+        for i, r in enumerate(reqs):
             tokens = r.all_ids
-            start, end = r.num_cached, len(tokens)
+            start, end = r.num_cached, (ends[i] if ends else len(tokens))
             ids += tokens[start:end]
             pos += list(range(start, end))
             slots += slots_for(r.blocks, start, end, bs)
@@ -161,7 +183,7 @@ class ModelRunner:
         out = self.model(torch.tensor(ids, dtype=torch.int64, device=dev),
                          torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache,
                          logits_rows=None if want_all else last_rows,
-                         want_hidden=want_hidden, want_taps=want_taps, use_triton=self.fused)
+                         want_hidden=want_hidden, want_taps=want_taps)
         if want_all:
             out.logits = out.logits.index_select(0, last_rows)
         tokens = sample(out.logits, request_sampling(reqs, dev))
@@ -171,10 +193,10 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ decode
 
-    def static_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
+    def static_inputs(self, bucket: int, fields: RowFields = DECODE_ROWS) -> dict[str, torch.Tensor]:
         """The device buffer of a step's inputs (see ``StepRows``), with harmless padding values."""
-        packed = StepRows.allocate(bucket, self.max_blocks_per_seq, self.device)
-        rows = StepRows(packed, self.max_blocks_per_seq)
+        packed = StepRows.allocate(bucket, self.max_blocks_per_seq, self.device, fields)
+        rows = StepRows(packed, self.max_blocks_per_seq, fields)
         rows.i32.fill_(1)
         rows.f32.fill_(1.0)
         return {"packed": packed}
@@ -182,41 +204,39 @@ class ModelRunner:
     def _decode_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
         rows = StepRows(x["packed"], self.max_blocks_per_seq)
         step = DecodeStep(rows["slots"], rows.block_tables, rows["context_lens"], self.scale, self.backend)
-        out = self.model(rows["input_ids"], rows["positions"], step, self.cache, use_triton=self.fused)
+        out = self.model(rows["input_ids"], rows["positions"], step, self.cache)
         if greedy:
-            return (greedy_argmax(out.logits) if self.fused else out.logits.argmax(dim=-1),)
+            return (greedy_argmax(out.logits) if self.backend == "triton" else out.logits.argmax(dim=-1),)
         return (sample(out.logits, rows.sampling()),)
 
-    def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int,
-                     state_slots: list[int] | None = None, pad_state_slot: int = 0,
-                     pad_cached_len: int = 1, tokens_in_flight: int = 0) -> None:
+    def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int, tokens_in_flight: int = 0,
+                     fields: RowFields = DECODE_ROWS) -> StepRows:
         """Write one step's inputs, padded to ``bucket`` rows, into the graphs' host staging
-        buffer: one host-to-device copy per step whatever the batch size.
+        buffer: one host-to-device copy per step whatever the batch size. Fills the decode
+        fields and returns the host rows, so a step with more ``fields`` fills its own.
 
         tokens_in_flight: 1 when each request's input token is still on the device (the output
         of a decode step not read yet); its input id is then filled in on the device and the
         sampling counter counts it."""
-        rows = StepRows(graphs.staging(bucket)["packed"], self.max_blocks_per_seq)
+        rows = StepRows(graphs.staging(bucket)["packed"], self.max_blocks_per_seq, fields)
         i64, i32, f32, tables = rows.i64.numpy(), rows.i32.numpy(), rows.f32.numpy(), rows.block_tables.numpy()
         bs = self.cfg.block_size
-        n = len(reqs)
+        n64, n32, nf = len(DECODE_ROWS.i64), len(DECODE_ROWS.i32), len(DECODE_ROWS.f32)
         i64.fill(0)
         i32.fill(1)
         f32.fill(1.0)
         tables.fill(0)
-        i32[StepRows.I32.index("cached_lens"), n:] = pad_cached_len
-        i64[StepRows.I64.index("state_slots"), n:] = pad_state_slot
-        i32[StepRows.I32.index("top_k"), :] = 0
-        f32[StepRows.F32.index("temperature"), :] = 0.0
+        i32[fields.i32.index("top_k"), :] = 0
+        f32[fields.f32.index("temperature"), :] = 0.0
         for i, r in enumerate(reqs):
             p = r.num_cached
             blocks = r.blocks
             token = r.all_ids[p] if not tokens_in_flight else 0
-            i64[:, i] = (token, p, blocks[p // bs] * bs + p % bs, r.seed_int64, len(r.output_ids) + tokens_in_flight,
-                         state_slots[i] if state_slots else 0)
-            i32[:, i] = (p + 1, r.params.top_k, p)
-            f32[:, i] = (r.params.temperature, r.params.top_p)
+            i64[:n64, i] = (token, p, blocks[p // bs] * bs + p % bs, r.seed_int64, len(r.output_ids) + tokens_in_flight)
+            i32[:n32, i] = (p + 1, r.params.top_k)
+            f32[:nf, i] = (r.params.temperature, r.params.top_p)
             tables[i, :len(blocks)] = blocks
+        return rows
 
     @torch.inference_mode()
     def launch_decode(self, reqs: list[Request], follow: DecodeFlight | None = None) -> DecodeFlight:
@@ -269,7 +289,6 @@ class ModelRunner:
                 seq_lens=torch.tensor([len(token_ids)], dtype=torch.int32, device=dev),
                 max_query_len=len(token_ids), scale=self.scale, backend=self.backend)
             ids = torch.tensor(token_ids, dtype=torch.int64, device=dev)
-            return self.model(ids, torch.arange(len(token_ids), device=dev), step, self.cache,
-                              use_triton=self.fused).logits
+            return self.model(ids, torch.arange(len(token_ids), device=dev), step, self.cache).logits
         finally:
             self.allocator.release(blocks)

@@ -1,9 +1,14 @@
-"""Continuous batching: admission by KV blocks, prefill before decode, preemption on a full pool.
+"""Continuous batching: admission by KV blocks, chunked prefill, preemption on a full pool.
 
-Invariant for every running request: all of its tokens but the last are in the KV cache
-(``num_cached == len(all_ids) - 1`` between steps); one forward over the uncached tokens yields
-the next token. A preempted request loses its blocks and is prefilled again later (prompt and
+Invariant for every running request that is *ready* (fully prefilled): all of its tokens but
+the last are in the KV cache (``num_cached == len(all_ids) - 1`` between steps); one forward
+over the uncached tokens yields the next token. A request whose prompt is longer than one
+step's prefill budget is prefilled in chunks; it runs (holds blocks) but is not ready until its
+last chunk. A preempted request loses its blocks and is prefilled again later (prompt and
 output so far), which yields exactly the token a decode step would have.
+
+Steps alternate: after a prefill step, running requests that are ready decode before the next
+prefill, so a long prompt arriving never stalls the streams already running.
 
 The context limit: a sequence holds at most ``max_model_len`` tokens. A step writes up to
 ``lookahead`` cache positions from its last cached token (a speculative tree's accepted path),
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from eaglespec.engine.request import Request
 from eaglespec.kv_cache import BlockAllocator
@@ -26,6 +31,14 @@ from eaglespec.kv_cache import BlockAllocator
 class ScheduledStep:
     kind: str  # "prefill" or "decode"
     requests: list[Request]
+    # prefill only: the position each request's prefill stops at this step (len(all_ids) when
+    # it completes the prompt; less for a chunk of a long prompt, which then samples nothing)
+    prefill_ends: list[int] = field(default_factory=list)
+
+
+def is_ready(req: Request) -> bool:
+    """Whether a running request is fully prefilled (its next step is a decode step)."""
+    return req.num_cached >= len(req.all_ids) - 1 and req.num_cached > 0
 
 
 class Scheduler:
@@ -38,6 +51,7 @@ class Scheduler:
         self.lookahead = lookahead  # cache slots a decode step may write past num_cached
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._last_kind = "decode"
 
     def add(self, req: Request) -> None:
         """Queue a request; one whose prompt fills the context ends at once with "length" (no
@@ -72,29 +86,20 @@ class Scheduler:
         self.allocator.grow(req.blocks, num_tokens)
 
     def release(self, req: Request) -> None:
-        # The draft head's cache uses the same block ids (see engine/speculative.py).
+        # The draft head's cache uses the same block ids (see speculative/step.py).
         self.allocator.release(req.blocks)
 
     def schedule(self) -> ScheduledStep | None:
-        """Pick the next step: admit waiting requests first (prefill), else decode the running ones."""
-        admitted, budget = [], self.prefill_token_budget
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-            req = self.waiting[0]
-            total = len(req.all_ids)
-            uncached = total - req.num_cached
-            if admitted and uncached > budget:
-                break
-            if not self._fits(req, total + self.lookahead):
-                break
-            self.waiting.popleft()
-            self._grow(req, total + self.lookahead)
-            if req.scheduled_at is None:
-                req.scheduled_at = time.perf_counter()
-            admitted.append(req)
-            budget -= uncached
-        if admitted:
-            self.running += admitted
-            return ScheduledStep("prefill", admitted)
+        """Pick the next step: a prefill step (chunks of running requests, then waiting
+        requests admitted by free KV blocks) or a decode step of the ready requests; the two
+        alternate while both have work."""
+        ready = [r for r in self.running if is_ready(r)]
+        if not (ready and self._last_kind == "prefill"):
+            step = self.schedule_prefill()
+            if step is not None:
+                self._last_kind = "prefill"
+                return step
+        self._last_kind = "decode"
         if not self.running:
             if self.waiting:  # nothing runs and the head cannot fit: the pool is too small for it
                 req = self.waiting.popleft()
@@ -102,8 +107,8 @@ class Scheduler:
                 return ScheduledStep("decode", [])
             return None
         # Make room for this step's writes, preempting the newest requests if the pool is full.
-        ready: list[Request] = []
-        for req in list(self.running):
+        batch: list[Request] = []
+        for req in [r for r in self.running if is_ready(r)]:
             if req not in self.running:
                 continue  # preempted for an older request this step
             need = req.num_cached + self.lookahead
@@ -114,8 +119,43 @@ class Scheduler:
                     break
             if req in self.running:
                 self._grow(req, need)
-                ready.append(req)
-        return ScheduledStep("decode", ready)
+                batch.append(req)
+        return ScheduledStep("decode", batch)
+
+    def schedule_prefill(self) -> ScheduledStep | None:
+        """A prefill step, or None when nothing is left to prefill or admit."""
+        budget = self.prefill_token_budget
+        reqs, ends = [], []
+        # Requests part-way through a chunked prefill go first (their blocks are already held).
+        for req in self.running:
+            if budget <= 0:
+                break
+            if not is_ready(req):
+                end = min(len(req.all_ids), req.num_cached + budget)
+                reqs.append(req)
+                ends.append(end)
+                budget -= end - req.num_cached
+        while budget > 0 and self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            total = len(req.all_ids)
+            if req.failures and reqs:
+                break  # a request that was in a failing step runs alone
+            # Blocks for the whole sequence plus a step's writes are taken at admission, so a
+            # request admitted always gets to finish its prefill.
+            if not self._fits(req, total + self.lookahead):
+                break
+            self.waiting.popleft()
+            self._grow(req, total + self.lookahead)
+            if req.scheduled_at is None:
+                req.scheduled_at = time.perf_counter()
+            self.running.append(req)
+            end = min(total, req.num_cached + budget)
+            reqs.append(req)
+            ends.append(end)
+            budget -= end - req.num_cached
+            if req.failures:
+                break
+        return ScheduledStep("prefill", reqs, ends) if reqs else None
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -123,8 +163,19 @@ class Scheduler:
         req.num_cached = 0
         self.waiting.appendleft(req)
 
-    def retire(self, req: Request) -> None:
-        """Remove a finished request and free its blocks."""
+    def preempt(self, req: Request) -> None:
+        """Give back a running request's blocks and queue it to be prefilled again (recompute)."""
+        if req in self.running:
+            self._preempt(req)
+
+    def remove(self, req: Request) -> None:
+        """Take a request out (finished or aborted) and free its blocks at once."""
         if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
         self.release(req)
+
+    def retire(self, req: Request) -> None:
+        """Remove a finished request and free its blocks."""
+        self.remove(req)

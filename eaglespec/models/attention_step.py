@@ -14,35 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eaglespec.kv_cache import KVCache
 from eaglespec.ops import attention as ops
-
-
-@dataclass(slots=True)
-class KVCache:
-    """The paged KV pool of one model: block 0 is a scratch block that padded rows write to."""
-
-    k: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
-    v: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
-
-    @property
-    def block_size(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.k.shape[1]
-
-    @classmethod
-    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> "KVCache":
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k/v [T, Hkv, D] at flat slots [T] (slot = block * block_size + offset)."""
-        hkv, d = self.k.shape[-2:]
-        self.k[layer].view(-1, hkv, d).index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].view(-1, hkv, d).index_copy_(0, slots, v.to(self.v.dtype))
 
 
 class AttentionStep:

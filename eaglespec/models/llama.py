@@ -5,18 +5,21 @@ decode, tree verify) is decided by the ``AttentionStep`` passed to ``forward``. 
 fused at load time (q|k|v and gate|up) so a decode step launches fewer, larger matrix products;
 the loader maps Hugging Face names onto the fused slices.
 
-Two paths with the same weights: the torch path (``use_triton=False``, the reference, compared
-with transformers) and the Triton path, where the element-wise work between the matrix products
-runs as fused kernels of ``eaglespec.ops.fused``: each residual add is fused into the next
-RMSNorm (a layer hands on (mlp_out, residual) and the sum is formed inside the norm), RoPE and
-the K/V cache store are one kernel, and silu(gate) * up is one kernel. A single-token step
-(batch-1 decode) goes further on request: norms, RoPE, the cache store, SwiGLU and the residual
-adds ride along with the matrix-vector products (``eaglespec.ops.gemv``), four launches per
-layer plus attention.
+One forward per kernel set, chosen when the model is built (``kernels``; ``with_kernels`` gives
+the same weights on the other set): "torch" is the reference, compared with transformers;
+"triton" runs the element-wise work between the matrix products as fused kernels of
+``eaglespec.ops.fused``: each residual add is fused into the next RMSNorm (a layer hands on
+(mlp_out, residual) and the sum is formed inside the norm), RoPE and the K/V cache store are one
+kernel, and silu(gate) * up is one kernel. On "triton" a step of one token that stores its K/V
+in the cache and wants only logits (batch-1 decode) goes further, by its shape alone: norms,
+RoPE, the cache store, SwiGLU and the residual adds ride along with the matrix-vector products
+(``eaglespec.ops.gemv``), four launches per layer plus attention. Every kernel's PyTorch
+reference sits beside it in ``eaglespec.ops``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -26,8 +29,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from eaglespec.config import LlamaConfig
-from eaglespec.models.attention_step import AttentionStep, KVCache
+from eaglespec.kv_cache import KVCache
+from eaglespec.models.attention_step import AttentionStep
 from eaglespec.ops import fused, gemv
+
+
+KERNEL_SETS = ("torch", "triton")
+
+
+def checked_kernels(kernels: str) -> str:
+    """``kernels`` if it names a kernel set, else a ValueError naming the choices."""
+    if kernels not in KERNEL_SETS:
+        raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {kernels!r}")
+    return kernels
+
+
+def with_kernels(module: nn.Module, kernels: str) -> nn.Module:
+    """``module`` itself when it already runs on ``kernels``, else a shallow copy that shares
+    every parameter, buffer and submodule and runs on ``kernels``."""
+    if checked_kernels(kernels) == module.kernels:
+        return module
+    twin = copy.copy(module)
+    twin.kernels = kernels
+    return twin
 
 
 class RMSNorm(nn.Module):
@@ -200,9 +224,10 @@ class LlamaBackbone(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, kernels: str = "torch"):
         super().__init__()
         self.config = cfg
+        self.kernels = checked_kernels(kernels)  # which forward runs: "torch" or "triton"
         self.model = LlamaBackbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
@@ -215,22 +240,24 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.output_weight).float()
 
+    def with_kernels(self, kernels: str) -> "LlamaForCausalLM":
+        """This model on another kernel set ("torch" or "triton"): weights shared, not copied."""
+        return with_kernels(self, kernels)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                 cache: KVCache, logits_rows: torch.Tensor | None = None,
-                want_hidden: bool = False, want_taps: bool = False, use_triton: bool = False) -> ModelOutput:
-        """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None).
+                want_hidden: bool = False, want_taps: bool = False) -> ModelOutput:
+        """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None);
+        the final hidden state / EAGLE-3 taps of the same rows when asked. Runs the forward of
+        the model's kernel set; "triton" runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+        if self.kernels == "triton":
+            return self._forward_triton(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+        return self._forward_torch(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
 
-        use_triton: run the element-wise ops on the fused Triton kernels (CUDA, or the CPU under
-        TRITON_INTERPRET=1); the torch path is the reference.
-        With use_triton, a single token whose K/V go to the cache and that wants only logits
-        runs on the matrix-vector kernels (``ops.gemv``).
-        """
-        t = input_ids.shape[0]
-        if (use_triton and t == 1 and logits_rows is None
-                and not want_hidden and not want_taps and attn.kv_slots is not None):
-            return self._forward_single_token(input_ids, positions, attn, cache)
-        if use_triton:
-            return self._forward_fused(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+    def _forward_torch(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
+                       cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
+                       want_taps: bool) -> ModelOutput:
+        """The reference: torch ops only."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         tap_layers = self.config.eagle3_layers if want_taps else ()
@@ -246,12 +273,22 @@ class LlamaForCausalLM(nn.Module):
             taps = None if taps is None else taps.index_select(0, logits_rows)
         return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
 
-    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
-                       cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
-                       want_taps: bool) -> ModelOutput:
-        """``forward`` on the Triton path (same results up to kernel rounding)."""
+    def _forward_triton(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
+                        cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
+                        want_taps: bool) -> ModelOutput:
+        """The Triton kernel set (same results as the reference up to kernel rounding). A step of
+        one token that stores its K/V in the cache and wants only logits runs on the fused
+        matrix-vector kernels; every other step on the fused element-wise kernels between cuBLAS
+        products."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # once for all layers
+        if (x.shape[0] == 1 and logits_rows is None and not want_hidden and not want_taps
+                and attn.kv_slots is not None):
+            for i, layer in enumerate(self.model.layers):
+                x = layer.forward_single_token(x, cos, sin, i, attn, cache)
+            norm = self.model.norm  # the final norm rides along with the output projection
+            logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
+            return ModelOutput(logits=logits, hidden=None, taps=None)
         residual = None
         tap_layers = self.config.eagle3_layers if want_taps else ()
         layer_inputs = {}
@@ -266,18 +303,6 @@ class LlamaForCausalLM(nn.Module):
             taps = None if taps is None else taps.index_select(0, logits_rows)
         x, _ = add_rms_norm(self.model.norm, x, residual)
         return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
-
-    def _forward_single_token(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
-                              cache: KVCache) -> ModelOutput:
-        """``forward`` of one token on the fused matrix-vector kernels (the final norm rides
-        along with the output projection)."""
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer.forward_single_token(x, cos, sin, i, attn, cache)
-        norm = self.model.norm
-        logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
-        return ModelOutput(logits=logits, hidden=None, taps=None)
 
     # ------------------------------------------------------------------ weights
 
@@ -365,13 +390,15 @@ def unfused_named_tensors(module: nn.Module, slices: dict[str, tuple[str, int, i
             yield name, param
 
 
-def build_model(cfg: LlamaConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """An uninitialised model allocated straight on ``device`` in ``dtype`` (weights loaded after).
+def build_model(cfg: LlamaConfig, device: torch.device | str, dtype: torch.dtype,
+                kernels: str = "torch") -> LlamaForCausalLM:
+    """An uninitialised model allocated straight on ``device`` in ``dtype`` (weights loaded after),
+    running on the ``kernels`` set ("torch" or "triton").
 
     Built on the meta device first so that a large model never exists in fp32 anywhere.
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, kernels)
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),

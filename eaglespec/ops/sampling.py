@@ -9,7 +9,7 @@ its counter), never on which other requests share the batch, and a run can be re
 Streams keep independent uses of the same (seed, offset) apart. Reserved ranges:
   STREAM_SAMPLE  plain sampling of the next token (``sample``)
   STREAM_DRAFT   the drafter's draws of tree children (add a node or slot index, < 2**20)
-  STREAM_ACCEPT  tree acceptance (ops/acceptance.py adds depth * stride + slot)
+  STREAM_ACCEPT  tree acceptance (speculative/acceptance.py adds depth * stride + slot)
 
 Tie rule of the cuts: top-k keeps every token at least as probable as the k-th most probable
 one, and top-p keeps every token at least as probable as the least probable member of the

@@ -11,7 +11,7 @@ from eaglespec.bench.spec_step import prefill_all
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from tests.conftest import random_model, small_engine, tiny_config
-from tests.spec.test_speculative_greedy import eagle1_head
+from tests.speculative.test_speculative_greedy import eagle1_head
 
 
 def _llm(prefill_budget: int, draft: bool = True) -> LLM:

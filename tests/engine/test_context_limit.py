@@ -13,7 +13,7 @@ import torch
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from tests.conftest import random_model, small_engine, tiny_config
-from tests.spec.test_speculative_greedy import eagle1_head, predictable_target
+from tests.speculative.test_speculative_greedy import eagle1_head, predictable_target
 
 MAX_LEN = 40
 TREE = "chain:3"  # lookahead 4: a step emits up to 4 tokens

@@ -3,14 +3,13 @@ exactly the tokens of the torch path (fp32), for plain and speculative decoding.
 
 from __future__ import annotations
 
-import functools
 import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from eaglespec.ops import fused, gemv
 from tests.conftest import needs_triton_kernels, small_engine
-from tests.spec.test_speculative_greedy import _prompts, eagle1_head, predictable_target
+from tests.speculative.test_speculative_greedy import _prompts, eagle1_head, predictable_target
 
 
 
@@ -36,12 +35,12 @@ def test_fused_kernels_in_the_engine_match_the_torch_path(monkeypatch):
     plain = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
     head = eagle1_head(target, seed=9)
 
-    # The engine passes use_triton=True with the "triton" attention backend; binding it here as
-    # well keeps this test meaningful whichever way the runner is wired.
-    monkeypatch.setattr(target, "forward", functools.partial(target.forward, use_triton=True))
+    # The "triton" attention backend runs the model's "triton" kernel set (same weights).
     norms, ropes = _counting(monkeypatch, "rms_norm"), _counting(monkeypatch, "rope_and_cache_write")
     engine = small_engine(attention_backend="triton")
-    fused_plain = LLM.from_model(target, engine=engine).generate(prompts, params)
+    fused_llm = LLM.from_model(target, engine=engine)
+    assert fused_llm.runner.model.kernels == "triton" and target.kernels == "torch"
+    fused_plain = fused_llm.generate(prompts, params)
     assert norms[0] > 0 and ropes[0] > 0
     assert [o.token_ids for o in fused_plain] == [o.token_ids for o in plain]
 

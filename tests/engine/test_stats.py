@@ -10,7 +10,7 @@ import torch
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from tests.conftest import small_engine
-from tests.spec.test_speculative_greedy import eagle1_head, predictable_target
+from tests.speculative.test_speculative_greedy import eagle1_head, predictable_target
 
 KEYS = ("tau", "accept_rate_per_depth", "target_forwards", "new_tokens", "ms_per_token", "prompt_tokens",
         "ttft_ms", "prefill_ms", "decode_ms", "prefill_forwards", "decode_forwards", "decode_tokens",

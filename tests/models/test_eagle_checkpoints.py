@@ -145,3 +145,20 @@ def test_missing_and_broken_files_are_named(target, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
         load_head(str(tmp_path), target)
+
+
+@pytest.mark.parametrize("name, value", [("layers.0.mlp.up_proj.weight", float("nan")),
+                                         ("fc.weight", float("inf")), ("fc.bias", float("-inf"))])
+def test_non_finite_eagle1_weights_are_refused_naming_the_tensor(target, tmp_path, name, value):
+    state = eagle1_state()
+    state[name][0, ...] = value
+    with pytest.raises(ValueError, match=rf"'{name}' holds non-finite values \(NaN or inf\)"):
+        load_head(write(tmp_path, hf_config(bias=True), state), target)
+
+
+def test_non_finite_eagle3_weights_are_refused_naming_the_tensor(target, tmp_path):
+    cfg = hf_config(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=DRAFT_VOCAB)
+    state = eagle3_state()
+    state["lm_head.weight"][5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"'lm_head\.weight' holds non-finite values"):
+        load_head(write(tmp_path, cfg, state), target)

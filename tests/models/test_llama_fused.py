@@ -1,15 +1,17 @@
-"""The model's Triton path (``use_triton=True``: fused norm+residual, RoPE+cache store, silu*up;
-a single token on the fused matrix-vector kernels) against its torch path, for every kind of
-step and for both draft-head kinds (fp32)."""
+"""The model's "triton" kernel set (fused norm+residual, RoPE+cache store, silu*up; a single
+token on the fused matrix-vector kernels) against its "torch" reference, for every kind of step
+and for both draft-head kinds (fp32)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from eaglespec.models.attention_step import DecodeStep, KVCache, PrefillStep, TreeStep
+from eaglespec.kv_cache import KVCache
+from eaglespec.models.attention_step import DecodeStep, PrefillStep, TreeStep
+from eaglespec.models.llama import build_model
 from tests.conftest import DEVICE, needs_triton_kernels, random_model, tiny_config
-from tests.spec.test_speculative_greedy import eagle1_head, eagle3_head
+from tests.speculative.test_speculative_greedy import eagle1_head, eagle3_head
 
 pytestmark = needs_triton_kernels
 
@@ -37,10 +39,10 @@ def _prefill(lens: list[int], tables: list[list[int]], scale: float) -> PrefillS
 def _both_paths(model, make_step, ids, pos, **kw):
     """Run the same step on fresh copies of one cache state with each path."""
     outs = {}
-    for use_triton in (False, True):
+    for kernels in ("torch", "triton"):
         cache, step = make_step()
-        outs[use_triton] = (model(ids, pos, step, cache, use_triton=use_triton, **kw), cache, step)
-    return outs[False], outs[True]
+        outs[kernels] = (model.with_kernels(kernels)(ids, pos, step, cache, **kw), cache, step)
+    return outs["torch"], outs["triton"]
 
 
 def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree():
@@ -118,11 +120,11 @@ def test_fused_draft_heads_match_torch_path(kind):
     tokens = torch.randint(0, lc.vocab_size, (t,), generator=gen).to(DEVICE)
     positions = torch.arange(t, device=DEVICE)
     outs = {}
-    for use_triton in (False, True):
+    for kernels in ("torch", "triton"):
         cache = KVCache.allocate(lc.num_layers, 4, BS, lc.num_kv_heads, lc.head_dim, torch.float32, DEVICE)
         step = _prefill([t], [[1]], lc.head_dim ** -0.5)
-        outs[use_triton] = (head(feats, tokens, positions, step, cache, use_triton=use_triton), cache)
-    (ref, ref_cache), (got, got_cache) = outs[False], outs[True]
+        outs[kernels] = (head.with_kernels(kernels)(feats, tokens, positions, step, cache), cache)
+    (ref, ref_cache), (got, got_cache) = outs["torch"], outs["triton"]
     torch.testing.assert_close(got.hidden, ref.hidden, **TOL)
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
@@ -144,13 +146,29 @@ def test_single_token_gemv_path_matches_torch_path(tied):
     slot = table[0][n // BS] * BS + n % BS
 
     outs = {}
-    for path, kw in (("torch", {}), ("gemv", dict(use_triton=True))):
+    for kernels in ("torch", "triton"):
         c = KVCache(cache.k.clone(), cache.v.clone())
         step = DecodeStep(_tensor([slot]), _tensor(table, torch.int32), _tensor([n + 1], torch.int32), scale)
-        outs[path] = (model(_tensor([5]), _tensor([n]), step, c, **kw), c)
-    (ref, ref_cache), (got, got_cache) = outs["torch"], outs["gemv"]
+        outs[kernels] = (model.with_kernels(kernels)(_tensor([5]), _tensor([n]), step, c), c)
+    (ref, ref_cache), (got, got_cache) = outs["torch"], outs["triton"]
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
     torch.testing.assert_close(got_cache.v, ref_cache.v, **TOL)
     assert not torch.equal(ref_cache.k, cache.k)  # the step really stored its K/V
     assert got.hidden is None and got.logits.dtype == torch.float32
+
+
+def test_kernel_set_is_chosen_when_built_and_shares_the_weights():
+    model = random_model(tiny_config(), seed=7)
+    assert model.kernels == "torch"
+    twin = model.with_kernels("triton")
+    assert twin.kernels == "triton" and model.kernels == "torch"  # the original keeps its set
+    assert twin.with_kernels("triton") is twin and model.with_kernels("torch") is model
+    for (name, p), (twin_name, q) in zip(model.named_parameters(), twin.named_parameters()):
+        assert name == twin_name and p is q  # shared, not copied
+    head = eagle1_head(model, seed=8, layers=1, oracle=False)
+    assert head.kernels == "torch" and head.with_kernels("triton").fc.weight is head.fc.weight
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        model.with_kernels("cuda")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        build_model(tiny_config(), "cpu", torch.float32, kernels="fused")

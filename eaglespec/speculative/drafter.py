@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eaglespec.kv_cache import commit_tree_kv
-from eaglespec.models.attention_step import AttentionStep, KVCache, TreeStep
-from eaglespec.models.eagle import EagleHead
+from eaglespec.kv_cache import KVCache, commit_tree_kv
+from eaglespec.models.attention_step import AttentionStep, TreeStep
+from eaglespec.models.eagle import DraftVocab, EagleHead
 from eaglespec.ops import attention as ops
-from eaglespec.spec.tree import TreeBatch, TreeShape, select_tree
+from eaglespec.speculative.tree import TreeBatch, TreeShape, select_tree
 
 
 @dataclass(slots=True)
@@ -47,21 +47,42 @@ class DraftTreeStep(AttentionStep):
         return out.reshape(bsz * width, *out.shape[2:]).to(q.dtype)
 
 
+# Floor of a sanitised draft log-probability: finite, so cumulative scores stay ordered.
+DRAFT_LOGP_FLOOR = -1e4
+
+
+def draft_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax of draft logits with NaN and inf mapped into [DRAFT_LOGP_FLOOR, 0].
+
+    A broken head (NaN or inf weights) must only cost speed: its scores still rank children
+    and order the tree, and the tree stays a tree. On the device, no host synchronisation.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return torch.nan_to_num(logp, nan=DRAFT_LOGP_FLOOR, posinf=0.0, neginf=DRAFT_LOGP_FLOOR).clamp(DRAFT_LOGP_FLOOR, 0.0)
+
+
 def chain_bits(n: int, device) -> torch.Tensor:
     """[n] int64: row i sees rows 0..i (a causal chain as an ancestor mask)."""
     return (torch.ones((), dtype=torch.int64, device=device) << (torch.arange(n, device=device) + 1)) - 1
 
 
 class Drafter:
-    """Owns nothing but references: the head, its KV cache and the static tree shape."""
+    """Owns nothing but references: the head, the vocabulary it drafts over, its KV cache and
+    the static tree shape."""
 
-    def __init__(self, head: EagleHead, shape: TreeShape, cache: KVCache, backend: str, scale: float):
+    def __init__(self, head: EagleHead, vocab: DraftVocab, shape: TreeShape, cache: KVCache, backend: str,
+                 scale: float):
+        widest = max(shape.branch, shape.frontier[0] if shape.kind == "static" else 0)
+        if vocab.size < widest:
+            raise ValueError(f"draft vocabulary of {vocab.size} tokens is smaller than the tree's {widest} "
+                             f"children per node")
         self.head = head
+        self.vocab = vocab
         self.shape = shape
         self.cache = cache
         self.backend = backend
         self.scale = scale
-        self.to_target = head.draft_to_target()  # [draft_vocab] or None
+        self.vocab_size = head.config.layer.vocab_size  # the target's vocabulary
         # Static trees: which candidates of each level are nodes, as device tensors made once
         # (a host-to-device copy inside a CUDA-graph capture is not allowed).
         self.static_columns: list[torch.Tensor] = []
@@ -81,40 +102,43 @@ class Drafter:
         """Run and commit the pending pairs of each sequence; return the last pair's outputs.
 
         feats [B, P, feature], tokens [B, P], counts [B] (1..P valid pairs), prefix_lens [B] =
-        pairs already cached. Returns hidden [B, H] and draft logits [B, draft_vocab] of the last
+        pairs already cached. Returns hidden [B, H] and the projection input [B, H] of the last
         valid pair, which propose the children of the root.
         """
         bsz, width = tokens.shape
         bits = chain_bits(width, tokens.device).expand(bsz, width).contiguous()
         step = TreeStep(block_tables, prefix_lens, bits, self.scale, self.backend)
         positions = prefix_lens[:, None].long() + torch.arange(width, device=tokens.device)
-        out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache,
-                        use_triton=self.backend == "triton")
+        out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), positions.reshape(-1), step, self.cache)
         nodes = torch.arange(width, device=tokens.device).expand(bsz, width)
         nodes = torch.where(nodes < counts[:, None], nodes, torch.full_like(nodes, -1))
         commit_tree_kv(self.cache, *step.stacked(), nodes, prefix_lens, block_tables)
         last = (counts - 1).clamp_min(0)
         rows = torch.arange(bsz, device=tokens.device) * width + last
-        return out.hidden.index_select(0, rows), out.logits.index_select(0, rows)
+        return out.hidden.index_select(0, rows), out.last.index_select(0, rows)
 
-    def _target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return draft_ids if self.to_target is None else self.to_target[draft_ids]
+    def _children(self, last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best children of each row: draft log-probabilities [T, k] over the draft
+        vocabulary, and their target ids [T, k]. The one place where the draft vocabulary's
+        [N, H] projection and its id map are applied. Ids are clamped into the target
+        vocabulary: a head mapping outside it proposes some in-vocabulary token instead, which
+        verification judges like any other."""
+        values, draft_ids = torch.topk(draft_log_probs(self.vocab.logits(last)), k, dim=-1)
+        return values, self.vocab.target_ids(draft_ids).clamp(0, self.vocab_size - 1)
 
-    def build(self, hidden_root: torch.Tensor, logits_root: torch.Tensor, root_tokens: torch.Tensor,
+    def build(self, hidden_root: torch.Tensor, last_root: torch.Tensor, root_tokens: torch.Tensor,
               cached_lens: torch.Tensor, block_tables: torch.Tensor) -> TreeBatch:
         """Draft one tree per sequence (children ranked by draft log-probability).
 
-        hidden_root [B, H] / logits_root [B, draft_vocab] from ``extend``; root_tokens [B];
+        hidden_root [B, H] / last_root [B, H] from ``extend``; root_tokens [B];
         cached_lens [B] = L, the target's (and after ``extend`` the head's) cached length.
         """
         shape = self.shape
         bsz = root_tokens.shape[0]
         dev = root_tokens.device
-        logp = F.log_softmax(logits_root, dim=-1)
         first = shape.frontier[0] if shape.kind == "static" else shape.branch
-        top_v, top_i = torch.topk(logp, max(first, shape.branch), dim=-1)
         # Depth-1 candidates are the root's children.
-        cand_scores, cand_tokens = top_v, self._target_ids(top_i)
+        cand_scores, cand_tokens = self._children(last_root, max(first, shape.branch))
         cand_parent = torch.full_like(cand_tokens, -1)
         keep, frontier = self._level_choice(0, cand_scores, first)
         pool_tokens = [cand_tokens[:, keep]]
@@ -137,10 +161,10 @@ class Drafter:
             step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, slot, f_bits, self.scale, self.backend)
             positions = (cached_lens[:, None].long() + d - 1).expand(bsz, width).contiguous()
             out = self.head(f_hidden.reshape(bsz * width, -1), f_tokens.reshape(-1), positions.reshape(-1),
-                            step, self.cache, use_triton=self.backend == "triton")
-            child_v, child_i = torch.topk(F.log_softmax(out.logits, dim=-1), shape.branch, dim=-1)
+                            step, self.cache)
+            child_v, child_tokens = self._children(out.last, shape.branch)
             cand_scores = (f_scores[:, :, None] + child_v.view(bsz, width, -1)).reshape(bsz, -1)
-            cand_tokens = self._target_ids(child_i).view(bsz, -1)
+            cand_tokens = child_tokens.view(bsz, -1)
             parent_local = torch.arange(width, device=dev).repeat_interleave(shape.branch).expand(bsz, -1)
             cand_parent = torch.gather(f_pool, 1, parent_local)
             pool_offset += pool_tokens[-1].shape[1]

@@ -140,7 +140,9 @@ def select_tree(pool_tokens: torch.Tensor, pool_scores: torch.Tensor, pool_paren
 
     pool_* [B, P]: candidate tokens, cumulative draft log-probabilities, parent candidate index
     (-1 = the root) and depth (>= 1). Nodes come out ordered by depth, then by score, so every
-    parent precedes its children and siblings are tried best first.
+    parent precedes its children and siblings are tried best first. Should degenerate scores
+    (ties a finite precision cannot break) choose a node without its parent, that node gets
+    parent -1 and is never accepted: a broken draft costs speed, never correctness.
     """
     bsz, _ = pool_tokens.shape
     dev = pool_tokens.device

@@ -13,21 +13,25 @@ import torch
 from eaglespec.config import SpecConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for
 from eaglespec.engine.request import Request
-from eaglespec.engine.runner import ModelRunner, StepRows
-from eaglespec.kv_cache import block_table_tensor, slots_for
-from eaglespec.models.attention_step import KVCache, PrefillStep
+from eaglespec.engine.runner import DECODE_ROWS, ModelRunner, StepRows
+from eaglespec.kv_cache import KVCache, block_table_tensor, slots_for
+from eaglespec.models.attention_step import PrefillStep
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import ModelOutput
 from eaglespec.ops.attention import default_scale
-from eaglespec.spec.drafter import Drafter
-from eaglespec.spec.tree import parse_tree
-from eaglespec.spec.verifier import verify_tree
+from eaglespec.speculative.drafter import Drafter
+from eaglespec.speculative.tree import parse_tree
+from eaglespec.speculative.verifier import verify_tree
+
+# A speculative step reads, per request, the decode fields plus its pending-state slot and the
+# target's cached length L (the root sits at position L).
+SPEC_ROWS = DECODE_ROWS.extended(i64=("state_slots",), i32=("cached_lens",))
 
 
 class SpeculativeRunner:
     def __init__(self, runner: ModelRunner, head: EagleHead, spec: SpecConfig):
         self.runner = runner
-        self.head = head
+        self.head = head.with_kernels(runner.backend)  # the target's kernel set (same weights)
         self.shape = parse_tree(spec.tree)
         self.width = self.shape.depth + 1  # tokens one step can emit (accepted drafts + bonus)
         lc = head.config.layer
@@ -36,7 +40,9 @@ class SpeculativeRunner:
         # The head's cache shares block ids with the target: pair t sits where token t does.
         self.cache = KVCache.allocate(lc.num_layers, runner.cache.num_blocks, runner.cfg.block_size,
                                       lc.num_kv_heads, lc.head_dim, dtype, dev)
-        self.drafter = Drafter(head, self.shape, self.cache, runner.backend, default_scale(lc.head_dim))
+        self.vocab = self.head.draft_vocab(spec.draft_vocab_size)  # the [N, H] rows gathered once, here
+        self.drafter = Drafter(self.head, self.vocab, self.shape, self.cache, runner.backend,
+                               default_scale(lc.head_dim))
         num_slots = 2 * runner.cfg.max_batch_size + 1  # the last one is the padding rows' slot
         self.pad_slot = num_slots - 1
         self.pending_feat = torch.zeros(num_slots, self.width, head.config.feature_size, dtype=dtype, device=dev)
@@ -70,28 +76,34 @@ class SpeculativeRunner:
 
     @torch.inference_mode()
     def after_prefill(self, reqs: list[Request], out: ModelOutput, sampled: torch.Tensor,
-                      new_counts: list[int]) -> None:
+                      new_counts: list[int], complete: list[bool]) -> None:
         """Prefill the head with the prompt pairs and leave the last pair pending.
 
         ``out`` holds the target features of every prefilled token, packed by request;
-        ``sampled`` [B] the token each request's prefill produced (still on the device).
+        ``sampled`` [B] the token each request's prefill produced (still on the device);
+        ``complete[i]`` False when request i's prefill was a chunk short of its length: then
+        the token after the chunk is known, every pair of the chunk goes into the head's
+        cache and nothing is left pending.
         """
         feats = out.hidden if self.feature == "hidden" else out.taps
         bs = self.runner.cfg.block_size
         dev = self.runner.device
         rows, ids, pos, slots, cu, lens, last_rows = [], [], [], [], [0], [], []
         offset = 0
-        for r, n in zip(reqs, new_counts):
-            end = len(r.all_ids)  # the sampled token is not appended yet
+        for r, n, whole in zip(reqs, new_counts, complete):
+            end = r.num_cached  # prefilled up to here; the sampled token is not appended yet
             start = end - n
-            # Pairs (feature_t, x_{t+1}) for t in [start, end - 2]; the last one waits for x_end.
-            rows += range(offset, offset + n - 1)
-            ids += r.all_ids[start + 1:end]
-            pos += range(start, end - 1)
-            slots += slots_for(r.blocks, start, end - 1, bs)
-            cu.append(cu[-1] + n - 1)
-            lens.append(end - 1)
-            last_rows.append(offset + n - 1)
+            # Pairs (feature_t, x_{t+1}) for t in [start, end - 2]; the last one waits for x_end
+            # unless x_end is already known (a chunk).
+            m = n - 1 if whole else n
+            rows += range(offset, offset + m)
+            ids += r.all_ids[start + 1:start + 1 + m]
+            pos += range(start, start + m)
+            slots += slots_for(r.blocks, start, start + m, bs)
+            cu.append(cu[-1] + m)
+            lens.append(start + m)
+            if whole:
+                last_rows.append(offset + n - 1)
             offset += n
         if cu[-1] > 0:
             step = PrefillStep(torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -100,32 +112,36 @@ class SpeculativeRunner:
                                torch.tensor(lens, dtype=torch.int32, device=dev),
                                max(cu[i + 1] - cu[i] for i in range(len(reqs))), self.drafter.scale,
                                self.runner.backend)
-            self.head(feats.index_select(0, torch.tensor(rows, device=dev)), torch.tensor(ids, device=dev),
-                      torch.tensor(pos, device=dev), step, self.cache, use_triton=self.runner.fused)
-        slot_ids = torch.tensor([self._slot(r) for r in reqs], device=dev)
-        self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
-        self.pending_tok[slot_ids, 0] = sampled
-        self.pending_count[slot_ids] = 1
+            self.head(feats.index_select(0, torch.tensor(rows, dtype=torch.int64, device=dev)),
+                      torch.tensor(ids, dtype=torch.int64, device=dev),
+                      torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache)
+        finished = [r for r, whole in zip(reqs, complete) if whole]
+        if finished:
+            slot_ids = torch.tensor([self._slot(r) for r in finished], device=dev)
+            which = torch.tensor([i for i, whole in enumerate(complete) if whole], device=dev)
+            self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
+            self.pending_tok[slot_ids, 0] = sampled.index_select(0, which)
+            self.pending_count[slot_ids] = 1
 
     # ------------------------------------------------------------------ the step
 
     def _static_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
-        inputs = self.runner.static_inputs(bucket)
-        rows = StepRows(inputs["packed"], self.runner.max_blocks_per_seq)
+        inputs = self.runner.static_inputs(bucket, SPEC_ROWS)
+        rows = StepRows(inputs["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         rows["state_slots"].fill_(self.pad_slot)
         rows["cached_lens"].fill_(self.width + 1)
         return inputs
 
     def _step_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
-        rows = StepRows(x["packed"], self.runner.max_blocks_per_seq)
+        rows = StepRows(x["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], rows.block_tables
         counts = self.pending_count.index_select(0, slot_ids)
-        hidden, logits = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
-                                             self.pending_tok.index_select(0, slot_ids), counts,
-                                             lens - counts.to(lens.dtype), tables)
-        tree = self.drafter.build(hidden, logits, rows["input_ids"], lens, tables)
-        res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy, self.feature,
-                          self.shape.depth, self.runner.scale, self.runner.backend)
+        hidden, last = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
+                                           self.pending_tok.index_select(0, slot_ids), counts,
+                                           lens - counts.to(lens.dtype), tables)
+        tree = self.drafter.build(hidden, last, rows["input_ids"], lens, tables)
+        res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy,
+                          self.feature, self.shape.depth, self.runner.scale, self.runner.backend)
         self.pending_feat.index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
         self.pending_tok.index_copy_(0, slot_ids, res.accept.tokens.clamp_min(0))
         self.pending_count.index_copy_(0, slot_ids, res.accept.num_emitted)
@@ -140,8 +156,17 @@ class SpeculativeRunner:
         # run keeps their head prefix non-negative.
         greedy = all(r.params.temperature == 0 for r in reqs)
         graphs = self.graphs[greedy]
-        self.runner.stage_inputs(graphs, reqs, bucket, [self._slot(r) for r in reqs],
-                                 pad_state_slot=self.pad_slot, pad_cached_len=self.width + 1)
+        self.stage_inputs(graphs, reqs, bucket)
         tokens, counts = graphs.run(bucket)
         return tokens[:len(reqs)], counts[:len(reqs)]
 
+    def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int) -> None:
+        """The runner's decode fields, then each request's state slot and cached length (padding
+        rows: the scratch slot and a length past the widest pending run)."""
+        rows = self.runner.stage_inputs(graphs, reqs, bucket, fields=SPEC_ROWS)
+        n = len(reqs)
+        state_slots, cached_lens = rows["state_slots"].numpy(), rows["cached_lens"].numpy()
+        state_slots[:n] = [self._slot(r) for r in reqs]
+        state_slots[n:] = self.pad_slot
+        cached_lens[:n] = [r.num_cached for r in reqs]
+        cached_lens[n:] = self.width + 1

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from eaglespec.kv_cache import commit_tree_kv
-from eaglespec.models.attention_step import KVCache, TreeStep
+from eaglespec.kv_cache import KVCache, commit_tree_kv
+from eaglespec.models.attention_step import TreeStep
 from eaglespec.models.llama import LlamaForCausalLM
-from eaglespec.ops.acceptance import AcceptResult, accept_by_target_draws, accept_greedy_by_masks, accept_stream
 from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
-from eaglespec.spec.tree import TreeBatch
+from eaglespec.speculative.acceptance import (AcceptResult, accept_by_target_draws, accept_greedy_by_masks,
+                                              accept_stream)
+from eaglespec.speculative.tree import TreeBatch
 
 
 @dataclass(slots=True)
@@ -35,7 +36,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
     positions = cached_lens[:, None].long() + tree.depth
     out = target(tree.tokens.reshape(-1), positions.reshape(-1), step, cache,
-                 want_hidden=feature == "hidden", want_taps=feature == "taps", use_triton=backend == "triton")
+                 want_hidden=feature == "hidden", want_taps=feature == "taps")
     logits = out.logits.view(bsz, n, -1)
     if greedy:
         # One argmax over every node, then the accepted path from bit masks (no per-depth walk).
@@ -43,7 +44,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
         accept = accept_greedy_by_masks(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits, best, max_depth)
     else:
         # One draw from the target distribution at the current node per depth: exact for
-        # children chosen deterministically (see ops.acceptance.accept_topk_children).
+        # children chosen deterministically (see speculative.acceptance.accept_topk_children).
         valid = torch.ones_like(tree.tokens, dtype=torch.bool)
         accept = accept_by_target_draws(
             tree.tokens, tree.parents, tree.depth, valid, max_depth,

@@ -300,7 +300,9 @@ def accept_greedy_by_masks(tokens: torch.Tensor, parents: torch.Tensor, depth: t
     device = tokens.device
     index = torch.arange(nodes, device=device)
     parent_best = torch.gather(best, 1, parents.clamp_min(0))
-    correct = (tokens == parent_best) | (parents < 0)
+    # Only node 0 is the root: any other node without a parent (an orphan, which a tree built
+    # from degenerate draft scores can hold) is never accepted, as in the walk.
+    correct = torch.where(index == 0, True, (tokens == parent_best) & (parents >= 0))
     one = torch.ones((), dtype=torch.int64, device=device)
     correct_bits = (correct.long() * (one << index)).sum(dim=1)  # distinct bits: the sum is an OR
     chain_ok = (ancestor_bits & ~correct_bits[:, None]) == 0

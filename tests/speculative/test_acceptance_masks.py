@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from eaglespec.ops.acceptance import accept_greedy, accept_greedy_by_masks
-from eaglespec.spec.tree import ancestor_bits_from_parents
+from eaglespec.speculative.acceptance import accept_greedy, accept_greedy_by_masks
+from eaglespec.speculative.tree import ancestor_bits_from_parents
 
 
 def random_tree(batch: int, nodes: int, max_depth: int, vocab: int, gen: torch.Generator):
