@@ -30,8 +30,8 @@ the draft tree verified by one target forward:
                            DEPTH * TOPK <= {max_nodes}
   FILE.json                a static tree: a JSON list of paths of child ranks (EAGLE/Medusa
                            choices), at most {max_chain} nodes
-default: the tree recorded with the draft head (serving.json; {shipped} for the shipped head),
-else {default}"""
+  auto                     the default: the tree recorded with the draft head (serving.json;
+                           {shipped} for the shipped head), else {default}"""
 
 
 def _tree_help() -> str:
@@ -147,9 +147,14 @@ def _build_llm(args):
 
     if args.max_model_len is not None and args.max_model_len < 1:
         raise ValueError(f"--max-model-len must be >= 1, got {args.max_model_len}")
-    if args.tree is not None and args.draft == "none":
-        raise ValueError("--tree needs a draft head, but --draft none turns speculation off")
-    spec = SpecConfig(tree=args.tree) if args.tree else None
+    tree = None if args.tree in (None, "auto") else args.tree
+    if tree is not None:
+        if args.draft == "none":
+            raise ValueError("--tree needs a draft head, but --draft none turns speculation off")
+        from eaglespec.speculative.tree import parse_tree
+
+        parse_tree(tree)  # a bad tree is reported before the weights load
+    spec = SpecConfig(tree=tree) if tree else None
     device = resolve_device(args.device)
     engine = EngineConfig(max_model_len=args.max_model_len or 0)
     what = args.model or "the embedded SmolLM2-135M-Instruct"

@@ -119,6 +119,9 @@ def test_invalid_utf8_argument_is_one_line():
     (("generate",), r"no prompt: give PROMPT, '-' .* or --prompt-file"),
     (("generate", "--prompt-file", "/nonexistent/p.txt"), r"--prompt-file '/nonexistent/p.txt': No such file"),
     (("generate", "hi", "--max-model-len", "0"), r"--max-model-len must be >= 1"),
+    (("generate", "hi", "--tree", "chain:1000"), r"tree 'chain:1000': chain length must be in \[1, 63\]"),
+    (("generate", "hi", "--tree", "dynamic:3,3"), r"expected dynamic:DEPTH,TOPK,NODES"),
+    (("generate", "hi", "--tree", "/nonexistent/tree.json"), r"No such file"),
     (("generate", "hi", "--system", "be brief"), r"--system goes with --chat"),
 ])
 def test_careless_arguments_are_one_line(args, message, capsys):
