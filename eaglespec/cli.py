@@ -22,6 +22,8 @@ import time
 
 TREE_HELP = """\
 the draft tree verified by one target forward:
+  auto                     the default: each step runs plain decoding or one of the trees
+                           {auto}, whichever measures the most tokens/s for the batch at hand
   chain:K                  K draft tokens in a line (1 <= K <= {max_chain})
   dynamic:DEPTH,TOPK,NODES EAGLE-2 dynamic tree: the head drafts DEPTH levels (a step emits at
                            most DEPTH + 1 tokens), expands the TOPK best tokens of the TOPK best
@@ -30,26 +32,14 @@ the draft tree verified by one target forward:
                            DEPTH * TOPK <= {max_nodes}
   FILE.json                a static tree: a JSON list of paths of child ranks (EAGLE/Medusa
                            choices), at most {max_chain} nodes
-  auto                     the default: the tree recorded with the draft head (serving.json;
-                           {shipped} for the shipped head), else {default}"""
+a tree other than auto runs on every step"""
 
 
 def _tree_help() -> str:
-    from eaglespec.config import SpecConfig
+    from eaglespec.config import AUTO_TREES
     from eaglespec.speculative.tree import MAX_TREE_NODES
 
-    shipped = "dynamic:5,8,32"
-    try:
-        from eaglespec.engine.llm import shipped_head_path
-
-        path = shipped_head_path()
-        if path:
-            with open(os.path.join(path, "serving.json")) as f:
-                shipped = json.load(f)["tree"]
-    except (OSError, ValueError, KeyError):
-        pass
-    return TREE_HELP.format(max_chain=MAX_TREE_NODES - 1, max_nodes=MAX_TREE_NODES, shipped=shipped,
-                            default=SpecConfig().tree)
+    return TREE_HELP.format(max_chain=MAX_TREE_NODES - 1, max_nodes=MAX_TREE_NODES, auto=", ".join(AUTO_TREES))
 
 
 def _version() -> str:
@@ -143,18 +133,13 @@ def _params(args):
 def _build_llm(args):
     """Check the arguments, then load (progress on stderr)."""
     from eaglespec import LLM, EngineConfig, SpecConfig
-    from eaglespec.engine.llm import resolve_device
+    from eaglespec.engine.llm import check_speculation_args, resolve_device
 
     if args.max_model_len is not None and args.max_model_len < 1:
         raise ValueError(f"--max-model-len must be >= 1, got {args.max_model_len}")
-    tree = None if args.tree in (None, "auto") else args.tree
-    if tree is not None:
-        if args.draft == "none":
-            raise ValueError("--tree needs a draft head, but --draft none turns speculation off")
-        from eaglespec.speculative.tree import parse_tree
-
-        parse_tree(tree)  # a bad tree is reported before the weights load
-    spec = SpecConfig(tree=tree) if tree else None
+    # --tree auto is the default (SpecConfig's): None, so that --draft none with it is no error.
+    spec = SpecConfig(tree=args.tree) if args.tree not in (None, "auto") else None
+    check_speculation_args(args.draft, spec, default_draft=args.model is None)  # before the weights load
     device = resolve_device(args.device)
     engine = EngineConfig(max_model_len=args.max_model_len or 0)
     what = args.model or "the embedded SmolLM2-135M-Instruct"

@@ -90,7 +90,7 @@ def test_version_and_help_explain_the_tree(capsys):
         cli.main(["generate", "--help"])
     help_text = capsys.readouterr().out
     for fragment in ("DEPTH,TOPK,NODES", "DEPTH levels", "TOPK best", "NODES <= 63", "DEPTH * TOPK <= 64",
-                     "chain:K", "1 <= K <= 63", "dynamic:5,8,32", "--max-model-len", "--stop", "--system",
+                     "chain:K", "1 <= K <= 63", "auto", "the default", "dynamic:4,6,16", "--max-model-len", "--stop", "--system",
                      "--prompt-file", "'-' to read it from stdin"):
         assert fragment in help_text, fragment
     with pytest.raises(SystemExit):
@@ -115,12 +115,12 @@ def test_invalid_utf8_argument_is_one_line():
     (("generate", "hi", "--device", "cuda"), r"device 'cuda': CUDA is not available here"),
     (("generate", "hi", "--device", "meta"), r"device 'meta' is not one eaglespec runs on"),
     (("generate", "hi", "--device", "cuda:x"), r"device 'cuda:x' is not one eaglespec runs on"),
-    (("generate", "hi", "--tree", "chain:3", "--draft", "none"), r"--tree needs a draft head"),
+    (("generate", "hi", "--tree", "chain:3", "--draft", "none"), r"a tree was given .*\(--draft none\) turns speculation off"),
     (("generate",), r"no prompt: give PROMPT, '-' .* or --prompt-file"),
     (("generate", "--prompt-file", "/nonexistent/p.txt"), r"--prompt-file '/nonexistent/p.txt': No such file"),
     (("generate", "hi", "--max-model-len", "0"), r"--max-model-len must be >= 1"),
     (("generate", "hi", "--tree", "chain:1000"), r"tree 'chain:1000': chain length must be in \[1, 63\]"),
-    (("generate", "hi", "--tree", "dynamic:3,3"), r"expected dynamic:DEPTH,TOPK,NODES"),
+    (("generate", "hi", "--tree", "dynamic:3,3"), r"a tree must be auto, chain:K, dynamic:DEPTH,TOPK,NODES or a .json path, got .dynamic:3,3."),
     (("generate", "hi", "--tree", "/nonexistent/tree.json"), r"No such file"),
     (("generate", "hi", "--system", "be brief"), r"--system goes with --chat"),
 ])

@@ -121,9 +121,13 @@ def main(argv=None) -> None:
         print("wrote", plot_spec_step(path))
     for path in sorted(glob.glob(os.path.join(args.results, "e2e-*.json"))):
         print("wrote", plot_e2e(path))
-    serve = sorted(glob.glob(os.path.join(args.results, "serve-*.json")))
-    if serve:
-        print("wrote", plot_serve(serve))
+    runs: dict[tuple, list[str]] = {}  # one figure per model, device and date: its runs overlaid
+    for path in sorted(glob.glob(os.path.join(args.results, "serve-*.json"))):
+        with open(path) as f:
+            rec = json.load(f)
+        runs.setdefault((rec["model"], rec["device"], rec["date"]), []).append(path)
+    for paths in runs.values():
+        print("wrote", plot_serve(paths))
 
 
 if __name__ == "__main__":

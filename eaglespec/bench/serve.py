@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import random
 import time
 from dataclasses import dataclass
 
@@ -66,6 +68,25 @@ def load_prompts(num_sharegpt: int, mtbench: bool, min_tokens: int, max_tokens: 
         prompts.append(BenchPrompt([{"role": "user", "content": question}], length, "sharegpt"))
     if not prompts:
         raise ValueError("no benchmark prompts: enable MT-bench or ask for ShareGPT conversations")
+    random.Random(0).shuffle(prompts)  # every level, however short, sees both sources
+    return prompts
+
+
+def write_prompts(prompts: list[BenchPrompt], path: str) -> None:
+    """The chosen prompts as JSON lines (messages, max_tokens, source), to carry to a machine
+    without the data packages (``--prompts``)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps({"messages": p.messages, "max_tokens": p.max_tokens, "source": p.source},
+                               ensure_ascii=False) + "\n")
+
+
+def read_prompts(path: str) -> list[BenchPrompt]:
+    with open(path, encoding="utf-8") as f:
+        prompts = [BenchPrompt(r["messages"], int(r["max_tokens"]), r.get("source", path))
+                   for r in map(json.loads, filter(str.strip, f))]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
     return prompts
 
 
@@ -74,7 +95,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
     return s[k]
 
 
@@ -204,7 +225,9 @@ def check_level(row: dict) -> None:
 
 
 def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--prompts", default=None, help="prompts written by --write-prompts (instead of the data packages)")
+    p.add_argument("--write-prompts", default=None, help="write the chosen prompts to this .jsonl and stop")
     p.add_argument("--label", default="", help="what is served (spec, plain, ...), in the result name")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--requests-per-client", type=int, default=4)
@@ -215,6 +238,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tokens", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the unmeasured round of short requests before each level")
     p.add_argument("--device", default=None, help="the server's device, for the result name (default: local)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--compare", default=None, help="another bench-serve JSON to draw in the same plot")
@@ -227,18 +252,28 @@ def cmd_bench_serve(args) -> int:
 
     from eaglespec.bench.results import slug, write_result
 
+    prompts = (read_prompts(args.prompts) if args.prompts else
+               load_prompts(args.sharegpt, not args.no_mtbench, args.min_tokens, args.max_tokens, args.mtbench_tokens))
+    if args.write_prompts:
+        write_prompts(prompts, args.write_prompts)
+        print(f"wrote {len(prompts)} prompts to {args.write_prompts}")
+        return 0
+    if not args.url:
+        raise ValueError("bench serve: --url is required (or --write-prompts)")
     url = args.url.rstrip("/")
     info = httpx.get(f"{url}/v1/models", timeout=30).json()
     model = info["data"][0]["id"]
     metrics = _scrape(httpx.get(f"{url}/metrics", timeout=30).text)
     tree = next((k.split("tree=")[1].rstrip("}") for k in metrics if k.startswith("eaglespec_speculation_info")),
                 "unknown")
-    prompts = load_prompts(args.sharegpt, not args.no_mtbench, args.min_tokens, args.max_tokens, args.mtbench_tokens)
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"bench serve: {model} at {url}, speculation {tree}, {len(prompts)} prompts", flush=True)
     rows = []
     for c in levels:
         n = max(c * args.requests_per_client, args.min_requests)
+        if args.warmup:  # c short requests at once first: the batch buckets up to c are compiled/captured
+            short = [BenchPrompt(p.messages, min(8, p.max_tokens), p.source) for p in prompts[:c]]
+            asyncio.run(run_level(url, model, short, c, c, args.timeout))
         row = asyncio.run(run_level(url, model, prompts, c, n, args.timeout))
         check_level(row)
         rows.append(row)
@@ -249,6 +284,7 @@ def cmd_bench_serve(args) -> int:
     label = args.label or ("plain" if tree == "none" else "spec")
     path = write_result(f"serve-{slug(model)}-{label}", {
         "url": url, "model": model, "label": label, "speculation": tree, "prompts": len(prompts),
+        "prompts_file": args.prompts,
         "sources": {"mtbench": not args.no_mtbench, "sharegpt_from": SHAREGPT_HELD_OUT_START,
                     "sharegpt": args.sharegpt}, "output_tokens": [args.min_tokens, args.max_tokens],
         "rows": rows}, device, args.out)

@@ -103,7 +103,7 @@ def prefill_all(llm: LLM, batch: int) -> list:
         scheduled = llm.scheduler.schedule_prefill()
         if scheduled is None:
             raise RuntimeError("spec_step: the KV pool cannot hold every request's prompt; lower --batches or --context")
-        llm.core._apply(scheduled.requests, llm.core._prefill(scheduled), prefill=True)
+        llm.core._apply(scheduled.requests, llm.core._prefill(scheduled), [True] * len(scheduled.requests))
     reqs = list(llm.scheduler.running)
     if len(reqs) != batch or any(r.num_cached != len(r.all_ids) - 1 for r in reqs):
         raise RuntimeError(f"spec_step: expected {batch} prefilled sequences, have {len(reqs)} running "
@@ -147,6 +147,7 @@ def main(argv=None) -> None:
         llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree=spec_str, draft_vocab_size=draft_vocab),
                              engine=engine)
         sr = llm.speculative
+        program = sr.programs[spec_str]
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist() for _ in range(batch)]
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
-            graphs = sr.graphs[True]
+            graphs = program.graphs[True]
             sr.stage_inputs(graphs, reqs, bucket)
             step_ms = time_graph(lambda: graphs.run(bucket))
             step_census = kernel_census(lambda: graphs.fn(graphs.inputs(bucket)))
@@ -164,7 +165,7 @@ def main(argv=None) -> None:
             decode_ms = time_graph(lambda: decode_graphs.run(bucket))
             decode_census = kernel_census(lambda: decode_graphs.fn(decode_graphs.inputs(bucket)))
             # Verify alone: a fixed random tree of the same size through target + accept + commit.
-            tree = random_tree(batch, sr.shape.num_nodes, sr.shape.depth, cfg.vocab_size, device)
+            tree = random_tree(batch, program.shape.num_nodes, program.shape.depth, cfg.vocab_size, device)
             rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq, SPEC_ROWS)
             tables = rows_in.block_tables
             lens = rows_in["cached_lens"]
@@ -172,18 +173,18 @@ def main(argv=None) -> None:
 
             def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):
                 res = verify_tree(llm.runner.model, llm.runner.cache, tree, lens, tables, st, True, "hidden",
-                                  sr.shape.depth, llm.runner.scale, llm.runner.backend)
+                                  program.shape.depth, llm.runner.scale, llm.runner.backend)
                 return res.accept.tokens, res.accept.num_emitted
 
             vg = StepGraphs(verify_fn, lambda b: {}, device.type == "cuda")
             verify_ms = time_graph(lambda: vg.run(bucket))
-            row = {"tree": spec_str, "nodes": sr.shape.num_nodes, "draft_vocab": sr.vocab.size, "batch": batch,
+            row = {"tree": spec_str, "nodes": program.shape.num_nodes, "draft_vocab": sr.vocab.size, "batch": batch,
                    "decode_ms": decode_ms,
                    "verify_ms": verify_ms, "step_ms": step_ms, "verify_over_decode": verify_ms / decode_ms,
                    "step_over_decode": step_ms / decode_ms,
                    "step_census": step_census, "decode_census": decode_census,
                    "forced_tokens_per_s": {str(t): 1000 * t * batch / step_ms for t in (2, 3, 4, 5)
-                                           if t <= sr.shape.depth + 1},
+                                           if t <= program.shape.depth + 1},
                    "plain_tokens_per_s": 1000 * batch / decode_ms}
             rows.append(row)
             print(f"{spec_str:>15s} ({row['nodes']:2d} nodes, vocab {sr.vocab.size:6d}) batch {batch:3d}: "

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,10 +21,11 @@ import torch
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.request import Request
 from eaglespec.engine.runner import DecodeFlight, ModelRunner
-from eaglespec.engine.scheduler import Scheduler, ScheduledStep
-from eaglespec.speculative.step import SpeculativeRunner
+from eaglespec.engine.scheduler import Scheduler, ScheduledStep, is_ready
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import LlamaForCausalLM
+from eaglespec.speculative.policy import PLAIN
+from eaglespec.speculative.step import SpeculativeRunner
 from eaglespec.speculative.tree import parse_tree
 
 log = logging.getLogger(__name__)
@@ -54,46 +57,69 @@ class EngineCore:
     """Continuous batching over a target (and an optional draft head) on one device."""
 
     def __init__(self, target: LlamaForCausalLM, tokenizer, eos_ids: tuple[int, ...], head: EagleHead | None,
-                 spec: SpecConfig | None, engine: EngineConfig, device: torch.device):
+                 spec: SpecConfig | None, engine: EngineConfig, device: torch.device, no_tokenizer_reason: str = ""):
         self.model = target
         self.tokenizer = tokenizer
+        self.no_tokenizer_reason = no_tokenizer_reason or "no tokenizer was given"  # said when text comes
         self.eos_ids = tuple(eos_ids)
         self.config = engine
         self.device = device
-        lookahead = parse_tree(spec.tree).depth + 1 if head is not None else 1
+        lookahead = max(parse_tree(t).depth for t in spec.trees) + 1 if head is not None else 1
         self.runner = ModelRunner(target, engine, device, lookahead)
         self.speculative = SpeculativeRunner(self.runner, head, spec) if head is not None else None
+        if self.speculative is not None:
+            self.speculative.calibrate()
         self.spec_config = spec if head is not None else None
         self.scheduler = Scheduler(self.runner.allocator, engine.max_batch_size, engine.max_model_len,
-                                   engine.prefill_token_budget, lookahead=lookahead)
+                                   engine.prefill_token_budget, lookahead=lookahead,
+                                   mixed_decode=self.speculative is None)
         self._ids = itertools.count()
         self.requests: dict[int, Request] = {}  # live requests (finished ones leave after their last delta)
         self._in_flight: DecodeFlight | None = None  # a decode step queued but not read yet
         self._touched: list[Request] = []  # finished outside a step (failed at admission, aborted)
         self.last_step_kind = ""  # "prefill", "decode", "speculative" (for metrics)
+        self.last_choice = ""  # the tree (or "plain") the last decoding step ran (for metrics)
+        # The choice made for the step after an overlapped one, with its (bucket) key.
+        self._planned: tuple[int, bool, str] | None = None
 
     # ------------------------------------------------------------------ requests
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary)."""
+    def encode(self, prompt: str | list[int], what: str = "prompt") -> list[int]:
+        """Token ids of a prompt given as text or ids (ids are checked against the vocabulary).
+        Anything else raises TypeError / ValueError naming ``what`` and what was expected."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: give prompts as lists of token ids")
-            return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
+                raise ValueError(f"{what} is text but this model has no tokenizer ({self.no_tokenizer_reason}): "
+                                 f"give it as a list of token ids")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise ValueError(f"{what} is empty: it must hold at least one token")
+            return ids
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.dtype.is_floating_point:
+            prompt = prompt.tolist()
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError(f"{what} is {type(prompt).__name__}: decode it to str, or give a list of token ids")
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"{what} must be a string or a list of int token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError(f"{what} is empty: it must hold at least one token")
         vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        return ids
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"{what}: token ids must be ints, got {t!r} ({type(t).__name__}) at position {i}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"{what}: token id {t} at position {i} is out of range [0, {vocab})")
+        return [int(t) for t in prompt]
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, what: str = "prompt") -> int:
         """Queue a request; it joins the running batch as soon as KV blocks allow. A request
         that can never run (empty, longer than the context) finishes with an error delta."""
         from eaglespec.tokenizer import IncrementalDetokenizer
 
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams or None, got {type(params).__name__}")
         params = params or SamplingParams()
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, what)
         self.scheduler.check_prompt(len(ids))
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = Request(next(self._ids), ids, params, seed,
@@ -176,6 +202,7 @@ class EngineCore:
         step ends without a successor. A request that stops while its successor runs wastes
         that one token, which is dropped.
         """
+        started = time.perf_counter()
         flight, self._in_flight = self._in_flight, None
         if flight is None:
             scheduled = self.scheduler.schedule()
@@ -183,23 +210,53 @@ class EngineCore:
                 return []
             reqs = scheduled.requests
             self._current = reqs
-            if not reqs or scheduled.kind == "prefill" or self.speculative is not None:
-                if scheduled.kind == "prefill":
-                    emitted = self._prefill(scheduled)
-                    self.last_step_kind = "prefill"
-                else:
-                    emitted = self._speculate(reqs) if reqs else []
-                    self.last_step_kind = "speculative"
-                self._apply(reqs, emitted, prefill=scheduled.kind == "prefill")
+            if scheduled.kind == "prefill" or not reqs:
+                prefilling = [not is_ready(r) for r in reqs]  # the others decode in this forward
+                emitted = self._prefill(scheduled) if reqs else []
+                self.last_step_kind = "prefill" if all(prefilling) else "mixed"
+                self._apply(reqs, emitted, prefilling)
                 return reqs
-            flight = self.runner.launch_decode(reqs)
+            choice = self._choose(reqs)
+            if choice != PLAIN:
+                emitted = self._speculate(reqs, choice)
+                self.last_step_kind = "speculative"
+                self._apply(reqs, emitted, [False] * len(reqs))
+                self.speculative.observe(choice, reqs, time.perf_counter() - started,
+                                         sum(map(len, emitted)) / len(reqs))
+                return reqs
+            flight = self._launch_decode(reqs)
         self._current = flight.reqs
         self.last_step_kind = "decode"
-        if self.config.overlap_decode and self._can_follow(flight.reqs):
-            self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
+        self.last_choice = PLAIN
+        if self.config.overlap_decode and self._can_follow(flight.reqs) and self._choose(flight.reqs, plan=True) == PLAIN:
+            self._in_flight = self._launch_decode(flight.reqs, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
-        self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)  # the one host read of the step
+        self._apply(flight.reqs, [[t] for t in flight.wait()], [False] * len(flight.reqs))  # the one host read
+        for r in flight.reqs:
+            r.steps_by_choice[PLAIN] = r.steps_by_choice.get(PLAIN, 0) + 1
+        if self.speculative is not None:
+            self.speculative.observe(PLAIN, flight.reqs, time.perf_counter() - started, 1.0)
         return live
+
+    def _choose(self, reqs: list[Request], plan: bool = False) -> str:
+        """Plain decoding or a tree for this batch (always plain without a draft). With ``plan``
+        the choice is for the next step and is kept for it (an overlapped plain step is queued
+        only when the next step is plain too)."""
+        if self.speculative is None:
+            return PLAIN
+        key = (len(reqs), all(r.params.temperature == 0 for r in reqs))
+        planned, self._planned = self._planned, None
+        if planned is not None and planned[:2] == key and not plan:
+            return planned[2]
+        choice = self.speculative.choose(reqs)
+        if plan:
+            self._planned = (*key, choice)
+        return choice
+
+    def _launch_decode(self, reqs: list[Request], follow: DecodeFlight | None = None) -> DecodeFlight:
+        if self.speculative is None:
+            return self.runner.launch_decode(reqs, follow)
+        return self.speculative.launch_plain(reqs, follow)
 
     def _recover(self, exc: Exception) -> list[Request]:
         """A step raised. Its requests are preempted (recomputed later, nothing lost) and
@@ -255,10 +312,11 @@ class EngineCore:
             allocator.grow(r.blocks, r.num_cached + sched.lookahead)
         return True
 
-    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefill: bool) -> None:
-        """Append each request's new tokens (stop checks included) and retire finished ones."""
+    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefilling: list[bool]) -> None:
+        """Append each request's new tokens (stop checks included) and retire finished ones;
+        ``prefilling[i]``: request i's forward was (part of) its prefill, not a decoding step."""
         limit = self.config.max_model_len
-        for req, toks in zip(reqs, emitted):
+        for req, toks, prefill in zip(reqs, emitted, prefilling):
             # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
             req.record_step(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids, prefill)
             if not req.finished and len(req.all_ids) >= limit:
@@ -278,16 +336,18 @@ class EngineCore:
         # A chunk's sampled token is not the next token of the sequence: dropped.
         return [[t] if whole else [] for t, whole in zip(tokens.tolist(), complete)]
 
-    def _speculate(self, reqs: list[Request]) -> list[list[int]]:
-        tokens, counts = self.speculative.step(reqs)
+    def _speculate(self, reqs: list[Request], tree: str) -> list[list[int]]:
+        tokens, counts = self.speculative.step(reqs, tree)
         tokens, counts = tokens.tolist(), counts.tolist()  # the one host read of the step
-        depth = self.speculative.shape.depth
+        depth = self.speculative.programs[tree].shape.depth
+        self.last_choice = tree
         emitted = []
         for req, row, n in zip(reqs, tokens, counts):
             req.num_cached += n
-            if not req.proposed_per_depth:
-                req.proposed_per_depth = [0] * depth
-                req.accepted_per_depth = [0] * depth
+            req.steps_by_choice[tree] = req.steps_by_choice.get(tree, 0) + 1
+            if len(req.proposed_per_depth) < self.speculative.depth:
+                req.proposed_per_depth += [0] * (self.speculative.depth - len(req.proposed_per_depth))
+                req.accepted_per_depth += [0] * (self.speculative.depth - len(req.accepted_per_depth))
             for d in range(depth):
                 req.proposed_per_depth[d] += 1
                 req.accepted_per_depth[d] += int(n - 1 > d)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -52,22 +54,60 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def shipped_head_path() -> str | None:
     """The draft head trained for the embedded default model, if this install carries one."""
-    import os
-
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "smollm2-eagle")
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-def default_spec_config(draft, default_draft: bool) -> SpecConfig:
-    """The tree that served the shipped head best, else the library default."""
-    import json
-    import os
+def is_default_model(path) -> bool:
+    """Whether ``path`` is the embedded default model (the one the shipped head was trained for)."""
+    from eaglespec.models.loading import default_model_path
 
-    path = shipped_head_path() if default_draft and draft is None else None
-    if path and os.path.isfile(os.path.join(path, "serving.json")):
-        with open(os.path.join(path, "serving.json")) as f:
-            return SpecConfig(tree=json.load(f)["tree"])
-    return SpecConfig()
+    try:
+        return os.path.samefile(path, default_model_path())
+    except (OSError, ValueError):  # no default model installed, or no such path
+        return False
+
+
+def check_speculation_args(draft, spec, default_draft: bool) -> SpecConfig | None:
+    """Check ``draft`` and ``spec`` before anything is loaded; return ``spec`` as a SpecConfig.
+
+    A tree needs a draft head: with ``draft="none"``, or no head for this model, a given spec is
+    an error rather than silently ignored. The tree itself is parsed (limits, choices file).
+    """
+    from eaglespec.speculative.tree import parse_tree
+
+    if isinstance(spec, str):
+        spec = SpecConfig(tree=spec)
+    if spec is not None and not isinstance(spec, SpecConfig):
+        raise TypeError(f"spec must be a SpecConfig, a tree string or None, got {type(spec).__name__}")
+    if draft is not None and not isinstance(draft, (str, os.PathLike, EagleHead)):
+        raise TypeError(f"draft must be a draft-head directory, 'none' or None, got {type(draft).__name__}")
+    speculating = draft != "none" and (draft is not None or (default_draft and shipped_head_path() is not None))
+    if spec is not None and not speculating:
+        why = ("draft='none' (--draft none) turns speculation off" if draft == "none"
+               else "there is no draft head for this model (pass draft=PATH / --draft PATH)")
+        raise ValueError(f"a tree was given (spec={spec.tree!r} / --tree) but {why}: drop the tree or give a head")
+    if isinstance(draft, (str, os.PathLike)) and draft != "none" and not os.path.isdir(draft):
+        raise FileNotFoundError(f"draft head directory not found: {os.fspath(draft)!r} (give a directory with "
+                                f"config.json and model.safetensors, or 'none')")
+    if spec is not None:
+        for tree in spec.trees:
+            parse_tree(tree)
+    return spec
+
+
+def load_tokenizer(ckpt) -> tuple["Tokenizer | None", str]:
+    """The checkpoint's tokenizer, or (None, why) when its files have none: such a model still
+    serves token-id prompts (as vLLM's ``skip_tokenizer_init``); text fails then, saying why."""
+    from eaglespec.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_source(ckpt.tokenizer_source)
+    except FileNotFoundError as err:
+        return None, str(err)
+    if ckpt.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = ckpt.chat_template
+    return tokenizer, ""
 
 
 class TextStream:
@@ -88,36 +128,43 @@ class TextStream:
 class LLM:
     """The public entry point (see DESIGN.md's public contract)."""
 
-    def __init__(self, model: str | None = None, draft: str | None = None, spec: SpecConfig | None = None,
+    def __init__(self, model: str | None = None, draft: str | None = None, spec: SpecConfig | str | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  engine: EngineConfig | None = None, progress: bool = False):
         from eaglespec.models.loading import default_model_path, open_checkpoint
-        from eaglespec.tokenizer import Tokenizer
 
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"model must be a path (HF directory or .gguf file) or None, got {type(model).__name__}")
+        model_path = model if model is not None else default_model_path()
+        default_draft = is_default_model(model_path)
+        # Arguments first: a bad tree or draft path fails before seconds of loading.
+        spec = check_speculation_args(draft, spec, default_draft)
         self.device = resolve_device(device)
         dt = resolve_dtype(dtype, self.device)
-        ckpt = open_checkpoint(model or default_model_path(), progress=progress)
+        ckpt = open_checkpoint(model_path, progress=progress)
+        tokenizer, no_tokenizer_reason = load_tokenizer(ckpt)
         kernels = resolve_backend((engine or EngineConfig()).attention_backend, self.device)
         target = build_model(ckpt.config, self.device, dt, kernels=kernels)
         target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
-        tokenizer = Tokenizer.from_source(ckpt.tokenizer_source)
-        if ckpt.chat_template and not tokenizer.chat_template:
-            tokenizer.chat_template = ckpt.chat_template
-        eos = tuple(dict.fromkeys(ckpt.generation_eos_ids + tokenizer.eos_ids + ckpt.config.eos_token_ids))
-        self._setup(target, tokenizer, eos, draft, spec, engine, default_draft=model is None)
+        tokenizer_eos = tokenizer.eos_ids if tokenizer is not None else ()
+        eos = tuple(dict.fromkeys(ckpt.generation_eos_ids + tokenizer_eos + ckpt.config.eos_token_ids))
+        self._setup(target, tokenizer, eos, draft, spec, engine, default_draft=default_draft,
+                    no_tokenizer_reason=no_tokenizer_reason)
 
     @classmethod
-    def from_model(cls, target: LlamaForCausalLM, tokenizer=None, draft=None, spec: SpecConfig | None = None,
+    def from_model(cls, target: LlamaForCausalLM, tokenizer=None, draft=None, spec: SpecConfig | str | None = None,
                    engine: EngineConfig | None = None, eos_ids: tuple[int, ...] = ()) -> "LLM":
         """Wrap an already built model (tests, benchmarks). Prompts are then token-id lists
         unless a tokenizer is given; ``draft`` is a draft-head module or None."""
+        spec = check_speculation_args(draft, spec, default_draft=False)
         self = cls.__new__(cls)
         self.device = target.output_weight.device
         self._setup(target, tokenizer, eos_ids or target.config.eos_token_ids, draft, spec, engine,
                     default_draft=False)
         return self
 
-    def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool) -> None:
+    def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool,
+               no_tokenizer_reason: str = "") -> None:
         import dataclasses
 
         self.model = target
@@ -128,9 +175,9 @@ class LLM:
             self.engine_config = dataclasses.replace(self.engine_config,
                                                      max_model_len=target.config.max_position_embeddings)
         head = self._resolve_draft(draft, target, default_draft)
-        self.spec_config = (spec or default_spec_config(draft, default_draft)) if head is not None else spec
+        self.spec_config = (spec or SpecConfig()) if head is not None else spec
         self.core = EngineCore(target, tokenizer, self.eos_ids, head, self.spec_config, self.engine_config,
-                               self.device)
+                               self.device, no_tokenizer_reason=no_tokenizer_reason)
         self._requests: dict[int, Request] = {}  # this front end's requests, finished ones until collected
 
     # The engine's parts, for tests and benchmarks that look inside.
@@ -159,8 +206,8 @@ class LLM:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
-        rid = self.core.add_request(prompt if isinstance(prompt, str) else list(prompt), params)
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, what: str = "prompt") -> int:
+        rid = self.core.add_request(prompt, params, what)
         self._requests[rid] = self.core.requests[rid]
         return rid
 
@@ -181,15 +228,17 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[Output]:
         """Generate for a batch of prompts (strings or token-id lists), continuously batched."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        plist = params if isinstance(params, list) else [params] * len(prompts)
+        prompts = _prompt_list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        encoded = [self.core.encode(p) for p in prompts]
-        for ids in encoded:  # refuse the whole batch before any of it is queued
-            self.scheduler.check_prompt(len(ids))
-        ids = [self.add_request(p, sp) for p, sp in zip(encoded, plist)]
+        encoded = []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):  # refuse the whole batch before any of it is queued
+            encoded.append(self.core.encode(p, f"prompts[{i}]"))
+            self.scheduler.check_prompt(len(encoded[-1]))
+            if sp is not None and not isinstance(sp, SamplingParams):
+                raise TypeError(f"params[{i}] must be a SamplingParams or None, got {type(sp).__name__}")
+        ids = [self.add_request(p, sp, f"prompts[{i}]") for i, (p, sp) in enumerate(zip(encoded, plist))]
         self._drain()
         return [self._requests.pop(i).to_output() for i in ids]
 
@@ -215,9 +264,13 @@ class LLM:
             self._requests.pop(rid, None)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The token ids of one conversation under the chat template, ready for the reply."""
+        """The token ids of one conversation under the chat template, ready for the reply
+        (messages checked: role and content of each, OpenAI text parts joined)."""
+        from eaglespec.tokenizer import chat_messages
+
+        messages = chat_messages(messages)
         if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
+            raise ValueError(f"chat needs a tokenizer, and this model has none ({self.core.no_tokenizer_reason})")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text)
 
@@ -227,4 +280,22 @@ class LLM:
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """The target's full-sequence logits [T, vocab] (fp32)."""
-        return self.runner.full_logits(self.core.encode(token_ids))
+        ids = self.core.encode(token_ids, "token_ids")
+        limit = self.engine_config.max_model_len
+        if len(ids) > limit:
+            raise ValueError(f"token_ids: {len(ids)} tokens, more than max_model_len ({limit})")
+        return self.runner.full_logits(ids)
+
+
+def _prompt_list(prompts) -> list:
+    """``prompts`` as a list of prompts: one string or token-id list becomes a list of one."""
+    if isinstance(prompts, str) or isinstance(prompts, torch.Tensor) and prompts.dim() == 1:
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):
+        raise TypeError("prompts is bytes: decode it to str, or give a list of token ids")
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a list of int token ids, or a list of those; "
+                        f"got {type(prompts).__name__}")
+    if prompts and isinstance(prompts[0], numbers.Number) and not isinstance(prompts[0], bool):
+        return [prompts]
+    return list(prompts)

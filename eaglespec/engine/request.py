@@ -39,6 +39,7 @@ class Request:
     prefill_tokens: int = 0  # output tokens sampled by prefill forwards
     accepted_per_depth: list[int] = field(default_factory=list)  # drafts accepted at depth d
     proposed_per_depth: list[int] = field(default_factory=list)  # steps that proposed depth d
+    steps_by_choice: dict[str, int] = field(default_factory=dict)  # decoding steps per tree (or "plain")
     started: float = field(default_factory=time.perf_counter)  # when the request was added
     scheduled_at: float | None = None  # when its first prefill was scheduled
     first_token_at: float | None = None
@@ -149,6 +150,7 @@ class Request:
             "decode_forwards": self.decode_forwards,
             "decode_tokens": decode_tokens,
             "tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
+            "speculation": dict(self.steps_by_choice),  # which tree (or plain) ran each decoding step
         }
 
     def to_output(self) -> Output:

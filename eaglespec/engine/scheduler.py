@@ -7,8 +7,10 @@ step's prefill budget is prefilled in chunks; it runs (holds blocks) but is not 
 last chunk. A preempted request loses its blocks and is prefilled again later (prompt and
 output so far), which yields exactly the token a decode step would have.
 
-Steps alternate: after a prefill step, running requests that are ready decode before the next
-prefill, so a long prompt arriving never stalls the streams already running.
+Prefill never stalls the streams already running. Under plain decoding the ready requests
+decode their next token inside the prefill step's forward (a mixed step: each is a one-token
+"prefill"); under speculation (whose step is a different function) prefill steps and
+speculative steps alternate while both have work.
 
 The context limit: a sequence holds at most ``max_model_len`` tokens. A step writes up to
 ``lookahead`` cache positions from its last cached token (a speculative tree's accepted path),
@@ -43,7 +45,7 @@ def is_ready(req: Request) -> bool:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_batch: int, max_model_len: int,
-                 prefill_token_budget: int, lookahead: int = 1):
+                 prefill_token_budget: int, lookahead: int = 1, mixed_decode: bool = False):
         self.allocator = allocator
         self.max_batch = max_batch
         self.max_model_len = max_model_len
@@ -51,6 +53,7 @@ class Scheduler:
         self.lookahead = lookahead  # cache slots a decode step may write past num_cached
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.mixed_decode = mixed_decode  # ready requests decode inside prefill steps (plain decoding)
         self._last_kind = "decode"
 
     def add(self, req: Request) -> None:
@@ -91,10 +94,10 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep | None:
         """Pick the next step: a prefill step (chunks of running requests, then waiting
-        requests admitted by free KV blocks) or a decode step of the ready requests; the two
-        alternate while both have work."""
+        requests admitted by free KV blocks; mixed with the ready requests' decoding when
+        ``mixed_decode``) or a decode step of the ready requests."""
         ready = [r for r in self.running if is_ready(r)]
-        if not (ready and self._last_kind == "prefill"):
+        if self.mixed_decode or not (ready and self._last_kind == "prefill"):
             step = self.schedule_prefill()
             if step is not None:
                 self._last_kind = "prefill"
@@ -124,6 +127,19 @@ class Scheduler:
 
     def schedule_prefill(self) -> ScheduledStep | None:
         """A prefill step, or None when nothing is left to prefill or admit."""
+        step = self._prefill_work()
+        if step is None or not self.mixed_decode or any(r.failures for r in step.requests):
+            return step
+        # Mixed: the ready requests that have room take their next token in the same forward.
+        decodes, ends = [], []
+        for req in self.running:
+            if is_ready(req) and req not in step.requests and self._fits(req, req.num_cached + self.lookahead):
+                self._grow(req, req.num_cached + self.lookahead)
+                decodes.append(req)
+                ends.append(len(req.all_ids))
+        return ScheduledStep("prefill", decodes + step.requests, ends + step.prefill_ends)
+
+    def _prefill_work(self) -> ScheduledStep | None:
         budget = self.prefill_token_budget
         reqs, ends = [], []
         # Requests part-way through a chunked prefill go first (their blocks are already held).

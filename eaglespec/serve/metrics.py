@@ -21,6 +21,8 @@ class ServerMetrics:
         self.kv_in_use = Gauge("eaglespec_kv_blocks_in_use", "KV cache blocks held by requests", registry=r)
         self.kv_total = Gauge("eaglespec_kv_blocks_total", "KV cache blocks in the pool", registry=r)
         self.steps = Counter("eaglespec_engine_steps", "Engine steps by kind", ["kind"], registry=r)
+        self.choices = Counter("eaglespec_speculation_steps", "Decoding steps by the speculation chosen for them "
+                               "(a tree, or plain)", ["choice"], registry=r)
         self.decode_forwards = Counter("eaglespec_decode_forwards", "Decoding target forwards (plain or "
                                        "speculative steps) of finished requests", registry=r)
         self.decode_tokens = Counter("eaglespec_decode_tokens", "Tokens those forwards emitted (tau = "
@@ -50,6 +52,8 @@ class ServerMetrics:
         self.kv_total.set(core.runner.allocator.num_blocks - 1)
         if core.last_step_kind:
             self.steps.labels(kind=core.last_step_kind).inc()
+            if core.last_step_kind != "prefill" and core.last_choice:
+                self.choices.labels(choice=core.last_choice).inc()
             core.last_step_kind = ""
 
     def observe_finished(self, delta, handle, now: float) -> None:

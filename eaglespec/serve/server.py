@@ -47,7 +47,7 @@ def build_server_app(llm, served_model_name: str | None = None, max_body_bytes: 
     core = llm.core
     name = served_model_name or DEFAULT_MODEL_NAME
     tree = llm.spec_config.tree if core.speculative is not None else "none"
-    depth = core.speculative.shape.depth if core.speculative is not None else 0
+    depth = core.speculative.depth if core.speculative is not None else 0
     metrics = ServerMetrics(name, tree, depth)
     engine = EngineThread(core, metrics)
     served = ServedModel(name=name, tokenizer=llm.tokenizer, vocab_size=llm.model.config.vocab_size,

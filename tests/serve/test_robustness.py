@@ -149,3 +149,35 @@ def test_64_concurrent_streams_a_quarter_dropped(served, reference):
         assert text == refs[prompt]
     assert served.wait_idle(120)
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+
+
+def test_a_request_failing_inside_the_engine_fails_alone(served, reference):
+    poison = [17, 4, 17, 4, 17, 4, 17]
+    prefill = served.core.runner.prefill
+
+    def breaking(reqs, *args, **kwargs):
+        if any(r.prompt_ids == poison for r in reqs):
+            raise RuntimeError("simulated kernel fault")
+        return prefill(reqs, *args, **kwargs)
+
+    ref = reference.generate(["The sky is"], SamplingParams(max_tokens=6))[0].text
+
+    async def main(http):
+        bad = http.post("/v1/completions", json={"model": served.model, "prompt": poison, "max_tokens": 4})
+        good = http.post("/v1/completions", json={"model": served.model, "prompt": "The sky is", "max_tokens": 6,
+                                                  "temperature": 0})
+        return await asyncio.gather(bad, good)
+
+    async def run():
+        async with httpx.AsyncClient(base_url=served.url, timeout=300) as http:
+            return await main(http)
+
+    served.core.runner.prefill = breaking
+    try:
+        bad, good = asyncio.run(run())
+    finally:
+        del served.core.runner.prefill  # the instance attribute goes; the method is back
+    assert bad.status_code == 500 and "simulated kernel fault" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["choices"][0]["text"] == ref
+    assert served.wait_idle()
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}

@@ -148,3 +148,13 @@ def test_metrics_count_what_was_sent(served):
     assert after[("eaglespec_tau", ())] >= 1.0
     assert d("eaglespec_spec_proposed_total", depth="1") > 0
     assert d("eaglespec_engine_steps_total", kind="speculative") > 0
+
+
+def test_cli_chat_over_http(served, reference, monkeypatch, capsys):
+    from eaglespec.cli import main
+
+    answers = iter(["Name three colours.", ""])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(answers))
+    assert main(["chat", "--url", served.url, "--max-tokens", "12"]) == 0
+    ref = reference.chat(CHAT, SamplingParams(max_tokens=12))
+    assert capsys.readouterr().out == ref.text + "\n"

@@ -516,3 +516,24 @@ def test_no_host_sync_and_graph_capture_on_cuda():
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         assert_same_result(a, b)
+
+
+def test_out_of_vocabulary_children_act_as_padding():
+    """A draft that proposes ids outside the vocabulary (or negative ones) must not change what
+    any rule emits: such children behave exactly like padding nodes, under every rule."""
+    rows, nodes, vocab = 40, 9, 6
+    (tokens, parents, depth, valid), logits, max_depth = random_trees(rows, nodes, vocab, seed=21)
+    gen = torch.Generator().manual_seed(3)
+    broken = valid & (torch.arange(nodes) > 0) & (torch.rand(rows, nodes, generator=gen) < 0.3)
+    oov = torch.where(broken, torch.where(torch.rand(rows, nodes, generator=gen) < 0.5, vocab + 2, -5), tokens)
+    p = torch.softmax(logits, -1)
+    q = torch.softmax(logits.flip(-1), -1)
+    seeds = torch.arange(rows, dtype=torch.int64)
+    as_oov = (oov, parents, depth, valid)
+    as_padding = (tokens, parents, depth, valid & ~broken)
+    assert_same_result(accept_greedy(*as_oov, logits, max_depth), accept_greedy(*as_padding, logits, max_depth))
+    assert_same_result(accept_topk_children(*as_oov, p, seeds, seeds, max_depth),
+                       accept_topk_children(*as_padding, p, seeds, seeds, max_depth))
+    assert_same_result(accept_sampled_children(*as_oov, p, q, seeds, seeds, max_depth, 4),
+                       accept_sampled_children(*as_padding, p, q, seeds, seeds, max_depth, 4))
+    assert bool(broken.any())

@@ -16,9 +16,9 @@ import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
+from eaglespec.ops.draft_topk import LOGP_FLOOR, draft_topk_ref
 from eaglespec.ops.sampling import SamplingTensors, target_probs
 from eaglespec.speculative.acceptance import accept_greedy_by_masks
-from eaglespec.speculative.drafter import draft_log_probs
 from eaglespec.speculative.tree import ancestor_bits_from_parents
 from eaglespec.train.token_ranking import rank_tokens
 from tests.conftest import small_engine
@@ -72,10 +72,16 @@ def tree_spec(kind: str, tmp_path) -> str:
 
 
 def test_draft_log_probs_are_finite_and_ordered():
-    logits = torch.tensor([[float("nan"), 1.0, 2.0], [float("inf"), 0.0, float("-inf")], [0.0, 0.0, 0.0]])
-    logp = draft_log_probs(logits)
-    assert torch.isfinite(logp).all() and (logp <= 0).all()
-    assert torch.allclose(logp[2], torch.full((3,), -torch.log(torch.tensor(3.0))))
+    # Row 0 meets a NaN output row, row 1 an inf one and a -inf one, row 2 three equal logits.
+    weight = torch.tensor([[float("nan"), 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, float("inf")], [0.0, float("-inf")]])
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    logp, ids = draft_topk_ref(hidden, weight, 3)
+    assert torch.isfinite(logp).all() and (logp <= 0).all() and (logp >= LOGP_FLOOR).all()
+    assert bool((logp[:, :-1] >= logp[:, 1:]).all())
+    assert ids[0].tolist() == [2, 1, 0]  # NaN logits (0, and 3, 4: 0 * inf) rank last, lowest index first
+    assert ids[1].tolist() == [3, 1, 2]  # +inf first; every log-prob is then the floor
+    assert logp[1].tolist() == [LOGP_FLOOR] * 3
+    assert ids[2].tolist() == [1, 2, 0]  # equal logits: lowest index first
 
 
 def test_greedy_masks_never_accept_an_orphan():
