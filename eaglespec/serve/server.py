@@ -15,7 +15,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=4096, help="prompt + generated tokens per request")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="prompt + generated tokens per request (default 0: the model's context length)")
     p.add_argument("--num-blocks", type=int, default=0, help="KV blocks (0: from free memory / --kv-cache-tokens)")
     p.add_argument("--kv-cache-tokens", type=int, default=16384, help="CPU pool size in tokens")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.6)
