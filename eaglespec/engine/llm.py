@@ -14,7 +14,7 @@ from eaglespec.engine.runner import DecodeFlight, ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
-from eaglespec.speculative.step import SpecFlight, SpeculativeRunner
+from eaglespec.speculative.step import SpeculativeRunner
 
 Prompt = str | Sequence[int]
 
@@ -113,7 +113,7 @@ class LLM:
                                    lookahead=lookahead)
         self._ids = itertools.count()
         self._requests: dict[int, Request] = {}
-        self._in_flight: DecodeFlight | SpecFlight | None = None  # a step queued but not read yet
+        self._in_flight: DecodeFlight | None = None  # a decode step queued but not read yet
 
     @staticmethod
     def _resolve_draft(draft, target: LlamaForCausalLM, default_draft: bool) -> EagleHead | None:
@@ -156,12 +156,12 @@ class LLM:
     def step(self) -> list[Request]:
         """Run one engine step; returns the requests that made progress (finished ones included).
 
-        Decoding, plain or speculative, overlaps the host with the device: while a step runs,
-        the next one is queued with its inputs taken on the device, and only then are the first
+        Plain decoding overlaps the host with the device: while a decode step runs, the next
+        one is queued with its input tokens taken on the device, and only then are the first
         step's tokens read and checked. That needs the batch to go on unchanged (nothing to
-        admit, nothing finished or preempted, no limit reachable by the step in flight, room in
-        the KV pool); otherwise the step ends without a successor. A request that stops while
-        its successor runs wastes that successor's tokens, which are dropped.
+        admit, nothing finished or preempted, room for one more token each); otherwise the
+        step ends without a successor. A request that stops while its successor runs wastes
+        that one token, which is dropped.
         """
         flight, self._in_flight = self._in_flight, None
         if flight is None:
@@ -169,64 +169,38 @@ class LLM:
             if scheduled is None:
                 return []
             reqs = scheduled.requests
-            if not reqs or scheduled.kind == "prefill":
-                self._apply(reqs, self._prefill(reqs) if reqs else [], prefill=True)
+            if not reqs or scheduled.kind == "prefill" or self.speculative is not None:
+                emitted = [] if not reqs else (self._prefill(reqs) if scheduled.kind == "prefill"
+                                               else self._speculate(reqs))
+                self._apply(reqs, emitted, prefill=scheduled.kind == "prefill")
                 return reqs
-            flight = self._launch(reqs)
+            flight = self.runner.launch_decode(reqs)
         if self.engine_config.overlap_decode and self._can_follow(flight.reqs):
-            self._in_flight = self._launch(flight.reqs, follow=flight)
+            self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
-        self._read(flight)
+        self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)  # the one host read of the step
         return live
 
-    def _launch(self, reqs: list[Request], follow=None) -> DecodeFlight | SpecFlight:
-        if self.speculative is not None:
-            return self.speculative.launch(reqs, follow)
-        return self.runner.launch_decode(reqs, follow)
-
     def _can_follow(self, reqs: list[Request]) -> bool:
-        """Whether the next decoding step may be queued before this one's tokens are known: the
-        same requests, none finished, nobody waiting for a free row, no limit reachable by the
-        tokens in flight, and KV room without preemption (the room is taken here)."""
+        """Whether the next decode step may be queued before this one's tokens are known: the
+        same requests, none finished, nobody waiting for a free row, no limit reached by the
+        token in flight, and KV room without preemption (the room is taken here)."""
         sched = self.scheduler
         if sched.waiting and len(sched.running) < sched.max_batch:
             return False
         if len(sched.running) != len(reqs) or any(a is not b for a, b in zip(sched.running, reqs)):
             return False
-        # Tokens the step in flight may emit; a plain step already counted its one in num_cached,
-        # a speculative step's accepted path is counted when it is read.
-        emit = 1 if self.speculative is None else self.speculative.width
-        unread = 0 if self.speculative is None else emit
         allocator, new_blocks = self.runner.allocator, 0
         for r in reqs:
-            if (r.finished or len(r.output_ids) + emit >= r.params.max_tokens
-                    or len(r.all_ids) + emit >= self.engine_config.max_model_len):
+            if (r.finished or len(r.output_ids) + 1 >= r.params.max_tokens
+                    or len(r.all_ids) + 1 >= self.engine_config.max_model_len):
                 return False
-            new_blocks += max(0, allocator.blocks_needed(r.num_cached + unread + sched.lookahead) - len(r.blocks))
+            new_blocks += max(0, allocator.blocks_needed(r.num_cached + sched.lookahead) - len(r.blocks))
         if new_blocks > allocator.num_free:
             return False
         for r in reqs:
-            allocator.grow(r.blocks, r.num_cached + unread + sched.lookahead)
+            allocator.grow(r.blocks, r.num_cached + sched.lookahead)
         return True
-
-    def _read(self, flight: DecodeFlight | SpecFlight) -> None:
-        """The one host read of a step: its tokens, then stop checks and statistics."""
-        if isinstance(flight, DecodeFlight):
-            self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)
-            return
-        emitted = flight.wait()
-        depth = self.speculative.shape.depth
-        for req, row in zip(flight.reqs, emitted):
-            if req.finished:  # queued before its stop was read: not its work (dropped below)
-                continue
-            req.num_cached += len(row)
-            if not req.proposed_per_depth:
-                req.proposed_per_depth = [0] * depth
-                req.accepted_per_depth = [0] * depth
-            for d in range(depth):
-                req.proposed_per_depth[d] += 1
-                req.accepted_per_depth[d] += int(len(row) - 1 > d)
-        self._apply(flight.reqs, emitted, prefill=False)
 
     def _apply(self, reqs: list[Request], emitted: list[list[int]], prefill: bool) -> None:
         """Append each request's new tokens (stop checks included) and retire finished ones."""
@@ -249,6 +223,22 @@ class LLM:
         if spec is not None:
             spec.after_prefill(reqs, out, tokens, new_counts)
         return [[t] for t in tokens.tolist()]
+
+    def _speculate(self, reqs: list[Request]) -> list[list[int]]:
+        tokens, counts = self.speculative.step(reqs)
+        tokens, counts = tokens.tolist(), counts.tolist()  # the one host read of the step
+        depth = self.speculative.shape.depth
+        emitted = []
+        for req, row, n in zip(reqs, tokens, counts):
+            req.num_cached += n
+            if not req.proposed_per_depth:
+                req.proposed_per_depth = [0] * depth
+                req.accepted_per_depth = [0] * depth
+            for d in range(depth):
+                req.proposed_per_depth[d] += 1
+                req.accepted_per_depth[d] += int(n - 1 > d)
+            emitted.append(row[:n])
+        return emitted
 
     @property
     def has_work(self) -> bool:

@@ -4,15 +4,9 @@ Per request, the head's not-yet-cached input pairs (the accepted path's target f
 the tokens that follow them) stay on the device in a slot of ``pending_*`` between steps, so a
 whole step is one fixed-shape function, captured as one CUDA graph per batch bucket. The host
 reads only the emitted tokens and their counts.
-
-Steps overlap the host like plain decoding: step n+1 can be queued before the host reads step
-n, its root tokens, cached lengths and sampling counters advanced on the device from step n's
-outputs (``launch(..., follow=...)``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -32,25 +26,6 @@ from eaglespec.speculative.verifier import verify_tree
 # A speculative step reads, per request, the decode fields plus its pending-state slot and the
 # target's cached length L (the root sits at position L).
 SPEC_ROWS = DECODE_ROWS.extended(i64=("state_slots",), i32=("cached_lens",))
-
-
-@dataclass(slots=True)
-class SpecFlight:
-    """A speculative step queued on the device whose outputs the host has not read yet."""
-
-    reqs: list[Request]
-    tokens_device: torch.Tensor  # [bucket, depth + 1] int64, -1 padded: the step's output buffer
-    counts_device: torch.Tensor  # [bucket] int64 tokens emitted per row (accepted drafts + bonus)
-    tokens_host: torch.Tensor  # [bucket, depth + 1] pinned twin, filled by a copy queued after the step (CUDA)
-    counts_host: torch.Tensor  # [bucket]
-    done: torch.cuda.Event | None  # recorded after those copies (None on the CPU: already done)
-
-    def wait(self) -> list[list[int]]:
-        """The tokens each request's step emitted (blocks until the step has run)."""
-        if self.done is not None:
-            self.done.synchronize()
-        n = len(self.reqs)
-        return [row[:c] for row, c in zip(self.tokens_host[:n].tolist(), self.counts_host[:n].tolist())]
 
 
 class SpeculativeRunner:
@@ -76,7 +51,6 @@ class SpeculativeRunner:
         use_graphs = runner.use_graphs
         self.graphs = {greedy: StepGraphs(lambda x, g=greedy: self._step_fn(x, g), self._static_inputs, use_graphs)
                        for greedy in (True, False)}
-        self._host_buffers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # see _host_buffer
 
     @property
     def lookahead(self) -> int:
@@ -162,52 +136,17 @@ class SpeculativeRunner:
         return res.accept.tokens, res.accept.num_emitted
 
     @torch.inference_mode()
-    def launch(self, reqs: list[Request], follow: SpecFlight | None = None) -> SpecFlight:
-        """Queue one speculative step for running requests, without waiting for it; the host
-        state of the requests (``num_cached``, outputs) is advanced when the flight is read.
-
-        With ``follow`` (the step before, same requests in the same order, not read yet, and
-        blocks already grown for both steps) each request's root token is the last token that
-        step emitted, and its cached length and sampling counter advance by that step's count,
-        all taken on the device."""
+    def step(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One speculative step for running requests. Returns emitted tokens [B, depth+1]
+        (-1 padded) and their counts [B], on the device."""
         bucket = bucket_for(len(reqs), self.runner.buckets)
         # Padding rows read and write only the scratch block; a length past the widest pending
         # run keeps their head prefix non-negative.
         greedy = all(r.params.temperature == 0 for r in reqs)
         graphs = self.graphs[greedy]
         self.stage_inputs(graphs, reqs, bucket)
-        prepare = None
-        if follow is not None:
-            n, prev_tokens, prev_counts = len(reqs), follow.tokens_device, follow.counts_device
-
-            def prepare(static: dict[str, torch.Tensor]) -> None:
-                rows = StepRows(static["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
-                counts = prev_counts[:n]
-                last = torch.gather(prev_tokens[:n], 1, (counts - 1).clamp_min(0)[:, None])[:, 0]
-                rows["input_ids"][:n].copy_(last)
-                rows["cached_lens"][:n] += counts.to(torch.int32)
-                rows["offsets"][:n] += counts
-        tokens, counts = graphs.run(bucket, prepare)
-        tokens_host, counts_host, done = tokens, counts, None  # on the CPU the step has already run
-        if tokens.is_cuda:
-            tokens_host, counts_host = self._host_buffer(bucket)
-            tokens_host.copy_(tokens, non_blocking=True)  # queued now: the next replay overwrites the outputs
-            counts_host.copy_(counts, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        return SpecFlight(reqs, tokens, counts, tokens_host, counts_host, done)
-
-    def _host_buffer(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pinned [bucket, depth + 1] tokens and [bucket] counts for a step's outputs. Two pairs per
-        bucket, used in turn: at most two steps are in flight, and the older one is read before a
-        third starts."""
-        pairs = self._host_buffers.get(bucket)
-        if pairs is None:
-            pairs = self._host_buffers[bucket] = [
-                (torch.empty(bucket, self.width, dtype=torch.int64, pin_memory=True),
-                 torch.empty(bucket, dtype=torch.int64, pin_memory=True)) for _ in range(2)]
-        pairs.reverse()
-        return pairs[0]
+        tokens, counts = graphs.run(bucket)
+        return tokens[:len(reqs)], counts[:len(reqs)]
 
     def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int) -> None:
         """The runner's decode fields, then each request's state slot and cached length (padding
