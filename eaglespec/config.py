@@ -6,6 +6,8 @@ with a message naming the field.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -146,12 +148,15 @@ def _rope_key(scaling: dict | None) -> dict | None:
     return None if key.get("rope_type", "default") == "default" else key
 
 
+MIN_TEMPERATURE = 1e-5  # smaller positive temperatures sample greedily (as vLLM does)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How one request samples and when it stops."""
 
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 means no top-k cut
+    temperature: float = 0.0  # 0 means greedy; below MIN_TEMPERATURE taken as 0 (logits / T would overflow)
+    top_k: int = 0  # 0 means no top-k cut (so does any k >= 2**31, more than any vocabulary)
     top_p: float = 1.0  # 1 means no nucleus cut
     max_tokens: int = 128
     seed: int | None = None  # same seed, same output; None draws one
@@ -159,38 +164,106 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        self.temperature = _real("SamplingParams.temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        self.top_k = _integer("SamplingParams.top_k", self.top_k, "an int >= 0 (0 = no top-k cut)")
         if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+            raise ValueError(f"SamplingParams.top_k must be an int >= 0 (0 = no top-k cut), got {self.top_k}")
+        if self.top_k >= 2**31:  # device tensors hold int32
+            self.top_k = 0
+        self.top_p = _real("SamplingParams.top_p", self.top_p, "a number in (0, 1]")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"SamplingParams.top_p must be a number in (0, 1], got {self.top_p}")
+        self.max_tokens = _integer("SamplingParams.max_tokens", self.max_tokens, "an int >= 1")
         if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+            raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens}")
+        if self.seed is not None:
+            self.seed = _integer("SamplingParams.seed", self.seed, "an int or None")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if self.stop is None:
+            self.stop = ()
+        if not isinstance(self.stop, (list, tuple)):
+            raise TypeError(f"SamplingParams.stop must be a string or a list of strings, "
+                            f"got {type(self.stop).__name__}")
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise TypeError(f"SamplingParams.stop must hold strings, got {s!r} ({type(s).__name__})")
+            if not s:
+                raise ValueError("SamplingParams.stop must hold non-empty strings, got ''")
         self.stop = tuple(self.stop)
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"SamplingParams.ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+
+def _integer(field: str, value, expected: str) -> int:
+    """``value`` as an int, or TypeError naming the field (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{field} must be {expected}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _real(field: str, value, expected: str) -> float:
+    """``value`` as a float, or TypeError naming the field (bools and strings are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{field} must be {expected}, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 _TREE_SPEC = re.compile(r"^(chain:\d+|dynamic:\d+,\d+,\d+)$")
+
+# The trees ``tree="auto"`` chooses among (besides plain decoding): short chains for large
+# batches, where a step's extra tokens cost real compute, and dynamic trees for small ones.
+AUTO_TREES = ("chain:1", "chain:2", "chain:3", "dynamic:4,6,16", "dynamic:5,8,32")
 
 
 @dataclass(slots=True)
 class SpecConfig:
     """Speculative decoding settings.
 
-    ``tree`` is ``chain:K`` (K draft tokens in a line), ``dynamic:DEPTH,TOPK,NODES`` (EAGLE-2
-    dynamic tree) or a path to a JSON list of choices (static tree, EAGLE/Medusa format).
-    Children are the draft's top-k at every node; under sampling they are accepted by the
-    lossless rule for deterministic children (see docs/DESIGN_NOTES.md).
+    ``tree`` is ``auto`` (the default: each step runs plain decoding or one of ``auto_trees``,
+    whichever measures the most tokens/s for the batch at hand, see speculative/policy.py),
+    ``chain:K`` (K draft tokens in a line), ``dynamic:DEPTH,TOPK,NODES`` (EAGLE-2 dynamic tree)
+    or a path to a JSON list of choices (static tree, EAGLE/Medusa format). A tree other than
+    ``auto`` is forced on every step. Children are the draft's top-k at every node; under
+    sampling they are accepted by the lossless rule for deterministic children (see
+    docs/DESIGN_NOTES.md).
     """
 
-    tree: str = "dynamic:5,8,32"
+    tree: str = "auto"
+    auto_trees: tuple[str, ...] = AUTO_TREES  # the candidates of ``tree="auto"``
+    # The draft scores only this many of the most frequent target tokens (its output projection
+    # keeps their rows; the target still verifies over its whole vocabulary, so outputs are
+    # unchanged). None: the head's own default (its config's draft_vocab_size, else all). At most
+    # the head's vocabulary; fewer than it has needs the head's token ranking.
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not _TREE_SPEC.match(self.tree) and not self.tree.endswith(".json"):
-            raise ValueError(f"SpecConfig.tree must be chain:K, dynamic:DEPTH,TOPK,NODES or a .json "
-                             f"path, got {self.tree!r}")
+        if not isinstance(self.tree, str):
+            raise TypeError(f"SpecConfig.tree must be a string (auto, chain:K, dynamic:DEPTH,TOPK,NODES or a "
+                            f".json path), got {type(self.tree).__name__}")
+        self.auto_trees = tuple(self.auto_trees)
+        for field_name, trees in (("tree", (self.tree,)), ("auto_trees", self.auto_trees)):
+            for tree in trees:
+                if not isinstance(tree, str) or not (_TREE_SPEC.match(tree) or tree.endswith(".json")
+                                                     or (field_name == "tree" and tree == "auto")):
+                    raise ValueError(f"SpecConfig.{field_name}: a tree must be "
+                                     f"{'auto, ' if field_name == 'tree' else ''}chain:K, dynamic:DEPTH,TOPK,NODES "
+                                     f"or a .json path, got {tree!r}")
+        if not self.auto_trees or len(set(self.auto_trees)) != len(self.auto_trees):
+            raise ValueError(f"SpecConfig.auto_trees must be distinct trees, at least one, got {self.auto_trees}")
+        n = self.draft_vocab_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"SpecConfig.draft_vocab_size must be None or an int >= 1, got {n!r}")
+
+    @property
+    def trees(self) -> tuple[str, ...]:
+        """The trees a speculative engine prepares: the candidates of auto, or the forced one."""
+        return self.auto_trees if self.tree == "auto" else (self.tree,)
 
 
 @dataclass(slots=True)

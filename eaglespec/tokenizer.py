@@ -147,6 +147,52 @@ def _compile_chat_template(source: str):
         raise ValueError(f"chat template does not parse: {err} (line {err.lineno})") from err
 
 
+def chat_messages(messages: Any) -> list[dict]:
+    """A conversation checked and in the form chat templates expect.
+
+    ``messages`` is a non-empty list of dicts, each with a non-empty string ``role`` and a
+    ``content`` that is a string or, as in the OpenAI API, a list of text parts
+    (``{"type": "text", "text": ...}``), which are joined with newlines. Other keys pass through.
+    Anything else raises TypeError / ValueError naming the message and what was expected.
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                        f"got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty: a conversation needs at least one message")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise TypeError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
+        for key in ("role", "content"):
+            if key not in message or message[key] is None:
+                raise ValueError(f"{where} has no {key!r}: every message needs 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str) or not role:
+            raise TypeError(f"{where}['role'] must be a non-empty string such as 'user', got {role!r}")
+        out.append({**message, "content": _content_text(content, f"{where}['content']")})
+    return out
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message content as one string (OpenAI text parts joined by newlines)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise TypeError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
+    if not content:
+        raise ValueError(f"{where} is an empty list: give a string or at least one text part")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ValueError(f"{where}[{j}] must be a text part {{'type': 'text', 'text': '...'}}, got {kind!r} "
+                             f"(only text is supported)")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenizer.
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """End-to-end speed on real prompts: speculative decoding against plain decoding, same machine.
 
 Default: the embedded SmolLM2-135M-Instruct with its shipped head, MT-bench first turns (chat
-template applied), greedy, 256 new tokens. For each batch size the same prompts run through
-plain decoding and through each tree; reported: tokens/s, tau, acceptance per depth, speedup,
+template applied), greedy (or --temperature/--top-p, one seed per prompt), 256 new tokens,
+batch sizes 1 to 64. For each batch size the same prompts run through plain decoding, each
+speculative engine (``auto`` by default: the tree, or plain decoding, chosen per step) and plain
+decoding again; reported: tokens/s, tau, acceptance per depth, speedup over the mean of the two
+plain runs and their spread, the speculation each step chose,
 and how many outputs are token-for-token identical to plain decoding (bf16 kernels may flip
 near-tied argmaxes between the two paths; fp32 on the CPU is exact, see the tests).
+``--draft-vocab 4096,8192,16384,full`` runs every tree once per draft vocabulary size (the head
+drafts over that many of its most frequent tokens; full = its whole vocabulary).
 """
 
 from __future__ import annotations
@@ -16,7 +21,27 @@ import torch
 
 from eaglespec import LLM, EngineConfig, SamplingParams, SpecConfig
 from eaglespec.bench.results import write_result
+from eaglespec.engine.llm import shipped_head_path
+from eaglespec.models.eagle import load_head
 from eaglespec.train.data import load_conversations
+
+
+def parse_draft_vocabs(text: str) -> list[int | None]:
+    """``--draft-vocab``: comma-separated sizes ("4096", "8k" = 8192) or "full" (None: the
+    head's own vocabulary)."""
+    sizes: list[int | None] = []
+    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
+        if item == "full":
+            sizes.append(None)
+            continue
+        try:
+            n = int(item[:-1]) * 1024 if item.endswith("k") else int(item)
+        except ValueError:
+            raise ValueError(f"--draft-vocab: {item!r} is not a size (4096, 8k) or 'full'") from None
+        if n < 1:
+            raise ValueError(f"--draft-vocab: sizes must be >= 1, got {item!r}")
+        sizes.append(n)
+    return sizes or [None]
 
 
 def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[SamplingParams]) -> dict:
@@ -44,10 +69,15 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
     forwards = sum(o.stats["target_forwards"] for o in outs)
     depth = max((len(o.stats["accept_rate_per_depth"]) for o in outs), default=0)
     steps = [o.stats["target_forwards"] - 1 for o in outs]  # speculative steps (prefill excluded)
-    rates = [sum(o.stats["accept_rate_per_depth"][d] * s for o, s in zip(outs, steps)) / max(sum(steps), 1)
-             for d in range(depth)]
+    # A request that ran plain steps only (tree=auto) has no per-depth rates: it counts as 0.
+    rates = [sum((o.stats["accept_rate_per_depth"] + [0.0] * depth)[d] * s for o, s in zip(outs, steps))
+             / max(sum(steps), 1) for d in range(depth)]
+    chosen: dict[str, int] = {}  # decoding steps per tree (or plain), summed over requests
+    for o in outs:
+        for choice, n in o.stats.get("speculation", {}).items():
+            chosen[choice] = chosen.get(choice, 0) + n
     return {"outputs": outs, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "tau": tokens / max(forwards, 1), "accept_rate_per_depth": rates}
+            "tau": tokens / max(forwards, 1), "accept_rate_per_depth": rates, "speculation": chosen}
 
 
 def main(argv=None) -> None:
@@ -56,7 +86,9 @@ def main(argv=None) -> None:
     ap.add_argument("--num", type=int, default=80)
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--batch1-num", type=int, default=16, help="prompts timed at batch 1 (slow)")
-    ap.add_argument("--trees", default="", help="';'-separated trees (default: the shipped serving tree)")
+    ap.add_argument("--trees", default="", help="';'-separated trees, 'auto' among them (default: auto)")
+    ap.add_argument("--draft-vocab", default="full",
+                    help="comma-separated draft vocabulary sizes, e.g. 4096,8192,16384,full (each tree runs with each)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -73,30 +105,46 @@ def main(argv=None) -> None:
     # One seed per prompt: the same prompt samples the same way in every engine and batch size.
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=i)
               for i in range(len(prompts))]
-    trees = [t for t in args.trees.split(";") if t] or [None]
+    trees = [t for t in args.trees.split(";") if t] or ["auto"]
+    vocabs = parse_draft_vocabs(args.draft_vocab)
+    head = load_head(shipped_head_path(), plain.model)  # one head (and one target) for every engine
     engines = {"plain": plain}
     for tree in trees:
-        llm = LLM(device=args.device, dtype=args.dtype, engine=engine, spec=SpecConfig(tree=tree) if tree else None)
-        engines[llm.spec_config.tree] = llm
-    for llm in engines.values():  # warm-up: Triton compiles, every bucket's graph captured
-        for b in batches:
+        for size in vocabs:
+            llm = LLM.from_model(plain.model, tokenizer=plain.tokenizer, draft=head, engine=engine,
+                                 spec=SpecConfig(tree=tree, draft_vocab_size=size), eos_ids=plain.eos_ids)
+            engines[tree if size is None else f"{tree} vocab {size}"] = llm
+    # Warm-up: Triton compiles and every bucket's graph is captured (the tail of each batch passes
+    # through the smaller buckets), so no capture lands inside a timed run.
+    for llm in engines.values():
+        for b in llm.runner.buckets:
             llm.generate(prompts[:b], SamplingParams(max_tokens=8, temperature=args.temperature, top_p=args.top_p))
     rows = []
     for batch in batches:
         subset = prompts[:args.batch1_num] if batch == 1 else prompts
-        base = run_batch(plain, subset, batch, params[:len(subset)])
+        # Plain decoding runs first and last (A, B, ..., A): speedups are over the mean of the
+        # two, and their spread says how noisy the machine was.
+        first = run_batch(plain, subset, batch, params[:len(subset)])
+        runs = {name: run_batch(llm, subset, batch, params[:len(subset)])
+                for name, llm in engines.items() if name != "plain"}
+        last = run_batch(plain, subset, batch, params[:len(subset)])
+        base_rate = (first["tokens_per_s"] + last["tokens_per_s"]) / 2
+        spread = abs(first["tokens_per_s"] - last["tokens_per_s"]) / base_rate
+        base = {**first, "tokens_per_s": base_rate, "seconds": (first["seconds"] + last["seconds"]) / 2}
         for name, llm in engines.items():
-            r = base if name == "plain" else run_batch(llm, subset, batch, params[:len(subset)])
+            r = base if name == "plain" else runs[name]
             same = sum(a.token_ids == b.token_ids for a, b in zip(r["outputs"], base["outputs"]))
             row = {k: v for k, v in r.items() if k != "outputs"}
-            row.update(batch=batch, engine=name, prompts=len(subset), speedup=r["tokens_per_s"] / base["tokens_per_s"],
-                       identical_to_plain=f"{same}/{len(subset)}")
+            row.update(batch=batch, engine=name, prompts=len(subset), speedup=r["tokens_per_s"] / base_rate,
+                       plain_spread=spread, identical_to_plain=f"{same}/{len(subset)}",
+                       draft_vocab=None if name == "plain" else llm.speculative.vocab.size)
             rows.append(row)
-            print(f"batch {batch:3d} {name:>16s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
-                  f"speedup {row['speedup']:.2f}x  identical {row['identical_to_plain']}", flush=True)
+            print(f"batch {batch:3d} {name:>28s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
+                  f"speedup {row['speedup']:.2f}x (plain spread {spread:.1%})  identical {row['identical_to_plain']}  "
+                  f"{row['speculation'] if name != 'plain' else ''}", flush=True)
     device = plain.device
     name = ("e2e-smollm2-mtbench" + (f"-t{args.temperature:g}-p{args.top_p:g}" if args.temperature else "")
-            + (f"-{args.dtype}" if args.dtype else ""))
+            + (f"-{args.dtype}" if args.dtype else "") + ("-draft-vocab" if vocabs != [None] else ""))
     path = write_result(name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype),
                                "temperature": args.temperature, "top_p": args.top_p, "rows": rows}, device, args.out)
     print("wrote", path, "(plot: python -m eaglespec.bench.plots, needs the [plot] extra)")

@@ -3,7 +3,8 @@
     python -m eaglespec.bench.plots [--results benchmarks/results]
 
 spec-step-*.json -> cost of a speculative step over a plain decode step, by tree size and batch;
-e2e-*.json       -> tokens/s of plain and speculative decoding by batch size.
+e2e-*.json       -> tokens/s of plain and speculative decoding by batch size;
+serve-*.json     -> served throughput, TTFT and TPOT by concurrency (``plot_serve`` overlays runs).
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ def plot_spec_step(path: str) -> str:
         rec = json.load(f)
     rows = rec["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    vocabs = sorted({r.get("draft_vocab") or 0 for r in rows})  # one line per batch and draft vocabulary
     for batch in sorted({r["batch"] for r in rows}):
-        sel = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["nodes"])
-        nodes = [r["nodes"] for r in sel]
-        axes[0].plot(nodes, [r["verify_over_decode"] for r in sel], marker="o", label=f"batch {batch}")
-        axes[1].plot(nodes, [r["step_over_decode"] for r in sel], marker="o", label=f"batch {batch}")
+        for vocab in vocabs:
+            sel = sorted((r for r in rows if r["batch"] == batch and (r.get("draft_vocab") or 0) == vocab),
+                         key=lambda r: r["nodes"])
+            nodes = [r["nodes"] for r in sel]
+            label = f"batch {batch}" + (f", draft vocab {vocab}" if len(vocabs) > 1 else "")
+            axes[0].plot(nodes, [r["verify_over_decode"] for r in sel], marker="o", label=label)
+            axes[1].plot(nodes, [r["step_over_decode"] for r in sel], marker="o", label=label)
     for ax, title in zip(axes, ("verify (target forward + accept + commit)", "whole step (draft + verify)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
@@ -71,6 +76,43 @@ def plot_e2e(path: str) -> str:
     return out
 
 
+def plot_serve(paths: list[str]) -> str:
+    """Throughput, TPOT and TTFT (p50 solid, p99 dashed) by concurrency, one line per run
+    (speculation on and off in one figure when both are given); PNG beside the first file."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    title = ""
+    for path in paths:
+        with open(path) as f:
+            rec = json.load(f)
+        rows = sorted(rec["rows"], key=lambda r: r["concurrency"])
+        conc = [r["concurrency"] for r in rows]
+        name = f"{rec['label']} ({rec['speculation']})"
+        line = axes[0].plot(conc, [r["output_tokens_per_s"] for r in rows], marker="o", label=name)[0]
+        for r in rows:
+            if r["tau"]:
+                axes[0].annotate(f"τ {r['tau']:.1f}", (r["concurrency"], r["output_tokens_per_s"]), fontsize=6,
+                                 ha="center", va="bottom")
+        for ax, key in ((axes[1], "tpot"), (axes[2], "ttft")):
+            ax.plot(conc, [r[f"{key}_p50_ms"] for r in rows], marker="o", color=line.get_color(), label=f"{name} p50")
+            ax.plot(conc, [r[f"{key}_p99_ms"] for r in rows], marker="x", ls="--", color=line.get_color(),
+                    label=f"{name} p99")
+        title = f"{rec['model']} served on {rec['device']} ({rec['date']})"
+    for ax, ylabel in zip(axes, ("output tokens/s", "time per output token (ms)", "time to first token (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    axes[2].set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = paths[0][:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", default="benchmarks/results")
@@ -79,6 +121,13 @@ def main(argv=None) -> None:
         print("wrote", plot_spec_step(path))
     for path in sorted(glob.glob(os.path.join(args.results, "e2e-*.json"))):
         print("wrote", plot_e2e(path))
+    runs: dict[tuple, list[str]] = {}  # one figure per model, device and date: its runs overlaid
+    for path in sorted(glob.glob(os.path.join(args.results, "serve-*.json"))):
+        with open(path) as f:
+            rec = json.load(f)
+        runs.setdefault((rec["model"], rec["device"], rec["date"]), []).append(path)
+    for paths in runs.values():
+        print("wrote", plot_serve(paths))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ CUDA graph and timed by replaying it (median of CUDA-event timings). Reported pe
               sum of their device time: a step bound by launches shows many kernels, little time
 Random weights accept almost nothing, so tokens/s is also reported at *forced* acceptance
 lengths tau = 2..5 (tokens per step = tau, clearly not measured acceptance).
+``--draft-vocab 32768,full``: each tree once per draft vocabulary size (the random head gets a
+random token ranking; the step's cost does not depend on which tokens are kept).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import torch
 
 from eaglespec.bench.decode import PRESETS
+from eaglespec.bench.e2e import parse_draft_vocabs
 from eaglespec.bench.results import write_result
 from eaglespec.config import EngineConfig, LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.graphs import StepGraphs
@@ -96,12 +99,11 @@ def prefill_all(llm: LLM, batch: int) -> list:
     """Prefill every waiting request (the head too), however many ``schedule()`` calls the
     prefill token budget needs; check that ``batch`` requests are running, each with its whole
     prompt cached, so every row of the timed step is a real sequence and not padding."""
-    while llm.scheduler.waiting:
-        scheduled = llm.scheduler.schedule()
-        if scheduled is None or scheduled.kind != "prefill":
+    while llm.scheduler.waiting or any(r.num_cached < len(r.all_ids) - 1 for r in llm.scheduler.running):
+        scheduled = llm.scheduler.schedule_prefill()
+        if scheduled is None:
             raise RuntimeError("spec_step: the KV pool cannot hold every request's prompt; lower --batches or --context")
-        for r, toks in zip(scheduled.requests, llm._prefill(scheduled.requests)):
-            r.append_tokens(toks, ())
+        llm.core._apply(scheduled.requests, llm.core._prefill(scheduled), [True] * len(scheduled.requests))
     reqs = list(llm.scheduler.running)
     if len(reqs) != batch or any(r.num_cached != len(r.all_ids) - 1 for r in reqs):
         raise RuntimeError(f"spec_step: expected {batch} prefilled sequences, have {len(reqs)} running "
@@ -122,6 +124,8 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--max-nodes", type=int, default=64)
     ap.add_argument("--trees", default="", help="';'-separated trees (default: a family up to --max-nodes)")
+    ap.add_argument("--draft-vocab", default="full",
+                    help="comma-separated draft vocabulary sizes, e.g. 32768,full (each tree runs with each)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
@@ -132,12 +136,18 @@ def main(argv=None) -> None:
     head_layer = LlamaConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "num_layers": 1, "eagle3_layers": ()})
     head = build_head(EagleConfig("eagle1", head_layer), target)
     head.init_random(seed=1)
+    head.set_token_ranking(torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(2)))
     batches = [int(b) for b in args.batches.split(",")]
+    trees = [t for t in args.trees.split(";") if t] or tree_specs(args.max_nodes)
+    vocabs = parse_draft_vocabs(args.draft_vocab)
+    name = f"spec-step-{args.preset}" + ("-draft-vocab" if vocabs != [None] else "")
     rows = []
-    for spec_str in [t for t in args.trees.split(";") if t] or tree_specs(args.max_nodes):
+    for spec_str, draft_vocab in [(t, n) for t in trees for n in vocabs]:
         engine = EngineConfig(max_batch_size=max(batches), max_model_len=args.context + 128, gpu_memory_fraction=0.3)
-        llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree=spec_str), engine=engine)
+        llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree=spec_str, draft_vocab_size=draft_vocab),
+                             engine=engine)
         sr = llm.speculative
+        program = sr.programs[spec_str]
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist() for _ in range(batch)]
@@ -146,7 +156,7 @@ def main(argv=None) -> None:
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
-            graphs = sr.graphs[True]
+            graphs = program.graphs[True]
             sr.stage_inputs(graphs, reqs, bucket)
             step_ms = time_graph(lambda: graphs.run(bucket))
             step_census = kernel_census(lambda: graphs.fn(graphs.inputs(bucket)))
@@ -155,7 +165,7 @@ def main(argv=None) -> None:
             decode_ms = time_graph(lambda: decode_graphs.run(bucket))
             decode_census = kernel_census(lambda: decode_graphs.fn(decode_graphs.inputs(bucket)))
             # Verify alone: a fixed random tree of the same size through target + accept + commit.
-            tree = random_tree(batch, sr.shape.num_nodes, sr.shape.depth, cfg.vocab_size, device)
+            tree = random_tree(batch, program.shape.num_nodes, program.shape.depth, cfg.vocab_size, device)
             rows_in = StepRows(graphs.inputs(bucket)["packed"], llm.runner.max_blocks_per_seq, SPEC_ROWS)
             tables = rows_in.block_tables
             lens = rows_in["cached_lens"]
@@ -163,24 +173,26 @@ def main(argv=None) -> None:
 
             def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):
                 res = verify_tree(llm.runner.model, llm.runner.cache, tree, lens, tables, st, True, "hidden",
-                                  sr.shape.depth, llm.runner.scale, llm.runner.backend)
+                                  program.shape.depth, llm.runner.scale, llm.runner.backend)
                 return res.accept.tokens, res.accept.num_emitted
 
             vg = StepGraphs(verify_fn, lambda b: {}, device.type == "cuda")
             verify_ms = time_graph(lambda: vg.run(bucket))
-            row = {"tree": spec_str, "nodes": sr.shape.num_nodes, "batch": batch, "decode_ms": decode_ms,
+            row = {"tree": spec_str, "nodes": program.shape.num_nodes, "draft_vocab": sr.vocab.size, "batch": batch,
+                   "decode_ms": decode_ms,
                    "verify_ms": verify_ms, "step_ms": step_ms, "verify_over_decode": verify_ms / decode_ms,
                    "step_over_decode": step_ms / decode_ms,
                    "step_census": step_census, "decode_census": decode_census,
                    "forced_tokens_per_s": {str(t): 1000 * t * batch / step_ms for t in (2, 3, 4, 5)
-                                           if t <= sr.shape.depth + 1},
+                                           if t <= program.shape.depth + 1},
                    "plain_tokens_per_s": 1000 * batch / decode_ms}
             rows.append(row)
-            print(f"{spec_str:>15s} ({row['nodes']:2d} nodes) batch {batch:3d}: decode {decode_ms:6.2f} ms, "
+            print(f"{spec_str:>15s} ({row['nodes']:2d} nodes, vocab {sr.vocab.size:6d}) batch {batch:3d}: "
+                  f"decode {decode_ms:6.2f} ms, "
                   f"verify {verify_ms:6.2f} ms ({row['verify_over_decode']:.2f}x), step {step_ms:6.2f} ms "
                   f"({row['step_over_decode']:.2f}x); kernels: step {step_census['kernels']}, "
                   f"decode {decode_census['kernels']}", flush=True)
-            write_result(f"spec-step-{args.preset}", {"context": args.context, "rows": rows, "note": NOTE},
+            write_result(name, {"context": args.context, "rows": rows, "note": NOTE},
                          device, args.out)
             for r in reqs:
                 r.finish("length")
@@ -191,7 +203,7 @@ def main(argv=None) -> None:
         del llm, sr
         gc.collect()
         torch.cuda.empty_cache()
-    print("wrote", write_result(f"spec-step-{args.preset}", {"context": args.context, "rows": rows, "note": NOTE},
+    print("wrote", write_result(name, {"context": args.context, "rows": rows, "note": NOTE},
                                 device, args.out))
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-import random
+import numbers
+import os
 from typing import Iterator, Sequence
 
 import torch
 
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
+from eaglespec.engine.core import EngineCore, RequestDelta
 from eaglespec.engine.request import Output, Request
-from eaglespec.engine.runner import DecodeFlight, ModelRunner, resolve_backend
+from eaglespec.engine.runner import ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
@@ -39,60 +40,103 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def shipped_head_path() -> str | None:
     """The draft head trained for the embedded default model, if this install carries one."""
-    import os
-
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "smollm2-eagle")
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-def default_spec_config(draft, default_draft: bool) -> SpecConfig:
-    """The tree that served the shipped head best, else the library default."""
-    import json
-    import os
+def is_default_model(path) -> bool:
+    """Whether ``path`` is the embedded default model (the one the shipped head was trained for)."""
+    from eaglespec.models.loading import default_model_path
 
-    path = shipped_head_path() if default_draft and draft is None else None
-    if path and os.path.isfile(os.path.join(path, "serving.json")):
-        with open(os.path.join(path, "serving.json")) as f:
-            return SpecConfig(tree=json.load(f)["tree"])
-    return SpecConfig()
+    try:
+        return os.path.samefile(path, default_model_path())
+    except (OSError, ValueError):  # no default model installed, or no such path
+        return False
+
+
+def check_speculation_args(draft, spec, default_draft: bool) -> SpecConfig | None:
+    """Check ``draft`` and ``spec`` before anything is loaded; return ``spec`` as a SpecConfig.
+
+    A tree needs a draft head: with ``draft="none"``, or no head for this model, a given spec is
+    an error rather than silently ignored. The tree itself is parsed (limits, choices file).
+    """
+    from eaglespec.speculative.tree import parse_tree
+
+    if isinstance(spec, str):
+        spec = SpecConfig(tree=spec)
+    if spec is not None and not isinstance(spec, SpecConfig):
+        raise TypeError(f"spec must be a SpecConfig, a tree string or None, got {type(spec).__name__}")
+    if draft is not None and not isinstance(draft, (str, os.PathLike, EagleHead)):
+        raise TypeError(f"draft must be a draft-head directory, 'none' or None, got {type(draft).__name__}")
+    speculating = draft != "none" and (draft is not None or (default_draft and shipped_head_path() is not None))
+    if spec is not None and not speculating:
+        why = ("draft='none' (--draft none) turns speculation off" if draft == "none"
+               else "there is no draft head for this model (pass draft=PATH / --draft PATH)")
+        raise ValueError(f"a tree was given (spec={spec.tree!r} / --tree) but {why}: drop the tree or give a head")
+    if isinstance(draft, (str, os.PathLike)) and draft != "none" and not os.path.isdir(draft):
+        raise FileNotFoundError(f"draft head directory not found: {os.fspath(draft)!r} (give a directory with "
+                                f"config.json and model.safetensors, or 'none')")
+    if spec is not None:
+        for tree in spec.trees:
+            parse_tree(tree)
+    return spec
+
+
+def load_tokenizer(ckpt) -> tuple["Tokenizer | None", str]:
+    """The checkpoint's tokenizer, or (None, why) when its files have none: such a model still
+    serves token-id prompts (as vLLM's ``skip_tokenizer_init``); text fails then, saying why."""
+    from eaglespec.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_source(ckpt.tokenizer_source)
+    except FileNotFoundError as err:
+        return None, str(err)
+    if ckpt.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = ckpt.chat_template
+    return tokenizer, ""
 
 
 class LLM:
     """The public entry point (see DESIGN.md's public contract)."""
 
-    def __init__(self, model: str | None = None, draft: str | None = None, spec: SpecConfig | None = None,
+    def __init__(self, model: str | None = None, draft: str | None = None, spec: SpecConfig | str | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  engine: EngineConfig | None = None, progress: bool = False):
         from eaglespec.models.loading import default_model_path, open_checkpoint
-        from eaglespec.tokenizer import Tokenizer
 
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"model must be a path (HF directory or .gguf file) or None, got {type(model).__name__}")
+        model_path = model if model is not None else default_model_path()
+        default_draft = is_default_model(model_path)
+        # Arguments first: a bad tree or draft path fails before seconds of loading.
+        spec = check_speculation_args(draft, spec, default_draft)
         self.device = resolve_device(device)
         dt = resolve_dtype(dtype, self.device)
-        ckpt = open_checkpoint(model or default_model_path(), progress=progress)
+        ckpt = open_checkpoint(model_path, progress=progress)
+        tokenizer, no_tokenizer_reason = load_tokenizer(ckpt)
         kernels = resolve_backend((engine or EngineConfig()).attention_backend, self.device)
         target = build_model(ckpt.config, self.device, dt, kernels=kernels)
         target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
-        tokenizer = Tokenizer.from_source(ckpt.tokenizer_source)
-        if ckpt.chat_template and not tokenizer.chat_template:
-            tokenizer.chat_template = ckpt.chat_template
-        eos = tuple(dict.fromkeys(ckpt.generation_eos_ids + tokenizer.eos_ids + ckpt.config.eos_token_ids))
-        self._setup(target, tokenizer, eos, draft, spec, engine, default_draft=model is None)
+        tokenizer_eos = tokenizer.eos_ids if tokenizer is not None else ()
+        eos = tuple(dict.fromkeys(ckpt.generation_eos_ids + tokenizer_eos + ckpt.config.eos_token_ids))
+        self._setup(target, tokenizer, eos, draft, spec, engine, default_draft=default_draft,
+                    no_tokenizer_reason=no_tokenizer_reason)
 
     @classmethod
-    def from_model(cls, target: LlamaForCausalLM, tokenizer=None, draft=None, spec: SpecConfig | None = None,
+    def from_model(cls, target: LlamaForCausalLM, tokenizer=None, draft=None, spec: SpecConfig | str | None = None,
                    engine: EngineConfig | None = None, eos_ids: tuple[int, ...] = ()) -> "LLM":
         """Wrap an already built model (tests, benchmarks). Prompts are then token-id lists
         unless a tokenizer is given; ``draft`` is a draft-head module or None."""
+        spec = check_speculation_args(draft, spec, default_draft=False)
         self = cls.__new__(cls)
         self.device = target.output_weight.device
         self._setup(target, tokenizer, eos_ids or target.config.eos_token_ids, draft, spec, engine,
                     default_draft=False)
         return self
 
-    def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool) -> None:
+    def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool,
+               no_tokenizer_reason: str = "") -> None:
         import dataclasses
-
-        from eaglespec.speculative.tree import parse_tree
 
         self.model = target
         self.tokenizer = tokenizer
@@ -101,19 +145,24 @@ class LLM:
         if not self.engine_config.max_model_len:  # 0: the model's own context length
             self.engine_config = dataclasses.replace(self.engine_config,
                                                      max_model_len=target.config.max_position_embeddings)
-        self.spec_config = spec
         head = self._resolve_draft(draft, target, default_draft)
-        if head is not None:
-            self.spec_config = spec or default_spec_config(draft, default_draft)
-        lookahead = parse_tree(self.spec_config.tree).depth + 1 if head is not None else 1
-        self.runner = ModelRunner(target, self.engine_config, self.device, lookahead)
-        self.speculative = SpeculativeRunner(self.runner, head, self.spec_config) if head is not None else None
-        self.scheduler = Scheduler(self.runner.allocator, self.engine_config.max_batch_size,
-                                   self.engine_config.max_model_len, self.engine_config.prefill_token_budget,
-                                   lookahead=lookahead)
-        self._ids = itertools.count()
-        self._requests: dict[int, Request] = {}
-        self._in_flight: DecodeFlight | None = None  # a decode step queued but not read yet
+        self.spec_config = (spec or SpecConfig()) if head is not None else spec
+        self.core = EngineCore(target, tokenizer, self.eos_ids, head, self.spec_config, self.engine_config,
+                               self.device, no_tokenizer_reason=no_tokenizer_reason)
+        self._requests: dict[int, Request] = {}  # this front end's requests, finished ones until collected
+
+    # The engine's parts, for tests and benchmarks that look inside.
+    @property
+    def runner(self) -> ModelRunner:
+        return self.core.runner
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def speculative(self) -> SpeculativeRunner | None:
+        return self.core.speculative
 
     @staticmethod
     def _resolve_draft(draft, target: LlamaForCausalLM, default_draft: bool) -> EagleHead | None:
@@ -128,164 +177,85 @@ class LLM:
 
     # ------------------------------------------------------------------ requests
 
-    def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this LLM has no tokenizer: give prompts as lists of token ids")
-            return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        return ids
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, what: str = "prompt") -> int:
+        rid = self.core.add_request(prompt, params, what)
+        self._requests[rid] = self.core.requests[rid]
+        return rid
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
-        from eaglespec.tokenizer import IncrementalDetokenizer
-
-        params = params or SamplingParams()
-        ids = self._encode(prompt)
-        self.scheduler.check_prompt(len(ids))
-        seed = params.seed if params.seed is not None else random.getrandbits(62)
-        req = Request(next(self._ids), ids, params, seed,
-                      IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None)
-        self._requests[req.request_id] = req
-        self.scheduler.add(req)
-        return req.request_id
-
-    def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that made progress (finished ones included).
-
-        Plain decoding overlaps the host with the device: while a decode step runs, the next
-        one is queued with its input tokens taken on the device, and only then are the first
-        step's tokens read and checked. That needs the batch to go on unchanged (nothing to
-        admit, nothing finished or preempted, room for one more token each); otherwise the
-        step ends without a successor. A request that stops while its successor runs wastes
-        that one token, which is dropped.
-        """
-        flight, self._in_flight = self._in_flight, None
-        if flight is None:
-            scheduled = self.scheduler.schedule()
-            if scheduled is None:
-                return []
-            reqs = scheduled.requests
-            if not reqs or scheduled.kind == "prefill" or self.speculative is not None:
-                emitted = [] if not reqs else (self._prefill(reqs) if scheduled.kind == "prefill"
-                                               else self._speculate(reqs))
-                self._apply(reqs, emitted, prefill=scheduled.kind == "prefill")
-                return reqs
-            flight = self.runner.launch_decode(reqs)
-        if self.engine_config.overlap_decode and self._can_follow(flight.reqs):
-            self._in_flight = self.runner.launch_decode(flight.reqs, follow=flight)
-        live = [r for r in flight.reqs if not r.finished]
-        self._apply(flight.reqs, [[t] for t in flight.wait()], prefill=False)  # the one host read of the step
-        return live
-
-    def _can_follow(self, reqs: list[Request]) -> bool:
-        """Whether the next decode step may be queued before this one's tokens are known: the
-        same requests, none finished, nobody waiting for a free row, no limit reached by the
-        token in flight, and KV room without preemption (the room is taken here)."""
-        sched = self.scheduler
-        if sched.waiting and len(sched.running) < sched.max_batch:
-            return False
-        if len(sched.running) != len(reqs) or any(a is not b for a, b in zip(sched.running, reqs)):
-            return False
-        allocator, new_blocks = self.runner.allocator, 0
-        for r in reqs:
-            if (r.finished or len(r.output_ids) + 1 >= r.params.max_tokens
-                    or len(r.all_ids) + 1 >= self.engine_config.max_model_len):
-                return False
-            new_blocks += max(0, allocator.blocks_needed(r.num_cached + sched.lookahead) - len(r.blocks))
-        if new_blocks > allocator.num_free:
-            return False
-        for r in reqs:
-            allocator.grow(r.blocks, r.num_cached + sched.lookahead)
-        return True
-
-    def _apply(self, reqs: list[Request], emitted: list[list[int]], prefill: bool) -> None:
-        """Append each request's new tokens (stop checks included) and retire finished ones."""
-        limit = self.engine_config.max_model_len
-        for req, toks in zip(reqs, emitted):
-            # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
-            req.record_step(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids, prefill)
-            if not req.finished and len(req.all_ids) >= limit:
-                req.finish("length")
-        for req in list(self.scheduler.running):
-            if req.finished:
-                self.scheduler.retire(req)
-                if self.speculative is not None:
-                    self.speculative.release(req)
-
-    def _prefill(self, reqs: list[Request]) -> list[list[int]]:
-        spec = self.speculative
-        want = {} if spec is None else {"want_hidden": spec.feature == "hidden", "want_taps": spec.feature == "taps"}
-        tokens, out, new_counts = self.runner.prefill(reqs, **want)
-        if spec is not None:
-            spec.after_prefill(reqs, out, tokens, new_counts)
-        return [[t] for t in tokens.tolist()]
-
-    def _speculate(self, reqs: list[Request]) -> list[list[int]]:
-        tokens, counts = self.speculative.step(reqs)
-        tokens, counts = tokens.tolist(), counts.tolist()  # the one host read of the step
-        depth = self.speculative.shape.depth
-        emitted = []
-        for req, row, n in zip(reqs, tokens, counts):
-            req.num_cached += n
-            if not req.proposed_per_depth:
-                req.proposed_per_depth = [0] * depth
-                req.accepted_per_depth = [0] * depth
-            for d in range(depth):
-                req.proposed_per_depth[d] += 1
-                req.accepted_per_depth[d] += int(n - 1 > d)
-            emitted.append(row[:n])
-        return emitted
+    def step(self) -> list[RequestDelta]:
+        """Run one engine step (see ``EngineCore.step``)."""
+        return self.core.step()
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or self._in_flight is not None
+        return self.core.has_work
 
     def _drain(self) -> None:
-        while self.has_work:
-            self.step()
+        while self.core.has_work:
+            self.core.step()
 
     # ------------------------------------------------------------------ public API
 
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[Output]:
         """Generate for a batch of prompts (strings or token-id lists), continuously batched."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        plist = params if isinstance(params, list) else [params] * len(prompts)
+        prompts = _prompt_list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        encoded = [self._encode(p) for p in prompts]
-        for ids in encoded:  # refuse the whole batch before any of it is queued
-            self.scheduler.check_prompt(len(ids))
-        ids = [self.add_request(p, sp) for p, sp in zip(encoded, plist)]
+        encoded = []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):  # refuse the whole batch before any of it is queued
+            encoded.append(self.core.encode(p, f"prompts[{i}]"))
+            self.scheduler.check_prompt(len(encoded[-1]))
+            if sp is not None and not isinstance(sp, SamplingParams):
+                raise TypeError(f"params[{i}] must be a SamplingParams or None, got {type(sp).__name__}")
+        ids = [self.add_request(p, sp, f"prompts[{i}]") for i, (p, sp) in enumerate(zip(encoded, plist))]
         self._drain()
         return [self._requests.pop(i).to_output() for i in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt as they are produced."""
         rid = self.add_request(prompt, params)
-        req = self._requests[rid]
-        while not req.finished:
-            self.step()
-            if req.pending_text:
-                piece, req.pending_text = req.pending_text, ""
-                yield piece
-        if req.pending_text:
-            yield req.pending_text
-        self._drain()
-        self._requests.pop(rid, None)
+        try:
+            finished = False
+            while not finished:
+                for delta in self.core.step():
+                    if delta.request_id == rid:
+                        if delta.new_text:
+                            yield delta.new_text
+                        finished = delta.finished
+        finally:
+            self.core.abort(rid)  # a stream closed early frees its blocks
+            self._requests.pop(rid, None)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Output:
         """Apply the chat template to one conversation and generate the assistant's reply."""
+        from eaglespec.tokenizer import chat_messages
+
+        messages = chat_messages(messages)
         if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
+            raise ValueError(f"chat needs a tokenizer, and this model has none ({self.core.no_tokenizer_reason})")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate([self.tokenizer.encode(text)], params)[0]
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """The target's full-sequence logits [T, vocab] (fp32)."""
-        return self.runner.full_logits(self._encode(token_ids))
+        ids = self.core.encode(token_ids, "token_ids")
+        limit = self.engine_config.max_model_len
+        if len(ids) > limit:
+            raise ValueError(f"token_ids: {len(ids)} tokens, more than max_model_len ({limit})")
+        return self.runner.full_logits(ids)
+
+
+def _prompt_list(prompts) -> list:
+    """``prompts`` as a list of prompts: one string or token-id list becomes a list of one."""
+    if isinstance(prompts, str) or isinstance(prompts, torch.Tensor) and prompts.dim() == 1:
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):
+        raise TypeError("prompts is bytes: decode it to str, or give a list of token ids")
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a list of int token ids, or a list of those; "
+                        f"got {type(prompts).__name__}")
+    if prompts and isinstance(prompts[0], numbers.Number) and not isinstance(prompts[0], bool):
+        return [prompts]
+    return list(prompts)

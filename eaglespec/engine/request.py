@@ -39,11 +39,14 @@ class Request:
     prefill_tokens: int = 0  # output tokens sampled by prefill forwards
     accepted_per_depth: list[int] = field(default_factory=list)  # drafts accepted at depth d
     proposed_per_depth: list[int] = field(default_factory=list)  # steps that proposed depth d
+    steps_by_choice: dict[str, int] = field(default_factory=dict)  # decoding steps per tree (or "plain")
     started: float = field(default_factory=time.perf_counter)  # when the request was added
     scheduled_at: float | None = None  # when its first prefill was scheduled
     first_token_at: float | None = None
     finished_at: float | None = None
-    pending_text: str = ""  # text produced but not yet handed to a stream
+    failures: int = 0  # engine steps that raised while this request was in the batch
+    reported_tokens: int = 0  # output tokens already handed out in deltas
+    reported_chars: int = 0  # characters of ``text`` already handed out in deltas
 
     @property
     def seed_int64(self) -> int:
@@ -92,23 +95,27 @@ class Request:
             if self.detokenizer is not None:
                 piece = self.detokenizer.add(tok)
                 self.text += piece
-                self.pending_text += piece
-                if self._hit_stop_string():
+                if self._hit_stop_string(len(piece)):
                     return
             if len(self.output_ids) >= self.params.max_tokens:
                 self.finish("length")
 
-    def _hit_stop_string(self) -> bool:
+    def _hit_stop_string(self, new_chars: int) -> bool:
         for stop in self.params.stop:
-            start = max(0, len(self.text) - len(self.pending_text) - len(stop))
+            start = max(0, len(self.text) - new_chars - len(stop))
             idx = self.text.find(stop, start)
             if idx >= 0:
-                cut = len(self.text) - idx
                 self.text = self.text[:idx]
-                self.pending_text = self.pending_text[:max(len(self.pending_text) - cut, 0)]
                 self.finish("stop")
                 return True
         return False
+
+    def text_safe_to_show(self) -> int:
+        """How much of ``text`` can be streamed now: all of it once finished, else all but
+        the tail that could still turn out to be the start of a stop string."""
+        if self.finished or not self.params.stop:
+            return len(self.text)
+        return max(len(self.text) - max(len(s) for s in self.params.stop) + 1, self.reported_chars)
 
     def fail(self, message: str) -> None:
         self.error = message
@@ -143,6 +150,7 @@ class Request:
             "decode_forwards": self.decode_forwards,
             "decode_tokens": decode_tokens,
             "tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
+            "speculation": dict(self.steps_by_choice),  # which tree (or plain) ran each decoding step
         }
 
     def to_output(self) -> Output:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -150,9 +151,11 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill
 
     @torch.inference_mode()
-    def prefill(self, reqs: list[Request], want_hidden: bool = False,
+    def prefill(self, reqs: list[Request], ends: list[int] | None = None, want_hidden: bool = False,
                 want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput, list[int]]:
-        """Prefill the uncached tokens of each request (blocks already allocated).
+        """Prefill each request's uncached tokens up to ``ends`` (default: all of them; blocks
+        already allocated). A request whose end is short of its length (a chunk of a long
+        prompt) gets a sampled token too, which the caller drops.
 
         Returns the sampled next token per request [B] (on device), the model output whose
         logits are those of each request's last token (hidden/taps cover *every* prefilled
@@ -160,9 +163,9 @@ class ModelRunner:
         """
         bs = self.cfg.block_size
         ids, pos, slots, cu, lens, new_counts = [], [], [], [0], [], []
-        for r in reqs:
+        for i, r in enumerate(reqs):
             tokens = r.all_ids
-            start, end = r.num_cached, len(tokens)
+            start, end = r.num_cached, (ends[i] if ends else len(tokens))
             ids += tokens[start:end]
             pos += list(range(start, end))
             slots += slots_for(r.blocks, start, end, bs)
@@ -200,12 +203,18 @@ class ModelRunner:
         return {"packed": packed}
 
     def _decode_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
-        rows = StepRows(x["packed"], self.max_blocks_per_seq)
+        tokens, _ = self.decode_forward(StepRows(x["packed"], self.max_blocks_per_seq), greedy)
+        return (tokens,)
+
+    def decode_forward(self, rows: StepRows, greedy: bool, want_hidden: bool = False,
+                       want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput]:
+        """One decode step's forward and next tokens [bucket] (greedy or sampled per row)."""
         step = DecodeStep(rows["slots"], rows.block_tables, rows["context_lens"], self.scale, self.backend)
-        out = self.model(rows["input_ids"], rows["positions"], step, self.cache)
+        out = self.model(rows["input_ids"], rows["positions"], step, self.cache, want_hidden=want_hidden,
+                         want_taps=want_taps)
         if greedy:
-            return (greedy_argmax(out.logits) if self.backend == "triton" else out.logits.argmax(dim=-1),)
-        return (sample(out.logits, rows.sampling()),)
+            return (greedy_argmax(out.logits) if self.backend == "triton" else out.logits.argmax(dim=-1)), out
+        return sample(out.logits, rows.sampling()), out
 
     def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int, tokens_in_flight: int = 0,
                      fields: RowFields = DECODE_ROWS) -> StepRows:
@@ -237,20 +246,28 @@ class ModelRunner:
         return rows
 
     @torch.inference_mode()
-    def launch_decode(self, reqs: list[Request], follow: DecodeFlight | None = None) -> DecodeFlight:
+    def launch_decode(self, reqs: list[Request], follow: DecodeFlight | None = None,
+                      graphs: dict[bool, StepGraphs] | None = None, fields: RowFields = DECODE_ROWS,
+                      fill: Callable[[StepRows, list[Request]], None] | None = None) -> DecodeFlight:
         """Queue one decode step: one token for each request (whose last token is not cached
         yet), without waiting for it. With ``follow`` (the step before, same requests in the
-        same order, not read yet) the input tokens are that step's outputs, taken on the device."""
+        same order, not read yet) the input tokens are that step's outputs, taken on the device.
+
+        ``graphs`` (greedy and sampled, default the runner's own), ``fields`` and ``fill`` (which
+        writes the extra fields) serve a decode step that does more, such as the speculative
+        engine's plain step, which also hands its features to the draft."""
         bucket = bucket_for(len(reqs), self.buckets)
         greedy = all(r.params.temperature == 0 for r in reqs)
-        graphs = self.decode_graphs[greedy]
-        self.stage_inputs(graphs, reqs, bucket, tokens_in_flight=int(follow is not None))
+        graphs = (graphs or self.decode_graphs)[greedy]
+        rows = self.stage_inputs(graphs, reqs, bucket, tokens_in_flight=int(follow is not None), fields=fields)
+        if fill is not None:
+            fill(rows, reqs)
         prepare = None
         if follow is not None:
             prev = follow.tokens_device
 
             def prepare(static: dict[str, torch.Tensor]) -> None:
-                StepRows(static["packed"], self.max_blocks_per_seq)["input_ids"].copy_(prev)
+                StepRows(static["packed"], self.max_blocks_per_seq, fields)["input_ids"].copy_(prev)
         (tokens,) = graphs.run(bucket, prepare)
         host, done = tokens, None  # on the CPU the step has already run
         if tokens.is_cuda:

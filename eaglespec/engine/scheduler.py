@@ -1,9 +1,16 @@
-"""Continuous batching: admission by KV blocks, prefill before decode, preemption on a full pool.
+"""Continuous batching: admission by KV blocks, chunked prefill, preemption on a full pool.
 
-Invariant for every running request: all of its tokens but the last are in the KV cache
-(``num_cached == len(all_ids) - 1`` between steps); one forward over the uncached tokens yields
-the next token. A preempted request loses its blocks and is prefilled again later (prompt and
+Invariant for every running request that is *ready* (fully prefilled): all of its tokens but
+the last are in the KV cache (``num_cached == len(all_ids) - 1`` between steps); one forward
+over the uncached tokens yields the next token. A request whose prompt is longer than one
+step's prefill budget is prefilled in chunks; it runs (holds blocks) but is not ready until its
+last chunk. A preempted request loses its blocks and is prefilled again later (prompt and
 output so far), which yields exactly the token a decode step would have.
+
+Prefill never stalls the streams already running. Under plain decoding the ready requests
+decode their next token inside the prefill step's forward (a mixed step: each is a one-token
+"prefill"); under speculation (whose step is a different function) prefill steps and
+speculative steps alternate while both have work.
 
 The context limit: a sequence holds at most ``max_model_len`` tokens. A step writes up to
 ``lookahead`` cache positions from its last cached token (a speculative tree's accepted path),
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from eaglespec.engine.request import Request
 from eaglespec.kv_cache import BlockAllocator
@@ -26,11 +33,19 @@ from eaglespec.kv_cache import BlockAllocator
 class ScheduledStep:
     kind: str  # "prefill" or "decode"
     requests: list[Request]
+    # prefill only: the position each request's prefill stops at this step (len(all_ids) when
+    # it completes the prompt; less for a chunk of a long prompt, which then samples nothing)
+    prefill_ends: list[int] = field(default_factory=list)
+
+
+def is_ready(req: Request) -> bool:
+    """Whether a running request is fully prefilled (its next step is a decode step)."""
+    return req.num_cached >= len(req.all_ids) - 1 and req.num_cached > 0
 
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_batch: int, max_model_len: int,
-                 prefill_token_budget: int, lookahead: int = 1):
+                 prefill_token_budget: int, lookahead: int = 1, mixed_decode: bool = False):
         self.allocator = allocator
         self.max_batch = max_batch
         self.max_model_len = max_model_len
@@ -38,6 +53,8 @@ class Scheduler:
         self.lookahead = lookahead  # cache slots a decode step may write past num_cached
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.mixed_decode = mixed_decode  # ready requests decode inside prefill steps (plain decoding)
+        self._last_kind = "decode"
 
     def add(self, req: Request) -> None:
         """Queue a request; one whose prompt fills the context ends at once with "length" (no
@@ -76,25 +93,16 @@ class Scheduler:
         self.allocator.release(req.blocks)
 
     def schedule(self) -> ScheduledStep | None:
-        """Pick the next step: admit waiting requests first (prefill), else decode the running ones."""
-        admitted, budget = [], self.prefill_token_budget
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-            req = self.waiting[0]
-            total = len(req.all_ids)
-            uncached = total - req.num_cached
-            if admitted and uncached > budget:
-                break
-            if not self._fits(req, total + self.lookahead):
-                break
-            self.waiting.popleft()
-            self._grow(req, total + self.lookahead)
-            if req.scheduled_at is None:
-                req.scheduled_at = time.perf_counter()
-            admitted.append(req)
-            budget -= uncached
-        if admitted:
-            self.running += admitted
-            return ScheduledStep("prefill", admitted)
+        """Pick the next step: a prefill step (chunks of running requests, then waiting
+        requests admitted by free KV blocks; mixed with the ready requests' decoding when
+        ``mixed_decode``) or a decode step of the ready requests."""
+        ready = [r for r in self.running if is_ready(r)]
+        if self.mixed_decode or not (ready and self._last_kind == "prefill"):
+            step = self.schedule_prefill()
+            if step is not None:
+                self._last_kind = "prefill"
+                return step
+        self._last_kind = "decode"
         if not self.running:
             if self.waiting:  # nothing runs and the head cannot fit: the pool is too small for it
                 req = self.waiting.popleft()
@@ -102,8 +110,10 @@ class Scheduler:
                 return ScheduledStep("decode", [])
             return None
         # Make room for this step's writes, preempting the newest requests if the pool is full.
-        ready: list[Request] = []
-        for req in list(self.running):
+        batch: list[Request] = []
+        for req in [r for r in self.running if is_ready(r)]:
+            if req not in self.running:
+                continue  # preempted for an older request this step
             need = req.num_cached + self.lookahead
             while not self._fits(req, need):
                 victim = self.running[-1]
@@ -112,8 +122,56 @@ class Scheduler:
                     break
             if req in self.running:
                 self._grow(req, need)
-                ready.append(req)
-        return ScheduledStep("decode", ready)
+                batch.append(req)
+        return ScheduledStep("decode", batch)
+
+    def schedule_prefill(self) -> ScheduledStep | None:
+        """A prefill step, or None when nothing is left to prefill or admit."""
+        step = self._prefill_work()
+        if step is None or not self.mixed_decode or any(r.failures for r in step.requests):
+            return step
+        # Mixed: the ready requests that have room take their next token in the same forward.
+        decodes, ends = [], []
+        for req in self.running:
+            if is_ready(req) and req not in step.requests and self._fits(req, req.num_cached + self.lookahead):
+                self._grow(req, req.num_cached + self.lookahead)
+                decodes.append(req)
+                ends.append(len(req.all_ids))
+        return ScheduledStep("prefill", decodes + step.requests, ends + step.prefill_ends)
+
+    def _prefill_work(self) -> ScheduledStep | None:
+        budget = self.prefill_token_budget
+        reqs, ends = [], []
+        # Requests part-way through a chunked prefill go first (their blocks are already held).
+        for req in self.running:
+            if budget <= 0:
+                break
+            if not is_ready(req):
+                end = min(len(req.all_ids), req.num_cached + budget)
+                reqs.append(req)
+                ends.append(end)
+                budget -= end - req.num_cached
+        while budget > 0 and self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            total = len(req.all_ids)
+            if req.failures and reqs:
+                break  # a request that was in a failing step runs alone
+            # Blocks for the whole sequence plus a step's writes are taken at admission, so a
+            # request admitted always gets to finish its prefill.
+            if not self._fits(req, total + self.lookahead):
+                break
+            self.waiting.popleft()
+            self._grow(req, total + self.lookahead)
+            if req.scheduled_at is None:
+                req.scheduled_at = time.perf_counter()
+            self.running.append(req)
+            end = min(total, req.num_cached + budget)
+            reqs.append(req)
+            ends.append(end)
+            budget -= end - req.num_cached
+            if req.failures:
+                break
+        return ScheduledStep("prefill", reqs, ends) if reqs else None
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -121,8 +179,19 @@ class Scheduler:
         req.num_cached = 0
         self.waiting.appendleft(req)
 
-    def retire(self, req: Request) -> None:
-        """Remove a finished request and free its blocks."""
+    def preempt(self, req: Request) -> None:
+        """Give back a running request's blocks and queue it to be prefilled again (recompute)."""
+        if req in self.running:
+            self._preempt(req)
+
+    def remove(self, req: Request) -> None:
+        """Take a request out (finished or aborted) and free its blocks at once."""
         if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
         self.release(req)
+
+    def retire(self, req: Request) -> None:
+        """Remove a finished request and free its blocks."""
+        self.remove(req)

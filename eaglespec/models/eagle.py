@@ -13,6 +13,12 @@ EAGLE-3:
   cat(input_layernorm(embed), hidden_norm(h)) (2H); norm; lm_head [draft_vocab, H]; d2t
   (target id = draft id + d2t[draft id]) and t2d; inside a tree the head feeds back its own
   pre-norm output.
+
+Reduced draft vocabulary (any kind): with a token ranking beside the head
+(``token_ranking.safetensors``, see eaglespec.train.token_ranking), ``EagleHead.draft_vocab(N)``
+gives the N most frequent target tokens the head can draft: the rows of its output projection for
+those tokens (gathered once) and their target ids. The forward returns the projection's input;
+the drafter applies the projection of the vocabulary it was given.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ class EagleConfig:
     kind: str  # "eagle1" (EAGLE-1/2 and multi-layer dense drafts) or "eagle3"
     layer: LlamaConfig  # num_layers = draft depth in layers; vocab_size = the target's vocabulary
     fc_bias: bool = False
-    draft_vocab_size: int = 0  # EAGLE-3 reduced vocabulary (0: the target's)
+    # Tokens the head drafts over by default (0: all it has). EAGLE-3: the rows of its lm_head;
+    # EAGLE-1: the most frequent target tokens of its ranking (it borrows the target's lm_head).
+    draft_vocab_size: int = 0
     target_hidden_size: int = 0  # 0: same as the draft's hidden size
 
     def __post_init__(self) -> None:
@@ -49,6 +57,9 @@ class EagleConfig:
             raise ValueError(f"EagleConfig.kind must be eagle1 or eagle3, got {self.kind!r}")
         if self.kind == "eagle3" and self.layer.num_layers != 1:
             raise ValueError("EAGLE-3 heads have exactly one decoder layer (midlayer)")
+        if not 0 <= self.draft_vocab_size <= self.layer.vocab_size:
+            raise ValueError(f"EagleConfig.draft_vocab_size must be in [0, {self.layer.vocab_size}] (0: the "
+                             f"target's vocabulary), got {self.draft_vocab_size}")
         self.draft_vocab_size = self.draft_vocab_size or self.layer.vocab_size
         self.target_hidden_size = self.target_hidden_size or self.layer.hidden_size
 
@@ -60,11 +71,13 @@ class EagleConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "EagleConfig":
         archs = cfg.get("architectures") or []
-        is3 = any("Eagle3" in a for a in archs) or "draft_vocab_size" in cfg
+        # An EAGLE-1 head with a default reduced vocabulary says LlamaForCausalLM and has a
+        # draft_vocab_size; EAGLE-3 configs say Eagle3 (older ones only have draft_vocab_size).
+        is3 = any("Eagle3" in a for a in archs) or ("draft_vocab_size" in cfg and "LlamaForCausalLM" not in archs)
         layer_dict = dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama")
         layer = LlamaConfig.from_hf_dict(layer_dict)
         return cls(kind="eagle3" if is3 else "eagle1", layer=layer, fc_bias=bool(cfg.get("bias", False)),
-                   draft_vocab_size=cfg.get("draft_vocab_size", 0) if is3 else 0,
+                   draft_vocab_size=cfg.get("draft_vocab_size") or 0,
                    target_hidden_size=cfg.get("target_hidden_size", 0) or 0)
 
     def to_hf_dict(self) -> dict:
@@ -72,6 +85,8 @@ class EagleConfig:
         d["bias"] = self.fc_bias
         if self.kind == "eagle3":
             d["architectures"] = ["LlamaForCausalLMEagle3"]
+            d["draft_vocab_size"] = self.draft_vocab_size
+        elif self.draft_vocab_size < self.layer.vocab_size:
             d["draft_vocab_size"] = self.draft_vocab_size
         if self.target_hidden_size != self.layer.hidden_size:
             d["target_hidden_size"] = self.target_hidden_size
@@ -81,7 +96,30 @@ class EagleConfig:
 @dataclass(slots=True)
 class DraftOutput:
     hidden: torch.Tensor  # [T, H] what the next tree level feeds back as its feature
-    logits: torch.Tensor  # [T, draft_vocab] fp32
+    last: torch.Tensor  # [T, H] the output projection's input (EAGLE-3: after its final norm)
+
+
+@dataclass(slots=True)
+class DraftVocab:
+    """The tokens a head drafts over: N rows of its output projection and their target ids.
+
+    Made once when a head is bound to a runner (``EagleHead.draft_vocab``), never per step.
+    """
+
+    weight: torch.Tensor  # [N, H] output projection rows of the drafted tokens, the head's dtype
+    to_target: torch.Tensor | None  # [N] int64 target id of each draft id; None: draft id = target id
+
+    @property
+    def size(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, last: torch.Tensor) -> torch.Tensor:
+        """last [T, H] (``DraftOutput.last``) -> [T, N] fp32 draft logits."""
+        return F.linear(last, self.weight).float()
+
+    def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids (any shape) -> target ids, on the device."""
+        return draft_ids if self.to_target is None else self.to_target[draft_ids]
 
 
 class Eagle3Layer(nn.Module):
@@ -138,6 +176,8 @@ class EagleHead(nn.Module):
             self.register_buffer("t2d", torch.zeros(lc.vocab_size, dtype=torch.bool))
         self.register_buffer("inv_freq", rope_inverse_frequencies(lc.head_dim, lc.rope_theta, lc.rope_scaling),
                              persistent=False)
+        # [V] int32 target ids, most frequent first (CPU; only read to make a DraftVocab), or None.
+        self.token_ranking: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -147,18 +187,72 @@ class EagleHead(nn.Module):
         """This head on another kernel set ("torch" or "triton"): weights shared, not copied."""
         return with_kernels(self, kernels)
 
+    @property
+    def own_vocab_size(self) -> int:
+        """Rows of the head's full output projection (EAGLE-1: the target's vocabulary)."""
+        return self.config.draft_vocab_size if self.config.kind == "eagle3" else self.config.layer.vocab_size
+
     def draft_to_target(self) -> torch.Tensor | None:
-        """[draft_vocab] target id of each draft id (None when the vocabularies are the same)."""
+        """[draft_vocab] target id of each row of the head's own lm_head (None: the target's)."""
         if self.config.kind == "eagle1":
             return None
         return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
 
+    def set_token_ranking(self, ranked_ids: torch.Tensor | None) -> None:
+        """Give the head its target-token ranking ([V] ids, most frequent first), or None."""
+        if ranked_ids is not None:
+            check_ranking(ranked_ids, self.config.layer.vocab_size, "token ranking")
+            ranked_ids = ranked_ids.to(device="cpu", dtype=torch.int32)
+        self.token_ranking = ranked_ids
+
+    def output_weight(self) -> torch.Tensor:
+        """[own_vocab, H] the head's full output projection, in the head's dtype."""
+        if self.config.kind == "eagle3":
+            return self.lm_head.weight
+        return self.lm_head_weight.to(self.fc.weight.dtype)
+
+    def logits(self, out: DraftOutput) -> torch.Tensor:
+        """[T, own_vocab] fp32 logits over the head's own vocabulary (training, checks)."""
+        return F.linear(out.last, self.output_weight()).float()
+
+    @torch.no_grad()
+    def draft_vocab(self, size: int | None = None) -> DraftVocab:
+        """The ``size`` most frequent tokens of the head's vocabulary, ready to draft over.
+
+        size None: the config's ``draft_vocab_size`` (the head's whole vocabulary unless its
+        config.json says otherwise). Fewer tokens than the head has need its token ranking.
+        """
+        own = self.own_vocab_size
+        size = self.config.draft_vocab_size if size is None else size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= own:
+            raise ValueError(f"SpecConfig.draft_vocab_size must be an int in [1, {own}] for this {self.config.kind} head "
+                             f"(its output projection has {own} rows), got {size!r}")
+        weight, own_ids = self.output_weight(), self.draft_to_target()
+        if size == own:
+            return DraftVocab(weight, own_ids)
+        if self.token_ranking is None:
+            raise ValueError(f"draft_vocab_size {size} < {own} needs the head's token ranking "
+                             f"(token_ranking.safetensors beside its weights; make it with "
+                             f"`python -m eaglespec.train.token_ranking --head DIR`)")
+        ranking = self.token_ranking.to(weight.device).long()
+        if own_ids is None:
+            rows = ranking[:size]
+        else:  # EAGLE-3: its own rows, ordered by the rank of their target token
+            if int(own_ids.min()) < 0 or int(own_ids.max()) >= ranking.numel():
+                raise ValueError("d2t maps draft ids outside the target vocabulary: cannot rank them")
+            rank_of = torch.empty_like(ranking)
+            rank_of[ranking] = torch.arange(ranking.numel(), device=ranking.device)
+            rows = torch.sort(rank_of[own_ids], stable=True).indices[:size]
+        rows = rows.sort().values  # target-id order: a d2t of increasing ids, as EAGLE-3's
+        to_target = rows if own_ids is None else own_ids[rows]
+        return DraftVocab(weight.index_select(0, rows).contiguous(), to_target)
+
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionStep, cache: KVCache) -> DraftOutput:
         """features [T, feature_size] (target features) or [T, H] (the head's own hidden);
-        tokens/positions [T]. Returns the new hidden [T, H] and draft logits [T, draft_vocab].
-        On the "triton" kernel set the element-wise ops run on the fused kernels (as in
-        LlamaForCausalLM)."""
+        tokens/positions [T]. Returns the new hidden [T, H] and the output projection's input
+        [T, H] (``DraftVocab.logits`` or ``logits`` make the draft logits). On the "triton"
+        kernel set the element-wise ops run on the fused kernels (as in LlamaForCausalLM)."""
         use_triton = self.kernels == "triton"
         emb = F.embedding(tokens, self.embed_weight)
         dtype = self.fc.weight.dtype
@@ -175,7 +269,7 @@ class EagleHead(nn.Module):
             else:
                 for i, layer in enumerate(self.layers):
                     h = layer(h, cos, sin, i, attn, cache)
-            return DraftOutput(h, F.linear(h, self.lm_head_weight.to(dtype)).float())
+            return DraftOutput(h, h)
         h = features.to(dtype)
         if h.shape[-1] != hidden_size:  # target taps: project 3H -> H first
             h = self.fc(h)
@@ -184,7 +278,7 @@ class EagleHead(nn.Module):
         else:
             h = self.midlayer(emb, h, cos, sin, 0, attn, cache)
         normed = add_rms_norm(self.norm, h, None)[0] if use_triton else self.norm(h)
-        return DraftOutput(h, self.lm_head(normed).float())
+        return DraftOutput(h, normed)
 
     # ------------------------------------------------------------------ weights
 
@@ -250,7 +344,8 @@ def build_head(cfg: EagleConfig, target: LlamaForCausalLM, dtype: torch.dtype | 
 
 def load_head(path: str, target: LlamaForCausalLM) -> EagleHead:
     """Load a head from a directory with config.json and model.safetensors (or
-    pytorch_model.bin, read only through ``torch.load(weights_only=True)``)."""
+    pytorch_model.bin, read only through ``torch.load(weights_only=True)``), and its token
+    ranking (token_ranking.safetensors) when the directory has one."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"draft head: no config.json in {path!r}")
@@ -277,6 +372,7 @@ def load_head(path: str, target: LlamaForCausalLM) -> EagleHead:
         cfg.fc_bias = any(k == "fc.bias" for k, _ in items)
     head = build_head(cfg, target)
     head.load_state(items, source=source)
+    head.set_token_ranking(load_token_ranking(path, cfg.layer.vocab_size))
     return head
 
 
@@ -289,3 +385,56 @@ def save_head(head: EagleHead, path: str) -> None:
         json.dump(head.config.to_hf_dict(), f, indent=2)
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_items()},
               os.path.join(path, "model.safetensors"))
+    if head.token_ranking is not None:
+        save_token_ranking(path, head.token_ranking)
+
+
+# ------------------------------------------------------------------ the token ranking file
+
+RANKING_FILE = "token_ranking.safetensors"
+RANKING_TENSOR = "ranked_ids"  # [V] int32: every target id, most frequent first
+
+
+def check_ranking(ranked_ids: torch.Tensor, vocab_size: int, source: str) -> None:
+    """Raise ValueError unless ``ranked_ids`` is an integer permutation of range(vocab_size)."""
+    if ranked_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{source}: {RANKING_TENSOR} must be int32 or int64, got {ranked_ids.dtype}")
+    if tuple(ranked_ids.shape) != (vocab_size,):
+        raise ValueError(f"{source}: {RANKING_TENSOR} must have shape ({vocab_size},) (one entry per target "
+                         f"token), got {tuple(ranked_ids.shape)}")
+    ids = ranked_ids.long().cpu()
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size or \
+            int(torch.zeros(vocab_size, dtype=torch.bool).index_fill_(0, ids, True).sum()) != vocab_size:
+        raise ValueError(f"{source}: {RANKING_TENSOR} must list every target id in [0, {vocab_size}) exactly once")
+
+
+def save_token_ranking(head_dir: str, ranked_ids: torch.Tensor, metadata: dict | None = None) -> str:
+    """Write ``ranked_ids`` [V] into ``head_dir``/token_ranking.safetensors (int32); metadata
+    values (where the counts came from) are stored as strings. Returns the file's path."""
+    from safetensors.torch import save_file
+
+    check_ranking(ranked_ids, ranked_ids.numel(), "save_token_ranking")
+    os.makedirs(head_dir, exist_ok=True)
+    path = os.path.join(head_dir, RANKING_FILE)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    save_file({RANKING_TENSOR: ranked_ids.to(torch.int32).contiguous().cpu()}, path, metadata=meta or None)
+    return path
+
+
+def load_token_ranking(head_dir: str, vocab_size: int) -> torch.Tensor | None:
+    """``head_dir``'s ranked ids [V] int32 on the CPU, or None when it has no ranking file."""
+    from safetensors import safe_open
+
+    path = os.path.join(head_dir, RANKING_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+            ranked = f.get_tensor(RANKING_TENSOR) if RANKING_TENSOR in names else None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from exc
+    if ranked is None:
+        raise ValueError(f"{path}: no tensor {RANKING_TENSOR!r} (has {sorted(names)})")
+    check_ranking(ranked, vocab_size, path)
+    return ranked

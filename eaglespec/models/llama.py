@@ -11,7 +11,7 @@ the same weights on the other set): "torch" is the reference, compared with tran
 ``eaglespec.ops.fused``: each residual add is fused into the next RMSNorm (a layer hands on
 (mlp_out, residual) and the sum is formed inside the norm), RoPE and the K/V cache store are one
 kernel, and silu(gate) * up is one kernel. On "triton" a step of one token that stores its K/V
-in the cache and wants only logits (batch-1 decode) goes further, by its shape alone: norms,
+in the cache (batch-1 decode) goes further, by its shape alone: norms,
 RoPE, the cache store, SwiGLU and the residual adds ride along with the matrix-vector products
 (``eaglespec.ops.gemv``), four launches per layer plus attention. Every kernel's PyTorch
 reference sits beside it in ``eaglespec.ops``.
@@ -277,18 +277,24 @@ class LlamaForCausalLM(nn.Module):
                         cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
                         want_taps: bool) -> ModelOutput:
         """The Triton kernel set (same results as the reference up to kernel rounding). A step of
-        one token that stores its K/V in the cache and wants only logits runs on the fused
+        one token that stores its K/V in the cache (a batch-1 decode step) runs on the fused
         matrix-vector kernels; every other step on the fused element-wise kernels between cuBLAS
         products."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # once for all layers
-        if (x.shape[0] == 1 and logits_rows is None and not want_hidden and not want_taps
-                and attn.kv_slots is not None):
+        if x.shape[0] == 1 and logits_rows is None and attn.kv_slots is not None:
+            tap_layers = self.config.eagle3_layers if want_taps else ()
+            layer_inputs = {}
             for i, layer in enumerate(self.model.layers):
+                if i in tap_layers:  # here each layer hands on the whole residual stream
+                    layer_inputs[i] = x
                 x = layer.forward_single_token(x, cos, sin, i, attn, cache)
             norm = self.model.norm  # the final norm rides along with the output projection
             logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
-            return ModelOutput(logits=logits, hidden=None, taps=None)
+            # A plain step of a speculative engine also hands the draft its features.
+            hidden = add_rms_norm(norm, x, None)[0] if want_hidden else None
+            taps = torch.cat([layer_inputs[i] for i in tap_layers], dim=-1) if want_taps else None
+            return ModelOutput(logits=logits, hidden=hidden, taps=taps)
         residual = None
         tap_layers = self.config.eagle3_layers if want_taps else ()
         layer_inputs = {}

@@ -257,7 +257,10 @@ def accept_sampled_by_rows(tokens: torch.Tensor, parents: torch.Tensor, depth: t
             q = draft_at(d, current).float()
             if q.shape != p.shape:
                 raise ValueError(f"draft rows {tuple(q.shape)} and target rows {tuple(p.shape)} differ")
-            children = _children_of(current, parents, depth, valid, d + 1)
+            # A child whose token is outside the vocabulary is no draw from q: it is not tried,
+            # exactly as if it were padding.
+            in_vocab = (tokens >= 0) & (tokens < p.shape[1])
+            children = _children_of(current, parents, depth, valid & in_vocab, d + 1)
             sibling_rank = children.long().cumsum(dim=1) - 1
             for s in range(max_children):
                 slot = children & (sibling_rank == s)

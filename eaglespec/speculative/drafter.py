@@ -10,15 +10,18 @@ K/V, which live in a side buffer and are never committed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from eaglespec.kv_cache import KVCache, commit_tree_kv
 from eaglespec.models.attention_step import AttentionStep, TreeStep
-from eaglespec.models.eagle import EagleHead
+from eaglespec.models.eagle import DraftVocab, EagleHead
 from eaglespec.ops import attention as ops
-from eaglespec.speculative.tree import TreeBatch, TreeShape, select_tree
+from eaglespec.ops.draft_topk import draft_topk, draft_topk_ref
+from eaglespec.ops.tree_expand import (CandidatePool, Level, expand_level, expand_level_ref, select_tree,
+                                       select_tree_ref)
+from eaglespec.speculative.tree import TreeBatch, TreeShape
 
 
 @dataclass(slots=True)
@@ -47,56 +50,91 @@ class DraftTreeStep(AttentionStep):
         return out.reshape(bsz * width, *out.shape[2:]).to(q.dtype)
 
 
-# Floor of a sanitised draft log-probability: finite, so cumulative scores stay ordered.
-DRAFT_LOGP_FLOOR = -1e4
-
-
-def draft_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax of draft logits with NaN and inf mapped into [DRAFT_LOGP_FLOOR, 0].
-
-    A broken head (NaN or inf weights) must only cost speed: its scores still rank children
-    and order the tree, and the tree stays a tree. On the device, no host synchronisation.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return torch.nan_to_num(logp, nan=DRAFT_LOGP_FLOOR, posinf=0.0, neginf=DRAFT_LOGP_FLOOR).clamp(DRAFT_LOGP_FLOOR, 0.0)
-
-
 def chain_bits(n: int, device) -> torch.Tensor:
     """[n] int64: row i sees rows 0..i (a causal chain as an ancestor mask)."""
     return (torch.ones((), dtype=torch.int64, device=device) << (torch.arange(n, device=device) + 1)) - 1
 
 
-class Drafter:
-    """Owns nothing but references: the head, its KV cache and the static tree shape."""
+def tree_levels(shape: TreeShape, device) -> tuple[list[Level], torch.Tensor]:
+    """How each level of a tree shape grows its pool, and the depth of each pool column [P].
 
-    def __init__(self, head: EagleHead, shape: TreeShape, cache: KVCache, backend: str, scale: float):
+    Level i takes the children of the nodes at depth i (the root for i = 0) and picks the
+    frontier of depth i + 1, whose side slots start at sum(frontier[:i]). Its pool columns:
+    every child (chain, dynamic: frontier * branch of them) or the static tree's nodes.
+    """
+    levels, depths, offset = [], [], 0
+    for i in range(shape.depth):
+        columns = None
+        if shape.kind == "static":
+            cols = shape.static_rank[0] if i == 0 else [
+                p * shape.branch + r for p, r in zip(shape.static_parent[i], shape.static_rank[i])]
+            columns = torch.tensor(cols, dtype=torch.int64, device=device)
+            kept = len(cols)
+        else:
+            kept = (1 if i == 0 else shape.frontier[i - 1]) * shape.branch
+        # The last level's frontier never runs: its bits are unused (slot 0 keeps them in range).
+        slot = sum(shape.frontier[:i]) if i < shape.depth - 1 else 0
+        levels.append(Level(offset, shape.frontier[i], slot, columns))
+        depths += [i + 1] * kept
+        offset += kept
+    return levels, torch.tensor(depths, dtype=torch.int64, device=device)
+
+
+@dataclass(slots=True)
+class DraftOps:
+    """The drafting ops of one kernel set (Triton kernels or their PyTorch references)."""
+
+    topk: Callable
+    expand: Callable
+    select: Callable
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "DraftOps":
+        if backend == "triton":
+            return cls(draft_topk, expand_level, select_tree)
+        return cls(draft_topk_ref, expand_level_ref, select_tree_ref)
+
+
+class Drafter:
+    """Owns references (the head, the vocabulary it drafts over, its KV cache, the static tree
+    shape) and the fixed-shape buffers its steps reuse (per batch size: the candidate pool and
+    the side K/V)."""
+
+    def __init__(self, head: EagleHead, vocab: DraftVocab, shape: TreeShape, cache: KVCache, backend: str,
+                 scale: float):
+        widest = max(shape.branch, shape.frontier[0] if shape.kind == "static" else 0)
+        if vocab.size < widest:
+            raise ValueError(f"draft vocabulary of {vocab.size} tokens is smaller than the tree's {widest} "
+                             f"children per node")
         self.head = head
+        self.vocab = vocab
         self.shape = shape
         self.cache = cache
         self.backend = backend
         self.scale = scale
-        self.to_target = head.draft_to_target()  # [draft_vocab] or None
+        self.ops = DraftOps.for_backend(backend)
         self.vocab_size = head.config.layer.vocab_size  # the target's vocabulary
-        # Static trees: which candidates of each level are nodes, as device tensors made once
-        # (a host-to-device copy inside a CUDA-graph capture is not allowed).
-        self.static_columns: list[torch.Tensor] = []
-        if shape.kind == "static":
-            for level in range(shape.depth):
-                cols = shape.static_rank[0] if level == 0 else [
-                    p * shape.branch + r for p, r in zip(shape.static_parent[level], shape.static_rank[level])]
-                self.static_columns.append(torch.tensor(cols, dtype=torch.int64, device=cache.k.device))
+        # Device tensors made once: a host-to-device copy inside a CUDA-graph capture is not allowed.
+        self.levels, self.pool_depth = tree_levels(shape, cache.k.device)
+        self._buffers: dict[int, tuple[CandidatePool, torch.Tensor, torch.Tensor]] = {}
 
-    def side_buffers(self, batch: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache.k
-        shape = (c.shape[0], batch, max(slots, 1), c.shape[3], c.shape[4])
-        return torch.zeros(shape, dtype=c.dtype, device=c.device), torch.zeros(shape, dtype=c.dtype, device=c.device)
+    def buffers(self, batch: int) -> tuple[CandidatePool, torch.Tensor, torch.Tensor]:
+        """The candidate pool and the side K/V [L, B, S, Hkv, D] of a batch size. Reused by
+        every step: each step writes a slot before any node may read it."""
+        if batch not in self._buffers:
+            c = self.cache.k
+            side = (c.shape[0], batch, max(self.shape.draft_slots, 1), c.shape[3], c.shape[4])
+            self._buffers[batch] = (CandidatePool.allocate(batch, self.pool_depth),
+                                    torch.zeros(side, dtype=c.dtype, device=c.device),
+                                    torch.zeros(side, dtype=c.dtype, device=c.device))
+        return self._buffers[batch]
 
     def extend(self, feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, prefix_lens: torch.Tensor,
                block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run and commit the pending pairs of each sequence; return the last pair's outputs.
 
         feats [B, P, feature], tokens [B, P], counts [B] (1..P valid pairs), prefix_lens [B] =
-        pairs already cached. Returns hidden [B, H] and draft logits [B, draft_vocab] of the last
+        pairs already cached. Returns hidden [B, H] and the projection input [B, H] of the last
         valid pair, which propose the children of the root.
         """
         bsz, width = tokens.shape
@@ -109,91 +147,42 @@ class Drafter:
         commit_tree_kv(self.cache, *step.stacked(), nodes, prefix_lens, block_tables)
         last = (counts - 1).clamp_min(0)
         rows = torch.arange(bsz, device=tokens.device) * width + last
-        return out.hidden.index_select(0, rows), out.logits.index_select(0, rows)
+        hidden_last = out.hidden.index_select(0, rows)
+        return hidden_last, hidden_last if out.last is out.hidden else out.last.index_select(0, rows)
 
-    def _target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Target ids of draft ids, clamped into the target vocabulary: a head mapping outside it
-        proposes some in-vocabulary token instead, which verification judges like any other."""
-        ids = draft_ids if self.to_target is None else self.to_target[draft_ids]
-        return ids.clamp(0, self.vocab_size - 1)
+    def _children(self, last: torch.Tensor, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ``branch`` best children as [B, rows per sequence * branch] draft
+        log-probabilities over the draft vocabulary and target ids: the one place where the
+        vocabulary's [N, H] projection and its id map are applied (fused with the top-k, no
+        [rows, N] logits in memory). Ids are clamped into the target vocabulary: a head mapping
+        outside it proposes some in-vocabulary token instead, which verification judges."""
+        weight = self.vocab.weight
+        values, ids = self.ops.topk(last.to(weight.dtype), weight, self.shape.branch, self.vocab.to_target,
+                                    self.vocab_size)
+        return values.view(bsz, -1), ids.view(bsz, -1)
 
-    def build(self, hidden_root: torch.Tensor, logits_root: torch.Tensor, root_tokens: torch.Tensor,
+    def build(self, hidden_root: torch.Tensor, last_root: torch.Tensor, root_tokens: torch.Tensor,
               cached_lens: torch.Tensor, block_tables: torch.Tensor) -> TreeBatch:
         """Draft one tree per sequence (children ranked by draft log-probability).
 
-        hidden_root [B, H] / logits_root [B, draft_vocab] from ``extend``; root_tokens [B];
-        cached_lens [B] = L, the target's (and after ``extend`` the head's) cached length.
+        hidden_root / last_root [B, H] from ``extend``; root_tokens [B]; cached_lens [B] = L,
+        the target's (and after ``extend`` the head's) cached length.
         """
-        shape = self.shape
+        shape, ops = self.shape, self.ops
         bsz = root_tokens.shape[0]
-        dev = root_tokens.device
-        logp = draft_log_probs(logits_root)
-        first = shape.frontier[0] if shape.kind == "static" else shape.branch
-        top_v, top_i = torch.topk(logp, max(first, shape.branch), dim=-1)
-        # Depth-1 candidates are the root's children.
-        cand_scores, cand_tokens = top_v, self._target_ids(top_i)
-        cand_parent = torch.full_like(cand_tokens, -1)
-        keep, frontier = self._level_choice(0, cand_scores, first)
-        pool_tokens = [cand_tokens[:, keep]]
-        pool_scores = [cand_scores[:, keep]]
-        pool_parent = [cand_parent[:, keep]]
-        pool_depth = [torch.ones_like(pool_tokens[0])]
-        pool_offset = 0
-        f_idx = frontier  # [B, F] index of each frontier node among this level's candidates
-        f_tokens = torch.gather(cand_tokens, 1, f_idx)
-        f_scores = torch.gather(cand_scores, 1, f_idx)
-        f_pool = self._pool_index(keep, f_idx, pool_offset)
-        f_hidden = hidden_root[:, None, :].expand(bsz, f_idx.shape[1], -1)
-        f_parent_bits = torch.zeros_like(f_tokens)
-        side_k, side_v = self.side_buffers(bsz, shape.draft_slots)
-        slot = 0
+        pool, side_k, side_v = self.buffers(bsz)
+        values, ids = self._children(last_root, bsz)
+        frontier = ops.expand(values, ids, None, pool, self.levels[0], shape.branch)
+        hidden = hidden_root
         for d in range(1, shape.depth):
-            width = f_tokens.shape[1]
-            own = torch.ones((), dtype=torch.int64, device=dev) << (slot + torch.arange(width, device=dev))
-            f_bits = f_parent_bits | own
-            step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, slot, f_bits, self.scale, self.backend)
-            positions = (cached_lens[:, None].long() + d - 1).expand(bsz, width).contiguous()
-            out = self.head(f_hidden.reshape(bsz * width, -1), f_tokens.reshape(-1), positions.reshape(-1),
-                            step, self.cache)
-            child_v, child_i = torch.topk(draft_log_probs(out.logits), shape.branch, dim=-1)
-            cand_scores = (f_scores[:, :, None] + child_v.view(bsz, width, -1)).reshape(bsz, -1)
-            cand_tokens = self._target_ids(child_i).view(bsz, -1)
-            parent_local = torch.arange(width, device=dev).repeat_interleave(shape.branch).expand(bsz, -1)
-            cand_parent = torch.gather(f_pool, 1, parent_local)
-            pool_offset += pool_tokens[-1].shape[1]
-            keep, nxt = self._level_choice(d, cand_scores, shape.frontier[d])
-            pool_tokens.append(cand_tokens[:, keep])
-            pool_scores.append(cand_scores[:, keep])
-            pool_parent.append(cand_parent[:, keep])
-            pool_depth.append(torch.full_like(pool_tokens[-1], d + 1))
-            # The next frontier: its tokens, scores, pool slots, and its parents' hidden and bits.
-            nxt_parent = torch.gather(parent_local, 1, nxt)
-            f_tokens = torch.gather(cand_tokens, 1, nxt)
-            f_scores = torch.gather(cand_scores, 1, nxt)
-            f_pool = self._pool_index(keep, nxt, pool_offset)
-            hid = out.hidden.view(bsz, width, -1)
-            f_hidden = torch.gather(hid, 1, nxt_parent[:, :, None].expand(-1, -1, hid.shape[-1]))
-            f_parent_bits = torch.gather(f_bits, 1, nxt_parent)
-            slot += width
-        return select_tree(torch.cat(pool_tokens, 1), torch.cat(pool_scores, 1), torch.cat(pool_parent, 1),
-                           torch.cat(pool_depth, 1), root_tokens, shape.num_nodes, shape.depth)
-
-    def _level_choice(self, level: int, scores: torch.Tensor, width: int) -> tuple[object, torch.Tensor]:
-        """Which candidates of a level enter the pool (``keep``, a slice or index list) and which
-        become the frontier ([B, width] indices among the level's candidates)."""
-        shape = self.shape
-        bsz = scores.shape[0]
-        dev = scores.device
-        if shape.kind == "dynamic":
-            return slice(None), torch.topk(scores, width, dim=1).indices
-        if shape.kind == "chain":
-            return slice(0, 1), torch.zeros(bsz, 1, dtype=torch.int64, device=dev)
-        cols = self.static_columns[level]
-        return cols, cols.expand(bsz, -1)
-
-    @staticmethod
-    def _pool_index(keep, chosen: torch.Tensor, offset: int) -> torch.Tensor:
-        """Pool index of chosen candidates: all kept (dynamic) or kept exactly as the frontier."""
-        if isinstance(keep, slice) and keep == slice(None):
-            return chosen + offset
-        return torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen) + offset
+            width = shape.frontier[d - 1]
+            step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, self.levels[d - 1].slot, frontier.bits,
+                                 self.scale, self.backend)
+            positions = (cached_lens[:, None].long() + (d - 1)).expand(bsz, width).reshape(-1)
+            out = self.head(hidden.index_select(0, frontier.rows), frontier.tokens.reshape(-1), positions, step,
+                            self.cache)
+            hidden = out.hidden
+            values, ids = self._children(out.last, bsz)
+            frontier = ops.expand(values, ids, frontier, pool, self.levels[d], shape.branch)
+        tokens, parents, depth, bits = ops.select(pool, root_tokens.long(), shape.num_nodes, shape.depth)
+        return TreeBatch(tokens, parents, depth, bits)

@@ -10,11 +10,14 @@ chosen per step from measurements, not fixed:
 - the tokens one step yields per sequence, per (choice, greedy or sampled): acceptance does not
   depend on the batch size, so what a tree earns at batch 1 predicts it at batch 16.
 
-Each step runs the choice with the highest expected tokens per second. A choice with no timing
-yet in this bucket is tried first (each once, in order); after that, one step in every
-``explore_every`` re-measures the choice measured longest ago, so a choice that became better
-(other prompts, other acceptance) is found again. Plain decoding is one of the choices, so a
-draft that never accepts ends with plain decoding and loses only the exploring steps.
+Step times may be seeded at start-up (``seed``: on a GPU, the replay time of every captured
+graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines them. Each step
+runs the choice with the highest expected tokens per second. A choice with no timing yet in
+this bucket, or a tree whose acceptance was never seen, is tried first (each once, in order);
+after that, one step in every ``explore_every`` re-measures the choice measured longest ago, so
+a choice that became better (other prompts, other acceptance) is found again. Plain decoding
+is one of the choices, so a draft that never accepts ends with plain decoding and loses only
+the exploring steps.
 """
 
 from __future__ import annotations
@@ -70,9 +73,10 @@ class SpeculationPolicy:
         key = (bucket, greedy)
         step = self._steps.get(key, 0)
         self._steps[key] = step + 1
-        untimed = [c for c in self.choices if (c, bucket, greedy) not in self._seconds]
-        if untimed:
-            return untimed[0]
+        untried = [c for c in self.choices if (c, bucket, greedy) not in self._seconds
+                   or (c != PLAIN and (c, greedy) not in self._tokens)]
+        if untried:
+            return untried[0]
         if step % self.explore_every == self.explore_every - 1:
             return min(self.choices, key=lambda c: self._seconds[(c, bucket, greedy)].last_step)
         return self.best(bucket, greedy)
@@ -86,13 +90,21 @@ class SpeculationPolicy:
         self._runs[run_key] = runs + 1
         step = self._steps.get((bucket, greedy), 0)
         self._tokens.setdefault((choice, greedy), _Average()).update(tokens_per_sequence, self.smoothing, step)
-        if runs >= self.warmup_runs:
+        if runs >= self.warmup_runs or run_key in self._seconds:  # a seeded graph was captured already
             self._seconds.setdefault(run_key, _Average()).update(seconds, self.smoothing, step)
+
+    def seed(self, choice: str, bucket: int, greedy: bool, seconds: float) -> None:
+        """A step time measured before serving (graph replay): the starting value of the average."""
+        if choice not in self.choices:
+            raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
+        self._seconds[(choice, bucket, greedy)] = _Average(seconds, 1, -1)
 
     def expected_rate(self, choice: str, bucket: int, greedy: bool) -> float | None:
         """Expected tokens per second per sequence of ``choice`` (None until measured)."""
         seconds = self._seconds.get((choice, bucket, greedy))
         if seconds is None or seconds.value <= 0:
+            return None
+        if choice != PLAIN and (choice, greedy) not in self._tokens:
             return None
         tokens = 1.0 if choice == PLAIN else self._tokens[(choice, greedy)].value
         return tokens / seconds.value
@@ -108,7 +120,8 @@ class SpeculationPolicy:
         rows = []
         for (choice, bucket, greedy), seconds in sorted(self._seconds.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
             rows.append({"choice": choice, "bucket": bucket, "greedy": greedy, "step_ms": 1000 * seconds.value,
-                         "tokens_per_sequence": 1.0 if choice == PLAIN else self._tokens[(choice, greedy)].value,
+                         "tokens_per_sequence": 1.0 if choice == PLAIN else (
+                             self._tokens[(choice, greedy)].value if (choice, greedy) in self._tokens else None),
                          "tokens_per_s_per_sequence": self.expected_rate(choice, bucket, greedy),
                          "steps_timed": seconds.count})
         return rows

@@ -4,23 +4,33 @@ Per request, the head's not-yet-cached input pairs (the accepted path's target f
 the tokens that follow them) stay on the device in a slot of ``pending_*`` between steps, so a
 whole step is one fixed-shape function, captured as one CUDA graph per batch bucket. The host
 reads only the emitted tokens and their counts.
+
+One runner holds several trees (``SpecConfig.trees``) and a plain decode step, sharing the
+head's cache and the pending state: ``choose`` says which of them runs for a batch (the policy
+of speculative/policy.py under ``tree="auto"``, else the forced tree). The plain step leaves
+its (feature, token) pair pending like a speculative step does, so the head picks up where
+plain decoding left; the head's cache then lacks the pairs of the plain steps before it, which
+can only lower acceptance, never change an output.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from eaglespec.config import SpecConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for
 from eaglespec.engine.request import Request
-from eaglespec.engine.runner import DECODE_ROWS, ModelRunner, StepRows
+from eaglespec.engine.runner import DECODE_ROWS, DecodeFlight, ModelRunner, StepRows
 from eaglespec.kv_cache import KVCache, block_table_tensor, slots_for
 from eaglespec.models.attention_step import PrefillStep
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import ModelOutput
 from eaglespec.ops.attention import default_scale
 from eaglespec.speculative.drafter import Drafter
-from eaglespec.speculative.tree import parse_tree
+from eaglespec.speculative.policy import PLAIN, SpeculationPolicy
+from eaglespec.speculative.tree import TreeShape, parse_tree
 from eaglespec.speculative.verifier import verify_tree
 
 # A speculative step reads, per request, the decode fields plus its pending-state slot and the
@@ -28,19 +38,29 @@ from eaglespec.speculative.verifier import verify_tree
 SPEC_ROWS = DECODE_ROWS.extended(i64=("state_slots",), i32=("cached_lens",))
 
 
+@dataclass(slots=True)
+class TreeProgram:
+    """One tree's drafter and its step graphs (greedy and sampled batches)."""
+
+    shape: TreeShape
+    drafter: Drafter
+    graphs: dict[bool, StepGraphs]
+
+
 class SpeculativeRunner:
     def __init__(self, runner: ModelRunner, head: EagleHead, spec: SpecConfig):
         self.runner = runner
         self.head = head.with_kernels(runner.backend)  # the target's kernel set (same weights)
-        self.shape = parse_tree(spec.tree)
-        self.width = self.shape.depth + 1  # tokens one step can emit (accepted drafts + bonus)
+        shapes = {tree: parse_tree(tree) for tree in spec.trees}
+        self.depth = max(shape.depth for shape in shapes.values())
+        self.width = self.depth + 1  # tokens one step can emit (accepted drafts + bonus)
         lc = head.config.layer
         self.feature = "taps" if head.config.kind == "eagle3" else "hidden"
         dev, dtype = runner.device, runner.dtype
         # The head's cache shares block ids with the target: pair t sits where token t does.
         self.cache = KVCache.allocate(lc.num_layers, runner.cache.num_blocks, runner.cfg.block_size,
                                       lc.num_kv_heads, lc.head_dim, dtype, dev)
-        self.drafter = Drafter(self.head, self.shape, self.cache, runner.backend, default_scale(lc.head_dim))
+        self.vocab = self.head.draft_vocab(spec.draft_vocab_size)  # the [N, H] rows gathered once, here
         num_slots = 2 * runner.cfg.max_batch_size + 1  # the last one is the padding rows' slot
         self.pad_slot = num_slots - 1
         self.pending_feat = torch.zeros(num_slots, self.width, head.config.feature_size, dtype=dtype, device=dev)
@@ -49,8 +69,51 @@ class SpeculativeRunner:
         self._free_slots = list(range(num_slots - 1))
         self._slot_of: dict[int, int] = {}
         use_graphs = runner.use_graphs
-        self.graphs = {greedy: StepGraphs(lambda x, g=greedy: self._step_fn(x, g), self._static_inputs, use_graphs)
-                       for greedy in (True, False)}
+        self.programs: dict[str, TreeProgram] = {}
+        for tree, shape in shapes.items():
+            drafter = Drafter(self.head, self.vocab, shape, self.cache, runner.backend, default_scale(lc.head_dim))
+            graphs = {greedy: StepGraphs(lambda x, g=greedy, t=tree: self._step_fn(x, t, g), self._static_inputs,
+                                         use_graphs) for greedy in (True, False)}
+            self.programs[tree] = TreeProgram(shape, drafter, graphs)
+        self.plain_graphs = {greedy: StepGraphs(lambda x, g=greedy: self._plain_fn(x, g), self._static_inputs,
+                                                use_graphs) for greedy in (True, False)}
+        # tree="auto": measured choice per step; a forced tree runs on every step.
+        self.policy = SpeculationPolicy(list(spec.trees)) if spec.tree == "auto" else None
+
+    @torch.inference_mode()
+    def calibrate(self, reps: int = 5) -> None:
+        """Under tree="auto" on a GPU: capture every choice's graphs for every batch bucket now,
+        not while serving, and seed the policy with their replay times (the engine's wall clock
+        refines them, host work included, once serving starts)."""
+        if self.policy is None or not self.runner.use_graphs:
+            return
+        from tqdm import tqdm
+
+        steps = [(choice, greedy, bucket) for bucket in self.runner.buckets for greedy in (True, False)
+                 for choice in self.policy.choices]
+        for choice, greedy, bucket in tqdm(steps, desc="capturing and timing speculation choices", leave=False):
+            graphs = (self.plain_graphs if choice == PLAIN else self.programs[choice].graphs)[greedy]
+            self.stage_inputs(graphs, [], bucket)  # padding rows only: the scratch block and slot
+            graphs.run(bucket)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graphs.run(bucket)
+            end.record()
+            end.synchronize()
+            self.policy.seed(choice, bucket, greedy, start.elapsed_time(end) / 1000 / reps)
+
+    def choose(self, reqs: list[Request]) -> str:
+        """What runs next for these requests: a tree spec, or ``PLAIN`` (policy.PLAIN)."""
+        if self.policy is None:
+            return next(iter(self.programs))
+        return self.policy.choose(bucket_for(len(reqs), self.runner.buckets), _all_greedy(reqs))
+
+    def observe(self, choice: str, reqs: list[Request], seconds: float, tokens_per_sequence: float) -> None:
+        """Feed the policy one step's wall time and mean tokens per sequence."""
+        if self.policy is not None:
+            self.policy.observe(choice, bucket_for(len(reqs), self.runner.buckets), _all_greedy(reqs), seconds,
+                                tokens_per_sequence)
 
     @property
     def lookahead(self) -> int:
@@ -74,42 +137,52 @@ class SpeculativeRunner:
 
     @torch.inference_mode()
     def after_prefill(self, reqs: list[Request], out: ModelOutput, sampled: torch.Tensor,
-                      new_counts: list[int]) -> None:
+                      new_counts: list[int], complete: list[bool]) -> None:
         """Prefill the head with the prompt pairs and leave the last pair pending.
 
         ``out`` holds the target features of every prefilled token, packed by request;
-        ``sampled`` [B] the token each request's prefill produced (still on the device).
+        ``sampled`` [B] the token each request's prefill produced (still on the device);
+        ``complete[i]`` False when request i's prefill was a chunk short of its length: then
+        the token after the chunk is known, every pair of the chunk goes into the head's
+        cache and nothing is left pending.
         """
         feats = out.hidden if self.feature == "hidden" else out.taps
         bs = self.runner.cfg.block_size
         dev = self.runner.device
         rows, ids, pos, slots, cu, lens, last_rows = [], [], [], [], [0], [], []
         offset = 0
-        for r, n in zip(reqs, new_counts):
-            end = len(r.all_ids)  # the sampled token is not appended yet
+        for r, n, whole in zip(reqs, new_counts, complete):
+            end = r.num_cached  # prefilled up to here; the sampled token is not appended yet
             start = end - n
-            # Pairs (feature_t, x_{t+1}) for t in [start, end - 2]; the last one waits for x_end.
-            rows += range(offset, offset + n - 1)
-            ids += r.all_ids[start + 1:end]
-            pos += range(start, end - 1)
-            slots += slots_for(r.blocks, start, end - 1, bs)
-            cu.append(cu[-1] + n - 1)
-            lens.append(end - 1)
-            last_rows.append(offset + n - 1)
+            # Pairs (feature_t, x_{t+1}) for t in [start, end - 2]; the last one waits for x_end
+            # unless x_end is already known (a chunk).
+            m = n - 1 if whole else n
+            rows += range(offset, offset + m)
+            ids += r.all_ids[start + 1:start + 1 + m]
+            pos += range(start, start + m)
+            slots += slots_for(r.blocks, start, start + m, bs)
+            cu.append(cu[-1] + m)
+            lens.append(start + m)
+            if whole:
+                last_rows.append(offset + n - 1)
             offset += n
         if cu[-1] > 0:
             step = PrefillStep(torch.tensor(slots, dtype=torch.int64, device=dev),
                                block_table_tensor([r.blocks for r in reqs], self.runner.max_blocks_per_seq, dev),
                                torch.tensor(cu, dtype=torch.int32, device=dev),
                                torch.tensor(lens, dtype=torch.int32, device=dev),
-                               max(cu[i + 1] - cu[i] for i in range(len(reqs))), self.drafter.scale,
+                               max(cu[i + 1] - cu[i] for i in range(len(reqs))), default_scale(self.head.config.layer.head_dim),
                                self.runner.backend)
-            self.head(feats.index_select(0, torch.tensor(rows, device=dev)), torch.tensor(ids, device=dev),
-                      torch.tensor(pos, device=dev), step, self.cache)
-        slot_ids = torch.tensor([self._slot(r) for r in reqs], device=dev)
-        self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
-        self.pending_tok[slot_ids, 0] = sampled
-        self.pending_count[slot_ids] = 1
+            self.head(feats.index_select(0, torch.tensor(rows, dtype=torch.int64, device=dev)),
+                      torch.tensor(ids, dtype=torch.int64, device=dev),
+                      torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache)
+        finished = [r for r, whole in zip(reqs, complete) if whole]
+        if finished:
+            slot_ids = torch.tensor([self._slot(r) for r in finished], device=dev)
+            which = torch.tensor([i for i, whole in enumerate(complete) if whole], device=dev)
+            self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
+            self.pending_tok[slot_ids, 0] = sampled.index_select(0, which)
+            self.pending_count[slot_ids] = 1
 
     # ------------------------------------------------------------------ the step
 
@@ -120,41 +193,65 @@ class SpeculativeRunner:
         rows["cached_lens"].fill_(self.width + 1)
         return inputs
 
-    def _step_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
+    def _step_fn(self, x: dict[str, torch.Tensor], tree: str, greedy: bool) -> tuple[torch.Tensor, ...]:
+        program = self.programs[tree]
         rows = StepRows(x["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], rows.block_tables
         counts = self.pending_count.index_select(0, slot_ids)
-        hidden, logits = self.drafter.extend(self.pending_feat.index_select(0, slot_ids),
-                                             self.pending_tok.index_select(0, slot_ids), counts,
-                                             lens - counts.to(lens.dtype), tables)
-        tree = self.drafter.build(hidden, logits, rows["input_ids"], lens, tables)
-        res = verify_tree(self.runner.model, self.runner.cache, tree, lens, tables, rows.sampling(), greedy,
-                          self.feature, self.shape.depth, self.runner.scale, self.runner.backend)
-        self.pending_feat.index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
-        self.pending_tok.index_copy_(0, slot_ids, res.accept.tokens.clamp_min(0))
+        hidden, last = program.drafter.extend(self.pending_feat.index_select(0, slot_ids),
+                                              self.pending_tok.index_select(0, slot_ids), counts,
+                                              lens - counts.to(lens.dtype), tables)
+        tree_batch = program.drafter.build(hidden, last, rows["input_ids"], lens, tables)
+        res = verify_tree(self.runner.model, self.runner.cache, tree_batch, lens, tables, rows.sampling(), greedy,
+                          self.feature, program.shape.depth, self.runner.scale, self.runner.backend)
+        emit = program.shape.depth + 1  # a shallower tree fills the first columns of the pending state
+        self.pending_feat[:, :emit].index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
+        self.pending_tok[:, :emit].index_copy_(0, slot_ids, res.accept.tokens.clamp_min(0))
         self.pending_count.index_copy_(0, slot_ids, res.accept.num_emitted)
         return res.accept.tokens, res.accept.num_emitted
 
+    def _plain_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
+        """A plain decode step that leaves its (feature, next token) pair pending for the head."""
+        rows = StepRows(x["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
+        tokens, out = self.runner.decode_forward(rows, greedy, want_hidden=self.feature == "hidden",
+                                                 want_taps=self.feature == "taps")
+        feats = out.hidden if self.feature == "hidden" else out.taps
+        slot_ids = rows["state_slots"]
+        self.pending_feat[:, 0].index_copy_(0, slot_ids, feats.to(self.pending_feat.dtype))
+        self.pending_tok[:, 0].index_copy_(0, slot_ids, tokens)
+        self.pending_count.index_fill_(0, slot_ids, 1)
+        return (tokens,)
+
     @torch.inference_mode()
-    def step(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One speculative step for running requests. Returns emitted tokens [B, depth+1]
-        (-1 padded) and their counts [B], on the device."""
+    def step(self, reqs: list[Request], tree: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One speculative step of ``tree`` for running requests. Returns emitted tokens
+        [B, depth+1] (-1 padded) and their counts [B], on the device."""
         bucket = bucket_for(len(reqs), self.runner.buckets)
-        # Padding rows read and write only the scratch block; a length past the widest pending
-        # run keeps their head prefix non-negative.
-        greedy = all(r.params.temperature == 0 for r in reqs)
-        graphs = self.graphs[greedy]
+        graphs = self.programs[tree].graphs[_all_greedy(reqs)]
         self.stage_inputs(graphs, reqs, bucket)
         tokens, counts = graphs.run(bucket)
         return tokens[:len(reqs)], counts[:len(reqs)]
 
+    def launch_plain(self, reqs: list[Request], follow: DecodeFlight | None = None) -> DecodeFlight:
+        """Queue a plain decode step (overlapped like the plain engine's, see ModelRunner.launch_decode)."""
+        return self.runner.launch_decode(reqs, follow, graphs=self.plain_graphs, fields=SPEC_ROWS,
+                                         fill=self._fill_state_rows)
+
     def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int) -> None:
-        """The runner's decode fields, then each request's state slot and cached length (padding
-        rows: the scratch slot and a length past the widest pending run)."""
-        rows = self.runner.stage_inputs(graphs, reqs, bucket, fields=SPEC_ROWS)
+        """The runner's decode fields, then each request's state slot and cached length."""
+        self._fill_state_rows(self.runner.stage_inputs(graphs, reqs, bucket, fields=SPEC_ROWS), reqs)
+
+    def _fill_state_rows(self, rows: StepRows, reqs: list[Request]) -> None:
+        """State slot and cached length per request; padding rows get the scratch slot and a
+        length past the widest pending run (their head prefix stays non-negative)."""
         n = len(reqs)
         state_slots, cached_lens = rows["state_slots"].numpy(), rows["cached_lens"].numpy()
         state_slots[:n] = [self._slot(r) for r in reqs]
         state_slots[n:] = self.pad_slot
         cached_lens[:n] = [r.num_cached for r in reqs]
         cached_lens[n:] = self.width + 1
+
+
+def _all_greedy(reqs: list[Request]) -> bool:
+    """Greedy batches run their own graphs (an argmax instead of the sampling distribution)."""
+    return all(r.params.temperature == 0 for r in reqs)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eaglespec.ops.tree_expand import ancestor_bits_from_parents  # noqa: F401  (one definition, used with trees)
+
 MAX_TREE_NODES = 64  # ancestor masks are int64 bitmasks
 
 
@@ -118,48 +120,3 @@ class TreeBatch:
     parents: torch.Tensor  # [B, N] int64 parent node index, -1 for the root
     depth: torch.Tensor  # [B, N] int64, root 0
     ancestor_bits: torch.Tensor  # [B, N] int64, bit j of row i set when node j is i or its ancestor
-
-
-def ancestor_bits_from_parents(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
-    """[B, N] parents (parents before children, -1 = none) -> [B, N] int64 ancestor bitmasks."""
-    n = parents.shape[1]
-    own = torch.ones((), dtype=torch.int64, device=parents.device) << torch.arange(n, device=parents.device)
-    bits = own.expand_as(parents).clone()
-    has_parent = parents >= 0
-    safe = parents.clamp_min(0)
-    for _ in range(max_depth):  # each pass pulls in one more generation
-        inherited = torch.gather(bits, 1, safe)
-        bits = torch.where(has_parent, own | inherited, own)
-    return bits
-
-
-def select_tree(pool_tokens: torch.Tensor, pool_scores: torch.Tensor, pool_parent: torch.Tensor,
-                pool_depth: torch.Tensor, root_tokens: torch.Tensor, num_nodes: int,
-                max_depth: int) -> TreeBatch:
-    """Choose the ``num_nodes`` best candidates per sequence and lay them out as a tree.
-
-    pool_* [B, P]: candidate tokens, cumulative draft log-probabilities, parent candidate index
-    (-1 = the root) and depth (>= 1). Nodes come out ordered by depth, then by score, so every
-    parent precedes its children and siblings are tried best first. Should degenerate scores
-    (ties a finite precision cannot break) choose a node without its parent, that node gets
-    parent -1 and is never accepted: a broken draft costs speed, never correctness.
-    """
-    bsz, _ = pool_tokens.shape
-    dev = pool_tokens.device
-    # A tiny depth penalty breaks ties towards parents: a child's key is then strictly smaller.
-    key = pool_scores - 1e-4 * pool_depth.float()
-    _, chosen = torch.topk(key, num_nodes, dim=1)  # [B, K] best first
-    chosen_depth = torch.gather(pool_depth, 1, chosen)
-    order = torch.sort(chosen_depth, dim=1, stable=True).indices
-    chosen = torch.gather(chosen, 1, order)
-    node_of_candidate = torch.full_like(pool_tokens, -1)
-    node_ids = torch.arange(1, num_nodes + 1, device=dev).expand(bsz, -1)
-    node_of_candidate.scatter_(1, chosen, node_ids)
-    cand_parent = torch.gather(pool_parent, 1, chosen)
-    parent_node = torch.where(cand_parent >= 0, torch.gather(node_of_candidate, 1, cand_parent.clamp_min(0)),
-                              torch.zeros_like(cand_parent))
-    minus_one = torch.full((bsz, 1), -1, dtype=torch.int64, device=dev)
-    parents = torch.cat([minus_one, parent_node], dim=1)
-    tokens = torch.cat([root_tokens[:, None], torch.gather(pool_tokens, 1, chosen)], dim=1)
-    depth = torch.cat([torch.zeros_like(minus_one), torch.gather(pool_depth, 1, chosen)], dim=1)
-    return TreeBatch(tokens, parents, depth, ancestor_bits_from_parents(parents, max_depth))

@@ -297,8 +297,15 @@ def _dispatch(args) -> int:
     return 0
 
 
+def _rank_tokens(args) -> int:
+    from eaglespec.train.token_ranking import run
+
+    run(args)
+    return 0
+
+
 def add_train_commands(subparsers) -> None:
-    """Add ``train prepare | fit | eval | all`` to an argparse sub-parser set (``eaglespec`` CLI)."""
+    """Add ``train prepare | fit | eval | all | rank-tokens`` to an argparse sub-parser set (``eaglespec`` CLI)."""
     train = subparsers.add_parser("train", help="train EAGLE draft heads (prepare | fit | eval | all)")
     sub = train.add_subparsers(dest="train_command", required=True)
     helps = {"prepare": "regenerate replies with the target (self-distillation) into sharded files",
@@ -310,6 +317,13 @@ def add_train_commands(subparsers) -> None:
         p.add_argument("--config", required=True, help="TOML file with [target], [data], [train], [eval]")
         _add_override_options(p)
         p.set_defaults(fn=_dispatch)
+    from eaglespec.train import token_ranking
+
+    text = "rank the target's reply tokens by frequency into a head directory (reduced draft vocabularies)"
+    p = sub.add_parser("rank-tokens", help=text, description=token_ranking.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    token_ranking.add_arguments(p)
+    p.set_defaults(fn=_rank_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from eaglespec.models.attention_step import AttentionStep
 from eaglespec.models.eagle import EagleConfig, EagleHead, build_head, load_head, save_head
 from eaglespec.models.llama import LlamaForCausalLM, ModelOutput
 from eaglespec.ops.attention import default_scale
+from eaglespec.train.token_ranking import rank_tokens
 
 # ---------------------------------------------------------------------------------------------
 # Attention for training: dense, causal per sequence, no KV pool.
@@ -187,7 +188,7 @@ def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
     target_logits = logits.index_select(0, rows + 1).float()
     h = out.hidden.index_select(0, rows).float()
     value = F.smooth_l1_loss(h, target_h, reduction="none").mean(-1).sum() / max(n, 1)
-    logp = F.log_softmax(out.logits.index_select(0, rows), dim=-1)
+    logp = F.log_softmax(head.logits(out).index_select(0, rows), dim=-1)
     prob = -(F.softmax(target_logits, dim=-1) * logp).sum() / max(n, 1)
     correct = (logp.argmax(-1) == target_logits.argmax(-1)).sum()
     loss = value_weight * value + prob_weight * prob
@@ -218,7 +219,7 @@ def eagle3_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
         rows = valid.reshape(-1).nonzero().squeeze(1)
         n = rows.numel()
         target = logits.index_select(0, rows + i + 1).index_select(1, to_target).float()
-        logp = F.log_softmax(out.logits.index_select(0, rows), dim=-1)
+        logp = F.log_softmax(head.logits(out).index_select(0, rows), dim=-1)
         ce = -(F.softmax(target, dim=-1) * logp).sum() / max(n, 1)
         total = total + decay ** i * ce
         step_losses.append(ce.detach())
@@ -237,8 +238,7 @@ def build_vocab_map(token_counts: torch.Tensor, draft_vocab_size: int) -> tuple[
     vocab = token_counts.numel()
     if not 0 < draft_vocab_size <= vocab:
         raise ValueError(f"build_vocab_map: draft_vocab_size must be in [1, {vocab}], got {draft_vocab_size}")
-    order = torch.sort(-token_counts.long(), stable=True).indices  # stable: equal counts keep id order
-    ids = order[:draft_vocab_size].sort().values
+    ids = rank_tokens(token_counts)[:draft_vocab_size].long().sort().values
     d2t = ids - torch.arange(draft_vocab_size, dtype=torch.int64)
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[ids] = True
@@ -673,9 +673,11 @@ class Trainer:
     # ------------------------------------------------------------------ export
 
     def export(self, path: str | None = None) -> str:
-        """Write the head in the official layout (config.json + model.safetensors)."""
+        """Write the head in the official layout (config.json + model.safetensors) and the
+        ranking of its training replies' tokens (token_ranking.safetensors: reduced vocabularies)."""
         path = path or os.path.join(self.cfg.out_dir, "head")
         if self.rank == 0:
+            self.head.set_token_ranking(rank_tokens(self._token_counts()))
             export_head(self.head, self.target, path, _DTYPES[self.cfg.export_dtype])
         return path
 
@@ -687,6 +689,7 @@ def export_head(head: EagleHead, target: LlamaForCausalLM, path: str, dtype: tor
         return
     copy = build_head(head.config, target, dtype=dtype)
     copy.load_state(list(head.state_items()), source="trained head")
+    copy.set_token_ranking(head.token_ranking)
     save_head(copy, path)
 
 
@@ -755,12 +758,13 @@ class _Window:
 
 
 def speculative_llm(target: LlamaForCausalLM, head: EagleHead, tree: str, tokenizer=None, engine=None,
-                    eos_ids: tuple[int, ...] = ()):
-    """An LLM that drafts with ``head`` over ``tree`` (engine defaults unless given)."""
+                    eos_ids: tuple[int, ...] = (), draft_vocab_size: int | None = None):
+    """An LLM that drafts with ``head`` over ``tree`` (engine defaults unless given) and over
+    ``draft_vocab_size`` of its most frequent tokens (None: the head's default)."""
     from eaglespec.engine.llm import LLM
 
-    return LLM.from_model(target, tokenizer=tokenizer, draft=head, spec=SpecConfig(tree=tree), engine=engine,
-                          eos_ids=eos_ids)
+    return LLM.from_model(target, tokenizer=tokenizer, draft=head, engine=engine, eos_ids=eos_ids,
+                          spec=SpecConfig(tree=tree, draft_vocab_size=draft_vocab_size))
 
 
 def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree: str | None = None) -> dict:
@@ -774,7 +778,8 @@ def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree:
     if llm.speculative is None:
         raise ValueError("evaluate_tau needs an LLM with a draft head")
     if tree is not None and tree != llm.spec_config.tree:
-        llm = speculative_llm(llm.model, llm.speculative.head, tree, llm.tokenizer, llm.engine_config, llm.eos_ids)
+        llm = speculative_llm(llm.model, llm.speculative.head, tree, llm.tokenizer, llm.engine_config, llm.eos_ids,
+                              llm.spec_config.draft_vocab_size)
     params = params or SamplingParams(max_tokens=128)
     start = time.perf_counter()
     outs = llm.generate(list(prompts), params)

@@ -82,7 +82,10 @@ def test_shipped_head_is_the_default_and_keeps_greedy_output_exact(llm):
     messages = [{"role": "user", "content": "Write two sentences about the moon."}]
     fast, plain = spec.chat(messages, params), llm.chat(messages, params)
     assert fast.token_ids == plain.token_ids
-    assert fast.stats["tau"] > 1.5  # a trained head is accepted, not just run
+    # A trained head is accepted, not just run: over the speculative steps auto ran (each tree
+    # is tried), many first drafts are right.
+    assert sum(n for c, n in fast.stats["speculation"].items() if c != "plain") >= 1
+    assert fast.stats["accept_rate_per_depth"][0] >= 0.3  # a random head: about 0
 
 
 @pytest.mark.parametrize("tree", ["chain:3", "dynamic:3,3,8"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from dataclasses import replace
 
 import pytest
@@ -23,6 +24,7 @@ from eaglespec.speculative import acceptance
 from eaglespec.speculative.acceptance import (AcceptResult, accept_by_target_draws, accept_greedy,
                                               accept_sampled_by_rows, accept_sampled_children, accept_stream,
                                               accept_topk_children)
+from eaglespec.train.token_ranking import rank_tokens
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -104,9 +106,32 @@ def toy_tables() -> tuple[torch.Tensor, torch.Tensor]:
     return target, draft
 
 
+def reduced_draft_vocab(target: torch.Tensor, size: int | None) -> torch.Tensor | None:
+    """The ``size`` tokens the target picks most often (as a head's token ranking would give),
+    in id order: draft id i is target id keep[i]. None: the draft scores every token."""
+    if size is None:
+        return None
+    return rank_tokens(torch.bincount(target.argmax(-1).reshape(-1), minlength=VOCAB))[:size].long().sort().values
+
+
+def draft_distribution(draft_rows: torch.Tensor, st: SamplingTensors, keep: torch.Tensor | None) -> torch.Tensor:
+    """The draft's distribution over its own vocabulary: [R, N] from target-vocabulary logits [R, V]."""
+    return target_probs(draft_rows if keep is None else draft_rows[:, keep], st)
+
+
+def to_target_ids(draft_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return draft_ids if keep is None else keep[draft_ids]
+
+
+def in_target_vocab(q: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """q [R, N] as the target's vocabulary sees it: zero for tokens outside the draft's."""
+    return q if keep is None else torch.zeros(q.shape[0], VOCAB).index_copy_(1, keep, q)
+
+
 def build_tree(parent_list: list[int], children: str, prev: torch.Tensor, last: torch.Tensor,
-               st: SamplingTensors, target: torch.Tensor, draft: torch.Tensor):
-    """Draft a tree from context (prev, last) per row; children "sampled" (iid from q) or "topk".
+               st: SamplingTensors, target: torch.Tensor, draft: torch.Tensor, keep: torch.Tensor | None = None):
+    """Draft a tree from context (prev, last) per row; children "sampled" (iid from q) or "topk";
+    ``keep``: the draft's reduced vocabulary (target ids), None for all tokens.
 
     Returns tree tensors and p, q [B, N, V] (target / draft distributions at each node).
     """
@@ -119,20 +144,22 @@ def build_tree(parent_list: list[int], children: str, prev: torch.Tensor, last: 
     for i in range(1, nodes):
         j = parent_list[i]
         if j not in q_at:
-            q_at[j] = target_probs(draft[before[:, j], tokens[:, j]], st)
+            q_at[j] = draft_distribution(draft[before[:, j], tokens[:, j]], st, keep)
         if children == "sampled":
-            tokens[:, i] = sample_from_probs(q_at[j], st.seeds, st.offsets, STREAM_DRAFT + i)
+            draft_ids = sample_from_probs(q_at[j], st.seeds, st.offsets, STREAM_DRAFT + i)
         else:
-            tokens[:, i] = q_at[j].sort(dim=-1, descending=True, stable=True).indices[:, ranks[i]]
+            draft_ids = q_at[j].sort(dim=-1, descending=True, stable=True).indices[:, ranks[i]]
+        tokens[:, i] = to_target_ids(draft_ids, keep)
         before[:, i] = tokens[:, j]
     per_node = st.expand(nodes)
     p = target_probs(target[before, tokens].reshape(-1, VOCAB), per_node).reshape(rows, nodes, VOCAB)
-    q = target_probs(draft[before, tokens].reshape(-1, VOCAB), per_node).reshape(rows, nodes, VOCAB)
+    q = in_target_vocab(draft_distribution(draft[before, tokens].reshape(-1, VOCAB), per_node, keep), keep)
+    q = q.reshape(rows, nodes, VOCAB)
     return tree_tensors(parent_list, tokens), p, q
 
 
 def generate(n_tokens: int, parent_list: list[int], children: str, rule, st: SamplingTensors,
-             tables) -> tuple[torch.Tensor, list[float]]:
+             tables, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
     """The first n_tokens each row emits by repeated speculative steps: [B, n_tokens].
 
     Also returns the mean tokens emitted by the first step (a tree that never accepts anything
@@ -147,7 +174,7 @@ def generate(n_tokens: int, parent_list: list[int], children: str, rule, st: Sam
     max_depth = max(tree_tensors(parent_list, torch.zeros(1, len(parent_list)))[2][0].tolist())
     while bool((count < n_tokens).any()):
         step_st = replace(st, offsets=count.clone())  # a new counter each step: fresh noise
-        tree, p, q = build_tree(parent_list, children, prev, last, step_st, target, draft)
+        tree, p, q = build_tree(parent_list, children, prev, last, step_st, target, draft, keep)
         result: AcceptResult = rule(tree, p, q, step_st, max_depth)
         mean_emitted.append(float(result.num_emitted.double().mean()))
         for j in range(max_depth + 1):
@@ -192,12 +219,13 @@ TREES = {"chain_sampled": (CHAIN3, "sampled", rule_sampled),
          "tree_topk": (BINARY3, "topk", rule_topk)}
 
 
-def run_lossless(config: str, tree: str, n_tokens: int = 2):
+def run_lossless(config: str, tree: str, n_tokens: int = 2, draft_vocab: int | None = None):
     temperature, top_k, top_p = CONFIGS[config]
     parent_list, children, rule = TREES[tree]
     tables = toy_tables()
     st = uniform_settings(ROWS, temperature, top_k, top_p)
-    emitted, mean_emitted = generate(n_tokens, parent_list, children, rule, st, tables)
+    keep = reduced_draft_vocab(tables[0], draft_vocab)
+    emitted, mean_emitted = generate(n_tokens, parent_list, children, rule, st, tables, keep)
     index = torch.zeros(ROWS, dtype=torch.int64)
     for j in range(n_tokens):
         index = index * VOCAB + emitted[:, j]
@@ -210,10 +238,13 @@ def run_lossless(config: str, tree: str, n_tokens: int = 2):
 # ----------------------------------------------------------------------------- lossless
 
 
+@pytest.mark.parametrize("draft_vocab", [None, 5], ids=["full_vocab", "draft_vocab_5"])
 @pytest.mark.parametrize("tree", list(TREES))
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_speculative_sampling_is_lossless(config, tree):
-    stat, threshold, mean_emitted = run_lossless(config, tree)
+def test_speculative_sampling_is_lossless(config, tree, draft_vocab):
+    # draft_vocab 5: the draft scores 5 of the 8 tokens (q = 0 for the other 3, which the
+    # target still emits).
+    stat, threshold, mean_emitted = run_lossless(config, tree, draft_vocab=draft_vocab)
     assert mean_emitted[0] > 1.4, "the drafts are almost never accepted: the test would be vacuous"
     assert stat < threshold, f"chi-square {stat:.1f} >= {threshold:.1f}: not the target's distribution"
 
@@ -230,6 +261,16 @@ def test_power_without_the_residual(monkeypatch):
     assert stat < threshold
     monkeypatch.setattr(acceptance, "_residual_after_rejection", lambda p, q: p)
     stat, threshold, _ = run_lossless("t1", "chain_sampled")
+    assert stat > threshold
+
+
+def test_power_draft_ids_not_mapped_to_target_ids(monkeypatch):
+    # A reduced vocabulary whose draft ids are taken for target ids: the children are not the
+    # tokens q describes, so min(1, p/q) accepts the wrong tokens.
+    stat, threshold, _ = run_lossless("t1", "chain_sampled", draft_vocab=5)
+    assert stat < threshold
+    monkeypatch.setattr(sys.modules[__name__], "to_target_ids", lambda ids, keep: ids)
+    stat, threshold, _ = run_lossless("t1", "chain_sampled", draft_vocab=5)
     assert stat > threshold
 
 
@@ -475,3 +516,24 @@ def test_no_host_sync_and_graph_capture_on_cuda():
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         assert_same_result(a, b)
+
+
+def test_out_of_vocabulary_children_act_as_padding():
+    """A draft that proposes ids outside the vocabulary (or negative ones) must not change what
+    any rule emits: such children behave exactly like padding nodes, under every rule."""
+    rows, nodes, vocab = 40, 9, 6
+    (tokens, parents, depth, valid), logits, max_depth = random_trees(rows, nodes, vocab, seed=21)
+    gen = torch.Generator().manual_seed(3)
+    broken = valid & (torch.arange(nodes) > 0) & (torch.rand(rows, nodes, generator=gen) < 0.3)
+    oov = torch.where(broken, torch.where(torch.rand(rows, nodes, generator=gen) < 0.5, vocab + 2, -5), tokens)
+    p = torch.softmax(logits, -1)
+    q = torch.softmax(logits.flip(-1), -1)
+    seeds = torch.arange(rows, dtype=torch.int64)
+    as_oov = (oov, parents, depth, valid)
+    as_padding = (tokens, parents, depth, valid & ~broken)
+    assert_same_result(accept_greedy(*as_oov, logits, max_depth), accept_greedy(*as_padding, logits, max_depth))
+    assert_same_result(accept_topk_children(*as_oov, p, seeds, seeds, max_depth),
+                       accept_topk_children(*as_padding, p, seeds, seeds, max_depth))
+    assert_same_result(accept_sampled_children(*as_oov, p, q, seeds, seeds, max_depth, 4),
+                       accept_sampled_children(*as_padding, p, q, seeds, seeds, max_depth, 4))
+    assert bool(broken.any())

@@ -16,10 +16,11 @@ import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
+from eaglespec.ops.draft_topk import LOGP_FLOOR, draft_topk_ref
 from eaglespec.ops.sampling import SamplingTensors, target_probs
 from eaglespec.speculative.acceptance import accept_greedy_by_masks
-from eaglespec.speculative.drafter import draft_log_probs
 from eaglespec.speculative.tree import ancestor_bits_from_parents
+from eaglespec.train.token_ranking import rank_tokens
 from tests.conftest import small_engine
 from tests.speculative.test_acceptance import chi_square
 from tests.speculative.test_speculative_greedy import _prompts, eagle1_head, eagle3_head, predictable_target
@@ -71,10 +72,16 @@ def tree_spec(kind: str, tmp_path) -> str:
 
 
 def test_draft_log_probs_are_finite_and_ordered():
-    logits = torch.tensor([[float("nan"), 1.0, 2.0], [float("inf"), 0.0, float("-inf")], [0.0, 0.0, 0.0]])
-    logp = draft_log_probs(logits)
-    assert torch.isfinite(logp).all() and (logp <= 0).all()
-    assert torch.allclose(logp[2], torch.full((3,), -torch.log(torch.tensor(3.0))))
+    # Row 0 meets a NaN output row, row 1 an inf one and a -inf one, row 2 three equal logits.
+    weight = torch.tensor([[float("nan"), 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, float("inf")], [0.0, float("-inf")]])
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    logp, ids = draft_topk_ref(hidden, weight, 3)
+    assert torch.isfinite(logp).all() and (logp <= 0).all() and (logp >= LOGP_FLOOR).all()
+    assert bool((logp[:, :-1] >= logp[:, 1:]).all())
+    assert ids[0].tolist() == [2, 1, 0]  # NaN logits (0, and 3, 4: 0 * inf) rank last, lowest index first
+    assert ids[1].tolist() == [3, 1, 2]  # +inf first; every log-prob is then the floor
+    assert logp[1].tolist() == [LOGP_FLOOR] * 3
+    assert ids[2].tolist() == [1, 2, 0]  # equal logits: lowest index first
 
 
 def test_greedy_masks_never_accept_an_orphan():
@@ -130,10 +137,33 @@ def test_seeded_sampling_keeps_the_target_distribution_whatever_the_draft(target
     """Three tokens (the first from prefill, the others from one or two speculative steps),
     top-3 at temperature 1: 27 outcomes, counted over many seeds against their exact
     probabilities. The oracle-ish head shows that drafts do get accepted here."""
-    prompt = _prompts(VOCAB, [6], seed=12)[0]
-    engine = small_engine(max_batch_size=64, num_blocks=200)
     llm = LLM.from_model(target, draft=broken_head(target, head_kind), spec=SpecConfig(tree=tree_spec(tree, tmp_path)),
-                         engine=engine)
+                         engine=small_engine(max_batch_size=64, num_blocks=200))
+    outs = assert_samples_follow_the_target(llm)
+    if head_kind == "oracle":
+        taus = [o.stats["tau"] for o in outs]
+        assert max(taus) > 1.0, "no draft token was ever accepted: the test would prove little"
+
+
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic"])
+def test_seeded_sampling_keeps_the_target_distribution_with_a_reduced_draft_vocabulary(target, tree, tmp_path):
+    """The oracle-ish head drafting over 16 of the 61 tokens (ranked by how often the target
+    picks them): q is 0 for the other 45, which the target still samples."""
+    head = broken_head(target, "oracle")
+    picks = LLM.from_model(target, engine=small_engine()).logits(list(range(VOCAB))).argmax(-1)
+    head.set_token_ranking(rank_tokens(torch.bincount(picks, minlength=VOCAB)))
+    llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree=tree_spec(tree, tmp_path), draft_vocab_size=16),
+                         engine=small_engine(max_batch_size=64, num_blocks=200))
+    assert llm.speculative.vocab.size == 16
+    outs = assert_samples_follow_the_target(llm)
+    taus = [o.stats["tau"] for o in outs]
+    assert max(taus) > 1.0, "no draft token was ever accepted: the test would prove little"
+
+
+def assert_samples_follow_the_target(llm: LLM) -> list:
+    """Generate SAMPLES seeded outputs of one prompt and check them against the target's exact
+    distribution (chi-square) and against batch-independence; returns the outputs."""
+    prompt = _prompts(VOCAB, [6], seed=12)[0]
     base = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)
     params = [SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True, seed=s) for s in range(SAMPLES)]
     outs = llm.generate([prompt] * SAMPLES, params)
@@ -145,6 +175,4 @@ def test_seeded_sampling_keeps_the_target_distribution_whatever_the_draft(target
     # A seed's output does not depend on the batch it runs in (batch 1 and 4).
     assert [o.token_ids for o in llm.generate([prompt] * 4, params[:4])] == [o.token_ids for o in outs[:4]]
     assert llm.generate([prompt], params[5])[0].token_ids == outs[5].token_ids
-    if head_kind == "oracle":
-        taus = [o.stats["tau"] for o in outs]
-        assert max(taus) > 1.0, "no draft token was ever accepted: the test would prove little"
+    return outs

@@ -83,3 +83,17 @@ def test_bad_settings_name_the_field(kwargs, field):
 def test_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="unknown choice"):
         SpeculationPolicy(["chain:1"]).observe("chain:9", 1, True, 1.0, 1.0)
+
+
+def test_seeded_times_need_no_warm_up_and_acceptance_is_tried_once_per_tree():
+    policy = SpeculationPolicy(["chain:3"], explore_every=100)
+    for bucket in (1, 8):
+        policy.seed(PLAIN, bucket, True, 1.0)
+        policy.seed("chain:3", bucket, True, 1.5)
+    assert policy.choose(1, True) == "chain:3"  # its acceptance is unknown: tried first
+    policy.observe("chain:3", 1, True, 1.5, 3.0)  # timed at once: the graph was captured at seeding
+    assert policy.expected_rate("chain:3", 1, True) == pytest.approx(2.0)
+    # Acceptance carries over to another bucket, whose seeded times already rank the choices.
+    assert policy.choose(8, True) == "chain:3"
+    policy.seed("chain:3", 8, True, 4.0)
+    assert policy.best(8, True) == PLAIN

@@ -10,6 +10,8 @@ import torch
 from eaglespec.config import LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from eaglespec.models.eagle import EagleConfig, build_head
+from eaglespec.speculative.drafter import Drafter
+from eaglespec.train.token_ranking import rank_tokens
 from tests.conftest import needs_triton_kernels, random_model, small_engine, tiny_config
 
 
@@ -132,3 +134,38 @@ def test_triton_kernels_in_the_engine_match_plain_decoding():
     spec = LLM.from_model(target, draft=head, spec=SpecConfig(tree="dynamic:3,3,8"), engine=engine).generate(prompts, params)
     assert [o.token_ids for o in plain_triton] == [o.token_ids for o in plain]
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+
+
+@pytest.mark.parametrize("tree", TREES)
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_greedy_exact_with_a_reduced_draft_vocabulary(tree, kind, tmp_path, monkeypatch):
+    """The draft scores only the N most frequent tokens of the target's replies: every drafted
+    token is one of them, and the output is still the target's own greedy output."""
+    target = predictable_target(seed=21)
+    vocab = target.config.vocab_size
+    prompts = _prompts(vocab, [7, 1, 26, 13, 40, 3, 19, 33], seed=3)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain = LLM.from_model(target, engine=small_engine(max_batch_size=8)).generate(prompts, params)
+    replies = torch.tensor([t for o in plain for t in o.token_ids])
+    head = eagle1_head(target, seed=5) if kind == "eagle1" else eagle3_head(target, seed=5)
+    head.set_token_ranking(rank_tokens(torch.bincount(replies, minlength=vocab)))
+    size = 24 if kind == "eagle1" else 16  # of 61 target tokens; the EAGLE-3 head has 40 of its own
+    allowed = set(head.draft_vocab(size).to_target.tolist())
+    drafted = []
+    build = Drafter.build
+
+    def recording_build(self, *args):
+        tree_batch = build(self, *args)
+        drafted.append(tree_batch.tokens[:, 1:].reshape(-1))  # node 0 is the root (already emitted)
+        return tree_batch
+
+    monkeypatch.setattr(Drafter, "build", recording_build)
+    spec = LLM.from_model(target, draft=head, spec=SpecConfig(tree=_tree(tree, tmp_path), draft_vocab_size=size),
+                          engine=small_engine(max_batch_size=8))
+    outs = spec.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    drafted = set(torch.cat(drafted).tolist())
+    assert drafted <= allowed and len(drafted) > 4, (sorted(drafted - allowed), len(drafted))
+    if kind == "eagle1":  # the most frequent tokens carry most of the acceptance
+        taus = [o.stats["tau"] for o in outs]
+        assert sum(taus) / len(taus) > 1.5, taus

@@ -1,0 +1,49 @@
+"""``eaglespec bench serve`` against the test server at tiny concurrency: JSON and plot written,
+and its checks refuse a run that was not what its label says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eaglespec.bench import serve as bench
+
+
+def test_bench_serve_smoke(served, tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+        plot = []
+    except ImportError:  # the plot extra is not installed: everything but the picture
+        plot = ["--no-plot"]
+    rc = bench.main(["--url", served.url, "--concurrency", "1,2", "--requests-per-client", "1", "--min-requests", "2",
+                     "--sharegpt", "0", "--mtbench-tokens", "4", "--out", str(tmp_path), "--device", "cpu", *plot])
+    assert rc == 0
+    [path] = list(tmp_path.glob("serve-*.json"))
+    rec = json.loads(path.read_text())
+    assert rec["speculation"] == served.llm.spec_config.tree and rec["label"] == "spec"
+    assert [r["concurrency"] for r in rec["rows"]] == [1, 2]
+    for row in rec["rows"]:
+        assert row["completed"] == row["requests"] == 2
+        assert row["max_in_flight"] == row["concurrency"]
+        assert row["output_tokens"] == 2 * 4
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert row["tau"] >= 1.0
+    assert plot or (tmp_path / (path.stem + ".png")).is_file()
+    assert served.wait_idle()
+
+
+def test_checks_refuse_a_mislabelled_run():
+    row = {"concurrency": 4, "requests": 8, "completed": 8, "failed": [], "max_in_flight": 3}
+    with pytest.raises(RuntimeError, match="in flight"):
+        bench.check_level(row)
+    with pytest.raises(RuntimeError, match="failed"):
+        bench.check_level({**row, "max_in_flight": 4, "completed": 7})
+    bench.check_level({**row, "max_in_flight": 4})
+
+
+def test_percentile_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert bench.percentile(values, 50) == 50.0
+    assert bench.percentile(values, 99) == 99.0
+    assert bench.percentile([3.0], 99) == 3.0 and bench.percentile([], 50) == 0.0

@@ -1,0 +1,83 @@
+"""tree="auto" in the engine: plain decoding when the draft cannot pay, a tree when it does, and
+outputs equal to plain decoding whatever runs when (plain steps and trees interleaved)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from eaglespec.config import SamplingParams, SpecConfig
+from eaglespec.engine.llm import LLM
+from eaglespec.speculative.policy import PLAIN, SpeculationPolicy
+from tests.conftest import small_engine
+from tests.speculative.test_speculative_greedy import _prompts, eagle1_head, predictable_target
+
+TREES = ("chain:1", "chain:3", "dynamic:3,3,8")
+# What each step costs, in plain steps: fixed prices instead of the clock, so the choices do not
+# depend on how busy the machine is (the policy's arithmetic is what is tested here).
+PRICES = {PLAIN: 1.0, "chain:1": 1.5, "chain:3": 1.8, "dynamic:3,3,8": 2.2}
+
+
+@dataclass
+class PricedPolicy(SpeculationPolicy):
+    prices: dict = field(default_factory=dict)
+
+    def observe(self, choice, bucket, greedy, seconds, tokens_per_sequence):
+        super().observe(choice, bucket, greedy, self.prices[choice], tokens_per_sequence)
+
+
+def _engine(head, target):
+    llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree="auto", auto_trees=TREES),
+                         engine=small_engine(max_batch_size=4, num_blocks=96))
+    llm.speculative.policy = PricedPolicy(list(TREES), explore_every=6, prices=PRICES)
+    return llm
+
+
+def _never_accepting_head(target):
+    head = eagle1_head(target, seed=9, oracle=False)
+    head.init_random(seed=9, std=2.0)  # loud noise: proposals are nearly never the target's token
+    return head
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_auto_picks_plain_when_the_draft_never_pays_and_keeps_outputs(greedy):
+    target = predictable_target(seed=31)
+    prompts = _prompts(target.config.vocab_size, [9, 14, 5, 21], seed=8)
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0 if greedy else 0.9, seed=i)
+              for i in range(4)]
+    llm = _engine(_never_accepting_head(target), target)
+    outs = llm.generate(prompts, params)
+    assert llm.speculative.policy.best(4, greedy) == PLAIN
+    steps = {}
+    for o in outs:
+        for choice, n in o.stats["speculation"].items():
+            steps[choice] = steps.get(choice, 0) + n
+    assert steps[PLAIN] > 2 * sum(n for c, n in steps.items() if c != PLAIN), steps
+    if greedy:  # plain steps and tree steps interleaved: still exactly plain decoding's tokens
+        ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+
+
+def test_auto_picks_a_tree_when_the_draft_pays_and_keeps_outputs():
+    target = predictable_target(seed=32)
+    prompts = _prompts(target.config.vocab_size, [7, 18, 11, 3], seed=9)
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    llm = _engine(eagle1_head(target, seed=10), target)
+    outs = llm.generate(prompts, params)
+    ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert llm.speculative.policy.best(4, True) != PLAIN
+    # Every choice was tried, and the requests report which ran.
+    ran = set().union(*(o.stats["speculation"] for o in outs))
+    assert ran == {PLAIN, *TREES}
+    assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.3
+
+
+def test_forced_tree_never_runs_plain_steps():
+    target = predictable_target(seed=33)
+    llm = LLM.from_model(target, draft=eagle1_head(target, seed=11), spec=SpecConfig(tree="chain:2"),
+                         engine=small_engine())
+    assert llm.speculative.policy is None
+    outs = llm.generate(_prompts(target.config.vocab_size, [6, 12], seed=10), SamplingParams(max_tokens=12))
+    assert all(set(o.stats["speculation"]) == {"chain:2"} for o in outs)
