@@ -64,6 +64,8 @@ def plot_e2e(path: str) -> str:
                         xytext=(0, 5), ha="center", fontsize=7)
     ax.axhline(1.0, color="grey", lw=1)
     ax.set_xscale("log", base=2)
+    batches = sorted({r["batch"] for r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_ylabel("tokens/s over plain decoding")
     sampling = "greedy" if not rec.get("temperature") else f"temperature {rec['temperature']}, top-p {rec.get('top_p')}"
