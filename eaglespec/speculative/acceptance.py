@@ -48,6 +48,17 @@ def accept_stream(depth: int, slot: int = 0) -> int:
 # ----------------------------------------------------------------------------- checks and helpers
 
 
+def _walk_start(batch: int, width: int, device) -> tuple[torch.Tensor, ...]:
+    """A tree walk at its roots: current node [B] (0), still walking [B], emitted tokens
+    [B, width] and path [B, width] (-1 padded; the root is the path's first node)."""
+    current = torch.zeros(batch, dtype=torch.int64, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    out_tokens = torch.full((batch, width), -1, dtype=torch.int64, device=device)
+    path = torch.full((batch, width), -1, dtype=torch.int64, device=device)
+    path[:, 0] = 0
+    return current, active, out_tokens, path
+
+
 def _check_tree(tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor,
                 max_depth: int) -> tuple[int, int]:
     if tokens.dim() != 2:
@@ -113,11 +124,7 @@ def accept_by_target_draws(tokens: torch.Tensor, parents: torch.Tensor, depth: t
     batch, width = tokens.shape[0], max_depth + 1
     device = tokens.device
     tokens = tokens.long()
-    current = torch.zeros(batch, dtype=torch.int64, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    out_tokens = torch.full((batch, width), -1, dtype=torch.int64, device=device)
-    path = torch.full((batch, width), -1, dtype=torch.int64, device=device)
-    path[:, 0] = 0
+    current, active, out_tokens, path = _walk_start(batch, width, device)
     for d in range(width):
         y = draw(d, current)
         out_tokens[:, d] = torch.where(active, y, -1)
@@ -235,11 +242,7 @@ def accept_sampled_by_rows(tokens: torch.Tensor, parents: torch.Tensor, depth: t
     # All sibling-test uniforms at once: column d * max_children + s tests sibling s at depth d.
     test_noise = uniform_noise(seeds, offsets, accept_stream(0, 1), max(1, max_depth * max_children))
     tokens = tokens.long()
-    current = torch.zeros(batch, dtype=torch.int64, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    out_tokens = torch.full((batch, width), -1, dtype=torch.int64, device=device)
-    path = torch.full((batch, width), -1, dtype=torch.int64, device=device)
-    path[:, 0] = 0
+    current, active, out_tokens, path = _walk_start(batch, width, device)
     for d in range(width):
         p = target_at(d, current).float()
         accepted = torch.zeros(batch, dtype=torch.bool, device=device)
