@@ -279,7 +279,7 @@ class EngineConfig:
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
-    overlap_decode: bool = True  # queue the next plain decode step before reading this one's tokens
+    overlap_decode: bool = True  # queue the next decoding step (plain or speculative) before reading this one
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -44,7 +44,9 @@ def main(argv=None) -> int:
         print(f"\nplain decoding: {sum(len(o.token_ids) for o in plain_outs) / plain_s:.1f} tokens/s")
         return 0
     spec = LLM(device=args.device)
-    run(spec, SamplingParams(max_tokens=4))
+    # Warm-up: kernels and graphs, and tree="auto" tries each tree once on this machine before
+    # the timed run (as a server does on its first requests).
+    run(spec, SamplingParams(max_tokens=48))
     spec_outs, spec_s = run(spec, params)
     for q, o in zip(QUESTIONS, spec_outs):
         print(f"\n> {q}\n{o.text}")
@@ -53,7 +55,13 @@ def main(argv=None) -> int:
     same = all(a.token_ids == b.token_ids for a, b in zip(spec_outs, plain_outs))
     spec_rate = tokens / spec_s
     plain_rate = sum(len(o.token_ids) for o in plain_outs) / plain_s
-    print(f"\ntree {spec.spec_config.tree}: tau = {tokens / forwards:.2f} tokens per target forward")
+    chosen: dict[str, int] = {}
+    for o in spec_outs:
+        for choice, n in o.stats["speculation"].items():
+            chosen[choice] = chosen.get(choice, 0) + n
+    ran = ", ".join(f"{c} {n}" for c, n in sorted(chosen.items(), key=lambda kv: -kv[1]))
+    print(f"\ntree {spec.spec_config.tree} (decoding steps: {ran}): tau = {tokens / forwards:.2f} tokens per "
+          f"target forward")
     print(f"speculative {spec_rate:.1f} tokens/s, plain {plain_rate:.1f} tokens/s: speedup {spec_rate / plain_rate:.2f}x")
     print(f"greedy outputs identical to plain decoding: {same}")
     return 0 if same else 1

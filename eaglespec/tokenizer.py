@@ -197,6 +197,18 @@ def _content_text(content: Any, where: str) -> str:
 # The tokenizer.
 # ---------------------------------------------------------------------------------------------
 
+def check_unicode(text: str, what: str) -> None:
+    """Raise ValueError when ``text`` holds a lone surrogate: not Unicode text, so no tokenizer
+    can encode it (Python keeps undecodable bytes of command-line arguments that way)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        byte = f" (the undecodable byte 0x{code - 0xDC00:02x})" if 0xDC80 <= code <= 0xDCFF else ""
+        raise ValueError(f"{what} is not valid Unicode text: lone surrogate U+{code:04X}{byte} at character "
+                         f"{exc.start}; give UTF-8 text") from None
+
+
 class Tokenizer:
     """Encode/decode text and render chat prompts for one model.
 
@@ -247,6 +259,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        check_unicode(text, "prompt")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

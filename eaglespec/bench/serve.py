@@ -190,6 +190,12 @@ async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrenc
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     forwards = delta("eaglespec_decode_forwards_total")
+    # The largest decoding step of this level, from the server's batch-size histogram: at most
+    # the first bucket bound that holds every step, more than the bound before it.
+    bounds = sorted((float(k.split("le=")[1].rstrip("}")), k) for k in after
+                    if k.startswith("eaglespec_step_batch_size_bucket{") and "+Inf" not in k)
+    total = delta("eaglespec_step_batch_size_count")
+    peak_bound = next((b for b, k in bounds if total and delta(k) == total), float("inf") if total else 0.0)
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
     depth_rates = {}
@@ -203,6 +209,7 @@ async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrenc
         "concurrency": concurrency, "requests": len(results), "completed": len(ok),
         "failed": [r.error for r in results if not r.ok][:5], "max_in_flight": max_in_flight,
         "server_max_running": max(server_running, default=0.0),
+        "server_peak_step_bound": peak_bound, "server_max_batch_size": after.get("eaglespec_max_batch_size", 0.0),
         "seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
         "requests_per_s": len(ok) / elapsed,
         "ttft_p50_ms": 1000 * percentile([r.ttft_s for r in ok], 50),
@@ -222,6 +229,11 @@ def check_level(row: dict) -> None:
                            f"failed or came back short: {row['failed']}")
     if row["max_in_flight"] != c:
         raise RuntimeError(f"concurrency {c}: at most {row['max_in_flight']} requests were in flight at once")
+    # The server batched them: its largest step ran more than half of min(c, its max batch) requests.
+    want = min(c, row.get("server_max_batch_size") or c)
+    if row.get("server_peak_step_bound", want) < want:
+        raise RuntimeError(f"concurrency {c}: the server's largest step ran at most {row['server_peak_step_bound']:.0f} "
+                           f"requests (clients: {c}, server max batch: {row.get('server_max_batch_size'):.0f})")
 
 
 def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
@@ -267,6 +279,8 @@ def cmd_bench_serve(args) -> int:
     tree = next((k.split("tree=")[1].rstrip("}") for k in metrics if k.startswith("eaglespec_speculation_info")),
                 "unknown")
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.label in ("spec", "plain") and (args.label == "plain") != (tree == "none"):
+        raise RuntimeError(f"--label {args.label} but the server's speculation is {tree!r}")
     print(f"bench serve: {model} at {url}, speculation {tree}, {len(prompts)} prompts", flush=True)
     rows = []
     for c in levels:

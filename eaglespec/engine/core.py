@@ -25,7 +25,7 @@ from eaglespec.engine.scheduler import Scheduler, ScheduledStep, is_ready
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import LlamaForCausalLM
 from eaglespec.speculative.policy import PLAIN
-from eaglespec.speculative.step import SpeculativeRunner
+from eaglespec.speculative.step import SpecFlight, SpeculativeRunner
 from eaglespec.speculative.tree import parse_tree
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ class EngineCore:
                                    mixed_decode=self.speculative is None)
         self._ids = itertools.count()
         self.requests: dict[int, Request] = {}  # live requests (finished ones leave after their last delta)
-        self._in_flight: DecodeFlight | None = None  # a decode step queued but not read yet
+        self._in_flight: DecodeFlight | SpecFlight | None = None  # a step queued but not read yet
         self._touched: list[Request] = []  # finished outside a step (failed at admission, aborted)
-        self.last_step_kind = ""  # "prefill", "decode", "speculative" (for metrics)
+        self.last_step_kind = ""  # "prefill", "mixed", "decode", "speculative" (for metrics)
+        self.last_step_size = 0  # requests in the last step (for metrics: how many really ran at once)
         self.last_choice = ""  # the tree (or "plain") the last decoding step ran (for metrics)
         # The choice made for the step after an overlapped one, with its (bucket) key.
         self._planned: tuple[int, bool, str] | None = None
@@ -195,47 +196,56 @@ class EngineCore:
     def _run_step(self) -> list[Request]:
         """Run one step; return the requests that made progress (finished ones included).
 
-        Plain decoding overlaps the host with the device: while a decode step runs, the next
-        one is queued with its input tokens taken on the device, and only then are the first
-        step's tokens read and checked. That needs the batch to go on unchanged (nothing to
-        admit, nothing finished or preempted, room for one more token each); otherwise the
-        step ends without a successor. A request that stops while its successor runs wastes
-        that one token, which is dropped.
+        Decoding, plain or speculative, overlaps the host with the device: while a step runs,
+        the next one (the same choice) is queued with its inputs taken on the device, and only
+        then are the first step's tokens read and checked. That needs the batch to go on
+        unchanged (nothing to admit, nothing finished or preempted, no limit reachable by the
+        step in flight, KV room); otherwise the step ends without a successor. A request that
+        stops while its successor runs wastes that successor's tokens, which are dropped.
         """
         started = time.perf_counter()
         flight, self._in_flight = self._in_flight, None
+        followed = flight is not None  # queued behind the previous step (overlapped)
         if flight is None:
             scheduled = self.scheduler.schedule()
             if scheduled is None:
                 return []
             reqs = scheduled.requests
             self._current = reqs
+            self.last_step_size = len(reqs)
             if scheduled.kind == "prefill" or not reqs:
                 prefilling = [not is_ready(r) for r in reqs]  # the others decode in this forward
                 emitted = self._prefill(scheduled) if reqs else []
                 self.last_step_kind = "prefill" if all(prefilling) else "mixed"
                 self._apply(reqs, emitted, prefilling)
                 return reqs
-            choice = self._choose(reqs)
-            if choice != PLAIN:
-                emitted = self._speculate(reqs, choice)
-                self.last_step_kind = "speculative"
-                self._apply(reqs, emitted, [False] * len(reqs))
-                self.speculative.observe(choice, reqs, time.perf_counter() - started,
-                                         sum(map(len, emitted)) / len(reqs))
-                return reqs
-            flight = self._launch_decode(reqs)
+            flight = self._launch(reqs, self._choose(reqs))
         self._current = flight.reqs
-        self.last_step_kind = "decode"
-        self.last_choice = PLAIN
-        if self.config.overlap_decode and self._can_follow(flight.reqs) and self._choose(flight.reqs, plan=True) == PLAIN:
-            self._in_flight = self._launch_decode(flight.reqs, follow=flight)
+        choice = flight.tree if isinstance(flight, SpecFlight) else PLAIN
+        self.last_step_size = len(flight.reqs)
+        # Steady: a step queued behind one of the same choice (what the policy compares), not the
+        # first after a switch, which runs without overlap.
+        steady = followed or (choice != PLAIN and self.last_choice == choice)
+        if (self.config.overlap_decode and self._can_follow(flight)
+                and self._choose(flight.reqs, plan=True) == choice):
+            self._in_flight = self._launch(flight.reqs, choice, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
-        self._apply(flight.reqs, [[t] for t in flight.wait()], [False] * len(flight.reqs))  # the one host read
+        if choice == PLAIN:
+            self.last_step_kind = "decode"
+            emitted = [[t] for t in flight.wait()]  # the one host read of the step
+        else:
+            self.last_step_kind = "speculative"
+            emitted = flight.wait()  # the one host read of the step
+            self._count_speculative(flight.reqs, emitted, choice)
+        self.last_choice = choice
         for r in flight.reqs:
-            r.steps_by_choice[PLAIN] = r.steps_by_choice.get(PLAIN, 0) + 1
+            if not r.finished:
+                r.steps_by_choice[choice] = r.steps_by_choice.get(choice, 0) + 1
+        self._apply(flight.reqs, emitted, [False] * len(flight.reqs))
         if self.speculative is not None:
-            self.speculative.observe(PLAIN, flight.reqs, time.perf_counter() - started, 1.0)
+            tokens = [len(row) for r, row in zip(flight.reqs, emitted)]
+            self.speculative.observe(choice, flight.reqs, time.perf_counter() - started, sum(tokens) / len(tokens),
+                                     steady)
         return live
 
     def _choose(self, reqs: list[Request], plan: bool = False) -> str:
@@ -253,10 +263,13 @@ class EngineCore:
             self._planned = (*key, choice)
         return choice
 
-    def _launch_decode(self, reqs: list[Request], follow: DecodeFlight | None = None) -> DecodeFlight:
+    def _launch(self, reqs: list[Request], choice: str, follow=None) -> DecodeFlight | SpecFlight:
+        """Queue a plain decode step or a speculative step of the tree ``choice``."""
         if self.speculative is None:
             return self.runner.launch_decode(reqs, follow)
-        return self.speculative.launch_plain(reqs, follow)
+        if choice == PLAIN:
+            return self.speculative.launch_plain(reqs, follow)
+        return self.speculative.launch(reqs, choice, follow)
 
     def _recover(self, exc: Exception) -> list[Request]:
         """A step raised. Its requests are preempted (recomputed later, nothing lost) and
@@ -291,10 +304,15 @@ class EngineCore:
         if self.speculative is not None:
             self.speculative.release(req)
 
-    def _can_follow(self, reqs: list[Request]) -> bool:
-        """Whether the next decode step may be queued before this one's tokens are known: the
-        same requests, none finished, nobody waiting for a free row, no limit reached by the
-        token in flight, and KV room without preemption (the room is taken here)."""
+    def _can_follow(self, flight: DecodeFlight | SpecFlight) -> bool:
+        """Whether the next decoding step may be queued before this one's tokens are known: the
+        same requests, none finished, nobody waiting for a free row, no limit reachable by the
+        tokens in flight, and KV room without preemption (the room is taken here)."""
+        reqs = flight.reqs
+        # Tokens the step in flight may emit; a plain step counted its one in num_cached at launch,
+        # a speculative step's accepted path is counted when it is read.
+        emit = self.speculative.programs[flight.tree].shape.depth + 1 if isinstance(flight, SpecFlight) else 1
+        unread = emit if isinstance(flight, SpecFlight) else 0
         sched = self.scheduler
         if sched.waiting and len(sched.running) < sched.max_batch:
             return False
@@ -302,14 +320,14 @@ class EngineCore:
             return False
         allocator, new_blocks = self.runner.allocator, 0
         for r in reqs:
-            if (r.finished or len(r.output_ids) + 1 >= r.params.max_tokens
-                    or len(r.all_ids) + 1 >= self.config.max_model_len):
+            if (r.finished or len(r.output_ids) + emit >= r.params.max_tokens
+                    or len(r.all_ids) + emit >= self.config.max_model_len):
                 return False
-            new_blocks += max(0, allocator.blocks_needed(r.num_cached + sched.lookahead) - len(r.blocks))
+            new_blocks += max(0, allocator.blocks_needed(r.num_cached + unread + sched.lookahead) - len(r.blocks))
         if new_blocks > allocator.num_free:
             return False
         for r in reqs:
-            allocator.grow(r.blocks, r.num_cached + sched.lookahead)
+            allocator.grow(r.blocks, r.num_cached + unread + sched.lookahead)
         return True
 
     def _apply(self, reqs: list[Request], emitted: list[list[int]], prefilling: list[bool]) -> None:
@@ -336,20 +354,18 @@ class EngineCore:
         # A chunk's sampled token is not the next token of the sequence: dropped.
         return [[t] if whole else [] for t, whole in zip(tokens.tolist(), complete)]
 
-    def _speculate(self, reqs: list[Request], tree: str) -> list[list[int]]:
-        tokens, counts = self.speculative.step(reqs, tree)
-        tokens, counts = tokens.tolist(), counts.tolist()  # the one host read of the step
+    def _count_speculative(self, reqs: list[Request], emitted: list[list[int]], tree: str) -> None:
+        """Advance each request past its accepted path and count acceptance per depth; a request
+        that had stopped before this step was read (an overlapped successor) is left alone."""
         depth = self.speculative.programs[tree].shape.depth
-        self.last_choice = tree
-        emitted = []
-        for req, row, n in zip(reqs, tokens, counts):
+        for req, row in zip(reqs, emitted):
+            if req.finished:
+                continue
+            n = len(row)
             req.num_cached += n
-            req.steps_by_choice[tree] = req.steps_by_choice.get(tree, 0) + 1
             if len(req.proposed_per_depth) < self.speculative.depth:
                 req.proposed_per_depth += [0] * (self.speculative.depth - len(req.proposed_per_depth))
                 req.accepted_per_depth += [0] * (self.speculative.depth - len(req.accepted_per_depth))
             for d in range(depth):
                 req.proposed_per_depth[d] += 1
                 req.accepted_per_depth[d] += int(n - 1 > d)
-            emitted.append(row[:n])
-        return emitted

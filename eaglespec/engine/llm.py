@@ -21,9 +21,23 @@ Prompt = str | Sequence[int]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: cuda when present); ValueError for one that cannot be used."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    unknown = f"device {device!r} is not one eaglespec runs on: use cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(unknown) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(unknown)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -94,6 +108,21 @@ def load_tokenizer(ckpt) -> tuple["Tokenizer | None", str]:
     if ckpt.chat_template and not tokenizer.chat_template:
         tokenizer.chat_template = ckpt.chat_template
     return tokenizer, ""
+
+
+class TextStream:
+    """What ``LLM.stream`` returns: iterate for the text pieces of one request as they are
+    produced; once the iteration is over, ``output`` holds the finished request's Output."""
+
+    def __init__(self):
+        self.output: Output | None = None
+        self._pieces: Iterator[str] = iter(())
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
 
 
 class LLM:
@@ -213,8 +242,13 @@ class LLM:
         self._drain()
         return [self._requests.pop(i).to_output() for i in ids]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text pieces of one prompt as they are produced."""
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> TextStream:
+        """Text pieces of one prompt as they are produced (``TextStream.output`` at the end)."""
+        stream = TextStream()
+        stream._pieces = self._stream_pieces(prompt, params, stream)
+        return stream
+
+    def _stream_pieces(self, prompt: Prompt, params: SamplingParams | None, stream: TextStream) -> Iterator[str]:
         rid = self.add_request(prompt, params)
         try:
             finished = False
@@ -224,19 +258,25 @@ class LLM:
                         if delta.new_text:
                             yield delta.new_text
                         finished = delta.finished
+            stream.output = self._requests[rid].to_output()
         finally:
             self.core.abort(rid)  # a stream closed early frees its blocks
             self._requests.pop(rid, None)
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Output:
-        """Apply the chat template to one conversation and generate the assistant's reply."""
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The token ids of one conversation under the chat template, ready for the reply
+        (messages checked: role and content of each, OpenAI text parts joined)."""
         from eaglespec.tokenizer import chat_messages
 
         messages = chat_messages(messages)
         if self.tokenizer is None:
             raise ValueError(f"chat needs a tokenizer, and this model has none ({self.core.no_tokenizer_reason})")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate([self.tokenizer.encode(text)], params)[0]
+        return self.tokenizer.encode(text)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Output:
+        """Apply the chat template to one conversation and generate the assistant's reply."""
+        return self.generate([self.chat_prompt(messages)], params)[0]
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """The target's full-sequence logits [T, vocab] (fp32)."""

@@ -8,9 +8,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
+BATCH_BUCKETS = tuple(float(1 << i) for i in range(10))  # 1, 2, 4, ..., 512
+
 
 class ServerMetrics:
-    def __init__(self, model_name: str, speculation: str, max_depth: int):
+    def __init__(self, model_name: str, speculation: str, max_depth: int, max_batch_size: int = 0):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("eaglespec_requests", "Requests by final status: stop, length, abort, error "
                                 "(engine) and rejected (4xx before the engine)", ["status"], registry=r)
@@ -21,6 +23,10 @@ class ServerMetrics:
         self.kv_in_use = Gauge("eaglespec_kv_blocks_in_use", "KV cache blocks held by requests", registry=r)
         self.kv_total = Gauge("eaglespec_kv_blocks_total", "KV cache blocks in the pool", registry=r)
         self.steps = Counter("eaglespec_engine_steps", "Engine steps by kind", ["kind"], registry=r)
+        self.step_batch = Histogram("eaglespec_step_batch_size", "Requests in each decoding step (mixed, plain "
+                                    "or speculative)", buckets=BATCH_BUCKETS, registry=r)
+        self.max_batch = Gauge("eaglespec_max_batch_size", "The most requests one step may run", registry=r)
+        self.max_batch.set(max_batch_size)
         self.choices = Counter("eaglespec_speculation_steps", "Decoding steps by the speculation chosen for them "
                                "(a tree, or plain)", ["choice"], registry=r)
         self.decode_forwards = Counter("eaglespec_decode_forwards", "Decoding target forwards (plain or "
@@ -52,6 +58,8 @@ class ServerMetrics:
         self.kv_total.set(core.runner.allocator.num_blocks - 1)
         if core.last_step_kind:
             self.steps.labels(kind=core.last_step_kind).inc()
+            if core.last_step_kind != "prefill":
+                self.step_batch.observe(core.last_step_size)
             if core.last_step_kind != "prefill" and core.last_choice:
                 self.choices.labels(choice=core.last_choice).inc()
             core.last_step_kind = ""

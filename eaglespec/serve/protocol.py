@@ -6,9 +6,10 @@ Fields the server does not implement but clients commonly send (``user``, ``logp
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 MAX_N = 16
 MAX_STOP = 16
@@ -47,6 +48,22 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
 
+    # Features the server does not have: refused by name rather than silently ignored.
+    logprobs: Any = None
+    tools: Any = None
+    response_format: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("logprobs", "tools", "response_format", "suffix"):
+            if getattr(self, name) not in (None, False, 0):
+                raise ValueError(f"{name} is not supported by this server")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of is not supported by this server (use n)")
+        return self
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
@@ -60,7 +77,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    echo: StrictBool = False
+    echo: Literal[False] = False  # echoing the prompt is not supported
 
 
 class TextPart(BaseModel):

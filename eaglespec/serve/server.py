@@ -15,7 +15,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=4096, help="prompt + generated tokens per request")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="prompt + generated tokens per request (default 0: the model's context length)")
     p.add_argument("--num-blocks", type=int, default=0, help="KV blocks (0: from free memory / --kv-cache-tokens)")
     p.add_argument("--kv-cache-tokens", type=int, default=16384, help="CPU pool size in tokens")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.6)
@@ -47,7 +48,7 @@ def build_server_app(llm, served_model_name: str | None = None, max_body_bytes: 
     name = served_model_name or DEFAULT_MODEL_NAME
     tree = llm.spec_config.tree if core.speculative is not None else "none"
     depth = core.speculative.depth if core.speculative is not None else 0
-    metrics = ServerMetrics(name, tree, depth)
+    metrics = ServerMetrics(name, tree, depth, llm.engine_config.max_batch_size)
     engine = EngineThread(core, metrics)
     served = ServedModel(name=name, tokenizer=llm.tokenizer, vocab_size=llm.model.config.vocab_size,
                          max_model_len=llm.engine_config.max_model_len)

@@ -11,13 +11,18 @@ chosen per step from measurements, not fixed:
   depend on the batch size, so what a tree earns at batch 1 predicts it at batch 16.
 
 Step times may be seeded at start-up (``seed``: on a GPU, the replay time of every captured
-graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines them. Each step
-runs the choice with the highest expected tokens per second. A choice with no timing yet in
-this bucket, or a tree whose acceptance was never seen, is tried first (each once, in order);
-after that, one step in every ``explore_every`` re-measures the choice measured longest ago, so
-a choice that became better (other prompts, other acceptance) is found again. Plain decoding
-is one of the choices, so a draft that never accepts ends with plain decoding and loses only
-the exploring steps.
+graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines them, from steady
+steps only (a step that follows one of the same choice: a plain step overlapped with the one
+before it, not the first plain step after a tree, which pays the switch).
+
+A choice runs for an epoch of ``epoch_steps`` steps of its bucket: switches are rare (each
+costs a step without overlap) and the per-step decision is a lookup. Each epoch runs the choice
+with the highest expected tokens per second; a choice with no timing yet in this bucket, or a
+tree whose acceptance was never seen, is tried first (an epoch each, in order); after that, one
+epoch in every ``explore_every`` re-measures the choice measured longest ago, so a choice that
+became better (other prompts, other acceptance) is found again. Plain decoding is one of the
+choices, so a draft that never accepts ends with plain decoding and loses only the exploring
+epochs (about 1 / explore_every of the steps).
 """
 
 from __future__ import annotations
@@ -41,18 +46,25 @@ class _Average:
         self.last_step = step
 
 
+@dataclass(slots=True)
+class _Epoch:
+    choice: str
+    steps_left: int  # steps of this epoch still to run after the current one
+
+
 @dataclass
 class SpeculationPolicy:
     """Picks, per step, plain decoding or one of ``trees`` (tree spec strings)."""
 
     trees: list[str]
     smoothing: float = 0.2  # weight of the newest observation in the moving averages
-    explore_every: int = 64  # one exploring step in this many, per bucket
-    warmup_runs: int = 1  # first runs of a (choice, bucket) not timed: graph capture, compilation
+    epoch_steps: int = 8  # steps a choice runs for before the next decision, per bucket
+    explore_every: int = 32  # one exploring epoch in this many, per bucket
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
     _tokens: dict[tuple, _Average] = field(default_factory=dict)  # (choice, greedy) -> tokens / sequence / step
-    _runs: dict[tuple, int] = field(default_factory=dict)  # (choice, bucket, greedy) -> steps run
-    _steps: dict[tuple, int] = field(default_factory=dict)  # (bucket, greedy) -> steps chosen
+    _epochs: dict[tuple, int] = field(default_factory=dict)  # (bucket, greedy) -> epochs started
+    _current: dict[tuple, _Epoch] = field(default_factory=dict)  # (bucket, greedy) -> the running epoch
+    _observed: int = 0  # observations so far (the clock of ``last_step``)
 
     def __post_init__(self) -> None:
         if not self.trees:
@@ -63,6 +75,8 @@ class SpeculationPolicy:
             raise ValueError(f"SpeculationPolicy.smoothing must be in (0, 1], got {self.smoothing}")
         if self.explore_every < 2:
             raise ValueError(f"SpeculationPolicy.explore_every must be >= 2, got {self.explore_every}")
+        if self.epoch_steps < 1:
+            raise ValueError(f"SpeculationPolicy.epoch_steps must be >= 1, got {self.epoch_steps}")
 
     @property
     def choices(self) -> list[str]:
@@ -71,27 +85,37 @@ class SpeculationPolicy:
     def choose(self, bucket: int, greedy: bool) -> str:
         """The choice to run for a step of this batch bucket."""
         key = (bucket, greedy)
-        step = self._steps.get(key, 0)
-        self._steps[key] = step + 1
+        epoch = self._current.get(key)
+        if epoch is not None and epoch.steps_left > 0:
+            epoch.steps_left -= 1
+            return epoch.choice
+        n = self._epochs.get(key, 0)
+        self._epochs[key] = n + 1
         untried = [c for c in self.choices if (c, bucket, greedy) not in self._seconds
                    or (c != PLAIN and (c, greedy) not in self._tokens)]
         if untried:
-            return untried[0]
-        if step % self.explore_every == self.explore_every - 1:
-            return min(self.choices, key=lambda c: self._seconds[(c, bucket, greedy)].last_step)
-        return self.best(bucket, greedy)
+            choice = untried[0]
+        elif n % self.explore_every == self.explore_every - 1:
+            choice = min(self.choices, key=lambda c: self._seconds[(c, bucket, greedy)].last_step)
+        else:
+            choice = self.best(bucket, greedy)
+        self._current[key] = _Epoch(choice, self.epoch_steps - 1)
+        return choice
 
-    def observe(self, choice: str, bucket: int, greedy: bool, seconds: float, tokens_per_sequence: float) -> None:
-        """Record one step that ran ``choice``: its wall time and mean tokens per sequence."""
+    def observe(self, choice: str, bucket: int, greedy: bool, seconds: float, tokens_per_sequence: float,
+                steady: bool = True) -> None:
+        """Record one step that ran ``choice``: its wall time and mean tokens per sequence.
+        ``steady``: the step followed one of the same choice; otherwise its time (a switch, a
+        warm-up) is not taken, only its tokens."""
         if choice not in self.choices:
             raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
-        run_key = (choice, bucket, greedy)
-        runs = self._runs.get(run_key, 0)
-        self._runs[run_key] = runs + 1
-        step = self._steps.get((bucket, greedy), 0)
-        self._tokens.setdefault((choice, greedy), _Average()).update(tokens_per_sequence, self.smoothing, step)
-        if runs >= self.warmup_runs or run_key in self._seconds:  # a seeded graph was captured already
-            self._seconds.setdefault(run_key, _Average()).update(seconds, self.smoothing, step)
+        self._observed += 1
+        if choice != PLAIN:
+            self._tokens.setdefault((choice, greedy), _Average()).update(tokens_per_sequence, self.smoothing,
+                                                                         self._observed)
+        if steady:
+            self._seconds.setdefault((choice, bucket, greedy), _Average()).update(seconds, self.smoothing,
+                                                                                  self._observed)
 
     def seed(self, choice: str, bucket: int, greedy: bool, seconds: float) -> None:
         """A step time measured before serving (graph replay): the starting value of the average."""
@@ -104,10 +128,10 @@ class SpeculationPolicy:
         seconds = self._seconds.get((choice, bucket, greedy))
         if seconds is None or seconds.value <= 0:
             return None
-        if choice != PLAIN and (choice, greedy) not in self._tokens:
-            return None
-        tokens = 1.0 if choice == PLAIN else self._tokens[(choice, greedy)].value
-        return tokens / seconds.value
+        if choice == PLAIN:
+            return 1.0 / seconds.value
+        tokens = self._tokens.get((choice, greedy))
+        return None if tokens is None else tokens.value / seconds.value
 
     def best(self, bucket: int, greedy: bool) -> str:
         """The measured choice with the highest expected rate (plain until something is measured)."""
@@ -119,9 +143,9 @@ class SpeculationPolicy:
         """One row per measured (choice, bucket, greedy): step ms, tokens per sequence, rate."""
         rows = []
         for (choice, bucket, greedy), seconds in sorted(self._seconds.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+            tokens = self._tokens.get((choice, greedy))
             rows.append({"choice": choice, "bucket": bucket, "greedy": greedy, "step_ms": 1000 * seconds.value,
-                         "tokens_per_sequence": 1.0 if choice == PLAIN else (
-                             self._tokens[(choice, greedy)].value if (choice, greedy) in self._tokens else None),
+                         "tokens_per_sequence": 1.0 if choice == PLAIN else (tokens.value if tokens else None),
                          "tokens_per_s_per_sequence": self.expected_rate(choice, bucket, greedy),
                          "steps_timed": seconds.count})
         return rows

@@ -11,6 +11,10 @@ of speculative/policy.py under ``tree="auto"``, else the forced tree). The plain
 its (feature, token) pair pending like a speculative step does, so the head picks up where
 plain decoding left; the head's cache then lacks the pairs of the plain steps before it, which
 can only lower acceptance, never change an output.
+
+Speculative steps overlap the host like plain ones: step n+1 of the same tree can be queued
+before the host reads step n (``launch(..., follow=)``), its root tokens, cached lengths and
+sampling counters advanced on the device from step n's outputs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,26 @@ from eaglespec.speculative.verifier import verify_tree
 # A speculative step reads, per request, the decode fields plus its pending-state slot and the
 # target's cached length L (the root sits at position L).
 SPEC_ROWS = DECODE_ROWS.extended(i64=("state_slots",), i32=("cached_lens",))
+
+
+@dataclass(slots=True)
+class SpecFlight:
+    """A speculative step queued on the device whose outputs the host has not read yet."""
+
+    reqs: list[Request]
+    tree: str  # the tree it runs
+    tokens_device: torch.Tensor  # [bucket, depth + 1] int64, -1 padded: the step's output buffer
+    counts_device: torch.Tensor  # [bucket] int64 tokens emitted per row (accepted drafts + bonus)
+    tokens_host: torch.Tensor  # [bucket, depth + 1] pinned twin, filled by a copy queued after the step (CUDA)
+    counts_host: torch.Tensor  # [bucket]
+    done: torch.cuda.Event | None  # recorded after those copies (None on the CPU: already done)
+
+    def wait(self) -> list[list[int]]:
+        """The tokens each request's step emitted (blocks until the step has run)."""
+        if self.done is not None:
+            self.done.synchronize()
+        n = len(self.reqs)
+        return [row[:c] for row, c in zip(self.tokens_host[:n].tolist(), self.counts_host[:n].tolist())]
 
 
 @dataclass(slots=True)
@@ -77,6 +101,7 @@ class SpeculativeRunner:
             self.programs[tree] = TreeProgram(shape, drafter, graphs)
         self.plain_graphs = {greedy: StepGraphs(lambda x, g=greedy: self._plain_fn(x, g), self._static_inputs,
                                                 use_graphs) for greedy in (True, False)}
+        self._host_buffers: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # _host_buffer
         # tree="auto": measured choice per step; a forced tree runs on every step.
         self.policy = SpeculationPolicy(list(spec.trees)) if spec.tree == "auto" else None
 
@@ -109,11 +134,13 @@ class SpeculativeRunner:
             return next(iter(self.programs))
         return self.policy.choose(bucket_for(len(reqs), self.runner.buckets), _all_greedy(reqs))
 
-    def observe(self, choice: str, reqs: list[Request], seconds: float, tokens_per_sequence: float) -> None:
-        """Feed the policy one step's wall time and mean tokens per sequence."""
+    def observe(self, choice: str, reqs: list[Request], seconds: float, tokens_per_sequence: float,
+                steady: bool) -> None:
+        """Feed the policy one step's wall time and mean tokens per sequence (``steady``: the
+        step followed one of the same choice, see SpeculationPolicy.observe)."""
         if self.policy is not None:
             self.policy.observe(choice, bucket_for(len(reqs), self.runner.buckets), _all_greedy(reqs), seconds,
-                                tokens_per_sequence)
+                                tokens_per_sequence, steady)
 
     @property
     def lookahead(self) -> int:
@@ -223,14 +250,48 @@ class SpeculativeRunner:
         return (tokens,)
 
     @torch.inference_mode()
-    def step(self, reqs: list[Request], tree: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One speculative step of ``tree`` for running requests. Returns emitted tokens
-        [B, depth+1] (-1 padded) and their counts [B], on the device."""
+    def launch(self, reqs: list[Request], tree: str, follow: SpecFlight | None = None) -> SpecFlight:
+        """Queue one speculative step of ``tree`` for running requests, without waiting for it;
+        the requests' host state (``num_cached``, outputs) advances when the flight is read.
+
+        With ``follow`` (the step before, same requests in the same order, not read yet, blocks
+        grown for both steps) each request's root token is the last token that step emitted, and
+        its cached length and sampling counter advance by that step's count, on the device."""
         bucket = bucket_for(len(reqs), self.runner.buckets)
         graphs = self.programs[tree].graphs[_all_greedy(reqs)]
         self.stage_inputs(graphs, reqs, bucket)
-        tokens, counts = graphs.run(bucket)
-        return tokens[:len(reqs)], counts[:len(reqs)]
+        prepare = None
+        if follow is not None:
+            n, prev_tokens, prev_counts = len(reqs), follow.tokens_device, follow.counts_device
+
+            def prepare(static: dict[str, torch.Tensor]) -> None:
+                rows = StepRows(static["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
+                counts = prev_counts[:n]
+                last = torch.gather(prev_tokens[:n], 1, (counts - 1).clamp_min(0)[:, None])[:, 0]
+                rows["input_ids"][:n].copy_(last)
+                rows["cached_lens"][:n] += counts.to(torch.int32)
+                rows["offsets"][:n] += counts
+        tokens, counts = graphs.run(bucket, prepare)
+        tokens_host, counts_host, done = tokens, counts, None  # on the CPU the step has already run
+        if tokens.is_cuda:
+            tokens_host, counts_host = self._host_buffer(bucket, tokens.shape[1])
+            tokens_host.copy_(tokens, non_blocking=True)  # queued now: the next replay overwrites the outputs
+            counts_host.copy_(counts, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return SpecFlight(reqs, tree, tokens, counts, tokens_host, counts_host, done)
+
+    def _host_buffer(self, bucket: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pinned [bucket, width] tokens and [bucket] counts for a step's outputs. Two pairs per
+        shape, used in turn: at most two steps are in flight, and the older one is read before
+        a third starts."""
+        pairs = self._host_buffers.get((bucket, width))
+        if pairs is None:
+            pairs = self._host_buffers[(bucket, width)] = [
+                (torch.empty(bucket, width, dtype=torch.int64, pin_memory=True),
+                 torch.empty(bucket, dtype=torch.int64, pin_memory=True)) for _ in range(2)]
+        pairs.reverse()
+        return pairs[0]
 
     def launch_plain(self, reqs: list[Request], follow: DecodeFlight | None = None) -> DecodeFlight:
         """Queue a plain decode step (overlapped like the plain engine's, see ModelRunner.launch_decode)."""

@@ -5,7 +5,7 @@ All fixed-shape device work (no host synchronisation), so it runs inside the ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,7 +14,7 @@ from eaglespec.models.attention_step import TreeStep
 from eaglespec.models.llama import LlamaForCausalLM
 from eaglespec.ops.greedy_accept import commit_indices, greedy_accept, greedy_accept_ref
 from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
-from eaglespec.speculative.acceptance import AcceptResult, accept_by_target_draws, accept_stream
+from eaglespec.speculative.acceptance import AcceptResult, accept_by_target_draws
 from eaglespec.speculative.tree import TreeBatch
 
 
@@ -51,10 +51,13 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     else:
         # One draw from the target distribution at the current node per depth: exact for
         # children chosen deterministically (see speculative.acceptance.accept_topk_children).
+        # The draw at depth d is the one plain sampling makes for the token d places ahead (same
+        # noise stream, counter + d), so a seeded request samples the same tokens whether a
+        # step ran plain or with any tree (up to the logits' rounding on each path).
         valid = torch.ones_like(tree.tokens, dtype=torch.bool)
         accept = accept_by_target_draws(
             tree.tokens, tree.parents, tree.depth, valid, max_depth,
-            lambda d, node: sample(_rows(logits, node), st, stream=accept_stream(d, 0)))
+            lambda d, node: sample(_rows(logits, node), replace(st, offsets=st.offsets + d)))
         where = commit_indices(accept.path, cached_lens, block_tables, cache.block_size, n)
     copy_tree_kv(cache, *step.stacked(), where)
     feats = out.hidden if feature == "hidden" else out.taps

@@ -290,9 +290,23 @@ def _add_override_options(parser: argparse.ArgumentParser) -> None:
                                default=None)
 
 
+def cpu_training_note(device: str) -> str | None:
+    """What to expect when training runs on the CPU (said before anything loads), else None."""
+    import torch
+
+    if device.startswith("cuda") or (not device and torch.cuda.is_available()):
+        return None
+    return ("eaglespec train: running on the CPU (no CUDA device): fine for a small run, e.g. --data.stop 8 "
+            "--data.max_new_tokens 32 --train.epochs 1 --eval.stop 2 --eval.max_tokens 16; the configs' full "
+            "recipes (16,000 conversations, hours of GPU work) need a GPU")
+
+
 def _dispatch(args) -> int:
     overrides = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("override:") and v is not None}
     cfg = load_config(args.config, overrides)
+    cpu_note = cpu_training_note(cfg.target.device)
+    if cpu_note:
+        print(cpu_note, file=sys.stderr, flush=True)
     _COMMANDS[args.train_command](cfg)
     return 0
 

@@ -85,7 +85,7 @@ def test_shipped_head_is_the_default_and_keeps_greedy_output_exact(llm):
     # A trained head is accepted, not just run: over the speculative steps auto ran (each tree
     # is tried), many first drafts are right.
     assert sum(n for c, n in fast.stats["speculation"].items() if c != "plain") >= 1
-    assert fast.stats["accept_rate_per_depth"][0] >= 0.3  # a random head: about 0
+    assert fast.stats["accept_rate_per_depth"][0] >= 0.2  # a random head: about 1 in 49,152
 
 
 @pytest.mark.parametrize("tree", ["chain:3", "dynamic:3,3,8"])

@@ -1,5 +1,5 @@
 """One real server for the whole test session: the embedded default model (with its shipped
-head) on the CPU in fp32, uvicorn on 127.0.0.1 on a free port, and a plain LLM as reference."""
+head, drafting a chain of 3) on the CPU in fp32, uvicorn on 127.0.0.1 on a free port, and a plain LLM as reference."""
 
 from __future__ import annotations
 
@@ -38,10 +38,11 @@ class Served:
 
 @pytest.fixture(scope="session")
 def served():
-    from eaglespec import LLM, EngineConfig
+    from eaglespec import LLM, EngineConfig, SpecConfig
     from eaglespec.serve.server import ServerThread, build_server_app
 
-    llm = LLM(device="cpu", dtype="float32",
+    # The shipped head on a chain of 3: a small tree keeps the CPU steps cheap.
+    llm = LLM(device="cpu", dtype="float32", spec=SpecConfig(tree="chain:3"),
               engine=EngineConfig(max_batch_size=16, max_model_len=512, kv_cache_tokens=8192))
     assert llm.core.speculative is not None  # the shipped head serves
     app, engine = build_server_app(llm)

@@ -16,30 +16,37 @@ def test_bench_serve_smoke(served, tmp_path):
         plot = []
     except ImportError:  # the plot extra is not installed: everything but the picture
         plot = ["--no-plot"]
-    rc = bench.main(["--url", served.url, "--concurrency", "1,2", "--requests-per-client", "1", "--min-requests", "2",
-                     "--sharegpt", "0", "--mtbench-tokens", "4", "--out", str(tmp_path), "--device", "cpu", *plot])
+    rc = bench.main(["--url", served.url, "--concurrency", "1,2", "--requests-per-client", "2", "--min-requests", "2",
+                     "--sharegpt", "0", "--mtbench-tokens", "8", "--out", str(tmp_path), "--device", "cpu", "--no-warmup",
+                     *plot])
     assert rc == 0
     [path] = list(tmp_path.glob("serve-*.json"))
     rec = json.loads(path.read_text())
     assert rec["speculation"] == served.llm.spec_config.tree and rec["label"] == "spec"
     assert [r["concurrency"] for r in rec["rows"]] == [1, 2]
     for row in rec["rows"]:
-        assert row["completed"] == row["requests"] == 2
+        assert row["completed"] == row["requests"] == 2 * row["concurrency"]
         assert row["max_in_flight"] == row["concurrency"]
-        assert row["output_tokens"] == 2 * 4
+        assert row["output_tokens"] == row["requests"] * 8
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
         assert row["tau"] >= 1.0
+        assert row["server_peak_step_bound"] >= row["concurrency"]  # the server ran them together
     assert plot or (tmp_path / (path.stem + ".png")).is_file()
     assert served.wait_idle()
 
 
 def test_checks_refuse_a_mislabelled_run():
-    row = {"concurrency": 4, "requests": 8, "completed": 8, "failed": [], "max_in_flight": 3}
+    row = {"concurrency": 4, "requests": 8, "completed": 8, "failed": [], "max_in_flight": 3,
+           "server_peak_step_bound": 4.0, "server_max_batch_size": 64.0}
     with pytest.raises(RuntimeError, match="in flight"):
         bench.check_level(row)
     with pytest.raises(RuntimeError, match="failed"):
         bench.check_level({**row, "max_in_flight": 4, "completed": 7})
+    with pytest.raises(RuntimeError, match="largest step"):  # the server ran them one or two at a time
+        bench.check_level({**row, "max_in_flight": 4, "server_peak_step_bound": 2.0})
     bench.check_level({**row, "max_in_flight": 4})
+    bench.check_level({**row, "concurrency": 64, "max_in_flight": 64, "server_peak_step_bound": 8.0,
+                       "server_max_batch_size": 8.0})  # a server limited to 8 at once, full
 
 
 def test_percentile_nearest_rank():

@@ -65,6 +65,10 @@ def _cases(model: str, max_len: int) -> list[tuple[str, str, object, int]]:
         ("messages all empty", ch, {**ok_chat, "messages": [{"role": "user", "content": ""}]}, 400),
         ("chat max_tokens beyond context", ch, {**ok_chat, "max_tokens": 10 ** 6}, 400),
         ("unknown route", "/v1/embeddings", ok, 404),
+        ("logprobs unsupported", c, {**ok, "logprobs": 5}, 400),
+        ("echo unsupported", c, {**ok, "echo": True}, 400),
+        ("tools unsupported", ch, {**ok_chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+        ("best_of unsupported", c, {**ok, "best_of": 3}, 400),
     ]
 
 

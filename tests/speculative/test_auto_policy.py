@@ -23,14 +23,14 @@ PRICES = {PLAIN: 1.0, "chain:1": 1.5, "chain:3": 1.8, "dynamic:3,3,8": 2.2}
 class PricedPolicy(SpeculationPolicy):
     prices: dict = field(default_factory=dict)
 
-    def observe(self, choice, bucket, greedy, seconds, tokens_per_sequence):
-        super().observe(choice, bucket, greedy, self.prices[choice], tokens_per_sequence)
+    def observe(self, choice, bucket, greedy, seconds, tokens_per_sequence, steady=True):
+        super().observe(choice, bucket, greedy, self.prices[choice], tokens_per_sequence, steady)
 
 
 def _engine(head, target):
     llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree="auto", auto_trees=TREES),
                          engine=small_engine(max_batch_size=4, num_blocks=96))
-    llm.speculative.policy = PricedPolicy(list(TREES), explore_every=6, prices=PRICES)
+    llm.speculative.policy = PricedPolicy(list(TREES), epoch_steps=2, explore_every=8, prices=PRICES)
     return llm
 
 
@@ -44,7 +44,7 @@ def _never_accepting_head(target):
 def test_auto_picks_plain_when_the_draft_never_pays_and_keeps_outputs(greedy):
     target = predictable_target(seed=31)
     prompts = _prompts(target.config.vocab_size, [9, 14, 5, 21], seed=8)
-    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0 if greedy else 0.9, seed=i)
+    params = [SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0 if greedy else 0.9, seed=i)
               for i in range(4)]
     llm = _engine(_never_accepting_head(target), target)
     outs = llm.generate(prompts, params)
@@ -53,25 +53,28 @@ def test_auto_picks_plain_when_the_draft_never_pays_and_keeps_outputs(greedy):
     for o in outs:
         for choice, n in o.stats["speculation"].items():
             steps[choice] = steps.get(choice, 0) + n
-    assert steps[PLAIN] > 2 * sum(n for c, n in steps.items() if c != PLAIN), steps
-    if greedy:  # plain steps and tree steps interleaved: still exactly plain decoding's tokens
-        ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
-        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert steps[PLAIN] > sum(n for c, n in steps.items() if c != PLAIN), steps
+    # Plain steps and tree steps interleaved: still exactly plain decoding's tokens, greedy or
+    # seeded (a tree's draw at depth d is plain sampling's draw d tokens ahead; fp32 here).
+    ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
 
 
-def test_auto_picks_a_tree_when_the_draft_pays_and_keeps_outputs():
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_auto_picks_a_tree_when_the_draft_pays_and_keeps_outputs(temperature):
     target = predictable_target(seed=32)
     prompts = _prompts(target.config.vocab_size, [7, 18, 11, 3], seed=9)
-    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    params = SamplingParams(max_tokens=48, ignore_eos=True, temperature=temperature, seed=5)
     llm = _engine(eagle1_head(target, seed=10), target)
     outs = llm.generate(prompts, params)
     ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
-    assert llm.speculative.policy.best(4, True) != PLAIN
     # Every choice was tried, and the requests report which ran.
     ran = set().union(*(o.stats["speculation"] for o in outs))
     assert ran == {PLAIN, *TREES}
-    assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.3
+    if temperature == 0:  # the oracle-ish head pays at these prices (sampled: it may not)
+        assert llm.speculative.policy.best(4, True) != PLAIN
+        assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.3
 
 
 def test_forced_tree_never_runs_plain_steps():

@@ -6,55 +6,59 @@ from eaglespec.speculative.policy import PLAIN, SpeculationPolicy
 
 
 def drive(policy: SpeculationPolicy, steps: int, cost: dict, tokens: dict, bucket: int = 1, greedy: bool = True):
-    """Run ``steps`` policy steps against a fixed world; returns the choices made."""
+    """Run ``steps`` policy steps against a fixed world; returns the choices made. A step after
+    one of another choice is not steady (as in the engine: it pays the switch)."""
     chosen = []
     for _ in range(steps):
         c = policy.choose(bucket, greedy)
-        policy.observe(c, bucket, greedy, cost[c], tokens[c])
+        policy.observe(c, bucket, greedy, cost[c], tokens[c], steady=bool(chosen) and chosen[-1] == c)
         chosen.append(c)
     return chosen
 
 
 def test_picks_plain_when_the_draft_never_accepts():
-    policy = SpeculationPolicy(["chain:3", "dynamic:5,8,32"], explore_every=50)
+    policy = SpeculationPolicy(["chain:3", "dynamic:5,8,32"], epoch_steps=4, explore_every=16)
     cost = {PLAIN: 1.0, "chain:3": 1.3, "dynamic:5,8,32": 1.6}
     tokens = {PLAIN: 1.0, "chain:3": 1.0, "dynamic:5,8,32": 1.0}  # nothing accepted
-    chosen = drive(policy, 500, cost, tokens)
+    chosen = drive(policy, 2000, cost, tokens)
     assert policy.best(1, True) == PLAIN
-    # After the warm-up runs, only the exploring steps run a tree: at most one in 50.
+    # After the trials, only the exploring epochs run a tree: one epoch in 16.
     late = chosen[100:]
-    assert late.count(PLAIN) >= len(late) * 49 / 50 - 1
+    assert late.count(PLAIN) >= len(late) * 15 / 16 - 4
+    switches = sum(a != b for a, b in zip(late, late[1:]))
+    assert switches <= 2 * len(late) / (4 * 16) + 2  # choices held for whole epochs
 
 
 def test_picks_the_tree_with_the_best_rate_when_it_pays():
-    policy = SpeculationPolicy(["chain:3", "dynamic:5,8,32"], explore_every=50)
+    policy = SpeculationPolicy(["chain:3", "dynamic:5,8,32"], epoch_steps=4, explore_every=16)
     cost = {PLAIN: 1.0, "chain:3": 1.3, "dynamic:5,8,32": 1.6}
     tokens = {PLAIN: 1.0, "chain:3": 2.5, "dynamic:5,8,32": 3.5}  # rates 1.0, 1.92, 2.19
-    chosen = drive(policy, 300, cost, tokens)
+    chosen = drive(policy, 1000, cost, tokens)
     assert policy.best(1, True) == "dynamic:5,8,32"
-    assert chosen[100:].count("dynamic:5,8,32") >= 195
+    late = chosen[100:]
+    assert late.count("dynamic:5,8,32") >= len(late) * 15 / 16 - 4
 
 
 def test_choices_are_per_bucket():
-    policy = SpeculationPolicy(["chain:3"], explore_every=10)
-    drive(policy, 50, {PLAIN: 1.0, "chain:3": 1.2}, {PLAIN: 1.0, "chain:3": 2.0}, bucket=1)
-    drive(policy, 50, {PLAIN: 1.0, "chain:3": 3.0}, {PLAIN: 1.0, "chain:3": 2.0}, bucket=64)
+    policy = SpeculationPolicy(["chain:3"], epoch_steps=2, explore_every=10)
+    drive(policy, 60, {PLAIN: 1.0, "chain:3": 1.2}, {PLAIN: 1.0, "chain:3": 2.0}, bucket=1)
+    drive(policy, 60, {PLAIN: 1.0, "chain:3": 3.0}, {PLAIN: 1.0, "chain:3": 2.0}, bucket=64)
     assert policy.best(1, True) == "chain:3"
     assert policy.best(64, True) == PLAIN
     # Acceptance is shared across buckets: a new bucket still has to time its steps.
     assert policy.expected_rate("chain:3", 16, True) is None
 
 
-def test_first_run_is_warm_up_and_not_timed():
-    policy = SpeculationPolicy(["chain:1"], explore_every=10)
-    policy.observe("chain:1", 1, True, 100.0, 2.0)  # graph capture: ignored
+def test_a_step_after_a_switch_is_not_timed():
+    policy = SpeculationPolicy(["chain:1"])
+    policy.observe("chain:1", 1, True, 100.0, 2.0, steady=False)  # the switch (or a warm-up): only tokens
     assert policy.expected_rate("chain:1", 1, True) is None
     policy.observe("chain:1", 1, True, 1.0, 2.0)
     assert policy.expected_rate("chain:1", 1, True) == pytest.approx(2.0)
 
 
 def test_exploration_finds_a_choice_that_became_better():
-    policy = SpeculationPolicy(["chain:3"], explore_every=8, smoothing=0.5)
+    policy = SpeculationPolicy(["chain:3"], epoch_steps=2, explore_every=4, smoothing=0.5)
     drive(policy, 100, {PLAIN: 1.0, "chain:3": 2.0}, {PLAIN: 1.0, "chain:3": 1.5})
     assert policy.best(1, True) == PLAIN
     drive(policy, 100, {PLAIN: 1.0, "chain:3": 1.0}, {PLAIN: 1.0, "chain:3": 3.0})
@@ -62,7 +66,7 @@ def test_exploration_finds_a_choice_that_became_better():
 
 
 def test_greedy_and_sampled_are_tracked_apart():
-    policy = SpeculationPolicy(["chain:3"], explore_every=10)
+    policy = SpeculationPolicy(["chain:3"], epoch_steps=2, explore_every=10)
     drive(policy, 40, {PLAIN: 1.0, "chain:3": 1.2}, {PLAIN: 1.0, "chain:3": 3.0}, greedy=True)
     drive(policy, 40, {PLAIN: 1.0, "chain:3": 1.2}, {PLAIN: 1.0, "chain:3": 1.05}, greedy=False)
     assert policy.best(1, True) == "chain:3"
@@ -72,9 +76,24 @@ def test_greedy_and_sampled_are_tracked_apart():
                                                            ("chain:3", False)}
 
 
+def test_seeded_times_rank_a_new_bucket_and_acceptance_is_tried_once_per_tree():
+    policy = SpeculationPolicy(["chain:3"], epoch_steps=1, explore_every=100)
+    for bucket in (1, 8):
+        policy.seed(PLAIN, bucket, True, 1.0)
+        policy.seed("chain:3", bucket, True, 1.5)
+    assert policy.choose(1, True) == "chain:3"  # its acceptance is unknown: tried first
+    policy.observe("chain:3", 1, True, 1.5, 3.0)
+    assert policy.expected_rate("chain:3", 1, True) == pytest.approx(2.0)
+    # Acceptance carries over to another bucket, whose seeded times already rank the choices.
+    assert policy.choose(8, True) == "chain:3"
+    policy.seed("chain:3", 8, True, 4.0)
+    assert policy.best(8, True) == PLAIN
+
+
 @pytest.mark.parametrize("kwargs, field", [({"trees": []}, "tree"), ({"trees": ["plain"]}, "trees"),
                                            ({"trees": ["chain:1"], "smoothing": 0.0}, "smoothing"),
-                                           ({"trees": ["chain:1"], "explore_every": 1}, "explore_every")])
+                                           ({"trees": ["chain:1"], "explore_every": 1}, "explore_every"),
+                                           ({"trees": ["chain:1"], "epoch_steps": 0}, "epoch_steps")])
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SpeculationPolicy(**kwargs)
@@ -83,17 +102,3 @@ def test_bad_settings_name_the_field(kwargs, field):
 def test_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="unknown choice"):
         SpeculationPolicy(["chain:1"]).observe("chain:9", 1, True, 1.0, 1.0)
-
-
-def test_seeded_times_need_no_warm_up_and_acceptance_is_tried_once_per_tree():
-    policy = SpeculationPolicy(["chain:3"], explore_every=100)
-    for bucket in (1, 8):
-        policy.seed(PLAIN, bucket, True, 1.0)
-        policy.seed("chain:3", bucket, True, 1.5)
-    assert policy.choose(1, True) == "chain:3"  # its acceptance is unknown: tried first
-    policy.observe("chain:3", 1, True, 1.5, 3.0)  # timed at once: the graph was captured at seeding
-    assert policy.expected_rate("chain:3", 1, True) == pytest.approx(2.0)
-    # Acceptance carries over to another bucket, whose seeded times already rank the choices.
-    assert policy.choose(8, True) == "chain:3"
-    policy.seed("chain:3", 8, True, 4.0)
-    assert policy.best(8, True) == PLAIN
