@@ -137,7 +137,7 @@ def build(preset: str, device: torch.device, tree: str, max_batch: int, context:
     return LLM.from_model(target, draft=head, spec=SpecConfig(tree=tree), engine=engine)
 
 
-def count_step(llm: LLM, batch: int, context: int) -> tuple[LaunchCounter, LaunchCounter]:
+def count_step(llm: LLM, batch: int, context: int, tree: str) -> tuple[LaunchCounter, LaunchCounter]:
     """Counters of one speculative step and one plain decode step at ``batch`` rows."""
     gen = torch.Generator().manual_seed(batch)
     vocab = llm.model.config.vocab_size
@@ -149,13 +149,17 @@ def count_step(llm: LLM, batch: int, context: int) -> tuple[LaunchCounter, Launc
     for r in reqs:
         llm.scheduler._grow(r, r.num_cached + sr.lookahead)
     bucket = bucket_for(batch, llm.runner.buckets)
-    graphs = sr.graphs[True]
+    graphs = sr.programs[tree].graphs[True] if hasattr(sr, "programs") else sr.graphs[True]
+    # Each step runs once before it is counted, as a CUDA graph is captured after warm-up runs:
+    # buffers made once per batch size are not part of the replayed step.
     with torch.inference_mode():
         sr.stage_inputs(graphs, reqs, bucket)
+        graphs.run(bucket)
         with count_launches() as spec_counter:
             graphs.run(bucket)
         decode = llm.runner.decode_graphs[True]
         llm.runner.stage_inputs(decode, reqs, bucket)
+        decode.run(bucket)
         with count_launches() as decode_counter:
             decode.run(bucket)
     return spec_counter, decode_counter
@@ -191,13 +195,13 @@ def main(argv=None) -> None:
         for batch in batches:
             if args.narrow:  # per-layer launches are the same at every layer: extrapolate
                 two = count_step(build(args.preset, device, tree, batch, args.context, args.backend, 2), batch,
-                                 args.context)
+                                 args.context, tree)
                 three = count_step(build(args.preset, device, tree, batch, args.context, args.backend, 3), batch,
-                                   args.context)
+                                   args.context, tree)
                 spec_c, decode_c = (_extrapolate(a, b, layers) for a, b in zip(two, three))
             else:
                 spec_c, decode_c = count_step(build(args.preset, device, tree, batch, args.context, args.backend),
-                                              batch, args.context)
+                                              batch, args.context, tree)
             row = {"tree": tree, "batch": batch, "step_launches": spec_c.total, "decode_launches": decode_c.total,
                    "step_ops": dict(spec_c.counts.most_common())}
             rows.append(row)
