@@ -15,14 +15,15 @@ graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines th
 steps only (a step that follows one of the same choice: a plain step overlapped with the one
 before it, not the first plain step after a tree, which pays the switch).
 
-A choice runs for an epoch of ``epoch_steps`` steps of its bucket: switches are rare (each
-costs a step without overlap) and the per-step decision is a lookup. Each epoch runs the choice
-with the highest expected tokens per second; a choice with no timing yet in this bucket, or a
-tree whose acceptance was never seen, is tried first (an epoch each, in order); after that, one
-epoch in every ``explore_every`` re-measures the choice measured longest ago, so a choice that
-became better (other prompts, other acceptance) is found again. Plain decoding is one of the
-choices, so a draft that never accepts ends with plain decoding and loses only the exploring
-epochs (about 1 / explore_every of the steps).
+The best choice runs for an epoch of ``epoch_steps`` steps of its bucket: switches are rare
+(each costs a step without overlap) and the per-step decision is a lookup. Each epoch runs the
+choice with the highest expected tokens per second; a choice with no timing yet in this bucket,
+or a tree whose acceptance was never seen, is tried first (a short epoch of ``trial_steps``
+each, in order); after that, one epoch in every ``explore_every`` is a short one re-measuring
+the choice measured longest ago, so a choice that became better (other prompts, other
+acceptance) is found again. Plain decoding is one of the choices, so a draft that never accepts
+ends with plain decoding and loses only the exploring steps (about trial_steps / (epoch_steps x
+explore_every) of them).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class SpeculationPolicy:
 
     trees: list[str]
     smoothing: float = 0.2  # weight of the newest observation in the moving averages
-    epoch_steps: int = 8  # steps a choice runs for before the next decision, per bucket
+    epoch_steps: int = 8  # steps the best choice runs for before the next decision, per bucket
+    trial_steps: int = 2  # steps of a trial or an exploring epoch (the first pays the switch, the next is timed)
     explore_every: int = 32  # one exploring epoch in this many, per bucket
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
     _tokens: dict[tuple, _Average] = field(default_factory=dict)  # (choice, greedy) -> tokens / sequence / step
@@ -75,8 +77,9 @@ class SpeculationPolicy:
             raise ValueError(f"SpeculationPolicy.smoothing must be in (0, 1], got {self.smoothing}")
         if self.explore_every < 2:
             raise ValueError(f"SpeculationPolicy.explore_every must be >= 2, got {self.explore_every}")
-        if self.epoch_steps < 1:
-            raise ValueError(f"SpeculationPolicy.epoch_steps must be >= 1, got {self.epoch_steps}")
+        if self.epoch_steps < 1 or self.trial_steps < 1:
+            raise ValueError(f"SpeculationPolicy.epoch_steps and trial_steps must be >= 1, got "
+                             f"{self.epoch_steps} and {self.trial_steps}")
 
     @property
     def choices(self) -> list[str]:
@@ -93,13 +96,14 @@ class SpeculationPolicy:
         self._epochs[key] = n + 1
         untried = [c for c in self.choices if (c, bucket, greedy) not in self._seconds
                    or (c != PLAIN and (c, greedy) not in self._tokens)]
+        steps = self.trial_steps
         if untried:
             choice = untried[0]
         elif n % self.explore_every == self.explore_every - 1:
             choice = min(self.choices, key=lambda c: self._seconds[(c, bucket, greedy)].last_step)
         else:
-            choice = self.best(bucket, greedy)
-        self._current[key] = _Epoch(choice, self.epoch_steps - 1)
+            choice, steps = self.best(bucket, greedy), self.epoch_steps
+        self._current[key] = _Epoch(choice, steps - 1)
         return choice
 
     def observe(self, choice: str, bucket: int, greedy: bool, seconds: float, tokens_per_sequence: float,
