@@ -75,7 +75,7 @@ serve_and_bench() {  # $1 = label, $2 = port, rest: serve arguments
   for _ in $(seq 600); do python3 -c "$health" 2> /dev/null && break; sleep 1; done
   # BENCH_ARGS: extra bench-serve options (e.g. fewer levels when device time is short).
   python3 -m eaglespec.cli bench serve --url http://127.0.0.1:$port --label $label --prompts benchmarks/serve-prompts.jsonl \
-    --device nvidia-h200 --out $OUT ${BENCH_ARGS:-} 2>&1 | tee -a $OUT/bench.log
+    --device cuda --out $OUT ${BENCH_ARGS:-} 2>&1 | tee -a $OUT/bench.log
   python3 -c "import httpx; print(httpx.get('http://127.0.0.1:$port/metrics').text)" > $OUT/serve-$label-metrics.txt
   kill $pid; wait $pid 2>/dev/null
 }
