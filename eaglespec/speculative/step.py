@@ -116,9 +116,9 @@ class SpeculativeRunner:
             return
         from tqdm import tqdm
 
-        steps = [(choice, True, bucket) for bucket in self.runner.buckets for choice in self.policy.choices]
-        for choice, greedy, bucket in tqdm(steps, desc="capturing and timing speculation choices", leave=False):
-            graphs = (self.plain_graphs if choice == PLAIN else self.programs[choice].graphs)[greedy]
+        steps = [(choice, bucket) for bucket in self.runner.buckets for choice in self.policy.choices]
+        for choice, bucket in tqdm(steps, desc="capturing and timing speculation choices", leave=False):
+            graphs = (self.plain_graphs if choice == PLAIN else self.programs[choice].graphs)[True]
             self.stage_inputs(graphs, [], bucket)  # padding rows only: the scratch block and slot
             graphs.run(bucket)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -127,7 +127,7 @@ class SpeculativeRunner:
                 graphs.run(bucket)
             end.record()
             end.synchronize()
-            self.policy.seed(choice, bucket, greedy, start.elapsed_time(end) / 1000 / reps)
+            self.policy.seed(choice, bucket, True, start.elapsed_time(end) / 1000 / reps)
 
     def choose(self, reqs: list[Request]) -> str:
         """What runs next for these requests: a tree spec, or ``PLAIN`` (policy.PLAIN)."""
