@@ -250,8 +250,8 @@ class EngineCore:
 
     def _choose(self, reqs: list[Request], plan: bool = False) -> str:
         """Plain decoding or a tree for this batch (always plain without a draft). With ``plan``
-        the choice is for the next step and is kept for it (an overlapped plain step is queued
-        only when the next step is plain too)."""
+        the choice is for the next step and is kept for it: a step is queued behind the running
+        one only when the next step makes the same choice."""
         if self.speculative is None:
             return PLAIN
         key = (len(reqs), all(r.params.temperature == 0 for r in reqs))
