@@ -620,7 +620,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     max_query_len must be >= every sequence's query length (a host int; it sizes the grid).
     """
-    _check_tensor("q", q, 3, None, _FLOAT_DTYPES)
+    _check_tensor("q", q, 3, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, q.device, (torch.int32,))
     _check_tensor("seq_lens", seq_lens, 1, q.device, (torch.int32,))
@@ -656,7 +656,7 @@ def _decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      split_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Checks inputs and runs the split kernel: part_out [B, S, Nq, Hq, D], part_lse, split_size."""
-    _check_tensor("q", q, 4, None, _FLOAT_DTYPES)
+    _check_tensor("q", q, 4, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     batch, nq, hq, d = q.shape
     _check_tensor("context_lens", context_lens, 1, q.device, (torch.int32,))
@@ -748,7 +748,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        ancestor_bits: torch.Tensor, k_name: str, v_name: str) -> int:
     """Validates tree-pass inputs; returns the GQA group size."""
-    _check_tensor("q", q, 4, None, _FLOAT_DTYPES)
+    _check_tensor("q", q, 4, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     _check_tensor(k_name, k, 4, q.device, _FLOAT_DTYPES, strided_rows=True)
     _check_tensor(v_name, v, 4, q.device, _FLOAT_DTYPES, strided_rows=True)
