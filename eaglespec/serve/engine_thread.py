@@ -76,9 +76,13 @@ class EngineThread:
         try:
             while not self._stop.is_set():
                 self._take_commands(block=not self.core.has_work)
+                seconds = None
                 if self.core.has_work:
-                    self._dispatch(self.core.step())
-                self.metrics.observe_engine(self.core)
+                    started = time.perf_counter()
+                    deltas = self.core.step()
+                    seconds = time.perf_counter() - started
+                    self._dispatch(deltas)
+                self.metrics.observe_engine(self.core, seconds)
         except BaseException as exc:  # the loop itself broke: /health reports it
             log.exception("engine thread stopped")
             self.error = exc
