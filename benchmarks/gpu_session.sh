@@ -11,8 +11,11 @@ SITE=/tmp/site
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$SITE:$PWD
+# At most 8 files come back from a call: phases write under $RUN and `pack` tars them into $OUT.
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+FINAL_OUT=$OUT
+OUT=${RUN:-$OUT}
+mkdir -p "$OUT" "$FINAL_OUT"
 
 # The default GGUF travels in three parts (a call carries at most 64 MiB with the work tree):
 # .stage_a/part0, .stage_b/part1, .stage_c/part2, in three calls back to back.
@@ -106,6 +109,7 @@ phase_train() {  # $1 = eagle1 | eagle3
 for p in "$@"; do
   case $p in
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
+    pack) tar czf $FINAL_OUT/results.tgz -C $OUT . && ls -la $FINAL_OUT ;;
     bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-switch) phase_bench_serve_switch ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
