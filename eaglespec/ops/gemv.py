@@ -120,6 +120,26 @@ def _zero_acc(ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @_jit
+def _zero_squares(ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The norm's running sums of x^2: ROW_DOT, one per row [BLOCK_M] (summed each step, which
+    keeps registers for the dot tiles); one row, [1, BLOCK_K] summed once at the end."""
+    if ROW_DOT:
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        sum_sq = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+    return sum_sq
+
+
+@_jit
+def _add_squares(sum_sq, sq, ROW_DOT: tl.constexpr):
+    if ROW_DOT:
+        sum_sq += tl.sum(sq, axis=1)
+    else:
+        sum_sq += sq
+    return sum_sq
+
+
+@_jit
 def _accumulate(acc, x, w, ROW_DOT: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc plus one step's products of x [BLOCK_M, BLOCK_K] (fp32) and w [BLOCK_N, BLOCK_K]."""
     if ROW_DOT:  # on a GPU the normalised input rounds to the weights' dtype (MMA_DTYPE) here
@@ -134,10 +154,12 @@ def _products(acc, sum_sq, K, eps, ROW_DOT: tl.constexpr, HAS_NORM: tl.constexpr
     """The tile's finished products [BLOCK_M, BLOCK_N] in fp32, each row times its 1/rms."""
     if ROW_DOT:
         y = acc
+        if HAS_NORM:
+            y = y * tl.rsqrt(sum_sq / K + eps)[:, None]
     else:
         y = tl.sum(acc, axis=1)[None, :]
-    if HAS_NORM:
-        y = y * tl.rsqrt(tl.sum(sum_sq, axis=1) / K + eps)[:, None]
+        if HAS_NORM:
+            y = y * tl.rsqrt(tl.sum(sum_sq, axis=1) / K + eps)[:, None]
     return y
 
 
@@ -156,13 +178,13 @@ def _gemv_kernel(
     tok_ok = tok < M
     w_rows = w_ptr + feat.to(tl.int64)[:, None] * K
     acc = _zero_acc(ROW_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
-    sum_sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    sum_sq = _zero_squares(ROW_DOT, BLOCK_M, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         x, sq = _input_tile(x_ptr, norm_w_ptr, tok, tok_ok, stride_x, cols, col_ok, HAS_NORM)
         if HAS_NORM:
-            sum_sq += sq
+            sum_sq = _add_squares(sum_sq, sq, ROW_DOT)
         w = tl.load(w_rows + cols[None, :], mask=feat_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _accumulate(acc, x, w, ROW_DOT, MMA_DTYPE, DOT_PRECISION)
     y = _products(acc, sum_sq, K, eps, ROW_DOT, HAS_NORM)
@@ -198,13 +220,13 @@ def _gemv_pair_kernel(
     wb = wa + HALF * K
     acc_a = _zero_acc(ROW_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
     acc_b = _zero_acc(ROW_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
-    sum_sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    sum_sq = _zero_squares(ROW_DOT, BLOCK_M, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         x, sq = _input_tile(x_ptr, norm_w_ptr, tok, tok_ok, stride_x, cols, col_ok, HAS_NORM)
         if HAS_NORM:
-            sum_sq += sq
+            sum_sq = _add_squares(sum_sq, sq, ROW_DOT)
         w_mask = feat_ok[:, None] & col_ok[None, :]
         acc_a = _accumulate(acc_a, x, tl.load(wa + cols[None, :], mask=w_mask, other=0.0), ROW_DOT,
                             MMA_DTYPE, DOT_PRECISION)
@@ -290,12 +312,14 @@ def _block_m(m: int) -> int:
     return 1 if m == 1 else max(16, _pow2(m))
 
 
-def _rows_tile(m: int, k: int, block_n: int) -> GemvTile:
-    """A tl.dot tile for m > 1 rows: short column steps keep the x, w and accumulator tiles
-    (and the norm's squares) within registers at four warps."""
+def _rows_tile(m: int, k: int, block_n: int, pair: bool) -> GemvTile:
+    """A tl.dot tile for m > 1 rows: short column steps (shorter for the paired products, which
+    hold two weight tiles), and eight warps from 32 rows on, keep the x, w and accumulator tiles
+    within registers (ptxas for sm_90 reports no spills at these tiles in bf16 and fp32; four
+    warps spill for 64 rows)."""
     block_m = _block_m(m)
-    return GemvTile(block_n=block_n, block_k=max(16, _block_k(k, 128 if block_m <= 32 else 64)), num_warps=4,
-                    num_stages=3, block_m=block_m)
+    return GemvTile(block_n=block_n, block_k=max(16, _block_k(k, 128 if block_m <= 16 and not pair else 64)),
+                    num_warps=4 if block_m <= 16 else 8, num_stages=3, block_m=block_m)
 
 
 # One-row tiles from the H100 sweep of benchmarks/bench_gemv.py on the Llama-3.1-8B shapes (results
@@ -304,19 +328,19 @@ def _rows_tile(m: int, k: int, block_n: int) -> GemvTile:
 # Tiles of more rows are not swept yet.
 def plain_tile(n: int, k: int, m: int = 1) -> GemvTile:
     if m > 1:
-        return _rows_tile(m, k, 32)
+        return _rows_tile(m, k, 32, pair=False)
     return GemvTile(block_n=8, block_k=_block_k(k, 1024), num_warps=2 if n <= 16384 else 4, num_stages=3)
 
 
 def silu_mul_tile(k: int, m: int = 1) -> GemvTile:
     if m > 1:
-        return _rows_tile(m, k, 32 if m <= 32 else 16)
+        return _rows_tile(m, k, 32 if m <= 32 else 16, pair=True)
     return GemvTile(block_n=16, block_k=_block_k(k, 512), num_warps=4, num_stages=3)
 
 
 def qkv_rope_tile(head_dim: int, k: int, m: int = 1) -> GemvTile:
     if m > 1:
-        return _rows_tile(m, k, min(32, max(16, _pow2(head_dim // 2))))
+        return _rows_tile(m, k, min(32, max(16, _pow2(head_dim // 2))), pair=True)
     return GemvTile(block_n=min(8, _pow2(head_dim // 2)), block_k=_block_k(k, 512), num_warps=8, num_stages=2)
 
 
