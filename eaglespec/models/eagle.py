@@ -127,8 +127,9 @@ def borrowed_weights(target: LlamaForCausalLM, checkpoint: str | None = None) ->
         if tuple(t.shape) != (vocab, hidden):
             raise ValueError(f"{checkpoint}: tensor {name!r} has shape {tuple(t.shape)}, the target needs "
                              f"({vocab}, {hidden})")
-    embedding = full[names[0]].to(device=like.device, dtype=like.dtype)
-    output = embedding if len(names) == 1 else full[names[1]].to(device=like.device, dtype=like.dtype)
+    # copy=True: a private copy, never a view into the (memory-mapped) checkpoint file
+    embedding = full[names[0]].to(device=like.device, dtype=like.dtype, copy=True)
+    output = embedding if len(names) == 1 else full[names[1]].to(device=like.device, dtype=like.dtype, copy=True)
     return BorrowedWeights(embedding, output)
 
 
