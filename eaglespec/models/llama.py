@@ -33,6 +33,7 @@ from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import AttentionStep
 from eaglespec.models.tensor_parallel import SINGLE, LlamaShard, TensorParallel
 from eaglespec.ops import fused, gemv
+from eaglespec.ops.sampling import greedy_argmax
 from eaglespec.ops.rope_table import rope_table, rope_table_ref
 
 
@@ -222,7 +223,9 @@ class LlamaDecoderLayer(nn.Module):
 
 @dataclass(slots=True)
 class ModelOutput:
-    logits: torch.Tensor  # [R, vocab] fp32, R = rows selected by logits_rows (all T when None)
+    # [R, vocab] fp32, R = rows selected by logits_rows (all T when None); [R, vocab_rows], this
+    # rank's vocabulary rows, when the forward was asked not to gather them
+    logits: torch.Tensor
     hidden: torch.Tensor | None  # [R, H] final hidden state after the last norm (EAGLE-1/2 feature)
     taps: torch.Tensor | None  # [R, 3H] inputs of the EAGLE-3 tap layers, concatenated
 
@@ -288,8 +291,34 @@ class LlamaForCausalLM(nn.Module):
         full = self.tp.all_gather_last(local.float())
         return full[:, :self.config.vocab_size].contiguous()
 
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, H] -> [R, vocab_rows] fp32 logits of this rank's vocabulary rows."""
+        return F.linear(hidden, self.output_weight).float()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.gather_logits(F.linear(hidden, self.output_weight))
+        """[R, H] -> [R, vocab] fp32 logits over the whole vocabulary, on every rank."""
+        return self.gather_logits(self.local_logits(hidden))
+
+    def greedy_tokens(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """[R, vocab_rows] this rank's logits (``forward(..., gather_logits=False)``) -> [R] int64
+        argmax over the whole vocabulary, the lowest id among equal maxima, on every rank.
+
+        Only each rank's (max, id) pair crosses ranks, never the [R, vocab] logits."""
+        shard = self.shard
+        real = max(0, min(shard.vocab_rows, self.config.vocab_size - shard.vocab0))  # padding rows never win
+        local = local_logits[:, :real]
+        if real == 0:
+            ids = torch.zeros(local.shape[0], dtype=torch.int64, device=local.device)
+            best = torch.full((local.shape[0],), float("-inf"), device=local.device)
+        else:
+            ids = greedy_argmax(local) if self.kernels == "triton" else local.argmax(dim=-1)
+            best = local.gather(1, ids[:, None])[:, 0]
+        if not self.tp.enabled:
+            return ids
+        # float64 holds an fp32 logit and a token id exactly: one gather of [R, 2] per rank.
+        pairs = self.tp.all_gather_last(torch.stack((best.double(), (ids + shard.vocab0).double()), dim=-1))
+        winner = pairs[:, 0::2].argmax(dim=-1, keepdim=True)  # first maximum: lower ranks hold lower ids
+        return pairs[:, 1::2].gather(1, winner)[:, 0].long()
 
     def with_kernels(self, kernels: str) -> "LlamaForCausalLM":
         """This model on another kernel set ("torch" or "triton"): weights shared, not copied."""
@@ -297,13 +326,19 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                 cache: KVCache, logits_rows: torch.Tensor | None = None,
-                want_hidden: bool = False, want_taps: bool = False) -> ModelOutput:
+                want_hidden: bool = False, want_taps: bool = False, gather_logits: bool = True) -> ModelOutput:
         """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None);
         the final hidden state / EAGLE-3 taps of the same rows when asked. Runs the forward of
-        the model's kernel set; "triton" runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+        the model's kernel set; "triton" runs on CUDA, or on the CPU under TRITON_INTERPRET=1.
+        gather_logits=False: the logits of this rank's vocabulary rows only, [R, vocab_rows]
+        (``greedy_tokens`` takes the argmax from them without gathering)."""
         if self.kernels == "triton":
-            return self._forward_triton(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
-        return self._forward_torch(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+            out = self._forward_triton(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+        else:
+            out = self._forward_torch(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+        if gather_logits:
+            out.logits = self.gather_logits(out.logits)
+        return out
 
     def _forward_torch(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                        cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
@@ -322,7 +357,7 @@ class LlamaForCausalLM(nn.Module):
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
             taps = None if taps is None else taps.index_select(0, logits_rows)
-        return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
+        return ModelOutput(logits=self.local_logits(x), hidden=x if want_hidden else None, taps=taps)
 
     def _forward_triton(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                         cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
@@ -341,8 +376,7 @@ class LlamaForCausalLM(nn.Module):
                     layer_inputs[i] = x
                 x = layer.forward_single_token(x, cos, sin, i, attn, cache)
             norm = self.model.norm  # the final norm rides along with the output projection
-            logits = self.gather_logits(gemv.gemv(self.output_weight, x, norm.weight, norm.eps,
-                                                  out_dtype=torch.float32))
+            logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
             # A plain step of a speculative engine also hands the draft its features.
             hidden = add_rms_norm(norm, x, None)[0] if want_hidden else None
             taps = torch.cat([layer_inputs[i] for i in tap_layers], dim=-1) if want_taps else None
@@ -360,7 +394,7 @@ class LlamaForCausalLM(nn.Module):
             residual = None if residual is None else residual.index_select(0, logits_rows)
             taps = None if taps is None else taps.index_select(0, logits_rows)
         x, _ = add_rms_norm(self.model.norm, x, residual)
-        return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
+        return ModelOutput(logits=self.local_logits(x), hidden=x if want_hidden else None, taps=taps)
 
     # ------------------------------------------------------------------ weights
 

@@ -93,8 +93,9 @@ def _ids(values, dtype=torch.int64):
 
 
 def _run_steps(model, cfg: LlamaConfig):
-    """Prefill two sequences, a chunk more of the second, a batch-2 decode and a batch-1 decode
-    (the single-token matrix-vector path on "triton"); the outputs of every step and the cache."""
+    """Prefill two sequences, a chunk more of the second, a batch-2 decode, a batch-1 decode (the
+    single-token matrix-vector path on "triton") and a greedy batch-2 decode on ungathered
+    logits; the outputs of every step, the greedy tokens and the cache."""
     cache = KVCache.allocate(cfg.num_layers, 4, BS, model.local_num_kv_heads, cfg.head_dim, torch.float32, "cpu")
     scale = cfg.head_dim ** -0.5
     tables = _ids([[0, 1], [2, 3]], torch.int32)
@@ -114,7 +115,10 @@ def _run_steps(model, cfg: LlamaConfig):
     outs.append(model(_ids([3, 4]), _ids([5, 12]), step, cache, want_hidden=True))
     step = DecodeStep(_ids([6]), tables[:1], _ids([7], torch.int32), scale)
     outs.append(model(_ids([11]), _ids([6]), step, cache, want_hidden=True, want_taps=True))
-    return outs, cache
+    step = DecodeStep(_ids([7, 2 * BS + 13]), tables, _ids([8, 14], torch.int32), scale)
+    local = model(_ids([12, 13]), _ids([7, 13]), step, cache, gather_logits=False).logits
+    assert local.shape == (2, model.shard.vocab_rows)
+    return outs, model.greedy_tokens(local), cache
 
 
 def _unsharded_reference(path: str, kernel_sets: tuple[str, ...], out_file) -> str:
@@ -123,9 +127,9 @@ def _unsharded_reference(path: str, kernel_sets: tuple[str, ...], out_file) -> s
     ref = {}
     for kernels in kernel_sets:
         model = _load(path, SINGLE, kernels)
-        outs, cache = _run_steps(model, model.config)
+        outs, greedy, cache = _run_steps(model, model.config)
         ref[kernels] = {"outs": [{"logits": o.logits, "hidden": o.hidden, "taps": o.taps} for o in outs],
-                        "k": cache.k, "v": cache.v}
+                        "greedy": greedy, "k": cache.k, "v": cache.v}
     torch.save(ref, out_file)
     return str(out_file)
 
@@ -135,8 +139,9 @@ def _job_logits_equal(tp: TensorParallel, path: str, ref_file: str) -> None:
     for kernels, ref in reference.items():
         shard = _load(path, tp, kernels)
         cfg = shard.config
-        outs, cache = _run_steps(shard, cfg)
+        outs, greedy, cache = _run_steps(shard, cfg)
         assert len(outs) == len(ref["outs"])
+        assert torch.equal(greedy, ref["greedy"])
         for i, (want, got) in enumerate(zip(ref["outs"], outs)):
             assert got.logits.shape == want["logits"].shape == (want["logits"].shape[0], cfg.vocab_size)
             for field in ("logits", "hidden", "taps"):
@@ -149,6 +154,20 @@ def _job_logits_equal(tp: TensorParallel, path: str, ref_file: str) -> None:
         torch.testing.assert_close(cache.k, ref["k"][:, :, :, kv], **TOL)
         torch.testing.assert_close(cache.v, ref["v"][:, :, :, kv], **TOL)
         assert ref["k"].abs().sum() > 0
+        _check_sharded_greedy(shard)
+
+
+def _check_sharded_greedy(model) -> None:
+    """``greedy_tokens`` over ungathered logits: the padded rows' zero logits never win over
+    negative ones, and equal maxima on two ranks give the lower id (as a full argmax does)."""
+    vocab, shard = model.config.vocab_size, model.shard
+    full = -1.0 - torch.rand(3, vocab, generator=torch.Generator().manual_seed(0))
+    full[0, vocab - 1] = -0.5  # the last real id; every rank's padding would score 0
+    full[1, [30, 60]] = -0.25  # a tie between two ranks' rows (ranks 1 and 2 of 4, 0 and 1 of 2)
+    full[2, 0] = -0.75
+    lo, hi = min(shard.vocab0, vocab), min(shard.vocab0 + shard.vocab_rows, vocab)
+    local = torch.cat((full[:, lo:hi], torch.zeros(3, shard.vocab_rows - (hi - lo))), dim=1)
+    assert model.greedy_tokens(local).tolist() == [vocab - 1, 30, 0]
 
 
 def _job_head_replicated(tp: TensorParallel, path: str, head_dirs: list[str]) -> None:
