@@ -420,7 +420,8 @@ class LlamaForCausalLM(nn.Module):
                 param.normal_(0.0, std, generator=gen)
 
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Our weights under Hugging Face names (un-fused), for export and cross-checks."""
+        """Our weights under Hugging Face names (un-fused), for export and cross-checks (a
+        tensor-parallel rank yields its own slices)."""
         return unfused_named_tensors(self, self.fused_slices())
 
 
