@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eaglespec.config import LlamaConfig
+from eaglespec.engine.runner import ModelRunner
 from eaglespec.kv_cache import KVCache
 from eaglespec.models import loading
 from eaglespec.models.attention_step import DecodeStep, PrefillStep
@@ -23,7 +24,7 @@ from eaglespec.models.eagle import EagleConfig, borrowed_weights, build_head, lo
 from eaglespec.models.llama import build_model
 from eaglespec.models.loading import expected_shapes, open_checkpoint
 from eaglespec.models.tensor_parallel import SINGLE, LlamaShard, TensorParallel, TensorSlice
-from tests.conftest import _triton_kernels_runnable
+from tests.conftest import _triton_kernels_runnable, small_engine
 from tests.models.test_loading import llamacpp_permute, write_gguf, write_hf_dir
 
 gguf = pytest.importorskip("gguf")
@@ -51,7 +52,7 @@ def tp_tensors(cfg: LlamaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def fake_group(world_size: int) -> TensorParallel:
+def fake_group(world_size: int) -> list[TensorParallel]:
     """Rank descriptors for building and loading only (no collective runs on these)."""
     return [TensorParallel(r, world_size, group=object()) for r in range(world_size)]
 
@@ -372,3 +373,11 @@ def test_shard_layout_splits_and_replicates_kv_heads():
     assert shards[3].vocab_slice(cfg.vocab_size) == TensorSlice(0, 75, 97, 25)  # 3 padded rows
     whole = LlamaShard.of(cfg, SINGLE)
     assert (whole.num_heads, whole.num_kv_heads, whole.intermediate_size, whole.vocab_rows) == (8, 2, 128, 97)
+
+
+def test_runner_caches_only_this_ranks_kv_heads():
+    for world_size, heads, local in ((2, (8, 4), 2), (4, (8, 2), 1)):
+        model = build_model(tp_config(*heads), "cpu", torch.float32, tp=fake_group(world_size)[1])
+        assert model.local_num_kv_heads == local
+        runner = ModelRunner(model, small_engine(num_blocks=4), torch.device("cpu"))
+        assert runner.cache.k.shape == (2, 4, 16, local, 8) and runner.cache.v.shape == runner.cache.k.shape
