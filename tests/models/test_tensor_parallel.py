@@ -197,7 +197,9 @@ JOBS = {"logits": _job_logits_equal, "head": _job_head_replicated}
 
 
 def _kernel_sets() -> tuple[str, ...]:
-    return ("torch", "triton") if _triton_kernels_runnable() else ("torch",)
+    # The ranks run on the CPU (gloo): Triton kernels only through the interpreter there.
+    interpreted = _triton_kernels_runnable() and os.environ.get("TRITON_INTERPRET") == "1"
+    return ("torch", "triton") if interpreted else ("torch",)
 
 
 # world size, (query heads, KV heads), tied embeddings: KV heads split (8/4 over 2 and 4) and
