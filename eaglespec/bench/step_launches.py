@@ -208,8 +208,8 @@ def main(argv=None) -> None:
             else:
                 spec_c, decode_c = count_step(build(args.preset, device, tree, batch, args.context, args.backend),
                                               batch, args.context, tree, args.sampled)
-            row = {"tree": tree, "batch": batch, "sampled": args.sampled, "step_launches": spec_c.total, "decode_launches": decode_c.total,
-                   "step_ops": dict(spec_c.counts.most_common())}
+            row = {"tree": tree, "batch": batch, "sampled": args.sampled, "step_launches": spec_c.total,
+                   "decode_launches": decode_c.total, "step_ops": dict(spec_c.counts.most_common())}
             rows.append(row)
             print(f"{tree:>16s} batch {batch:3d}: step {spec_c.total:5d} launches, decode {decode_c.total:4d}",
                   flush=True)
