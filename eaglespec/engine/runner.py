@@ -123,10 +123,13 @@ class DecodeFlight:
 class ModelRunner:
     """Owns the target model's KV cache and runs its forward passes."""
 
-    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, device: torch.device, lookahead: int = 1):
+    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, device: torch.device, lookahead: int = 1,
+                 pool_size: Callable[[int], int] = lambda blocks: blocks):
         """lookahead: cache positions one step writes from a sequence's last cached token (1 for
         plain decoding, depth + 1 for a speculative tree); block tables are wide enough for a
-        sequence one token short of ``max_model_len`` to take such a step."""
+        sequence one token short of ``max_model_len`` to take such a step. pool_size: the
+        number of KV blocks to allocate given this device's (tensor parallelism: the minimum
+        over ranks, which must all hold the same blocks)."""
         self.cfg = cfg
         self.device = device
         mc = model.config
@@ -135,7 +138,7 @@ class ModelRunner:
         # The model's kernel set goes with the attention backend (same weights, not copied).
         self.model = model.with_kernels(self.backend)
         self.scale = default_scale(mc.head_dim)
-        num_blocks = size_kv_pool(model, cfg, device, self.dtype)
+        num_blocks = pool_size(size_kv_pool(model, cfg, device, self.dtype))
         self.cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads,
                                       mc.head_dim, self.dtype, device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size)
