@@ -209,15 +209,14 @@ class RankGroup:
     # ------------------------------------------------------------------ health
 
     def check_workers(self, grace_s: float = 0.0) -> None:
-        """Raise naming the first worker that stopped, with the error it reported. ``grace_s``:
-        how long to wait for one to stop (after a failed message: its exit may lag the socket's)."""
+        """Raise naming the first worker that failed (it reported an error, or it exited), with
+        its error. ``grace_s``: how long to wait for a report (after a failed message: the
+        socket may close before the report is read)."""
         if grace_s > 0 and self.workers:
-            wait([w.process.sentinel for w in self.workers], timeout=grace_s)
+            wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers], timeout=grace_s)
         for w in self.workers:
             w.read()
-            if w.process.exitcode is not None:
-                w.process.join(1)
-                w.read()
+            if w.error is not None or w.process.exitcode is not None:
                 raise self._worker_failure(w, "stopped")
 
     @staticmethod

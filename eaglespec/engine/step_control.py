@@ -147,13 +147,13 @@ def _min_over(group, value: int) -> int:
 class LeaderControl(StepControl):
     """Rank 0: queues the commands its core applies and sends them with each action.
 
-    ``health`` raises a clear error when another rank has stopped (it is called before every
-    send and when a send fails); once the ranks are out of step the engine is unusable, so every
+    ``health(grace_s)`` raises a clear error when another rank has stopped (it is called before
+    every send, and with a grace period when a send fails); once the ranks are out of step the engine is unusable, so every
     later call raises the same error."""
 
     checks_steps = True
 
-    def __init__(self, group, health: Callable[[], None] = lambda: None):
+    def __init__(self, group, health: Callable[[float], None] = lambda grace_s: None):
         self.channel = ObjectChannel(group, 0)
         self.group = group
         self.health = health
@@ -164,11 +164,11 @@ class LeaderControl(StepControl):
         if self.broken is not None:
             raise RuntimeError(f"the tensor-parallel engine stopped earlier: {self.broken}") from self.broken
         try:
-            self.health()
+            self.health(0.0)
             self.channel.send(message)
         except BaseException as exc:
             try:
-                self.health()  # a rank that stopped says why
+                self.health(5.0)  # a rank that stopped says why
             except BaseException as why:  # noqa: BLE001
                 exc = why
             self.broken = exc
