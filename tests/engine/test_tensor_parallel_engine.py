@@ -155,6 +155,36 @@ def test_greedy_speculative_output_equals_plain_single_process_output(checkpoint
     closed_cleanly(llm)
 
 
+@dataclass(slots=True)
+class SlowTreesOnWorkers(EngineConfig):
+    """On the spawned workers every speculative step takes 0.1 s longer than on rank 0 (the
+    engine reads ``overlap_decode`` once per decoding step, inside the timed part): a clock that
+    says "trees do not pay" there, and "they do" on rank 0."""
+
+    def __getattribute__(self, name):
+        if name == "overlap_decode" and multiprocessing.parent_process() is not None:
+            if sys._getframe(1).f_locals.get("choice") not in (None, "plain"):
+                time.sleep(0.1)
+        return object.__getattribute__(self, name)
+
+
+def test_auto_runs_rank_0s_choices_whatever_the_other_clocks_say(checkpoint, reference):
+    """Each rank timing its own steps would choose plain decoding on the workers and trees on
+    rank 0: the step check stops the worker, and ``close`` raises."""
+    engine = SlowTreesOnWorkers(**{f: getattr(engine_config(), f) for f in EngineConfig.__slots__})
+    llm = LLM(checkpoint[0], draft=checkpoint[1], spec=SpecConfig(tree="auto", auto_trees=TREES_AUTO),
+              device="cpu", engine=engine, tensor_parallel_size=2)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    outs = llm.generate(prompts(), params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts(), params)]
+    ran = {}
+    for o in outs:
+        for choice, n in o.stats["speculation"].items():
+            ran[choice] = ran.get(choice, 0) + n
+    assert sum(n for c, n in ran.items() if c != "plain") > ran.get("plain", 0), ran  # rank 0 chose trees
+    closed_cleanly(llm)
+
+
 def test_four_ranks_plain_and_speculative_steps(checkpoint, reference):
     llm = LLM(checkpoint[0], draft=checkpoint[1], spec=SpecConfig(tree="auto", auto_trees=TREES_AUTO),
               device="cpu", engine=engine_config(), tensor_parallel_size=4)
