@@ -11,8 +11,11 @@ SITE=/tmp/site
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$SITE:$PWD
+# At most 8 files come back from a call: phases write under $RUN and `pack` tars them into $OUT.
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+FINAL_OUT=$OUT
+OUT=${RUN:-$OUT}
+mkdir -p "$OUT" "$FINAL_OUT"
 
 # The default GGUF travels in three parts (a call carries at most 64 MiB with the work tree):
 # .stage_a/part0, .stage_b/part1, .stage_c/part2, in three calls back to back.
@@ -81,6 +84,8 @@ serve_and_bench() {  # $1 = label, $2 = port, rest: serve arguments
 }
 phase_bench_serve_spec() { serve_and_bench spec 8000; }
 phase_bench_serve_plain() { serve_and_bench plain 8001 --draft none; }
+# What the thread switch interval buys: the plain server at Python's default (5 ms), high concurrency only.
+phase_bench_serve_switch() { BENCH_ARGS="--concurrency 16,64" serve_and_bench plain-switch5ms 8002 --draft none --switch-interval-ms 5; }
 # Both JSONs in benchmarks/results, then `python -m eaglespec.bench.plots` draws them in one figure.
 phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 | tee -a $OUT/bench.log; }
 
@@ -104,7 +109,8 @@ phase_train() {  # $1 = eagle1 | eagle3
 for p in "$@"; do
   case $p in
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
-    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;;
+    pack) tar czf $FINAL_OUT/results.tgz -C $OUT . && ls -la $FINAL_OUT ;;
+    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-switch) phase_bench_serve_switch ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

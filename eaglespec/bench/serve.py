@@ -145,30 +145,80 @@ def _scrape(text: str) -> dict[str, float]:
     return out
 
 
-async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrency: int, num_requests: int,
-                    timeout_s: float) -> dict:
-    """``concurrency`` clients, back to back, until ``num_requests`` are done."""
+CLIENTS_PER_PROCESS = 8  # one asyncio process parses this many SSE streams without falling behind a fast server
+
+
+@dataclass(slots=True)
+class _Shared:
+    """Counters the client processes share: the next request to send, and how many are in flight."""
+
+    next_index: object  # multiprocessing.Value("i")
+    in_flight: object
+    peak_in_flight: object
+    start: object  # multiprocessing.Barrier: every process ready, then the clock starts
+
+
+def _take(value, limit: int | None = None) -> int | None:
+    """Atomically: value += 1 and return the old value (None if it had reached ``limit``)."""
+    with value.get_lock():
+        if limit is not None and value.value >= limit:
+            return None
+        value.value += 1
+        return value.value - 1
+
+
+async def _clients(url: str, model: str, prompts: list[BenchPrompt], clients: int, num_requests: int,
+                   timeout_s: float, shared: _Shared) -> list[RequestResult]:
     import httpx
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    results: list[RequestResult] = []
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
-        before = _scrape((await client.get(f"{url}/metrics")).text)
-        next_index = 0
-        in_flight = max_in_flight = 0
-        results: list[RequestResult] = []
-        server_running: list[float] = []
 
         async def worker():
-            nonlocal next_index, in_flight, max_in_flight
-            while next_index < num_requests:
-                prompt = prompts[next_index % len(prompts)]
-                next_index += 1
-                in_flight += 1
-                max_in_flight = max(max_in_flight, in_flight)
+            while (i := _take(shared.next_index, num_requests)) is not None:
+                now = _take(shared.in_flight) + 1
+                with shared.peak_in_flight.get_lock():
+                    shared.peak_in_flight.value = max(shared.peak_in_flight.value, now)
                 try:
-                    results.append(await _one_request(client, url, model, prompt, timeout_s))
+                    results.append(await _one_request(client, url, model, prompts[i % len(prompts)], timeout_s))
                 finally:
-                    in_flight -= 1
+                    with shared.in_flight.get_lock():
+                        shared.in_flight.value -= 1
+
+        await asyncio.to_thread(shared.start.wait)
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return results
+
+
+def _client_process(url, model, prompts, clients, num_requests, timeout_s, shared, out) -> None:
+    try:
+        out.put([tuple(getattr(r, f) for f in RequestResult.__slots__)
+                 for r in asyncio.run(_clients(url, model, prompts, clients, num_requests, timeout_s, shared))])
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it
+        shared.start.abort()
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrency: int, num_requests: int,
+                    timeout_s: float, clients_per_process: int = CLIENTS_PER_PROCESS) -> dict:
+    """``concurrency`` clients, back to back, until ``num_requests`` are done. The clients are
+    spread over processes (``clients_per_process`` each) so that parsing the streams in Python
+    never becomes what is measured."""
+    import multiprocessing as mp
+
+    import httpx
+
+    ctx = mp.get_context("spawn")
+    procs = math.ceil(concurrency / clients_per_process)
+    shared = _Shared(ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0), ctx.Barrier(procs + 1))
+    out = ctx.Queue()
+    split = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
+    workers = [ctx.Process(target=_client_process, daemon=True,
+                           args=(url, model, prompts, n, num_requests, timeout_s, shared, out)) for n in split]
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        before = _scrape((await client.get(f"{url}/metrics")).text)
+        server_running: list[float] = []
 
         async def watch():  # how many the server itself runs at once
             while True:
@@ -179,11 +229,24 @@ async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrenc
                 except Exception:  # noqa: BLE001 - a missed sample is no failure
                     pass
 
+        for w in workers:
+            w.start()
+        try:
+            await asyncio.to_thread(shared.start.wait)
+        except Exception:  # noqa: BLE001 - a client process failed before the start; its error follows
+            pass
         watcher = asyncio.create_task(watch())
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        parts = [await asyncio.to_thread(out.get) for _ in workers]
         elapsed = time.perf_counter() - t0
         watcher.cancel()
+        for w in workers:
+            w.join()
+        errors = [p for p in parts if isinstance(p, str)]
+        if errors:
+            raise RuntimeError(f"concurrency {concurrency}: a client process failed: {errors[0]}")
+        results = [RequestResult(*fields) for part in parts for fields in part]
+        max_in_flight = shared.peak_in_flight.value
         after = _scrape((await client.get(f"{url}/metrics")).text)
 
     def delta(name: str) -> float:

@@ -76,9 +76,13 @@ class EngineThread:
         try:
             while not self._stop.is_set():
                 self._take_commands(block=not self.core.has_work)
+                seconds = None
                 if self.core.has_work:
-                    self._dispatch(self.core.step())
-                self.metrics.observe_engine(self.core)
+                    started = time.perf_counter()
+                    deltas = self.core.step()
+                    seconds = time.perf_counter() - started
+                    self._dispatch(deltas)
+                self.metrics.observe_engine(self.core, seconds)
         except BaseException as exc:  # the loop itself broke: /health reports it
             log.exception("engine thread stopped")
             self.error = exc
@@ -108,6 +112,9 @@ class EngineThread:
 
     def _dispatch(self, deltas: list[RequestDelta]) -> None:
         now = time.perf_counter()
+        # One wake-up of the event loop per step, not one per request: at 64 streams the
+        # per-call self-pipe write and GIL hand-over dominated the step.
+        batch: list[tuple[RequestHandle, RequestDelta]] = []
         for delta in deltas:
             handle = self._handles.get(delta.request_id)
             if handle is None:
@@ -120,11 +127,23 @@ class EngineThread:
                 del self._handles[delta.request_id]
                 handle.finished = True
                 self.metrics.observe_finished(delta, handle, now)
-            self._send(handle, delta)
+            batch.append((handle, delta))
+        loops: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, delta in batch:
+            loops.setdefault(handle.loop, []).append((handle, delta))
+        for loop, items in loops.items():
+            self._post(loop, items)
 
     @staticmethod
-    def _send(handle: RequestHandle, item) -> None:
+    def _deliver(items: list[tuple[RequestHandle, object]]) -> None:
+        for handle, item in items:
+            handle.deltas.put_nowait((handle, item))
+
+    def _send(self, handle: RequestHandle, item) -> None:
+        self._post(handle.loop, [(handle, item)])
+
+    def _post(self, loop: asyncio.AbstractEventLoop, items: list) -> None:
         try:
-            handle.loop.call_soon_threadsafe(handle.deltas.put_nowait, (handle, item))
-        except RuntimeError:  # the handler's loop is gone (server shutting down)
+            loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:  # the handlers' loop is gone (server shutting down)
             pass

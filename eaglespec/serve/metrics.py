@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 BATCH_BUCKETS = tuple(float(1 << i) for i in range(10))  # 1, 2, 4, ..., 512
 
@@ -25,6 +26,9 @@ class ServerMetrics:
         self.steps = Counter("eaglespec_engine_steps", "Engine steps by kind", ["kind"], registry=r)
         self.step_batch = Histogram("eaglespec_step_batch_size", "Requests in each decoding step (mixed, plain "
                                     "or speculative)", buckets=BATCH_BUCKETS, registry=r)
+        self.step_seconds = Histogram("eaglespec_engine_step_seconds", "Wall time of one engine step as the engine "
+                                      "thread sees it (host work, and the device where the step waits), by kind and "
+                                      "the speculation chosen", ["kind", "choice"], buckets=STEP_BUCKETS, registry=r)
         self.max_batch = Gauge("eaglespec_max_batch_size", "The most requests one step may run", registry=r)
         self.max_batch.set(max_batch_size)
         self.choices = Counter("eaglespec_speculation_steps", "Decoding steps by the speculation chosen for them "
@@ -50,8 +54,9 @@ class ServerMetrics:
         self._depth_totals = [[0, 0] for _ in range(max_depth)]
         self._tau_totals = [0, 0]
 
-    def observe_engine(self, core) -> None:
-        """Gauges of the engine's state (called by the engine thread after each step)."""
+    def observe_engine(self, core, step_seconds: float | None = None) -> None:
+        """Gauges of the engine's state (called by the engine thread after each step, with the
+        step's wall time when it ran one)."""
         self.running.set(core.num_running)
         self.waiting.set(core.num_waiting)
         self.kv_in_use.set(core.kv_blocks_in_use)
@@ -62,6 +67,9 @@ class ServerMetrics:
                 self.step_batch.observe(core.last_step_size)
             if core.last_step_kind != "prefill" and core.last_choice:
                 self.choices.labels(choice=core.last_choice).inc()
+            if step_seconds is not None:
+                choice = core.last_choice if core.last_step_kind in ("decode", "speculative") else ""
+                self.step_seconds.labels(kind=core.last_step_kind, choice=choice).observe(step_seconds)
             core.last_step_kind = ""
 
     def observe_finished(self, delta, handle, now: float) -> None:

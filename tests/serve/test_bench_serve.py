@@ -54,3 +54,17 @@ def test_percentile_nearest_rank():
     assert bench.percentile(values, 50) == 50.0
     assert bench.percentile(values, 99) == 99.0
     assert bench.percentile([3.0], 99) == 3.0 and bench.percentile([], 50) == 0.0
+
+
+def test_clients_spread_over_processes_share_the_count(served):
+    """Three clients in two processes send exactly the requests asked for, all at once."""
+    import asyncio
+
+    import httpx
+
+    prompts = [bench.BenchPrompt([{"role": "user", "content": "Hi"}], 4, "test")]
+    model = httpx.get(f"{served.url}/v1/models", timeout=30).json()["data"][0]["id"]
+    row = asyncio.run(bench.run_level(served.url, model, prompts, 3, 5, 120.0, clients_per_process=2))
+    assert row["requests"] == row["completed"] == 5
+    assert row["max_in_flight"] == 3
+    assert row["output_tokens"] == 20

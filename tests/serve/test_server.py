@@ -148,6 +148,11 @@ def test_metrics_count_what_was_sent(served):
     assert after[("eaglespec_tau", ())] >= 1.0
     assert d("eaglespec_spec_proposed_total", depth="1") > 0
     assert d("eaglespec_engine_steps_total", kind="speculative") > 0
+    # Every step the engine ran was timed, under its kind (and its tree for speculative steps).
+    timed = sum(v for (name, labels), v in after.items() if name == "eaglespec_engine_step_seconds_count") - sum(
+        v for (name, labels), v in before.items() if name == "eaglespec_engine_step_seconds_count")
+    assert timed == sum(d("eaglespec_engine_steps_total", kind=k) for k in ("prefill", "mixed", "decode", "speculative"))
+    assert d("eaglespec_engine_step_seconds_count", kind="speculative", choice=tree) > 0
 
 
 def test_cli_chat_over_http(served, reference, monkeypatch, capsys):
