@@ -9,6 +9,7 @@ that the other ranks stayed in step (``close`` succeeds and every worker exits w
 from __future__ import annotations
 
 import faulthandler
+import json
 import multiprocessing
 import os
 import subprocess
@@ -25,6 +26,7 @@ from eaglespec.models.eagle import save_head
 from tests.conftest import small_engine
 from tests.models.test_loading import write_hf_dir
 from tests.speculative.test_speculative_greedy import _prompts, eagle1_head, predictable_target
+from tests.test_cli import tiny_dirs  # noqa: F401 - a fixture: a tiny model with a real tokenizer, and a head
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_TIMEOUT_S = 300  # a hang (ranks out of step in a collective) kills the run with every thread's stack
@@ -269,3 +271,43 @@ def test_workers_leave_when_rank_0_dies(checkpoint, tmp_path):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(pid), f"worker {pid} outlived its rank 0"
+
+
+# ------------------------------------------------------------------------------------------------
+# Front ends: the command line and the server take --tp.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_generate_and_serve_with_tp(tiny_dirs, capsys):
+    """``eaglespec generate --tp 2`` prints what ``--tp 1`` prints; ``serve --tp 2``'s engine
+    thread drives rank 0's engine unchanged and answers the same completion."""
+    import httpx
+
+    from eaglespec import cli
+    from eaglespec.serve.server import ServerThread, build_llm, build_server_app
+
+    model, head = tiny_dirs
+    common = ["generate", "The sea", "--model", model, "--draft", head, "--tree", "chain:2", "--max-tokens", "8",
+              "--device", "cpu", "--json"]
+    records = []
+    for tp in ("1", "2"):
+        assert cli.main(common + ["--tp", tp]) == 0
+        records.append(json.loads(capsys.readouterr().out))
+    assert records[0]["token_ids"] == records[1]["token_ids"] and len(records[0]["token_ids"]) == 8
+
+    args = cli.build_parser().parse_args(["serve", "--model", model, "--draft", "none", "--device", "cpu",
+                                          "--tp", "2", "--num-blocks", "32", "--max-batch-size", "2"])
+    llm = build_llm(args)
+    assert llm.tensor_parallel_size == 2
+    app, engine = build_server_app(llm, "tiny")
+    server = ServerThread(app)
+    try:
+        url = f"http://127.0.0.1:{server.start()}"
+        reply = httpx.post(url + "/v1/completions", timeout=120,
+                           json={"model": "tiny", "prompt": "The sea", "max_tokens": 8, "temperature": 0}).json()
+    finally:
+        server.stop()
+        engine.stop()
+    ref = LLM(model, draft="none", device="cpu").generate(["The sea"], SamplingParams(max_tokens=8))[0]
+    assert reply["choices"][0]["text"] == ref.text
+    closed_cleanly(llm)
