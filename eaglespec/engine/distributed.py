@@ -143,6 +143,7 @@ class RankGroup:
             local_rank = int(os.environ.get("LOCAL_RANK", rank))
             group = cls(rank, world_size, _device(args.device_type, local_rank), [])
             group._join("env://")
+            atexit.register(group.close)
             return group
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group: close the other "
