@@ -158,22 +158,24 @@ def test_greedy_speculative_output_equals_plain_single_process_output(checkpoint
 
 
 @dataclass(slots=True)
-class SlowTreesOnWorkers(EngineConfig):
-    """On the spawned workers every speculative step takes 0.1 s longer than on rank 0 (the
-    engine reads ``overlap_decode`` once per decoding step, inside the timed part): a clock that
-    says "trees do not pay" there, and "they do" on rank 0."""
+class ClocksThatDisagree(EngineConfig):
+    """Rank 0's clock says trees pay, the workers' clocks say they do not: on rank 0 every plain
+    decoding step takes 0.3 s longer, on the spawned workers every speculative step does (the
+    engine reads ``overlap_decode`` once per decoding step, inside the timed part)."""
 
     def __getattribute__(self, name):
-        if name == "overlap_decode" and multiprocessing.parent_process() is not None:
-            if sys._getframe(1).f_locals.get("choice") not in (None, "plain"):
-                time.sleep(0.1)
+        if name == "overlap_decode":
+            choice = sys._getframe(1).f_locals.get("choice")
+            on_worker = multiprocessing.parent_process() is not None
+            if choice is not None and (choice != "plain") == on_worker:
+                time.sleep(0.3)
         return object.__getattribute__(self, name)
 
 
 def test_auto_runs_rank_0s_choices_whatever_the_other_clocks_say(checkpoint, reference):
     """Each rank timing its own steps would choose plain decoding on the workers and trees on
-    rank 0: the step check stops the worker, and ``close`` raises."""
-    engine = SlowTreesOnWorkers(**{f: getattr(engine_config(), f) for f in EngineConfig.__slots__})
+    rank 0: the step check would stop the worker, and ``close`` raise."""
+    engine = ClocksThatDisagree(**{f: getattr(engine_config(), f) for f in EngineConfig.__slots__})
     llm = LLM(checkpoint[0], draft=checkpoint[1], spec=SpecConfig(tree="auto", auto_trees=TREES_AUTO),
               device="cpu", engine=engine, tensor_parallel_size=2)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
