@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -19,6 +19,9 @@ from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
 from eaglespec.models.tensor_parallel import SINGLE, TensorParallel
 from eaglespec.speculative.step import SpeculativeRunner
+
+if TYPE_CHECKING:
+    from eaglespec.models.loading import LoadedCheckpoint
 
 Prompt = str | Sequence[int]
 
@@ -99,14 +102,29 @@ def check_speculation_args(draft, spec, default_draft: bool) -> SpecConfig | Non
     return spec
 
 
-def build_rank_target(ckpt, device: torch.device, dtype: torch.dtype, kernels: str,
-                      tp: TensorParallel) -> LlamaForCausalLM:
-    """The target as this rank holds it: the one place a rank builds and loads its model.
-    Every rank holds a full copy for now; the sharded build (its slices of ``ckpt`` for rank
-    ``tp.rank``) replaces this body."""
+def load_rank_models(model_path, head_path: str | None, device: torch.device, dtype: torch.dtype, kernels: str,
+                     tp: TensorParallel, progress: bool) -> tuple["LoadedCheckpoint", LlamaForCausalLM,
+                                                                  EagleHead | None]:
+    """The checkpoint, target and draft head (None without ``head_path``) as rank ``tp.rank``
+    holds them: the one place a rank opens, builds and loads its models (``tp`` is SINGLE on
+    one device). Every rank holds full copies for now; the sharded build (this rank's slices,
+    a replicated head borrowing the whole embedding and output matrix) replaces this body."""
+    from eaglespec.models.loading import open_checkpoint
+
+    ckpt = open_checkpoint(model_path, progress=progress)
     target = build_model(ckpt.config, device, dtype, kernels=kernels)
     target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
-    return target
+    head = load_head(head_path, target) if head_path is not None else None
+    return ckpt, target, head
+
+
+def draft_head_path(draft, default_draft: bool) -> str | None:
+    """The head directory ``draft`` names (None: no head; the shipped one for the default model)."""
+    if draft == "none":
+        return None
+    if draft is None:
+        return shipped_head_path() if default_draft else None
+    return os.fspath(draft)
 
 
 def load_tokenizer(ckpt) -> tuple["Tokenizer | None", str]:
@@ -194,17 +212,18 @@ class LLM:
 
     def _load(self, model_path, draft, spec, device: torch.device, dtype, engine, progress: bool,
               default_draft: bool, tp: TensorParallel, control: StepControl) -> None:
-        from eaglespec.models.loading import open_checkpoint
-
         self.device = device
-        dt = resolve_dtype(dtype, device)
-        ckpt = open_checkpoint(model_path, progress=progress)
-        tokenizer, no_tokenizer_reason = load_tokenizer(ckpt)
         kernels = resolve_backend((engine or EngineConfig()).attention_backend, device)
-        target = build_rank_target(ckpt, device, dt, kernels, tp)
+        module = draft if isinstance(draft, EagleHead) else None  # a head built by the caller (one device)
+        head_path = None if module is not None else draft_head_path(draft, default_draft)
+        ckpt, target, head = load_rank_models(model_path, head_path, device, resolve_dtype(dtype, device), kernels,
+                                              tp, progress)
+        tokenizer, no_tokenizer_reason = load_tokenizer(ckpt)
         tokenizer_eos = tokenizer.eos_ids if tokenizer is not None else ()
         eos = tuple(dict.fromkeys(ckpt.generation_eos_ids + tokenizer_eos + ckpt.config.eos_token_ids))
-        self._setup(target, tokenizer, eos, draft, spec, engine, default_draft=default_draft,
+        self._setup(target, tokenizer, eos, module if module is not None else head if head is not None else "none",
+                    spec, engine,
+                    default_draft=default_draft,
                     no_tokenizer_reason=no_tokenizer_reason, control=control)
 
     @classmethod
@@ -275,12 +294,8 @@ class LLM:
     def _resolve_draft(draft, target: LlamaForCausalLM, default_draft: bool) -> EagleHead | None:
         if isinstance(draft, EagleHead):
             return draft
-        if draft == "none":
-            return None
-        if draft is None:
-            path = shipped_head_path() if default_draft else None
-            return load_head(path, target) if path else None
-        return load_head(draft, target)
+        path = draft_head_path(draft, default_draft)
+        return load_head(path, target) if path is not None else None
 
     # ------------------------------------------------------------------ requests
 
