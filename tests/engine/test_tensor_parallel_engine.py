@@ -240,7 +240,7 @@ def test_arguments(checkpoint):
     assert set(multiprocessing.active_children()) <= before  # nothing was started
 
 
-RANK0_DIES = """
+RANK0_ENDS = """
 import os, sys
 from eaglespec import LLM, SamplingParams
 from eaglespec.config import EngineConfig
@@ -249,7 +249,9 @@ if __name__ == "__main__":
               engine=EngineConfig(num_blocks=32, max_batch_size=2, max_model_len=128, attention_backend="torch"))
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))
     print(llm._ranks.workers[0].process.pid, flush=True)
-    os._exit(7)  # no close, no atexit: the worker must notice and leave on its own
+    if sys.argv[2] == "dies":
+        os._exit(7)  # no close, no atexit: the worker must notice and leave on its own
+    # "exits": the script ends without close(); the interpreter's exit closes the engine
 """
 
 
@@ -261,13 +263,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_workers_leave_when_rank_0_dies(checkpoint, tmp_path):
-    script = tmp_path / "rank0_dies.py"
-    script.write_text(RANK0_DIES)
+@pytest.mark.parametrize("how", ["exits", "dies"])
+def test_workers_leave_when_rank_0_ends(checkpoint, tmp_path, how):
+    script = tmp_path / "rank0.py"
+    script.write_text(RANK0_ENDS)
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), checkpoint[0]], capture_output=True, text=True, env=env,
-                          timeout=240)
-    assert proc.returncode == 7, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(script), checkpoint[0], how], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == (7 if how == "dies" else 0), proc.stderr[-3000:]
+    if how == "exits":
+        assert "Traceback" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr[-3000:]
     pid = int(proc.stdout.split()[-1])
     deadline = time.monotonic() + 60
     while _alive(pid) and time.monotonic() < deadline:
