@@ -22,6 +22,7 @@ import atexit
 import logging
 import os
 import socket
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -209,7 +210,7 @@ class RankGroup:
 
     # ------------------------------------------------------------------ health
 
-    def check_workers(self, grace_s: float = 0.0) -> None:
+    def check_workers(self, grace_s: float = 0.0, what: str = "stopped") -> None:
         """Raise naming the first worker that failed (it reported an error, or it exited), with
         its error. ``grace_s``: how long to wait for a report (after a failed message: the
         socket may close before the report is read)."""
@@ -218,7 +219,7 @@ class RankGroup:
         for w in self.workers:
             w.read()
             if w.error is not None or w.process.exitcode is not None:
-                raise self._worker_failure(w, "stopped")
+                raise self._worker_failure(w, what)
 
     @staticmethod
     def _worker_failure(w: _Worker, what: str) -> RuntimeError:
@@ -231,7 +232,7 @@ class RankGroup:
         that failed first (rank 0's own error is then most likely a consequence of it)."""
         failure = None
         try:
-            self.check_workers(grace_s=2.0 if self.workers else 0.0)
+            self.check_workers(grace_s=2.0 if self.workers else 0.0, what="failed to start")
         except RuntimeError as err:
             failure = err
         self.close(force=True)
@@ -325,5 +326,5 @@ def _worker_main(rank: int, world_size: int, port: int, args: RankArgs, conn) ->
         except OSError:
             pass
         conn.close()
-        os._exit(1)
+        sys.exit(1)
     conn.close()

@@ -216,12 +216,32 @@ class BrokenOnWorkers(EngineConfig):
         return object.__getattribute__(self, name)
 
 
+@dataclass(slots=True)
+class BrokenOnRank0(EngineConfig):
+    """The same on rank 0 (while it loads its model, the workers' loading under way)."""
+
+    def __getattribute__(self, name):
+        if (name == "attention_backend" and multiprocessing.parent_process() is None
+                and sys._getframe(1).f_code.co_name == "_load"):
+            raise MemoryError("rank 0 has no room for the model")
+        return object.__getattribute__(self, name)
+
+
 def test_a_worker_that_fails_to_start_is_named_with_its_error(checkpoint):
     engine = BrokenOnWorkers(**{f: getattr(engine_config(), f) for f in EngineConfig.__slots__})
     before = set(multiprocessing.active_children())
-    with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 .*MemoryError: this rank has no room"):
+    with pytest.raises(RuntimeError, match=r"^tensor-parallel rank 1 failed to start: MemoryError: this rank has no "
+                                           r"room for the model$"):
+        LLM(checkpoint[0], draft="none", device="cpu", engine=engine, tensor_parallel_size=3)
+    assert set(multiprocessing.active_children()) <= before  # every worker is gone
+
+
+def test_rank_0_failing_to_start_stops_the_workers(checkpoint):
+    engine = BrokenOnRank0(**{f: getattr(engine_config(), f) for f in EngineConfig.__slots__})
+    before = set(multiprocessing.active_children())
+    with pytest.raises(MemoryError, match="rank 0 has no room"):
         LLM(checkpoint[0], draft="none", device="cpu", engine=engine, tensor_parallel_size=2)
-    assert set(multiprocessing.active_children()) <= before  # the failed worker is gone
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_arguments(checkpoint):
