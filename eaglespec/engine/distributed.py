@@ -19,8 +19,10 @@ worker also watches its parent process (rank 0 may die while the worker waits el
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -160,7 +162,8 @@ class RankGroup:
                 read, write = ctx.Pipe(duplex=False)
                 process = ctx.Process(target=_worker_main, args=(rank, world_size, port, args, write),
                                       name=f"eaglespec-tp-rank{rank}", daemon=False)
-                process.start()
+                with _sigint_ignored():
+                    process.start()
                 write.close()
                 workers.append(_Worker(rank, process, read))
             group._await_workers()
@@ -265,7 +268,7 @@ class RankGroup:
                 except BaseException as exc:  # noqa: BLE001 - a worker is gone: it is named below
                     failure = exc
                     force = True
-            control.broken = control.broken or RuntimeError("the tensor-parallel engine was closed")
+            control.broken = control.broken or RuntimeError("it was closed (LLM.close)")
         for w in self.workers:
             w.process.join(0 if force else JOIN_TIMEOUT_S)
             if w.process.is_alive():
@@ -285,6 +288,22 @@ class RankGroup:
             dist.destroy_process_group()
         if failure is not None and not force:
             raise failure if isinstance(failure, RuntimeError) else RuntimeError(str(failure))
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Ctrl-C in a terminal reaches every process of its group: a worker is born ignoring it
+    (an ignored signal survives exec, and Python keeps it ignored) and rank 0 alone handles it,
+    closing the workers."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: no handler to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _device(device_type: str, local_rank: int) -> torch.device:

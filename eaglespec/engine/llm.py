@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from eaglespec.models.loading import LoadedCheckpoint
 
 Prompt = str | Sequence[int]
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -274,8 +276,14 @@ class LLM:
     def __enter__(self) -> "LLM":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an error (or Ctrl-C) is on its way out: closing must not hide it
+            self.close()
+        except Exception:  # noqa: BLE001
+            log.warning("closing the tensor-parallel engine after %s failed", exc_type.__name__, exc_info=True)
 
     # The engine's parts, for tests and benchmarks that look inside.
     @property

@@ -148,8 +148,8 @@ class LeaderControl(StepControl):
     """Rank 0: queues the commands its core applies and sends them with each action.
 
     ``health(grace_s)`` raises a clear error when another rank has stopped (it is called before
-    every send, and with a grace period when a send fails); once the ranks are out of step the engine is unusable, so every
-    later call raises the same error."""
+    every send, and with a grace period when a send fails); once the ranks are out of step the
+    engine is unusable, so every later call raises the same error."""
 
     checks_steps = True
 
@@ -162,17 +162,20 @@ class LeaderControl(StepControl):
 
     def _send(self, message) -> None:
         if self.broken is not None:
-            raise RuntimeError(f"the tensor-parallel engine stopped earlier: {self.broken}") from self.broken
+            raise RuntimeError(f"the tensor-parallel engine takes no more work: {self.broken}") from self.broken
         try:
             self.health(0.0)
             self.channel.send(message)
-        except BaseException as exc:
+        except Exception as exc:
             try:
                 self.health(5.0)  # a rank that stopped says why
-            except BaseException as why:  # noqa: BLE001
+            except Exception as why:  # noqa: BLE001
                 exc = why
             self.broken = exc
             raise exc
+        except BaseException as exc:  # interrupted: the message may be half sent
+            self.broken = exc
+            raise
         self._commands = []
 
     def record(self, command) -> None:

@@ -12,6 +12,7 @@ import faulthandler
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -338,3 +339,41 @@ def test_generate_and_serve_with_tp(tiny_dirs, capsys):
     ref = LLM(model, draft="none", device="cpu").generate(["The sea"], SamplingParams(max_tokens=8))[0]
     assert reply["choices"][0]["text"] == ref.text
     closed_cleanly(llm)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Processes of a process group that are still running (zombies excluded)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(entry))
+    return alive
+
+
+def test_ctrl_c_in_a_terminal_stops_every_rank_quietly(tiny_dirs):
+    """Ctrl-C reaches the whole process group: rank 0 says it was interrupted, the workers say
+    nothing and leave."""
+    model, _ = tiny_dirs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.Popen([sys.executable, "-m", "eaglespec.cli", "generate", "Hi", "--model", model, "--draft",
+                             "none", "--max-tokens", "80", "--device", "cpu", "--tp", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    err = b""
+    while b"eaglespec: loading" not in err:
+        err += os.read(proc.stderr.fileno(), 4096)
+    time.sleep(1.0)  # the workers are starting
+    os.killpg(proc.pid, signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    err = (err + rest).decode()
+    assert proc.returncode in (0, 130), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    deadline = time.monotonic() + 60
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid)
