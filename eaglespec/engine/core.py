@@ -191,6 +191,7 @@ class EngineCore:
     def step(self) -> list[RequestDelta]:
         """Run one engine step; return a delta for every request that gained tokens or ended."""
         self._observe_last_step()
+        self.last_fingerprint = None  # until this step completes (an interrupted one is not compared)
         try:
             reqs = self._run_step()
         except Exception as exc:  # noqa: BLE001 - a failing step must not take the engine down

@@ -262,7 +262,11 @@ class RankGroup:
         failure = None
         control = self.control
         if isinstance(control, LeaderControl):
-            if not force and control.broken is None:
+            if control.broken is not None:
+                # Its error was raised where it happened; the workers may be mid-message (an
+                # interrupted send) or gone: they are terminated, not told.
+                force = True
+            elif not force:
                 try:
                     control.stop(StepShared(None, self.last_fingerprint()))
                 except BaseException as exc:  # noqa: BLE001 - a worker is gone: it is named below
@@ -328,6 +332,11 @@ def _exit_with_parent() -> None:
 def _worker_main(rank: int, world_size: int, port: int, args: RankArgs, conn) -> None:
     """A spawned rank: join the groups, build the same engine as rank 0, follow it until stop."""
     try:
+        from tqdm import tqdm
+
+        # tqdm's default lock is a multiprocessing semaphore, which a worker that rank 0 has to
+        # terminate would leak (a warning at rank 0's exit); progress bars are rank 0's anyway.
+        tqdm.set_lock(threading.RLock())
         if args.device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         _exit_with_parent()

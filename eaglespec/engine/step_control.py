@@ -248,7 +248,8 @@ class FollowerControl(StepControl):
                 else:
                     core.abort(command.request_id)
             if message.action == "stop":
-                self._check(StepShared(None, last_fingerprint()), message.payload)
+                if message.payload.fingerprint is not None:  # None: rank 0's last step was interrupted
+                    self._check(StepShared(None, last_fingerprint()), message.payload)
                 return
             if message.action == "logits":
                 core.full_logits(message.payload)
