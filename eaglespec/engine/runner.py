@@ -37,7 +37,7 @@ def size_kv_pool(model: LlamaForCausalLM, cfg: EngineConfig, device: torch.devic
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return pool_blocks_from_memory(max(free - reserve_bytes, 0), cfg.gpu_memory_fraction, mc.num_layers,
-                                       cfg.block_size, mc.num_kv_heads, mc.head_dim, dtype)
+                                       cfg.block_size, model.local_num_kv_heads, mc.head_dim, dtype)
     return cfg.kv_cache_tokens // cfg.block_size + 1
 
 
@@ -139,7 +139,8 @@ class ModelRunner:
         self.model = model.with_kernels(self.backend)
         self.scale = default_scale(mc.head_dim)
         num_blocks = pool_size(size_kv_pool(model, cfg, device, self.dtype))
-        self.cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads,
+        # This rank's KV heads only (all of them without tensor parallelism).
+        self.cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, model.local_num_kv_heads,
                                       mc.head_dim, self.dtype, device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size)
         self.max_blocks_per_seq = self.allocator.blocks_needed(cfg.max_model_len - 1 + lookahead)

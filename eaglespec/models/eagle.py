@@ -19,6 +19,11 @@ Reduced draft vocabulary (any kind): with a token ranking beside the head
 gives the N most frequent target tokens the head can draft: the rows of its output projection for
 those tokens (gathered once) and their target ids. The forward returns the projection's input;
 the drafter applies the projection of the vocabulary it was given.
+
+Tensor parallelism: the head runs replicated on every rank, so it needs the target's embedding
+and (EAGLE-1) output matrix whole, while a sharded target holds only its vocabulary rows. It
+then borrows full copies read from the target's checkpoint (``borrowed_weights``), one [V, H]
+matrix per rank (two when the target's embeddings are untied); an unsharded target lends its own.
 """
 
 from __future__ import annotations
@@ -95,6 +100,40 @@ class EagleConfig:
 
 
 @dataclass(slots=True)
+class BorrowedWeights:
+    """What a head borrows from its target, whole (never the shard of one rank)."""
+
+    embedding: torch.Tensor  # [V, H] token embedding, the target's dtype and device
+    output: torch.Tensor  # [V, H] output projection (the same tensor when the target ties them)
+
+
+def borrowed_weights(target: LlamaForCausalLM, checkpoint: str | None = None) -> BorrowedWeights:
+    """The target's embedding and output matrix, whole: its own tensors (no copy) when it holds
+    them all; read from ``checkpoint`` (the target's own, a path open_checkpoint accepts) into
+    the target's device and dtype when it is a tensor-parallel shard."""
+    if not target.tp.enabled:
+        return BorrowedWeights(target.model.embed_tokens.weight, target.output_weight)
+    if checkpoint is None:
+        raise ValueError(f"the target is rank {target.tp.rank} of {target.tp.world_size} tensor-parallel "
+                         f"shards: a replicated draft head needs borrowed_weights(target, checkpoint=PATH) "
+                         f"to read the full embedding and output matrix")
+    from eaglespec.models.loading import read_full_tensors
+
+    names = ["model.embed_tokens.weight"] + ([] if target.config.tie_word_embeddings else ["lm_head.weight"])
+    full = read_full_tensors(checkpoint, names)
+    like = target.output_weight
+    vocab, hidden = target.config.vocab_size, target.config.hidden_size
+    for name, t in full.items():
+        if tuple(t.shape) != (vocab, hidden):
+            raise ValueError(f"{checkpoint}: tensor {name!r} has shape {tuple(t.shape)}, the target needs "
+                             f"({vocab}, {hidden})")
+    # copy=True: a private copy, never a view into the (memory-mapped) checkpoint file
+    embedding = full[names[0]].to(device=like.device, dtype=like.dtype, copy=True)
+    output = embedding if len(names) == 1 else full[names[1]].to(device=like.device, dtype=like.dtype, copy=True)
+    return BorrowedWeights(embedding, output)
+
+
+@dataclass(slots=True)
 class DraftOutput:
     hidden: torch.Tensor  # [T, H] what the next tree level feeds back as its feature
     last: torch.Tensor  # [T, H] the output projection's input (EAGLE-3: after its final norm)
@@ -150,11 +189,14 @@ class Eagle3Layer(nn.Module):
 
 class EagleHead(nn.Module):
     """A draft head bound to its target (it borrows the target's embedding and, for EAGLE-1,
-    its lm_head; they are buffers here, never copied nor saved). Like the target it runs on one
-    kernel set, the target's unless told otherwise."""
+    its lm_head; they are buffers here, never saved; ``borrowed`` gives them whole when the
+    target is a tensor-parallel shard). Like the target it runs on one kernel set, the target's
+    unless told otherwise."""
 
-    def __init__(self, cfg: EagleConfig, target: LlamaForCausalLM, kernels: str | None = None):
+    def __init__(self, cfg: EagleConfig, target: LlamaForCausalLM, kernels: str | None = None,
+                 borrowed: BorrowedWeights | None = None):
         super().__init__()
+        borrowed = borrowed or borrowed_weights(target)
         self.config = cfg
         self.kernels = checked_kernels(kernels or target.kernels)  # "torch" or "triton"
         lc = cfg.layer
@@ -163,9 +205,9 @@ class EagleHead(nn.Module):
         if cfg.target_hidden_size != target.config.hidden_size:
             raise ValueError(f"draft head expects target hidden size {cfg.target_hidden_size}, "
                              f"target has {target.config.hidden_size}")
-        self.register_buffer("embed_weight", target.model.embed_tokens.weight, persistent=False)
+        self.register_buffer("embed_weight", borrowed.embedding, persistent=False)
         if cfg.kind == "eagle1":
-            self.register_buffer("lm_head_weight", target.output_weight, persistent=False)
+            self.register_buffer("lm_head_weight", borrowed.output, persistent=False)
             self.fc = nn.Linear(2 * lc.hidden_size, lc.hidden_size, bias=cfg.fc_bias)
             self.layers = nn.ModuleList(LlamaDecoderLayer(lc, input_norm=i > 0) for i in range(lc.num_layers))
         else:
@@ -331,22 +373,23 @@ class EagleHead(nn.Module):
 
 
 def build_head(cfg: EagleConfig, target: LlamaForCausalLM, dtype: torch.dtype | None = None,
-               kernels: str | None = None) -> EagleHead:
+               kernels: str | None = None, borrowed: BorrowedWeights | None = None) -> EagleHead:
     """An uninitialised head on the target's device (weights loaded or randomised after), on the
-    ``kernels`` set (default: the target's)."""
+    ``kernels`` set (default: the target's); ``borrowed``: see ``borrowed_weights``."""
     device = target.output_weight.device
     dtype = dtype or target.output_weight.dtype
-    head = EagleHead(cfg, target, kernels)
+    head = EagleHead(cfg, target, kernels, borrowed)
     for module in head.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=False))
     return head.to(device).eval()
 
 
-def load_head(path: str, target: LlamaForCausalLM) -> EagleHead:
+def load_head(path: str, target: LlamaForCausalLM, borrowed: BorrowedWeights | None = None) -> EagleHead:
     """Load a head from a directory with config.json and model.safetensors (or
     pytorch_model.bin, read only through ``torch.load(weights_only=True)``), and its token
-    ranking (token_ranking.safetensors) when the directory has one."""
+    ranking (token_ranking.safetensors) when the directory has one. A tensor-parallel target
+    needs ``borrowed=borrowed_weights(target, its checkpoint)``; the head is then replicated."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"draft head: no config.json in {path!r}")
@@ -371,7 +414,7 @@ def load_head(path: str, target: LlamaForCausalLM) -> EagleHead:
         raise FileNotFoundError(f"draft head: neither model.safetensors nor pytorch_model.bin in {path!r}")
     if cfg.kind == "eagle1":
         cfg.fc_bias = any(k == "fc.bias" for k, _ in items)
-    head = build_head(cfg, target)
+    head = build_head(cfg, target, borrowed=borrowed)
     head.load_state(items, source=source)
     head.set_token_ranking(load_token_ranking(path, cfg.layer.vocab_size))
     return head

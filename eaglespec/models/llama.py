@@ -31,7 +31,9 @@ from torch import nn
 from eaglespec.config import LlamaConfig
 from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import AttentionStep
+from eaglespec.models.tensor_parallel import SINGLE, LlamaShard, TensorParallel
 from eaglespec.ops import fused, gemv
+from eaglespec.ops.sampling import greedy_argmax
 from eaglespec.ops.rope_table import rope_table, rope_table_ref
 
 
@@ -98,10 +100,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, in_features: int | None = None):
+    """Self-attention over this rank's heads: q|k|v column-parallel, o_proj row-parallel and
+    summed over the ranks (``tp``; the whole layer on one rank)."""
+
+    def __init__(self, cfg: LlamaConfig, in_features: int | None = None, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        shard = LlamaShard.of(cfg, tp)
+        self.tp = tp
+        # Local head counts: the KV cache of this rank holds num_kv_heads heads.
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, cfg.head_dim
+        q_size, kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         # EAGLE-3's draft layer reads [embedding | feature], twice the hidden size.
         self.qkv_proj = nn.Linear(in_features or cfg.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
@@ -115,7 +123,7 @@ class LlamaAttention(nn.Module):
         k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = attn.attend(layer, q, k, v, cache)
-        return self.o_proj(out.reshape(t, -1))
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, -1)))
 
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                       attn: AttentionStep, cache: KVCache) -> torch.Tensor:
@@ -132,21 +140,26 @@ class LlamaAttention(nn.Module):
             out = attn.attend(layer, q, k, v, cache)
         else:
             out = attn.attend(layer, q, k, v, cache, kv_written=True)
-        return self.o_proj(out.reshape(t, -1))
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, -1)))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """SwiGLU over this rank's intermediate columns: gate|up column-parallel, down_proj
+    row-parallel and summed over the ranks."""
+
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.tp = tp
+        inter = LlamaShard.of(cfg, tp).intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(fused.silu_mul(self.gate_up_proj(x))))
 
 
 def add_rms_norm(norm: nn.Module, x: torch.Tensor,
@@ -167,13 +180,14 @@ def _eps(norm: nn.Module) -> float:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, input_norm: bool = True):
+    def __init__(self, cfg: LlamaConfig, input_norm: bool = True, tp: TensorParallel = SINGLE):
         super().__init__()
         # EAGLE-1/2 draft heads drop the first layer's input norm (their input is already mixed by fc).
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if input_norm else nn.Identity()
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, tp=tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, tp)
+        self.tp = tp
 
     def forward(self, x, cos, sin, layer, attn, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attn, cache)
@@ -192,51 +206,119 @@ class LlamaDecoderLayer(nn.Module):
     def forward_single_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                              attn: AttentionStep, cache: KVCache) -> torch.Tensor:
         """One token [1, H] through the layer on the fused matrix-vector kernels; K/V go to the
-        cache at ``attn.kv_slots``. Returns the layer's output [1, H]."""
-        sa, mlp = self.self_attn, self.mlp
+        cache at ``attn.kv_slots``. Returns the layer's output [1, H].
+
+        The residual rides in the row-parallel products' epilogue on rank 0 only, so the sum
+        over the ranks is x + the full product."""
+        sa, mlp, tp = self.self_attn, self.mlp, self.tp
         norm_in = self.input_layernorm.weight if isinstance(self.input_layernorm, RMSNorm) else None
         q = gemv.gemv_qkv_rope(sa.qkv_proj.weight, x, norm_in, _eps(self.input_layernorm), cos, sin,
                                cache.k[layer], cache.v[layer], attn.kv_slots, sa.num_heads, sa.num_kv_heads)
         out = attn.attend(layer, q, None, None, cache, kv_written=True)
-        h = gemv.gemv(sa.o_proj.weight, out.reshape(1, -1), residual=x)
+        h = tp.all_reduce(gemv.gemv(sa.o_proj.weight, out.reshape(1, -1), residual=x if tp.rank == 0 else None))
         norm = self.post_attention_layernorm
         act = gemv.gemv_silu_mul(mlp.gate_up_proj.weight, h, norm.weight, norm.eps)
-        return gemv.gemv(mlp.down_proj.weight, act, residual=h)
+        return tp.all_reduce(gemv.gemv(mlp.down_proj.weight, act, residual=h if tp.rank == 0 else None))
 
 
 @dataclass(slots=True)
 class ModelOutput:
-    logits: torch.Tensor  # [R, vocab] fp32, R = rows selected by logits_rows (all T when None)
+    # [R, vocab] fp32, R = rows selected by logits_rows (all T when None); [R, vocab_rows], this
+    # rank's vocabulary rows, when the forward was asked not to gather them
+    logits: torch.Tensor
     hidden: torch.Tensor | None  # [R, H] final hidden state after the last norm (EAGLE-1/2 feature)
     taps: torch.Tensor | None  # [R, 3H] inputs of the EAGLE-3 tap layers, concatenated
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding whose rows [vocab0, vocab0 + rows) live on this rank: ids outside the
+    range embed to zeros and the ranks' rows are summed (every rank gets the full [T, H])."""
+
+    def __init__(self, vocab0: int, rows: int, hidden_size: int, tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size))
+        self.vocab0, self.tp = vocab0, tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.enabled:  # one rank holds every row
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab0
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return self.tp.all_reduce(x.masked_fill(outside[:, None], 0.0))
 
 
 class LlamaBackbone(nn.Module):
     """The ``model.`` part of LlamaForCausalLM (names match Hugging Face)."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        shard = LlamaShard.of(cfg, tp)
+        self.embed_tokens = VocabParallelEmbedding(shard.vocab0, shard.vocab_rows, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp=tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: LlamaConfig, kernels: str = "torch"):
+    """The target model, or with ``tp`` over p ranks this rank's shard of it (see
+    ``LlamaShard``): the row-parallel products, the embedding and the output projection end in
+    collectives, so hidden states, taps and logits come out whole and equal on every rank."""
+
+    def __init__(self, cfg: LlamaConfig, kernels: str = "torch", tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = cfg
         self.kernels = checked_kernels(kernels)  # which forward runs: "torch" or "triton"
-        self.model = LlamaBackbone(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp = tp
+        self.shard = LlamaShard.of(cfg, tp)  # the heads / columns / vocabulary rows this rank holds
+        self.model = LlamaBackbone(cfg, tp)
+        rows = self.shard.vocab_rows
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, rows, bias=False)
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
 
     @property
     def output_weight(self) -> torch.Tensor:
+        """[vocab_rows, H] this rank's rows of the output projection (all of them on one rank)."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    @property
+    def local_num_kv_heads(self) -> int:
+        """Key/value heads this rank computes and caches (its KV cache's head count)."""
+        return self.shard.num_kv_heads
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """[R, vocab_rows] logits of this rank's vocabulary rows -> [R, vocab] fp32, every rank."""
+        full = self.tp.all_gather_last(local.float())
+        return full[:, :self.config.vocab_size].contiguous()
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, H] -> [R, vocab_rows] fp32 logits of this rank's vocabulary rows."""
         return F.linear(hidden, self.output_weight).float()
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, H] -> [R, vocab] fp32 logits over the whole vocabulary, on every rank."""
+        return self.gather_logits(self.local_logits(hidden))
+
+    def greedy_tokens(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """[R, vocab_rows] this rank's logits (``forward(..., gather_logits=False)``) -> [R] int64
+        argmax over the whole vocabulary, the lowest id among equal maxima, on every rank.
+
+        Only each rank's (max, id) pair crosses ranks, never the [R, vocab] logits."""
+        shard = self.shard
+        real = max(0, min(shard.vocab_rows, self.config.vocab_size - shard.vocab0))  # padding rows never win
+        local = local_logits[:, :real]
+        if real == 0:
+            ids = torch.zeros(local.shape[0], dtype=torch.int64, device=local.device)
+            best = torch.full((local.shape[0],), float("-inf"), device=local.device)
+        else:
+            ids = greedy_argmax(local) if self.kernels == "triton" else local.argmax(dim=-1)
+            best = local.gather(1, ids[:, None])[:, 0]
+        if not self.tp.enabled:
+            return ids
+        # float64 holds an fp32 logit and a token id exactly: one gather of [R, 2] per rank.
+        pairs = self.tp.all_gather_last(torch.stack((best.double(), (ids + shard.vocab0).double()), dim=-1))
+        winner = pairs[:, 0::2].argmax(dim=-1, keepdim=True)  # first maximum: lower ranks hold lower ids
+        return pairs[:, 1::2].gather(1, winner)[:, 0].long()
 
     def with_kernels(self, kernels: str) -> "LlamaForCausalLM":
         """This model on another kernel set ("torch" or "triton"): weights shared, not copied."""
@@ -244,13 +326,19 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                 cache: KVCache, logits_rows: torch.Tensor | None = None,
-                want_hidden: bool = False, want_taps: bool = False) -> ModelOutput:
+                want_hidden: bool = False, want_taps: bool = False, gather_logits: bool = True) -> ModelOutput:
         """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None);
         the final hidden state / EAGLE-3 taps of the same rows when asked. Runs the forward of
-        the model's kernel set; "triton" runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+        the model's kernel set; "triton" runs on CUDA, or on the CPU under TRITON_INTERPRET=1.
+        gather_logits=False: the logits of this rank's vocabulary rows only, [R, vocab_rows]
+        (``greedy_tokens`` takes the argmax from them without gathering)."""
         if self.kernels == "triton":
-            return self._forward_triton(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
-        return self._forward_torch(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+            out = self._forward_triton(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+        else:
+            out = self._forward_torch(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+        if gather_logits:
+            out.logits = self.gather_logits(out.logits)
+        return out
 
     def _forward_torch(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                        cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
@@ -269,7 +357,7 @@ class LlamaForCausalLM(nn.Module):
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
             taps = None if taps is None else taps.index_select(0, logits_rows)
-        return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
+        return ModelOutput(logits=self.local_logits(x), hidden=x if want_hidden else None, taps=taps)
 
     def _forward_triton(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                         cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
@@ -306,13 +394,13 @@ class LlamaForCausalLM(nn.Module):
             residual = None if residual is None else residual.index_select(0, logits_rows)
             taps = None if taps is None else taps.index_select(0, logits_rows)
         x, _ = add_rms_norm(self.model.norm, x, residual)
-        return ModelOutput(logits=self.compute_logits(x), hidden=x if want_hidden else None, taps=taps)
+        return ModelOutput(logits=self.local_logits(x), hidden=x if want_hidden else None, taps=taps)
 
     # ------------------------------------------------------------------ weights
 
     def fused_slices(self) -> dict[str, tuple[str, int, int]]:
         """HF tensor name -> (our parameter name, first row, last row) for fused projections."""
-        return fused_layer_slices(self.config, [f"model.layers.{i}" for i in range(self.config.num_layers)])
+        return fused_layer_slices(self.config, [f"model.layers.{i}" for i in range(self.config.num_layers)], self.tp)
 
     @torch.no_grad()
     def load_hf_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], source: str = "checkpoint") -> None:
@@ -332,13 +420,17 @@ class LlamaForCausalLM(nn.Module):
                 param.normal_(0.0, std, generator=gen)
 
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Our weights under Hugging Face names (un-fused), for export and cross-checks."""
+        """Our weights under Hugging Face names (un-fused), for export and cross-checks (a
+        tensor-parallel rank yields its own slices)."""
         return unfused_named_tensors(self, self.fused_slices())
 
 
-def fused_layer_slices(cfg: LlamaConfig, prefixes: list[str]) -> dict[str, tuple[str, int, int]]:
-    """For each decoder-layer prefix: HF q/k/v and gate/up names -> (fused name, row range)."""
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+def fused_layer_slices(cfg: LlamaConfig, prefixes: list[str],
+                       tp: TensorParallel = SINGLE) -> dict[str, tuple[str, int, int]]:
+    """For each decoder-layer prefix: HF q/k/v and gate/up names -> (fused name, row range), the
+    rows of this rank's shard (its slices of q/k/v and gate/up, as ``LlamaShard`` reads them)."""
+    shard = LlamaShard.of(cfg, tp)
+    q, kv, inter = shard.num_heads * cfg.head_dim, shard.num_kv_heads * cfg.head_dim, shard.intermediate_size
     out = {}
     for p in prefixes:
         qkv, gate_up = f"{p}.self_attn.qkv_proj.weight", f"{p}.mlp.gate_up_proj.weight"
@@ -395,14 +487,14 @@ def unfused_named_tensors(module: nn.Module, slices: dict[str, tuple[str, int, i
 
 
 def build_model(cfg: LlamaConfig, device: torch.device | str, dtype: torch.dtype,
-                kernels: str = "torch") -> LlamaForCausalLM:
+                kernels: str = "torch", tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
     """An uninitialised model allocated straight on ``device`` in ``dtype`` (weights loaded after),
-    running on the ``kernels`` set ("torch" or "triton").
+    running on the ``kernels`` set ("torch" or "triton"); with ``tp`` only this rank's shard.
 
     Built on the meta device first so that a large model never exists in fp32 anywhere.
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, kernels)
+        model = LlamaForCausalLM(cfg, kernels, tp)
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),

