@@ -109,14 +109,18 @@ def load_rank_models(model_path, head_path: str | None, device: torch.device, dt
                                                                   EagleHead | None]:
     """The checkpoint, target and draft head (None without ``head_path``) as rank ``tp.rank``
     holds them: the one place a rank opens, builds and loads its models (``tp`` is SINGLE on
-    one device). Every rank holds full copies for now; the sharded build (this rank's slices,
-    a replicated head borrowing the whole embedding and output matrix) replaces this body."""
+    one device). The checkpoint yields only this rank's slices and the target is its shard; the
+    head is replicated, with the whole embedding and output matrix it borrows (read from the
+    target's checkpoint when the target is a shard, see models/eagle.py)."""
+    from eaglespec.models.eagle import borrowed_weights
     from eaglespec.models.loading import open_checkpoint
 
-    ckpt = open_checkpoint(model_path, progress=progress)
-    target = build_model(ckpt.config, device, dtype, kernels=kernels)
+    ckpt = open_checkpoint(model_path, progress=progress, tp=tp)
+    target = build_model(ckpt.config, device, dtype, kernels=kernels, tp=tp)
     target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
-    head = load_head(head_path, target) if head_path is not None else None
+    head = None
+    if head_path is not None:
+        head = load_head(head_path, target, borrowed_weights(target, checkpoint=os.fspath(model_path)))
     return ckpt, target, head
 
 

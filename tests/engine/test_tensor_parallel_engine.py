@@ -112,7 +112,8 @@ def test_unseeded_sampling_uses_rank_0s_seeds(tp2_plain):
 
 def test_logits_equal_the_single_process_engine(tp2_plain, reference):
     ids = prompts()[2]
-    torch.testing.assert_close(tp2_plain.logits(ids), reference.logits(ids), rtol=0, atol=0)
+    # The shards sum their partial products in another order: equal to rounding (fp32).
+    torch.testing.assert_close(tp2_plain.logits(ids), reference.logits(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_requests_arriving_and_aborted_mid_generation_keep_the_ranks_in_step(tp2_plain, reference):
