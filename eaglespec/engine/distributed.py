@@ -231,13 +231,15 @@ class RankGroup:
         return RuntimeError(f"tensor-parallel rank {w.rank} {what}: {why}")
 
     def abandon(self, exc: BaseException) -> None:
-        """Rank 0 failed to build its engine: stop everything, and raise the error of a worker
-        that failed first (rank 0's own error is then most likely a consequence of it)."""
+        """Rank 0 failed to build its engine: stop everything. When rank 0's error is a failed
+        collective (a RuntimeError) and a worker reported one, the worker's error is raised: the
+        collective failed because that worker had stopped."""
         failure = None
-        try:
-            self.check_workers(grace_s=2.0 if self.workers else 0.0, what="failed to start")
-        except RuntimeError as err:
-            failure = err
+        if isinstance(exc, RuntimeError):
+            try:
+                self.check_workers(grace_s=2.0 if self.workers else 0.0, what="failed to start")
+            except RuntimeError as err:
+                failure = err
         self.close(force=True)
         if failure is not None:
             raise failure from exc

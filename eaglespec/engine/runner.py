@@ -19,7 +19,7 @@ from eaglespec.kv_cache import BlockAllocator, KVCache, block_table_tensor, pool
 from eaglespec.models.attention_step import DecodeStep, PrefillStep
 from eaglespec.models.llama import LlamaForCausalLM, ModelOutput
 from eaglespec.ops.attention import default_scale
-from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
+from eaglespec.ops.sampling import SamplingTensors, sample
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -214,10 +214,11 @@ class ModelRunner:
                        want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput]:
         """One decode step's forward and next tokens [bucket] (greedy or sampled per row)."""
         step = DecodeStep(rows["slots"], rows.block_tables, rows["context_lens"], self.scale, self.backend)
+        # Greedy: each rank's argmax over its vocabulary rows, never the gathered [B, vocab] logits.
         out = self.model(rows["input_ids"], rows["positions"], step, self.cache, want_hidden=want_hidden,
-                         want_taps=want_taps)
+                         want_taps=want_taps, gather_logits=not greedy)
         if greedy:
-            return (greedy_argmax(out.logits) if self.backend == "triton" else out.logits.argmax(dim=-1)), out
+            return self.model.greedy_tokens(out.logits), out
         return sample(out.logits, rows.sampling()), out
 
     def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int, tokens_in_flight: int = 0,

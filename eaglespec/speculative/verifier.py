@@ -13,7 +13,7 @@ from eaglespec.kv_cache import KVCache, copy_tree_kv
 from eaglespec.models.attention_step import TreeStep
 from eaglespec.models.llama import LlamaForCausalLM
 from eaglespec.ops.greedy_accept import commit_indices, greedy_accept, greedy_accept_ref
-from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
+from eaglespec.ops.sampling import SamplingTensors, sample
 from eaglespec.speculative.acceptance import AcceptResult, accept_by_target_draws
 from eaglespec.speculative.tree import TreeBatch
 
@@ -34,20 +34,17 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     """
     bsz, n = tree.tokens.shape
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
+    # Greedy: each rank's argmax over its vocabulary rows, never the gathered [nodes, vocab] logits.
     out = target(tree.tokens.reshape(-1), tree.positions.reshape(-1), step, cache,
-                 want_hidden=feature == "hidden", want_taps=feature == "taps")
+                 want_hidden=feature == "hidden", want_taps=feature == "taps", gather_logits=not greedy)
     logits = out.logits.view(bsz, n, -1)
     width = max_depth + 1
     if greedy:
         # One argmax over every node, then the accepted path and its K/V destinations in one go.
-        if backend == "triton":
-            accept, where = greedy_accept(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits,
-                                          greedy_argmax(out.logits).view(bsz, n), max_depth, cached_lens,
-                                          block_tables, cache.block_size)
-        else:
-            accept, where = greedy_accept_ref(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits,
-                                              logits.argmax(dim=-1), max_depth, cached_lens, block_tables,
-                                              cache.block_size)
+        argmax = target.greedy_tokens(out.logits).view(bsz, n)
+        accept_path = greedy_accept if backend == "triton" else greedy_accept_ref
+        accept, where = accept_path(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits, argmax, max_depth,
+                                    cached_lens, block_tables, cache.block_size)
     else:
         # One draw from the target distribution at the current node per depth: exact for
         # children chosen deterministically (see speculative.acceptance.accept_topk_children).

@@ -234,8 +234,8 @@ def test_a_worker_that_fails_to_start_is_named_with_its_error(checkpoint):
     before = set(multiprocessing.active_children())
     with pytest.raises(RuntimeError, match=r"^tensor-parallel rank 1 failed to start: MemoryError: this rank has no "
                                            r"room for the model$"):
-        LLM(checkpoint[0], draft="none", device="cpu", engine=engine, tensor_parallel_size=3)
-    assert set(multiprocessing.active_children()) <= before  # every worker is gone
+        LLM(checkpoint[0], draft="none", device="cpu", engine=engine, tensor_parallel_size=2)
+    assert set(multiprocessing.active_children()) <= before  # the worker is gone
 
 
 def test_rank_0_failing_to_start_stops_the_workers(checkpoint):
@@ -243,6 +243,13 @@ def test_rank_0_failing_to_start_stops_the_workers(checkpoint):
     before = set(multiprocessing.active_children())
     with pytest.raises(MemoryError, match="rank 0 has no room"):
         LLM(checkpoint[0], draft="none", device="cpu", engine=engine, tensor_parallel_size=2)
+    assert set(multiprocessing.active_children()) <= before
+
+
+def test_a_world_size_the_model_cannot_be_split_by(checkpoint):
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match=r"num_heads \(4\) must be divisible by the world size \(3\)"):
+        LLM(checkpoint[0], draft="none", device="cpu", engine=engine_config(), tensor_parallel_size=3)
     assert set(multiprocessing.active_children()) <= before
 
 
