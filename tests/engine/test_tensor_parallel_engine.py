@@ -1,9 +1,10 @@
 """The tensor-parallel engine on the CPU: ranks spawned by the engine (gloo), rank 0 leading.
 
-Every rank runs the same engine on rank 0's commands and clock; each step's outcome is checked
-against rank 0's on every other rank (a rank out of step stops, and ``close`` raises its error),
-so these tests check both what rank 0 answers (equal to the single-process engine, fp32) and
-that the other ranks stayed in step (``close`` succeeds and every worker exits with 0).
+Every rank holds its shard of the target (and the replicated head) and runs the same engine on
+rank 0's commands and clock; each step's outcome is checked against rank 0's on every other
+rank (a rank out of step stops, and ``close`` raises its error). So these tests check what rank
+0 answers (the single-process engine's tokens, fp32) and that the other ranks stayed in step
+(``close`` succeeds and every worker exits with 0).
 """
 
 from __future__ import annotations
