@@ -212,7 +212,7 @@ class LLM:
                        args.default_draft, ranks.tensor_parallel, ranks.control)
         except BaseException as exc:
             if ranks.rank == 0:
-                ranks.abandon(exc)  # raises a worker's error when one failed first
+                ranks.abandon(exc)  # stops the workers; raises a worker's error when it caused this one
             raise
         ranks.last_fingerprint = lambda: self.core.last_fingerprint
 
@@ -227,9 +227,8 @@ class LLM:
         tokenizer, no_tokenizer_reason = load_tokenizer(ckpt)
         tokenizer_eos = tokenizer.eos_ids if tokenizer is not None else ()
         eos = tuple(dict.fromkeys(ckpt.generation_eos_ids + tokenizer_eos + ckpt.config.eos_token_ids))
-        self._setup(target, tokenizer, eos, module if module is not None else head if head is not None else "none",
-                    spec, engine,
-                    default_draft=default_draft,
+        draft = module if module is not None else head if head is not None else "none"
+        self._setup(target, tokenizer, eos, draft, spec, engine, default_draft=default_draft,
                     no_tokenizer_reason=no_tokenizer_reason, control=control)
 
     @classmethod
