@@ -262,21 +262,21 @@ class RankGroup:
         self._closed = True
         atexit.unregister(self.close)
         failure = None
+        terminate = force  # without a stop message
         control = self.control
         if isinstance(control, LeaderControl):
             if control.broken is not None:
                 # Its error was raised where it happened; the workers may be mid-message (an
                 # interrupted send) or gone: they are terminated, not told.
-                force = True
+                terminate = True
             elif not force:
                 try:
                     control.stop(StepShared(None, self.last_fingerprint()))
-                except BaseException as exc:  # noqa: BLE001 - a worker is gone: it is named below
-                    failure = exc
-                    force = True
+                except Exception as exc:  # noqa: BLE001 - a worker is gone (LeaderControl names it)
+                    failure, terminate = exc, True
             control.broken = control.broken or RuntimeError("it was closed (LLM.close)")
         for w in self.workers:
-            w.process.join(0 if force else JOIN_TIMEOUT_S)
+            w.process.join(0 if terminate else JOIN_TIMEOUT_S)
             if w.process.is_alive():
                 w.process.terminate()
                 w.process.join(5)
@@ -284,7 +284,7 @@ class RankGroup:
                 w.process.kill()
                 w.process.join(5)
             w.read()
-            if failure is None and not force and (w.error or w.process.exitcode):
+            if failure is None and not terminate and (w.error or w.process.exitcode):
                 failure = self._worker_failure(w, "failed")
             w.conn.close()
         if self.control_group is not None:
@@ -293,7 +293,7 @@ class RankGroup:
         if self._owns_default_group and dist.is_initialized():
             dist.destroy_process_group()
         if failure is not None and not force:
-            raise failure if isinstance(failure, RuntimeError) else RuntimeError(str(failure))
+            raise failure
 
 
 @contextlib.contextmanager
