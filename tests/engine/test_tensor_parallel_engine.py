@@ -9,6 +9,7 @@ rank (a rank out of step stops, and ``close`` raises its error). So these tests 
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import multiprocessing
@@ -390,3 +391,43 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_quietly(tiny_dirs, when):
     while _group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _group_alive(proc.pid)
+
+
+TORCHRUN_SCRIPT = """
+import json, os, sys
+from eaglespec import LLM, SamplingParams
+from eaglespec.config import EngineConfig
+llm = LLM(sys.argv[1], draft="none", device="cpu", tensor_parallel_size=2,
+          engine=EngineConfig(num_blocks=96, max_batch_size=4, max_model_len=256, attention_backend="torch"))
+# Only rank 0 gets here: the other rank followed inside LLM() and left when rank 0 closed.
+out = llm.generate(json.loads(sys.argv[2]), SamplingParams(max_tokens=12, ignore_eos=True))
+llm.close()
+print("RANK", os.environ["RANK"], json.dumps([o.token_ids for o in out]), flush=True)
+"""
+
+
+def test_under_torchrun_rank_0_serves_and_the_others_follow(checkpoint, reference, tmp_path):
+    import socket
+
+    script = tmp_path / "tp_torchrun.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), checkpoint[0],
+                             json.dumps(prompts()[:2])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None or _group_alive(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
+    assert proc.returncode == 0, err[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("RANK ")]
+    assert len(lines) == 1 and lines[0].startswith("RANK 0 "), out
+    ref = reference.generate(prompts()[:2], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert json.loads(lines[0].split(" ", 2)[2]) == [o.token_ids for o in ref]
