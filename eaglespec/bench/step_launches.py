@@ -137,19 +137,23 @@ def build(preset: str, device: torch.device, tree: str, max_batch: int, context:
     return LLM.from_model(target, draft=head, spec=SpecConfig(tree=tree), engine=engine)
 
 
-def count_step(llm: LLM, batch: int, context: int, tree: str) -> tuple[LaunchCounter, LaunchCounter]:
-    """Counters of one speculative step and one plain decode step at ``batch`` rows."""
+def count_step(llm: LLM, batch: int, context: int, tree: str,
+               sampled: bool = False) -> tuple[LaunchCounter, LaunchCounter]:
+    """Counters of one speculative step and one plain decode step at ``batch`` rows, greedy or
+    (``sampled``) at temperature 0.7 and top-p 0.9."""
     gen = torch.Generator().manual_seed(batch)
     vocab = llm.model.config.vocab_size
-    for _ in range(batch):
-        llm.add_request(torch.randint(0, vocab, (context,), generator=gen).tolist(),
-                        SamplingParams(max_tokens=4, ignore_eos=True))
+    for i in range(batch):
+        params = (SamplingParams(temperature=0.7, top_p=0.9, seed=i, max_tokens=4, ignore_eos=True) if sampled
+                  else SamplingParams(max_tokens=4, ignore_eos=True))
+        llm.add_request(torch.randint(0, vocab, (context,), generator=gen).tolist(), params)
     reqs = prefill_all(llm, batch)
     sr = llm.speculative
     for r in reqs:
         llm.scheduler._grow(r, r.num_cached + sr.lookahead)
     bucket = bucket_for(batch, llm.runner.buckets)
-    graphs = sr.programs[tree].graphs[True] if hasattr(sr, "programs") else sr.graphs[True]
+    greedy = not sampled
+    graphs = sr.programs[tree].graphs[greedy] if hasattr(sr, "programs") else sr.graphs[greedy]
     # Each step runs once before it is counted, as a CUDA graph is captured after warm-up runs:
     # buffers made once per batch size are not part of the replayed step.
     with torch.inference_mode():
@@ -157,7 +161,7 @@ def count_step(llm: LLM, batch: int, context: int, tree: str) -> tuple[LaunchCou
         graphs.run(bucket)
         with count_launches() as spec_counter:
             graphs.run(bucket)
-        decode = llm.runner.decode_graphs[True]
+        decode = llm.runner.decode_graphs[greedy]
         llm.runner.stage_inputs(decode, reqs, bucket)
         decode.run(bucket)
         with count_launches() as decode_counter:
@@ -185,6 +189,8 @@ def main(argv=None) -> None:
     ap.add_argument("--narrow", action="store_true",
                     help="tiny widths, 2 and 3 layers, extrapolated to the preset's layers: the same launch "
                          "counts, fast under TRITON_INTERPRET=1")
+    ap.add_argument("--sampled", action="store_true", help="count the sampled step (temperature 0.7, top-p 0.9) "
+                                                             "instead of the greedy one")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -195,15 +201,15 @@ def main(argv=None) -> None:
         for batch in batches:
             if args.narrow:  # per-layer launches are the same at every layer: extrapolate
                 two = count_step(build(args.preset, device, tree, batch, args.context, args.backend, 2), batch,
-                                 args.context, tree)
+                                 args.context, tree, args.sampled)
                 three = count_step(build(args.preset, device, tree, batch, args.context, args.backend, 3), batch,
-                                   args.context, tree)
+                                   args.context, tree, args.sampled)
                 spec_c, decode_c = (_extrapolate(a, b, layers) for a, b in zip(two, three))
             else:
                 spec_c, decode_c = count_step(build(args.preset, device, tree, batch, args.context, args.backend),
-                                              batch, args.context, tree)
-            row = {"tree": tree, "batch": batch, "step_launches": spec_c.total, "decode_launches": decode_c.total,
-                   "step_ops": dict(spec_c.counts.most_common())}
+                                              batch, args.context, tree, args.sampled)
+            row = {"tree": tree, "batch": batch, "sampled": args.sampled, "step_launches": spec_c.total,
+                   "decode_launches": decode_c.total, "step_ops": dict(spec_c.counts.most_common())}
             rows.append(row)
             print(f"{tree:>16s} batch {batch:3d}: step {spec_c.total:5d} launches, decode {decode_c.total:4d}",
                   flush=True)

@@ -6,15 +6,16 @@ All fixed-shape device work (no host synchronisation), so it runs inside the ste
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
 from eaglespec.kv_cache import KVCache, copy_tree_kv
 from eaglespec.models.attention_step import TreeStep
 from eaglespec.models.llama import LlamaForCausalLM
-from eaglespec.ops.greedy_accept import commit_indices, greedy_accept, greedy_accept_ref
-from eaglespec.ops.sampling import SamplingTensors, sample
-from eaglespec.speculative.acceptance import AcceptResult, accept_by_target_draws
+from eaglespec.ops.greedy_accept import CommitIndices, greedy_accept, greedy_accept_ref
+from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
+from eaglespec.speculative.acceptance import AcceptResult
 from eaglespec.speculative.tree import TreeBatch
 
 
@@ -32,36 +33,61 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     cached_lens [B] = L (the root sits at position L); ``feature`` is "hidden" (EAGLE-1) or
     "taps" (EAGLE-3): which target features the head reads next.
     """
-    bsz, n = tree.tokens.shape
+    bsz = tree.tokens.shape[0]
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
     # Greedy: each rank's argmax over its vocabulary rows, never the gathered [nodes, vocab] logits.
     out = target(tree.tokens.reshape(-1), tree.positions.reshape(-1), step, cache,
                  want_hidden=feature == "hidden", want_taps=feature == "taps", gather_logits=not greedy)
-    logits = out.logits.view(bsz, n, -1)
-    width = max_depth + 1
-    if greedy:
-        # One argmax over every node, then the accepted path and its K/V destinations in one go.
-        argmax = target.greedy_tokens(out.logits).view(bsz, n)
-        accept_path = greedy_accept if backend == "triton" else greedy_accept_ref
-        accept, where = accept_path(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits, argmax, max_depth,
-                                    cached_lens, block_tables, cache.block_size)
-    else:
-        # One draw from the target distribution at the current node per depth: exact for
-        # children chosen deterministically (see speculative.acceptance.accept_topk_children).
-        # The draw at depth d is the one plain sampling makes for the token d places ahead (same
-        # noise stream, counter + d), so a seeded request samples the same tokens whether a
-        # step ran plain or with any tree (up to the logits' rounding on each path).
-        valid = torch.ones_like(tree.tokens, dtype=torch.bool)
-        accept = accept_by_target_draws(
-            tree.tokens, tree.parents, tree.depth, valid, max_depth,
-            lambda d, node: sample(_rows(logits, node), replace(st, offsets=st.offsets + d)))
-        where = commit_indices(accept.path, cached_lens, block_tables, cache.block_size, n)
+    accept, where = accept_tree(tree, out.logits, st, greedy, max_depth, cached_lens, block_tables,
+                                cache.block_size, backend, argmax=target.greedy_tokens)
     copy_tree_kv(cache, *step.stacked(), where)
     feats = out.hidden if feature == "hidden" else out.taps
-    path_features = feats.index_select(0, where.rows).view(bsz, width, -1)
+    path_features = feats.index_select(0, where.rows).view(bsz, max_depth + 1, -1)
     return VerifyResult(accept, path_features)
 
 
-def _rows(x: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
-    """x [B, N, V], node [B] -> [B, V]."""
-    return torch.gather(x, 1, node[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
+def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, greedy: bool, max_depth: int,
+                cached_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                backend: str, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                ) -> tuple[AcceptResult, CommitIndices]:
+    """The accepted path of every tree and where its K/V go, from the target's logits [B * N, V]
+    at every node (node-major within each sequence). st has one row per sequence. ``argmax``:
+    the greedy tokens of the logits (default: over the whole vocabulary; the verifier passes the
+    target's ``greedy_tokens``, which reads one tensor-parallel rank's vocabulary rows).
+
+    The target's token at every node at once (its argmax, or its seeded draw: see
+    ``per_node_sampling``), then greedy acceptance against those tokens: one walk for both rules.
+    """
+    bsz, n = tree.tokens.shape
+    if logits.dim() != 2 or logits.shape[0] != bsz * n:
+        raise ValueError(f"accept_tree: logits must be [batch * nodes = {bsz * n}, vocab], got {tuple(logits.shape)}")
+    if greedy and argmax is not None:
+        targets = argmax(logits)
+    elif greedy:
+        targets = greedy_argmax(logits) if backend == "triton" else logits.argmax(dim=-1)
+    else:
+        targets = sample(logits, per_node_sampling(st, tree.depth))
+    walk = greedy_accept if backend == "triton" else greedy_accept_ref
+    return walk(tree.tokens, tree.parents, tree.depth, tree.ancestor_bits, targets.view(bsz, n), max_depth,
+                cached_lens, block_tables, block_size)
+
+
+def per_node_sampling(st: SamplingTensors, depth: torch.Tensor) -> SamplingTensors:
+    """Sampling settings for every tree node: st [B] rows, depth [B, N] -> [B * N] rows.
+
+    The node at depth d draws with its request's settings and noise counter offset + d: the draw
+    plain sampling makes d tokens ahead. That draw depends on the node only through its logits,
+    so every node can draw at once (one batched ``sample``), and acceptance is then exactly the
+    walk "draw y at the current node; move to the first child carrying y, else emit y as the
+    bonus" (``speculative.acceptance.accept_by_target_draws``), which is lossless for children
+    chosen deterministically (``accept_topk_children``). A seeded request therefore samples the
+    same tokens whether a step ran plain or with any tree (up to the logits' rounding on each
+    path). Siblings carrying equal tokens share a context, hence their draws: the walk kernel,
+    which takes the deepest matching chain among them, emits a continuation of what the
+    first-child walk emits, drawn by the same rule.
+    """
+    batch, nodes = depth.shape
+    if st.num_rows != batch:
+        raise ValueError(f"per_node_sampling: {st.num_rows} rows of sampling settings for {batch} trees")
+    rows = st.expand(nodes)
+    return replace(rows, offsets=rows.offsets + depth.reshape(-1).to(rows.offsets.dtype))

@@ -20,10 +20,12 @@ import torch
 
 from eaglespec.ops.sampling import (STREAM_DRAFT, SamplingTensors, sample, sample_from_probs,
                                     target_probs)
-from eaglespec.speculative import acceptance
+from eaglespec.speculative import acceptance, verifier
 from eaglespec.speculative.acceptance import (AcceptResult, accept_by_target_draws, accept_greedy,
                                               accept_sampled_by_rows, accept_sampled_children, accept_stream,
                                               accept_topk_children)
+from eaglespec.speculative.tree import TreeBatch, ancestor_bits_from_parents
+from eaglespec.speculative.verifier import accept_tree
 from eaglespec.train.token_ranking import rank_tokens
 
 # ----------------------------------------------------------------------------- helpers
@@ -213,10 +215,26 @@ def rule_sampled(tree, p, q, st, max_depth):
     return accept_sampled_children(*tree, p, q, st.seeds, st.offsets, max_depth, max_children=2)
 
 
+def rule_verify(tree, p, q, st, max_depth):
+    """What the engine's verifier runs: the target's seeded draw at every node at once, then the
+    greedy walk against those draws. p is already shaped by the settings, so it is passed as
+    logits log(p) with neutral settings (the seeds and counters are kept)."""
+    tokens, parents, depth, _ = tree
+    rows, nodes = tokens.shape
+    batch = TreeBatch(tokens, parents, depth, ancestor_bits_from_parents(parents, max_depth), depth)
+    neutral = replace(st, temperature=torch.ones(rows), top_k=torch.zeros(rows, dtype=torch.int32),
+                      top_p=torch.ones(rows), sort_width=0)
+    accept, _ = accept_tree(batch, p.log().reshape(rows * nodes, -1), neutral, False, max_depth,
+                            torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, 1, dtype=torch.int32), 16,
+                            "torch")
+    return accept
+
+
 CONFIGS = {"t1": (1.0, 0, 1.0), "t07_k4": (0.7, 4, 1.0), "p08": (1.0, 0, 0.8)}
 TREES = {"chain_sampled": (CHAIN3, "sampled", rule_sampled),
          "tree_sampled": (IRREGULAR3, "sampled", rule_sampled),
-         "tree_topk": (BINARY3, "topk", rule_topk)}
+         "tree_topk": (BINARY3, "topk", rule_topk),
+         "tree_topk_verifier": (BINARY3, "topk", rule_verify)}
 
 
 def run_lossless(config: str, tree: str, n_tokens: int = 2, draft_vocab: int | None = None):
@@ -271,6 +289,16 @@ def test_power_draft_ids_not_mapped_to_target_ids(monkeypatch):
     assert stat < threshold
     monkeypatch.setattr(sys.modules[__name__], "to_target_ids", lambda ids, keep: ids)
     stat, threshold, _ = run_lossless("t1", "chain_sampled", draft_vocab=5)
+    assert stat > threshold
+
+
+def test_power_verifier_draws_without_the_depth_in_the_counter(monkeypatch):
+    # Every node drawing with the request's counter alone: the tokens of one step share their
+    # noise, so consecutive tokens are correlated.
+    stat, threshold, _ = run_lossless("t1", "tree_topk_verifier")
+    assert stat < threshold
+    monkeypatch.setattr(verifier, "per_node_sampling", lambda st, depth: st.expand(depth.shape[1]))
+    stat, threshold, _ = run_lossless("t1", "tree_topk_verifier")
     assert stat > threshold
 
 
