@@ -1,8 +1,10 @@
-"""Single-token products of the Llama-3.1-8B shapes: cuBLAS plus the separate kernels it needs
-(norm, RoPE/cache store, SwiGLU, residual add) against the fused Triton kernels of
-``eaglespec.ops.gemv`` over a sweep of tiles.
+"""Few-token products of the Llama-3.1-8B shapes: cuBLAS plus the separate kernels it needs
+(norm, RoPE/cache store, SwiGLU, residual add) against the folded Triton kernels of
+``eaglespec.ops.gemv`` over a sweep of tiles, for each token count of ``--rows`` (1: a batch-1
+decode step; 4: batch-4 decode or chain:3 verify; 33: a 32-node tree and its root; 64: the
+most the folded kernels take).
 
-GPU only:  python benchmarks/bench_gemv.py [--out benchmarks/results] [--quick]
+GPU only:  python benchmarks/bench_gemv.py [--out benchmarks/results] [--quick] [--rows 1,4,16,33,64]
 Each variant runs inside a CUDA graph over enough weight copies that nothing stays in L2, so a
 call's time is what it costs inside a decode step.
 """
@@ -65,28 +67,46 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="the default tiles only")
+    ap.add_argument("--rows", default="1", help="comma-separated token counts (1 to 64)")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    tiles = [G.GemvTile(bn, bk, w, s) for bn, bk, w, s in itertools.product(
-        (4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 3, 4))]
-    x = torch.randn(1, HIDDEN, device=dev, dtype=dt)
-    x_inter = torch.randn(1, INTER, device=dev, dtype=dt)
+    results = {"rows": {}}
+    for m in (int(r) for r in args.rows.split(",")):
+        results["rows"][str(m)] = bench_rows(m, dev, dt, args.quick)
+    name = "gemv-llama-3.1-8b-shapes" + ("" if args.rows == "1" else "-rows-" + args.rows.replace(",", "-"))
+    print("wrote", write_result(name, results, dev, args.out))
+
+
+def sweep_tiles(m: int) -> list[G.GemvTile]:
+    if m == 1:
+        return [G.GemvTile(bn, bk, w, s) for bn, bk, w, s in itertools.product(
+            (4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 3, 4))]
+    block_m = max(16, 1 << (m - 1).bit_length())
+    return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
+        (16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))]
+
+
+def bench_rows(m: int, dev, dt, quick: bool) -> dict:
+    tiles = sweep_tiles(m)
+    x = torch.randn(m, HIDDEN, device=dev, dtype=dt)
+    x_inter = torch.randn(m, INTER, device=dev, dtype=dt)
     g = torch.ones(HIDDEN, device=dev, dtype=dt)
-    res = torch.randn(1, HIDDEN, device=dev, dtype=dt)
-    cos, sin = rope_cos_sin(torch.tensor([200], device=dev), rope_inverse_frequencies(D, 5e5, None).to(dev), dt)
+    res = torch.randn(m, HIDDEN, device=dev, dtype=dt)
+    cos, sin = rope_cos_sin(torch.arange(200, 200 + m, device=dev), rope_inverse_frequencies(D, 5e5, None).to(dev),
+                            dt)
     k_cache = torch.zeros(64, 16, HKV, D, device=dev, dtype=dt)
     v_cache = torch.zeros_like(k_cache)
-    slot = torch.tensor([77], device=dev)
+    slots = torch.arange(77, 77 + m, device=dev)
 
     def qkv_unfused(w):
         h, _ = fused.rms_norm(x, g, 1e-5)
         q, k, v = F.linear(h, w).split((HQ * D, HKV * D, HKV * D), dim=-1)
-        fused.rope_and_cache_write(q.view(1, HQ, D), k.view(1, HKV, D), v.view(1, HKV, D), cos, sin,
-                                   k_cache, v_cache, slot)
+        fused.rope_and_cache_write(q.view(m, HQ, D), k.view(m, HKV, D), v.view(m, HKV, D), cos, sin,
+                                   k_cache, v_cache, slots)
 
     shapes = {  # name: (weight shape, unfused (cuBLAS) step, fused step taking a tile)
         "qkv": (((HQ + 2 * HKV) * D, HIDDEN), qkv_unfused,
-        lambda w, t: G.gemv_qkv_rope(w, x, g, 1e-5, cos, sin, k_cache, v_cache, slot, HQ, HKV, tile=t)),
+        lambda w, t: G.gemv_qkv_rope(w, x, g, 1e-5, cos, sin, k_cache, v_cache, slots, HQ, HKV, tile=t)),
         "o_proj": ((HIDDEN, HIDDEN), lambda w: F.linear(x, w) + res, lambda w, t: G.gemv(w, x, residual=res, tile=t)),
         "gate_up": ((2 * INTER, HIDDEN), lambda w: fused.silu_mul(F.linear(fused.rms_norm(x, g, 1e-5)[0], w)),
                     lambda w, t: G.gemv_silu_mul(w, x, g, 1e-5, tile=t)),
@@ -102,26 +122,27 @@ def main() -> None:
         row = {"weight_shape": list(shape), "weight_MB": nbytes / 1e6,
                "unfused_us": time_over_copies(unfused, ws),
                "default_tile_us": time_over_copies(lambda w: fused_step(w, None), ws), "sweep": []}
-        for tile in ([] if args.quick else tiles):
-            if tile.block_k > shape[1] or (name == "qkv" and tile.block_n > D // 2):
+        for tile in ([] if quick else tiles):
+            if tile.block_k > shape[1] or (name == "qkv" and tile.block_n > max(16, D // 2)):
                 continue
             try:
                 us = time_over_copies(lambda w, t=tile: fused_step(w, t), ws)
             except Exception as e:  # a tile that does not compile or fit: skip it, say so
                 print(f"{name} {tile}: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            row["sweep"].append({"tile": [tile.block_n, tile.block_k, tile.num_warps, tile.num_stages], "us": us})
+            row["sweep"].append({"tile": [tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tile.block_m],
+                                 "us": us})
         row["sweep"].sort(key=lambda r: r["us"])
         for key in ("unfused_us", "default_tile_us"):
             row[key.replace("_us", "_TBps")] = nbytes / row[key] / 1e6
         best = ", ".join(f"{r['tile']} {r['us']:.1f}" for r in row["sweep"][:4])
-        print(f"{name:8s} {nbytes / 1e6:7.1f} MB  cuBLAS+kernels {row['unfused_us']:7.1f} us "
+        print(f"rows {m:2d} {name:8s} {nbytes / 1e6:7.1f} MB  cuBLAS+kernels {row['unfused_us']:7.1f} us "
               f"({row['unfused_TBps']:.2f} TB/s)  fused default {row['default_tile_us']:7.1f} us "
               f"({row['default_tile_TBps']:.2f} TB/s)  best: {best}", flush=True)
         results["shapes"][name] = row
         del ws
         torch.cuda.empty_cache()
-    print("wrote", write_result("gemv-llama-3.1-8b-shapes", results, dev, args.out))
+    return results
 
 
 if __name__ == "__main__":

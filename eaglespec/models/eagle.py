@@ -39,8 +39,8 @@ from torch import nn
 from eaglespec.config import LlamaConfig
 from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import AttentionStep
-from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, RMSNorm,
-                                    add_rms_norm, apply_rope, checked_kernels, fused_layer_slices,
+from eaglespec.models.llama import (FEW_TOKENS, LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
+                                    RMSNorm, add_rms_norm, apply_rope, checked_kernels, fused_layer_slices,
                                     load_named_tensors, rope_cos_sin, rope_inverse_frequencies,
                                     unfused_named_tensors, with_kernels)
 from eaglespec.ops.rope_table import rope_table
@@ -304,7 +304,10 @@ class EagleHead(nn.Module):
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))
-            if use_triton:
+            if use_triton and h.shape[0] <= FEW_TOKENS:  # a drafting depth: on the folded products
+                for i, layer in enumerate(self.layers):
+                    h = layer.forward_few_tokens(h, cos, sin, i, attn, cache)
+            elif use_triton:
                 residual = None
                 for i, layer in enumerate(self.layers):
                     h, residual = layer.forward_fused(h, residual, cos, sin, i, attn, cache)

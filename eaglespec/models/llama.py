@@ -10,9 +10,9 @@ the same weights on the other set): "torch" is the reference, compared with tran
 "triton" runs the element-wise work between the matrix products as fused kernels of
 ``eaglespec.ops.fused``: each residual add is fused into the next RMSNorm (a layer hands on
 (mlp_out, residual) and the sum is formed inside the norm), RoPE and the K/V cache store are one
-kernel, and silu(gate) * up is one kernel. On "triton" a step of one token that stores its K/V
-in the cache (batch-1 decode) goes further, by its shape alone: norms,
-RoPE, the cache store, SwiGLU and the residual adds ride along with the matrix-vector products
+kernel, and silu(gate) * up is one kernel. On "triton" a step of at most FEW_TOKENS tokens
+(small-batch decode, the verify forward of a small tree) goes further, by its shape alone:
+norms, RoPE, the cache store, SwiGLU and the residual adds ride along with the products
 (``eaglespec.ops.gemv``), four launches per layer plus attention. Every kernel's PyTorch
 reference sits beside it in ``eaglespec.ops``.
 """
@@ -38,6 +38,11 @@ from eaglespec.ops.rope_table import rope_table, rope_table_ref
 
 
 KERNEL_SETS = ("torch", "triton")
+
+# Steps of at most this many tokens run every layer on the folded products of ``ops.gemv`` (one
+# program holds all rows of a weight tile, so each weight is read once). Above it the tokens
+# no longer fit one tile and cuBLAS's tiles of the plain products win.
+FEW_TOKENS = 64
 
 
 def checked_kernels(kernels: str) -> str:
@@ -203,19 +208,24 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = add_rms_norm(self.post_attention_layernorm, a, residual)
         return self.mlp.forward_fused(h), residual
 
-    def forward_single_token(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                             attn: AttentionStep, cache: KVCache) -> torch.Tensor:
-        """One token [1, H] through the layer on the fused matrix-vector kernels; K/V go to the
-        cache at ``attn.kv_slots``. Returns the layer's output [1, H].
+    def forward_few_tokens(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                           attn: AttentionStep, cache: KVCache) -> torch.Tensor:
+        """A few tokens [T, H] (T <= FEW_TOKENS) through the layer on the folded products of
+        ``eaglespec.ops.gemv``: four launches plus attention. The qkv product stores K/V in the
+        cache when the step has ``kv_slots``; a tree step gets the rotated k/v as views of the
+        qkv output and keeps them itself. Returns the layer's output [T, H].
 
         The residual rides in the row-parallel products' epilogue on rank 0 only, so the sum
         over the ranks is x + the full product."""
         sa, mlp, tp = self.self_attn, self.mlp, self.tp
         norm_in = self.input_layernorm.weight if isinstance(self.input_layernorm, RMSNorm) else None
-        q = gemv.gemv_qkv_rope(sa.qkv_proj.weight, x, norm_in, _eps(self.input_layernorm), cos, sin,
-                               cache.k[layer], cache.v[layer], attn.kv_slots, sa.num_heads, sa.num_kv_heads)
-        out = attn.attend(layer, q, None, None, cache, kv_written=True)
-        h = tp.all_reduce(gemv.gemv(sa.o_proj.weight, out.reshape(1, -1), residual=x if tp.rank == 0 else None))
+        slots = attn.kv_slots
+        k_cache, v_cache = (None, None) if slots is None else (cache.k[layer], cache.v[layer])
+        q, k, v = gemv.gemv_qkv_rope(sa.qkv_proj.weight, x, norm_in, _eps(self.input_layernorm), cos, sin,
+                                     k_cache, v_cache, slots, sa.num_heads, sa.num_kv_heads)
+        out = attn.attend(layer, q, k, v, cache, kv_written=slots is not None)
+        h = tp.all_reduce(gemv.gemv(sa.o_proj.weight, out.reshape(x.shape[0], -1),
+                                    residual=x if tp.rank == 0 else None))
         norm = self.post_attention_layernorm
         act = gemv.gemv_silu_mul(mlp.gate_up_proj.weight, h, norm.weight, norm.eps)
         return tp.all_reduce(gemv.gemv(mlp.down_proj.weight, act, residual=h if tp.rank == 0 else None))
@@ -362,24 +372,26 @@ class LlamaForCausalLM(nn.Module):
     def _forward_triton(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                         cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
                         want_taps: bool) -> ModelOutput:
-        """The Triton kernel set (same results as the reference up to kernel rounding). A step of
-        one token that stores its K/V in the cache (a batch-1 decode step) runs on the fused
-        matrix-vector kernels; every other step on the fused element-wise kernels between cuBLAS
-        products."""
+        """The Triton kernel set (same results as the reference up to kernel rounding). A step of at
+        most FEW_TOKENS tokens (small-batch decode, the verify forward of a small tree, a short
+        prefill) runs on the folded products of ``ops.gemv``; every other step on the fused
+        element-wise kernels between cuBLAS products."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_table(positions, self.inv_freq, x.dtype)  # once for all layers
-        if x.shape[0] == 1 and logits_rows is None and attn.kv_slots is not None:
+        if 0 < x.shape[0] <= FEW_TOKENS:
             tap_layers = self.config.eagle3_layers if want_taps else ()
             layer_inputs = {}
             for i, layer in enumerate(self.model.layers):
                 if i in tap_layers:  # here each layer hands on the whole residual stream
                     layer_inputs[i] = x
-                x = layer.forward_single_token(x, cos, sin, i, attn, cache)
+                x = layer.forward_few_tokens(x, cos, sin, i, attn, cache)
+            taps = torch.cat([layer_inputs[i] for i in tap_layers], dim=-1) if want_taps else None
+            if logits_rows is not None:  # the final norm is row-wise: only the selected rows go on
+                x = x.index_select(0, logits_rows)
+                taps = None if taps is None else taps.index_select(0, logits_rows)
             norm = self.model.norm  # the final norm rides along with the output projection
             logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
-            # A plain step of a speculative engine also hands the draft its features.
             hidden = add_rms_norm(norm, x, None)[0] if want_hidden else None
-            taps = torch.cat([layer_inputs[i] for i in tap_layers], dim=-1) if want_taps else None
             return ModelOutput(logits=logits, hidden=hidden, taps=taps)
         residual = None
         tap_layers = self.config.eagle3_layers if want_taps else ()

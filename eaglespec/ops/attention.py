@@ -298,9 +298,9 @@ def _paged_prefill_kernel(
 
 
 @_jit
-def _paged_decode_split_kernel(
+def _prefix_split(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, max_keys, num_queries, split_size,
+    scale_log2, max_keys, num_queries, split_size, split, row_tile, kv_head, seq,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -308,21 +308,14 @@ def _paged_decode_split_kernel(
     stride_pob, stride_pos, stride_pon, stride_poh,
     stride_plb, stride_pls, stride_pln,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROW_TILES: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (ROW_TILES * splits, Hkv, B): one row tile of one KV head over one chunk of keys.
+    """One row tile of one KV head over one chunk of cached keys.
 
     Writes the chunk's normalised output and log-sum-exp to part_out [B, S, Nq, Hq, D] and
     part_lse [B, S, Nq, Hq]. Chunks past the context are skipped and never read back, except
     chunk 0 which always writes (out 0, lse -inf for an empty context).
     """
-    pid = tl.program_id(0)
-    split = pid // ROW_TILES
-    row_tile = pid % ROW_TILES
-    kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
-
     ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
     split_start = split * split_size
     split_end = tl.minimum(split_start + split_size, ctx)
@@ -372,6 +365,59 @@ def _paged_decode_split_kernel(
              + head[:, None] * stride_poh + offs_d[None, :], out, mask=store_ok[:, None])
     tl.store(part_lse_ptr + seq * stride_plb + split * stride_pls + query * stride_pln + head,
              lse, mask=store_ok)
+
+
+@_jit
+def _paged_decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
+    k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr,
+    scale_log2, max_keys, num_queries, split_size, num_splits, num_tree_keys,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_pob, stride_pos, stride_pon, stride_poh,
+    stride_plb, stride_pls, stride_pln,
+    stride_tkb, stride_tkn, stride_tkh,
+    stride_tvb, stride_tvn, stride_tvh,
+    stride_bitsb,
+    stride_tob, stride_ton, stride_toh,
+    stride_tlb, stride_tln,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
+    HAS_TREE: tl.constexpr, TREE_BLOCK_N: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (ROW_TILES * (splits + HAS_TREE), Hkv, B): one row tile of one KV head over one chunk
+    of cached keys (``_prefix_split``); with HAS_TREE, the programs past the last chunk run the
+    tree pass of the same rows (``_tree_program``) into tree_out / tree_lse, in the same launch."""
+    pid = tl.program_id(0)
+    split = pid // ROW_TILES
+    row_tile = pid % ROW_TILES
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    if HAS_TREE:
+        if split == num_splits:
+            _tree_program(q_ptr, k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr,
+                          scale_log2, num_queries, num_tree_keys, row_tile, kv_head, seq,
+                          stride_qb, stride_qn, stride_qh, stride_tkb, stride_tkn, stride_tkh,
+                          stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
+                          stride_tob, stride_ton, stride_toh, stride_tlb, stride_tln,
+                          GROUP, HEAD_DIM, BLOCK_M, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+        else:
+            _prefix_split(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
+                          part_lse_ptr, scale_log2, max_keys, num_queries, split_size, split, row_tile, kv_head,
+                          seq, stride_qb, stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
+                          stride_vb, stride_vt, stride_vh, stride_bt,
+                          stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
+                          GROUP, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+    else:
+        _prefix_split(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
+                      part_lse_ptr, scale_log2, max_keys, num_queries, split_size, split, row_tile, kv_head,
+                      seq, stride_qb, stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
+                      stride_vb, stride_vt, stride_vh, stride_bt,
+                      stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
+                      GROUP, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
 
 
 @_jit
@@ -431,9 +477,9 @@ def _merge_splits_kernel(
 
 
 @_jit
-def _tree_attention_kernel(
+def _tree_program(
     q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr,
-    scale_log2, num_nodes, num_keys,
+    scale_log2, num_nodes, num_keys, row_tile, kv_head, seq,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -441,13 +487,9 @@ def _tree_attention_kernel(
     stride_ob, stride_on, stride_oh,
     stride_lb, stride_ln,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROW_TILES: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (ROW_TILES, Hkv, B): one row tile of one KV head against all (<= 64) tree keys."""
-    row_tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
-
+    """One row tile of one KV head against all (<= 64) tree keys: output and lse of the rows."""
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     node = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
@@ -481,6 +523,27 @@ def _tree_attention_kernel(
     tl.store(out_ptr + seq * stride_ob + node[:, None] * stride_on + head[:, None] * stride_oh
              + offs_d[None, :], out, mask=row_ok[:, None])
     tl.store(lse_ptr + seq * stride_lb + node * stride_ln + head, lse, mask=row_ok)
+
+
+@_jit
+def _tree_attention_kernel(
+    q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr,
+    scale_log2, num_nodes, num_keys,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_bb,
+    stride_ob, stride_on, stride_oh,
+    stride_lb, stride_ln,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (row tiles, Hkv, B): the tree pass alone (``tree_attention``)."""
+    _tree_program(q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr, scale_log2, num_nodes, num_keys,
+                  tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                  stride_bb, stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
+                  GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
 
 
 @_jit
@@ -620,7 +683,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     max_query_len must be >= every sequence's query length (a host int; it sizes the grid).
     """
-    _check_tensor("q", q, 3, None, _FLOAT_DTYPES)
+    _check_tensor("q", q, 3, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, q.device, (torch.int32,))
     _check_tensor("seq_lens", seq_lens, 1, q.device, (torch.int32,))
@@ -654,9 +717,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def _decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                     split_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Checks inputs and runs the split kernel: part_out [B, S, Nq, Hq, D], part_lse, split_size."""
-    _check_tensor("q", q, 4, None, _FLOAT_DTYPES)
+                     split_size: int | None, tree: tuple | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Checks inputs and runs the split kernel: part_out [B, S, Nq, Hq, D], part_lse, split_size
+    and, given ``tree`` = (k_tree, v_tree, ancestor_bits, group) (checked by the caller), the tree
+    pass's state (out [B, Nq, Hq, D], lse [B, Nq, Hq]) from the same launch."""
+    _check_tensor("q", q, 4, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     batch, nq, hq, d = q.shape
     _check_tensor("context_lens", context_lens, 1, q.device, (torch.int32,))
@@ -675,30 +741,46 @@ def _decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_splits = _cdiv(max_keys, split_size)
     part_out = torch.empty(batch, num_splits, nq, hq, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_splits, nq, hq, dtype=torch.float32, device=q.device)
+    tree_state = None
+    if tree is not None:
+        k_tree, v_tree, bits, _ = tree
+        tree_state = (torch.empty(batch, nq, hq, d, dtype=torch.float32, device=q.device),
+                      torch.empty(batch, nq, hq, dtype=torch.float32, device=q.device))
     if batch == 0 or nq == 0:
-        return part_out, part_lse, split_size
+        return part_out, part_lse, split_size, tree_state
+    if tree is None:  # placeholders: the kernel reads no tree
+        k_tree = v_tree = q
+        bits = context_lens
+    tree_out, tree_lse = tree_state if tree is not None else (part_out[:, 0], part_lse[:, 0])
     block_m = _row_block(rows)
     row_tiles = _cdiv(rows, block_m)
     # Key tile: the largest power of two <= 64 dividing split_size (>= 16 since block_size is).
     block_n = min(64, split_size & -split_size)
     if q.dtype == torch.float32 or d > 128:
         block_n = min(block_n, 32)
-    grid = (row_tiles * num_splits, hkv, batch)
+    has_tree = tree is not None
+    grid = (row_tiles * (num_splits + has_tree), hkv, batch)
     _paged_decode_split_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
-        scale * _LOG2E, max_keys, nq, split_size,
+        k_tree, v_tree, bits, tree_out, tree_lse,
+        scale * _LOG2E, max_keys, nq, split_size, num_splits, k_tree.shape[1],
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        k_tree.stride(0), k_tree.stride(1), k_tree.stride(2),
+        v_tree.stride(0), v_tree.stride(1), v_tree.stride(2),
+        bits.stride(0),
+        tree_out.stride(0), tree_out.stride(1), tree_out.stride(2),
+        tree_lse.stride(0), tree_lse.stride(1),
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        ROW_TILES=row_tiles,
+        ROW_TILES=row_tiles, HAS_TREE=has_tree, TREE_BLOCK_N=_tree_key_block(k_tree.shape[1]),
         **mma_options(q.dtype, _paged_decode_split_kernel),
         num_warps=8 if block_m >= 128 else 4, num_stages=2,
     )
-    return part_out, part_lse, split_size
+    return part_out, part_lse, split_size, tree_state
 
 
 def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, context_lens: torch.Tensor,
@@ -735,8 +817,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns out [B, Nq, Hq, D] (``out_dtype``: the decode step asks for the model dtype, which
     the reduction writes directly) and lse [B, Nq, Hq] (fp32).
     """
-    part_out, part_lse, split_size = _decode_partials(q, k_cache, v_cache, block_tables,
-                                                      context_lens, scale, split_size)
+    part_out, part_lse, split_size, _ = _decode_partials(q, k_cache, v_cache, block_tables,
+                                                         context_lens, scale, split_size)
     batch, num_splits, nq, hq, d = part_out.shape
     if num_splits == 1:  # split 0 always writes: the partial is the answer
         return part_out.view(batch, nq, hq, d).to(out_dtype), part_lse.view(batch, nq, hq)
@@ -748,7 +830,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        ancestor_bits: torch.Tensor, k_name: str, v_name: str) -> int:
     """Validates tree-pass inputs; returns the GQA group size."""
-    _check_tensor("q", q, 4, None, _FLOAT_DTYPES)
+    _check_tensor("q", q, 4, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     _check_tensor(k_name, k, 4, q.device, _FLOAT_DTYPES, strided_rows=True)
     _check_tensor(v_name, v, 4, q.device, _FLOAT_DTYPES, strided_rows=True)
@@ -765,6 +847,11 @@ def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check(tuple(ancestor_bits.shape) == (batch, n),
            f"ancestor_bits must have shape {(batch, n)}, got {tuple(ancestor_bits.shape)}")
     return group
+
+
+def _tree_key_block(num_keys: int) -> int:
+    """All tree keys in one tile (>= 16 for tl.dot)."""
+    return max(16, 1 << (max(num_keys, 1) - 1).bit_length())
 
 
 def _tree_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestor_bits: torch.Tensor,
@@ -787,8 +874,8 @@ def _tree_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestor_bits:
         ancestor_bits.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(nk)),
-        ROW_TILES=row_tiles, **mma_options(q.dtype, _tree_attention_kernel),
+        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=_tree_key_block(nk),
+        **mma_options(q.dtype, _tree_attention_kernel),
         num_warps=8 if block_m >= 128 else 4,
     )
     return out, lse
@@ -841,8 +928,9 @@ def two_pass_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """Triton version of ``two_pass_tree_attention_ref`` (CUDA-graph safe).
 
     Pass 1: paged split-K attention of every tree query over its sequence's prefix_lens[b]
-    cached keys. Pass 2: tree attention under the ancestor mask. The split reduction also
-    merges pass 2's state, so the result is written once, in q.dtype.
+    cached keys. Pass 2: tree attention under the ancestor mask, run by extra programs of the
+    same launch. The split reduction also merges pass 2's state, so the result is written once,
+    in q.dtype: two launches.
     """
     group = _check_tree_inputs(q, k_tree, v_tree, ancestor_bits, "k_tree", "v_tree")
     _check(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4
@@ -851,11 +939,9 @@ def two_pass_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
            f"of k_tree, got {tuple(getattr(k_cache, 'shape', ()))}")
     _check(k_tree.dtype == k_cache.dtype,
            f"k_tree dtype {k_tree.dtype} differs from k_cache dtype {k_cache.dtype}")
-    part_out, part_lse, split_size = _decode_partials(q, k_cache, v_cache, block_tables,
-                                                      prefix_lens, scale, split_size)
-    tree_out, tree_lse = _tree_pass(q, k_tree, v_tree, ancestor_bits, scale, group)
+    part_out, part_lse, split_size, tree_state = _decode_partials(
+        q, k_cache, v_cache, block_tables, prefix_lens, scale, split_size, (k_tree, v_tree, ancestor_bits, group))
     max_keys = block_tables.shape[1] * k_cache.shape[1]
-    out, _ = _merge_splits(part_out, part_lse, prefix_lens, max_keys, split_size, q.dtype,
-                           (tree_out, tree_lse))
+    out, _ = _merge_splits(part_out, part_lse, prefix_lens, max_keys, split_size, q.dtype, tree_state)
     return out
 

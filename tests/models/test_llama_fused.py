@@ -1,6 +1,6 @@
-"""The model's "triton" kernel set (fused norm+residual, RoPE+cache store, silu*up; a single
-token on the fused matrix-vector kernels) against its "torch" reference, for every kind of step
-and for both draft-head kinds (fp32)."""
+"""The model's "triton" kernel set (fused norm+residual, RoPE+cache store, silu*up between cuBLAS
+products; steps of a few tokens on the folded products) against its "torch" reference, for every
+kind of step and for both draft-head kinds (fp32)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import DecodeStep, PrefillStep, TreeStep
-from eaglespec.models.llama import build_model
+from eaglespec.models.llama import FEW_TOKENS, build_model
+from eaglespec.ops import gemv
 from tests.conftest import DEVICE, needs_triton_kernels, random_model, tiny_config
 from tests.speculative.test_speculative_greedy import eagle1_head, eagle3_head
 
@@ -51,10 +52,12 @@ def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree():
     cfg = model.config
     scale = cfg.head_dim ** -0.5
     gen = torch.Generator().manual_seed(0)
-    lens, tables = [5, 19], [[2, 0], [4, 6]]
+    # More than FEW_TOKENS tokens: the prefill runs on cuBLAS products and the fused element-wise
+    # kernels; the decode and tree steps below on the folded products.
+    lens, tables = [5, FEW_TOKENS + 6], [[2, 0, 0, 0, 0], [4, 6, 8, 9, 10]]
     ids = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=gen).to(DEVICE)
     pos = torch.cat([torch.arange(n) for n in lens]).to(DEVICE)
-    base = _cache(cfg)
+    base = _cache(cfg, num_blocks=12)
 
     def prefill():
         cache = KVCache(base.k.clone(), base.v.clone())
@@ -69,7 +72,7 @@ def test_fused_forward_matches_torch_path_for_prefill_decode_and_tree():
     assert ref_cache.k.abs().sum() > 0  # the torch path really wrote the cache it is compared with
 
     # Only the selected rows' logits / features.
-    rows = _tensor([4, 23])
+    rows = _tensor([4, sum(lens) - 1])
     (ref, _, _), (got, _, _) = _both_paths(model, prefill, ids, pos, logits_rows=rows, want_taps=True)
     torch.testing.assert_close(got.logits, ref.logits, **TOL)
     torch.testing.assert_close(got.taps, ref.taps, **TOL)
@@ -132,31 +135,74 @@ def test_fused_draft_heads_match_torch_path(kind):
     assert ref_cache.k.abs().sum() > 0
 
 
+def _counting_qkv(monkeypatch) -> list[int]:
+    calls = [0]
+    real = gemv.gemv_qkv_rope
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gemv, "gemv_qkv_rope", wrapper)
+    return calls
+
+
 @pytest.mark.parametrize("tied", [False, True])
-def test_single_token_gemv_path_matches_torch_path(tied):
-    """A batch-1 decode step on the fused matrix-vector kernels (norms, RoPE, cache store,
-    SwiGLU and residual adds folded into the products) equals the torch path."""
-    model = random_model(tiny_config(num_layers=3, tie_word_embeddings=tied), seed=6).to(DEVICE)
+def test_few_token_forward_matches_torch_path_for_decode_and_tree_of_batch_3(tied, monkeypatch):
+    """Decode and tree-verify steps of 3 sequences on the folded products (norms, RoPE, cache
+    store, SwiGLU and residual adds inside the products) equal the torch forward: logits, final
+    hidden state and EAGLE-3 taps, of all rows and of selected rows; the K/V stored in the cache
+    (decode) or kept by the tree step."""
+    model = random_model(tiny_config(num_layers=4, tie_word_embeddings=tied), seed=6).to(DEVICE)
     cfg = model.config
     scale = cfg.head_dim ** -0.5
     gen = torch.Generator().manual_seed(2)
-    n, table = 21, [[3, 5]]
-    ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).to(DEVICE)
+    lens, tables = [21, 9, 30], [[3, 5], [1, 0], [7, 2]]
+    ids = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=gen).to(DEVICE)
     cache = _cache(cfg)
-    model(ids, torch.arange(n, device=DEVICE), _prefill([n], table, scale), cache)
-    slot = table[0][n // BS] * BS + n % BS
+    model(ids, torch.cat([torch.arange(n) for n in lens]).to(DEVICE), _prefill(lens, tables, scale), cache)
+    calls = _counting_qkv(monkeypatch)
+    want_all = dict(want_hidden=True, want_taps=True)
 
-    outs = {}
-    for kernels in ("torch", "triton"):
+    slots = [tables[b][p // BS] * BS + p % BS for b, p in enumerate(lens)]
+
+    def decode():
         c = KVCache(cache.k.clone(), cache.v.clone())
-        step = DecodeStep(_tensor([slot]), _tensor(table, torch.int32), _tensor([n + 1], torch.int32), scale)
-        outs[kernels] = (model.with_kernels(kernels)(_tensor([5]), _tensor([n]), step, c), c)
-    (ref, ref_cache), (got, got_cache) = outs["torch"], outs["triton"]
-    torch.testing.assert_close(got.logits, ref.logits, **TOL)
+        return c, DecodeStep(_tensor(slots), _tensor(tables, torch.int32), _tensor([n + 1 for n in lens],
+                                                                                  torch.int32), scale)
+
+    (ref, ref_cache, _), (got, got_cache, _) = _both_paths(model, decode, _tensor([5, 17, 40]), _tensor(lens),
+                                                           **want_all)
+    assert calls[0] == cfg.num_layers  # the triton forward ran every layer on the folded products
+    for name in ("logits", "hidden", "taps"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), **TOL)
+    assert got.taps.shape == (3, 3 * cfg.hidden_size) and got.logits.dtype == torch.float32
     torch.testing.assert_close(got_cache.k, ref_cache.k, **TOL)
     torch.testing.assert_close(got_cache.v, ref_cache.v, **TOL)
     assert not torch.equal(ref_cache.k, cache.k)  # the step really stored its K/V
-    assert got.hidden is None and got.logits.dtype == torch.float32
+
+    # A 5-node tree per sequence (root; two children; a grandchild under each child).
+    n = 5
+    bits = _tensor([[1, 3, 5, 11, 21]] * 3)
+    tree_ids = torch.randint(0, cfg.vocab_size, (3 * n,), generator=gen).to(DEVICE)
+    tree_pos = (_tensor(lens)[:, None] + _tensor([0, 1, 1, 2, 2])).reshape(-1)
+
+    def tree():
+        c = KVCache(cache.k.clone(), cache.v.clone())
+        return c, TreeStep(_tensor(tables, torch.int32), _tensor(lens, torch.int32), bits, scale)
+
+    for rows in (None, _tensor([0, 3, 7, 14])):
+        (ref, _, ref_step), (got, got_cache, got_step) = _both_paths(model, tree, tree_ids, tree_pos,
+                                                                     logits_rows=rows, **want_all)
+        for name in ("logits", "hidden", "taps"):
+            torch.testing.assert_close(getattr(got, name), getattr(ref, name), **TOL)
+        assert got.logits.shape[0] == (3 * n if rows is None else 4)
+        (got_k, got_v), (ref_k, ref_v) = got_step.stacked(), ref_step.stacked()
+        assert got_k.shape == (cfg.num_layers, 3, n, cfg.num_kv_heads, cfg.head_dim)
+        torch.testing.assert_close(got_k, ref_k, **TOL)
+        torch.testing.assert_close(got_v, ref_v, **TOL)
+        assert torch.equal(got_cache.k, cache.k)  # the tree never touches the paged cache
+    assert calls[0] == 3 * cfg.num_layers
 
 
 def test_kernel_set_is_chosen_when_built_and_shares_the_weights():

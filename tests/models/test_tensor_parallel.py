@@ -94,9 +94,9 @@ def _ids(values, dtype=torch.int64):
 
 
 def _run_steps(model, cfg: LlamaConfig):
-    """Prefill two sequences, a chunk more of the second, a batch-2 decode, a batch-1 decode (the
-    single-token matrix-vector path on "triton") and a greedy batch-2 decode on ungathered
-    logits; the outputs of every step, the greedy tokens and the cache."""
+    """Prefill two sequences, a chunk more of the second, a batch-2 decode, a batch-1 decode and
+    a greedy batch-2 decode on ungathered logits (every step of at most FEW_TOKENS tokens: the
+    folded products on "triton"); the outputs of every step, the greedy tokens and the cache."""
     cache = KVCache.allocate(cfg.num_layers, 4, BS, model.local_num_kv_heads, cfg.head_dim, torch.float32, "cpu")
     scale = cfg.head_dim ** -0.5
     tables = _ids([[0, 1], [2, 3]], torch.int32)

@@ -326,6 +326,31 @@ def test_two_pass_matches_sdpa_and_reference(dtype, split, poisoned_empty):
     torch.testing.assert_close(out, A.two_pass_tree_attention_ref(*args), **TOL[dtype])
 
 
+@needs_triton_kernels
+def test_two_pass_of_several_row_tiles_with_strided_tree_kv(poisoned_empty):
+    """40 nodes x 4 query heads per KV head = 160 rows: two row tiles, each with its own tree
+    program in the split launch; the tree K/V are strided views (as a tree step keeps them)."""
+    q, k_cache, v_cache, tables, lens, k_tree, v_tree, bits, scale = _two_pass_case(
+        torch.float32, _gen(12), hq=8, hkv=2, n=40, prefix=(3, 70))
+    qkv = torch.cat([q.flatten(2), k_tree.flatten(2), v_tree.flatten(2)], dim=-1)  # [B, N, (8 + 2 + 2) D]
+    k_view = qkv[..., 8 * D:10 * D].unflatten(-1, (2, D))
+    v_view = qkv[..., 10 * D:].unflatten(-1, (2, D))
+    args = (q, k_cache, v_cache, tables, lens, k_view, v_view, bits, scale)
+    out = A.two_pass_tree_attention(*args, split_size=32)
+    torch.testing.assert_close(out, A.two_pass_tree_attention_ref(*args), **TOL[torch.float32])
+
+
+@needs_triton_kernels
+def test_two_pass_is_two_launches():
+    """The prefix splits and the tree pass share one launch; the merge is the second."""
+    from eaglespec.bench.step_launches import count_launches
+
+    args = _two_pass_case(torch.float32, _gen(13))
+    with count_launches() as launches:
+        A.two_pass_tree_attention(*args, split_size=32)
+    assert dict(launches.counts) == {"triton:_paged_decode_split_kernel": 1, "triton:_merge_splits_kernel": 1}
+
+
 # ----------------------------------------------------------------------------- input checks
 
 
@@ -342,8 +367,13 @@ def test_launchers_reject_bad_inputs():
         decode(q.bfloat16(), k_cache, v_cache, tables, lens, 0.1)
     with pytest.raises(ValueError, match="q must have 4 dims"):
         decode(q[0], k_cache, v_cache, tables, lens, 0.1)
-    with pytest.raises(ValueError, match="must be contiguous"):
-        decode(_randn(2, 4, 2, D, gen=gen).transpose(1, 2), k_cache, v_cache, tables, lens, 0.1)
+    with pytest.raises(ValueError, match="q must have unit stride in its last dim"):
+        decode(_randn(2, 1, 4, 2 * D, gen=gen)[..., ::2], k_cache, v_cache, tables, lens, 0.1)
+    # q may have strided rows (a view of the qkv projection's output): same result as a copy.
+    wide = _randn(2, 1, 7, D, gen=gen)
+    strided = wide[:, :, 1:5]
+    torch.testing.assert_close(decode(strided, k_cache, v_cache, tables, lens, 0.1)[0],
+                               decode(strided.contiguous(), k_cache, v_cache, tables, lens, 0.1)[0])
     with pytest.raises(ValueError, match="multiple of k_cache heads"):
         decode(_randn(2, 1, 3, D, gen=gen), k_cache, v_cache, tables, lens, 0.1)
     with pytest.raises(ValueError, match="head_dim must be a power of two"):
