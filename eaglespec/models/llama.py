@@ -40,9 +40,12 @@ from eaglespec.ops.rope_table import rope_table, rope_table_ref
 KERNEL_SETS = ("torch", "triton")
 
 # Steps of at most this many tokens run every layer on the folded products of ``ops.gemv`` (one
-# program holds all rows of a weight tile, so each weight is read once). Above it the tokens
-# no longer fit one tile and cuBLAS's tiles of the plain products win.
-FEW_TOKENS = 64
+# program holds all rows of a weight tile, so each weight is read once). The kernels take up to
+# 64 rows, but on the H200 (SmolLM2 shape, 2026-12-04) their 33- and 64-row tiles ran slower
+# than cuBLAS plus the separate element-wise kernels (verify 1.42 -> 1.86 ms for a 33-node tree
+# at batch 1, 1.39 -> 1.80 ms for chain:3 at batch 16), while 4 rows (one 16-row tile) matched:
+# the folded path is kept to one 16-row tile.
+FEW_TOKENS = 16
 
 
 def checked_kernels(kernels: str) -> str:

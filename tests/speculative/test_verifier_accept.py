@@ -4,7 +4,7 @@ temperature-0 rows stay greedy, and the K/V destinations follow the accepted pat
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, is_dataclass, replace
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from eaglespec.ops.sampling import SamplingTensors, sample
 from eaglespec.speculative.acceptance import accept_by_target_draws
 from eaglespec.speculative.tree import TreeBatch, ancestor_bits_from_parents
 from eaglespec.speculative.verifier import accept_tree, per_node_sampling
-from tests.conftest import needs_triton_kernels
+from tests.conftest import DEVICE, needs_triton_kernels
 
 BLOCK_SIZE = 4
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton_kernels)]
@@ -76,8 +76,8 @@ def mixed_settings(rows: int, seed: int) -> SamplingTensors:
 def per_depth_walk_ref(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, max_depth: int) -> AcceptResult:
     """The sampled acceptance the verifier ran before (one full sampling pass per depth at each
     row's current node, noise counter offset + depth): the reference the batched draw must equal."""
-    rows = torch.arange(tree.tokens.shape[0])
-    valid = (tree.parents >= 0) | (torch.arange(tree.tokens.shape[1]) == 0)
+    rows = torch.arange(tree.tokens.shape[0], device=tree.tokens.device)
+    valid = (tree.parents >= 0) | (torch.arange(tree.tokens.shape[1], device=tree.tokens.device) == 0)
     return accept_by_target_draws(tree.tokens, tree.parents, tree.depth, valid, max_depth,
                                   lambda d, node: sample(logits[rows, node], replace(st, offsets=st.offsets + d)))
 
@@ -89,6 +89,19 @@ def block_tables_for(rows: int, max_depth: int, seed: int) -> tuple[torch.Tensor
     blocks = (8 + max_depth + 1) // BLOCK_SIZE + 1
     tables = torch.randperm(rows * blocks, generator=gen).reshape(rows, blocks).to(torch.int32) + 1
     return lens, tables
+
+
+def moved(obj, device):
+    """A tensor, or a dataclass of tensors, on ``device``."""
+    if is_dataclass(obj):
+        return type(obj)(*(moved(getattr(obj, f.name), device) for f in fields(obj)))
+    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
+
+
+def on_backend(backend: str, *args):
+    """The arguments where the backend runs: the kernels' device for "triton" (CUDA on a GPU
+    machine, the CPU under the interpreter), the CPU for the torch reference."""
+    return [moved(a, DEVICE if backend == "triton" else "cpu") for a in args]
 
 
 def assert_same_accept(a: AcceptResult, b: AcceptResult) -> None:
@@ -104,9 +117,10 @@ def test_one_draw_for_all_nodes_equals_the_per_depth_walk(backend, seed):
     tree, logits, max_depth = random_tree_batch(rows, nodes, vocab, seed=seed)
     st = mixed_settings(rows, seed=seed + 100)
     lens, tables = block_tables_for(rows, max_depth, seed)
+    tree, logits, st, lens, tables = on_backend(backend, tree, logits, st, lens, tables)
     accept, where = accept_tree(tree, logits.reshape(rows * nodes, vocab), st, False, max_depth, lens, tables,
                                 BLOCK_SIZE, backend)
-    ref = per_depth_walk_ref(tree, logits, st, max_depth)
+    ref = per_depth_walk_ref(tree, logits, st, max_depth)  # sampled on the same device: the same draws
     assert_same_accept(accept, ref)
     ref_where = commit_indices(ref.path, lens, tables, BLOCK_SIZE, nodes)
     assert torch.equal(where.slots, ref_where.slots) and torch.equal(where.rows, ref_where.rows)
@@ -120,6 +134,7 @@ def test_temperature_zero_rows_are_greedy_in_a_sampled_batch(backend):
     tree, logits, max_depth = random_tree_batch(rows, nodes, vocab, seed=5)
     st = mixed_settings(rows, seed=6)
     lens, tables = block_tables_for(rows, max_depth, 7)
+    tree, logits, st, lens, tables = on_backend(backend, tree, logits, st, lens, tables)
     flat = logits.reshape(rows * nodes, vocab)
     sampled, _ = accept_tree(tree, flat, st, False, max_depth, lens, tables, BLOCK_SIZE, backend)
     greedy, _ = accept_tree(tree, flat, st, True, max_depth, lens, tables, BLOCK_SIZE, backend)
@@ -140,11 +155,12 @@ def test_duplicate_siblings_continue_the_first_child_walk(backend):
     tree, logits, max_depth = random_tree_batch(rows, nodes, vocab, seed=9, duplicate_siblings=True)
     st = mixed_settings(rows, seed=10)
     lens, tables = block_tables_for(rows, max_depth, 11)
+    tree, logits, st, lens, tables = on_backend(backend, tree, logits, st, lens, tables)
     accept, _ = accept_tree(tree, logits.reshape(rows * nodes, vocab), st, False, max_depth, lens, tables,
                             BLOCK_SIZE, backend)
     ref = per_depth_walk_ref(tree, logits, st, max_depth)
     assert (accept.num_emitted >= ref.num_emitted).all()
-    steps = torch.arange(max_depth + 1)
+    steps = torch.arange(max_depth + 1, device=ref.tokens.device)
     same_prefix = torch.where(steps < ref.num_emitted[:, None], accept.tokens == ref.tokens, True)
     assert same_prefix.all()
     assert (accept.num_emitted > ref.num_emitted).any(), "no later copy was ever deeper: the test proves little"
