@@ -68,6 +68,10 @@ def _add_model_args(p: argparse.ArgumentParser, max_model_len: bool = True) -> N
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on "
                                                  "CUDA, float32 on the CPU)")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: run the model on N GPUs (cuda:0..N-1; pick them with "
+                        "CUDA_VISIBLE_DEVICES), or N CPU processes; under torchrun, the job's N processes "
+                        "(default 1)")
     if not max_model_len:  # the server sizes its engine with its own options
         return
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
@@ -143,10 +147,11 @@ def _build_llm(args):
     device = resolve_device(args.device)
     engine = EngineConfig(max_model_len=args.max_model_len or 0)
     what = args.model or "the embedded SmolLM2-135M-Instruct"
-    print(f"eaglespec: loading {what} on {device} ...", file=sys.stderr, flush=True)
+    where = f"{args.tp} ranks ({device.type})" if args.tp != 1 else str(device)
+    print(f"eaglespec: loading {what} on {where} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     llm = LLM(model=args.model, draft=args.draft, spec=spec, device=device, dtype=args.dtype, engine=engine,
-              progress=sys.stderr.isatty())
+              progress=sys.stderr.isatty(), tensor_parallel_size=args.tp)
     draft = f"tree {llm.spec_config.tree}" if llm.speculative is not None else "plain decoding (no draft head)"
     print(f"eaglespec: ready in {time.perf_counter() - t0:.1f} s: {draft}, max_model_len "
           f"{llm.engine_config.max_model_len}", file=sys.stderr, flush=True)
@@ -218,9 +223,10 @@ def cmd_generate(args) -> int:
         raise ValueError("--system goes with --chat (a system message belongs to the chat template)")
     params = _params(args)
     llm = _build_llm(args)
-    prompt = llm.chat_prompt(_messages(system) + [{"role": "user", "content": prompt_text}]) if args.chat \
-        else prompt_text
-    out = _reply(llm, prompt, params, args)
+    with llm:  # stops the other ranks under --tp
+        prompt = llm.chat_prompt(_messages(system) + [{"role": "user", "content": prompt_text}]) if args.chat \
+            else prompt_text
+        out = _reply(llm, prompt, params, args)
     return 1 if out.error else 0
 
 

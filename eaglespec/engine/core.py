@@ -22,6 +22,7 @@ from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.request import Request
 from eaglespec.engine.runner import DecodeFlight, ModelRunner
 from eaglespec.engine.scheduler import Scheduler, ScheduledStep, is_ready
+from eaglespec.engine.step_control import SINGLE_PROCESS, Abort, AddRequest, StepControl, StepShared, step_fingerprint
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import LlamaForCausalLM
 from eaglespec.speculative.policy import PLAIN
@@ -53,22 +54,38 @@ class RequestDelta:
         return self.finish_reason is not None
 
 
+@dataclass(slots=True)
+class _Observation:
+    """A decoding step the policy has not been told about yet (it is, first thing next step,
+    with the wall time rank 0 measured: see step_control.py)."""
+
+    choice: str
+    reqs: list[Request]
+    seconds: float  # this rank's own measurement
+    tokens_per_sequence: float
+    steady: bool
+
+
 class EngineCore:
     """Continuous batching over a target (and an optional draft head) on one device."""
 
     def __init__(self, target: LlamaForCausalLM, tokenizer, eos_ids: tuple[int, ...], head: EagleHead | None,
-                 spec: SpecConfig | None, engine: EngineConfig, device: torch.device, no_tokenizer_reason: str = ""):
+                 spec: SpecConfig | None, engine: EngineConfig, device: torch.device, no_tokenizer_reason: str = "",
+                 control: StepControl = SINGLE_PROCESS):
+        """control: what this rank takes from rank 0 under tensor parallelism (step_control.py);
+        the default is the single-process engine's."""
         self.model = target
+        self.control = control
         self.tokenizer = tokenizer
         self.no_tokenizer_reason = no_tokenizer_reason or "no tokenizer was given"  # said when text comes
         self.eos_ids = tuple(eos_ids)
         self.config = engine
         self.device = device
         lookahead = max(parse_tree(t).depth for t in spec.trees) + 1 if head is not None else 1
-        self.runner = ModelRunner(target, engine, device, lookahead)
+        self.runner = ModelRunner(target, engine, device, lookahead, pool_size=control.min_over_ranks)
         self.speculative = SpeculativeRunner(self.runner, head, spec) if head is not None else None
         if self.speculative is not None:
-            self.speculative.calibrate()
+            self.speculative.calibrate(share=control.leader_value)
         self.spec_config = spec if head is not None else None
         self.scheduler = Scheduler(self.runner.allocator, engine.max_batch_size, engine.max_model_len,
                                    engine.prefill_token_budget, lookahead=lookahead,
@@ -82,6 +99,8 @@ class EngineCore:
         self.last_choice = ""  # the tree (or "plain") the last decoding step ran (for metrics)
         # The choice made for the step after an overlapped one, with its (bucket) key.
         self._planned: tuple[int, bool, str] | None = None
+        self._unobserved: _Observation | None = None  # the last decoding step, for the policy
+        self.last_fingerprint: int | None = None  # of the last step, when the control checks steps
 
     # ------------------------------------------------------------------ requests
 
@@ -115,14 +134,21 @@ class EngineCore:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, what: str = "prompt") -> int:
         """Queue a request; it joins the running batch as soon as KV blocks allow. A request
         that can never run (empty, longer than the context) finishes with an error delta."""
-        from eaglespec.tokenizer import IncrementalDetokenizer
-
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams or None, got {type(params).__name__}")
         params = params or SamplingParams()
         ids = self.encode(prompt, what)
         self.scheduler.check_prompt(len(ids))
         seed = params.seed if params.seed is not None else random.getrandbits(62)
+        request_id = self.add_encoded(ids, params, seed)
+        self.control.record(AddRequest(ids, params, seed, request_id))
+        return request_id
+
+    def add_encoded(self, ids: list[int], params: SamplingParams, seed: int) -> int:
+        """Queue a request of checked token ids with its resolved seed (``add_request``'s second
+        half; the other ranks of a tensor-parallel engine replay rank 0's requests through it)."""
+        from eaglespec.tokenizer import IncrementalDetokenizer
+
         req = Request(next(self._ids), ids, params, seed,
                       IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None)
         self.requests[req.request_id] = req
@@ -140,6 +166,7 @@ class EngineCore:
         req.finish("abort")
         self._retire(req)
         self._touched.append(req)
+        self.control.record(Abort(request_id))
         return True
 
     @property
@@ -163,6 +190,8 @@ class EngineCore:
 
     def step(self) -> list[RequestDelta]:
         """Run one engine step; return a delta for every request that gained tokens or ended."""
+        self._observe_last_step()
+        self.last_fingerprint = None  # until this step completes (an interrupted one is not compared)
         try:
             reqs = self._run_step()
         except Exception as exc:  # noqa: BLE001 - a failing step must not take the engine down
@@ -177,7 +206,25 @@ class EngineCore:
             delta = self._delta(req)
             if delta is not None:
                 deltas.append(delta)
+        if self.control.checks_steps:
+            self.last_fingerprint = step_fingerprint(self.last_step_kind, self.last_choice, self.kv_blocks_in_use,
+                                                     deltas)
         return deltas
+
+    def _observe_last_step(self) -> None:
+        """Tell the policy about the last decoding step. Its wall time is rank 0's under tensor
+        parallelism (the one message of the step brings it, with the commands), so every rank's
+        policy holds the same numbers and makes the same choices."""
+        last, self._unobserved = self._unobserved, None
+        shared = self.control.begin_step(StepShared(last.seconds if last is not None else None,
+                                                    self.last_fingerprint))
+        if last is not None:
+            self.speculative.observe(last.choice, last.reqs, shared.seconds, last.tokens_per_sequence, last.steady)
+
+    def full_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """The target's [T, vocab] logits of a whole sequence (every rank runs the forward)."""
+        self.control.before_logits(token_ids)
+        return self.runner.full_logits(token_ids)
 
     def _delta(self, req: Request) -> RequestDelta | None:
         tokens = req.output_ids[req.reported_tokens:]
@@ -243,9 +290,9 @@ class EngineCore:
                 r.steps_by_choice[choice] = r.steps_by_choice.get(choice, 0) + 1
         self._apply(flight.reqs, emitted, [False] * len(flight.reqs))
         if self.speculative is not None:
-            tokens = [len(row) for r, row in zip(flight.reqs, emitted)]
-            self.speculative.observe(choice, flight.reqs, time.perf_counter() - started, sum(tokens) / len(tokens),
-                                     steady)
+            tokens = [len(row) for row in emitted]
+            self._unobserved = _Observation(choice, flight.reqs, time.perf_counter() - started,
+                                            sum(tokens) / len(tokens), steady)
         return live
 
     def _choose(self, reqs: list[Request], plan: bool = False) -> str:

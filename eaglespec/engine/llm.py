@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.core import EngineCore, RequestDelta
+from eaglespec.engine.distributed import RankArgs, RankGroup, check_tensor_parallel_size
 from eaglespec.engine.request import Output, Request
 from eaglespec.engine.runner import ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
+from eaglespec.engine.step_control import SINGLE_PROCESS, StepControl
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.models.llama import LlamaForCausalLM, build_model
+from eaglespec.models.tensor_parallel import SINGLE, TensorParallel
 from eaglespec.speculative.step import SpeculativeRunner
 
+if TYPE_CHECKING:
+    from eaglespec.models.loading import LoadedCheckpoint
+
 Prompt = str | Sequence[int]
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -96,6 +104,35 @@ def check_speculation_args(draft, spec, default_draft: bool) -> SpecConfig | Non
     return spec
 
 
+def load_rank_models(model_path, head_path: str | None, device: torch.device, dtype: torch.dtype, kernels: str,
+                     tp: TensorParallel, progress: bool) -> tuple["LoadedCheckpoint", LlamaForCausalLM,
+                                                                  EagleHead | None]:
+    """The checkpoint, target and draft head (None without ``head_path``) as rank ``tp.rank``
+    holds them: the one place a rank opens, builds and loads its models (``tp`` is SINGLE on
+    one device). The checkpoint yields only this rank's slices and the target is its shard; the
+    head is replicated, with the whole embedding and output matrix it borrows (read from the
+    target's checkpoint when the target is a shard, see models/eagle.py)."""
+    from eaglespec.models.eagle import borrowed_weights
+    from eaglespec.models.loading import open_checkpoint
+
+    ckpt = open_checkpoint(model_path, progress=progress, tp=tp)
+    target = build_model(ckpt.config, device, dtype, kernels=kernels, tp=tp)
+    target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
+    head = None
+    if head_path is not None:
+        head = load_head(head_path, target, borrowed_weights(target, checkpoint=os.fspath(model_path)))
+    return ckpt, target, head
+
+
+def draft_head_path(draft, default_draft: bool) -> str | None:
+    """The head directory ``draft`` names (None: no head; the shipped one for the default model)."""
+    if draft == "none":
+        return None
+    if draft is None:
+        return shipped_head_path() if default_draft else None
+    return os.fspath(draft)
+
+
 def load_tokenizer(ckpt) -> tuple["Tokenizer | None", str]:
     """The checkpoint's tokenizer, or (None, why) when its files have none: such a model still
     serves token-id prompts (as vLLM's ``skip_tokenizer_init``); text fails then, saying why."""
@@ -130,41 +167,90 @@ class LLM:
 
     def __init__(self, model: str | None = None, draft: str | None = None, spec: SpecConfig | str | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 engine: EngineConfig | None = None, progress: bool = False):
-        from eaglespec.models.loading import default_model_path, open_checkpoint
+                 engine: EngineConfig | None = None, progress: bool = False, tensor_parallel_size: int = 1):
+        """tensor_parallel_size: ranks (GPUs, or CPU processes) the model runs on. Above 1 this
+        process is rank 0 and starts the others (one per GPU, cuda:r for rank r), or, under
+        torchrun, joins the job: there a process of rank > 0 follows rank 0 until it closes,
+        then exits (SystemExit). ``close()`` (or the interpreter's exit) stops the ranks."""
+        from eaglespec.models.loading import default_model_path
 
+        self._ranks: RankGroup | None = None
         if model is not None and not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a path (HF directory or .gguf file) or None, got {type(model).__name__}")
         model_path = model if model is not None else default_model_path()
         default_draft = is_default_model(model_path)
         # Arguments first: a bad tree or draft path fails before seconds of loading.
         spec = check_speculation_args(draft, spec, default_draft)
-        self.device = resolve_device(device)
-        dt = resolve_dtype(dtype, self.device)
-        ckpt = open_checkpoint(model_path, progress=progress)
+        dev = resolve_device(device)
+        world_size = check_tensor_parallel_size(tensor_parallel_size, dev)
+        if world_size == 1:
+            self._load(model_path, draft, spec, dev, dtype, engine, progress, default_draft, SINGLE, SINGLE_PROCESS)
+            return
+        if isinstance(draft, EagleHead):
+            raise ValueError("draft: with tensor_parallel_size > 1 give the head's directory (every rank loads "
+                             "it), not a module")
+        args = RankArgs(os.fspath(model_path), os.fspath(draft) if draft is not None else None, spec, dtype, engine,
+                        dev.type, default_draft)
+        self._ranks = RankGroup.start(args, world_size)
+        self._load_rank(args, progress and self._ranks.rank == 0)
+        if self._ranks.rank != 0:  # under torchrun: serve rank 0 until it closes, then leave
+            self._ranks.follow(self.core)
+            raise SystemExit(0)
+
+    @classmethod
+    def _for_rank(cls, args: RankArgs, ranks: RankGroup) -> "LLM":
+        """A worker rank's engine (distributed.py), built exactly as rank 0 builds its own."""
+        self = cls.__new__(cls)
+        self._ranks = ranks
+        self._load_rank(args, progress=False)
+        return self
+
+    def _load_rank(self, args: RankArgs, progress: bool) -> None:
+        ranks = self._ranks
+        try:
+            self._load(args.model, args.draft, args.spec, ranks.device, args.dtype, args.engine, progress,
+                       args.default_draft, ranks.tensor_parallel, ranks.control)
+        except BaseException as exc:
+            if ranks.rank == 0:
+                ranks.abandon(exc)  # stops the workers; raises a worker's error when it caused this one
+            raise
+        ranks.last_fingerprint = lambda: self.core.last_fingerprint
+
+    def _load(self, model_path, draft, spec, device: torch.device, dtype, engine, progress: bool,
+              default_draft: bool, tp: TensorParallel, control: StepControl) -> None:
+        self.device = device
+        kernels = resolve_backend((engine or EngineConfig()).attention_backend, device)
+        module = draft if isinstance(draft, EagleHead) else None  # a head built by the caller (one device)
+        head_path = None if module is not None else draft_head_path(draft, default_draft)
+        ckpt, target, head = load_rank_models(model_path, head_path, device, resolve_dtype(dtype, device), kernels,
+                                              tp, progress)
         tokenizer, no_tokenizer_reason = load_tokenizer(ckpt)
-        kernels = resolve_backend((engine or EngineConfig()).attention_backend, self.device)
-        target = build_model(ckpt.config, self.device, dt, kernels=kernels)
-        target.load_hf_tensors(ckpt.tensors, source=ckpt.path)
         tokenizer_eos = tokenizer.eos_ids if tokenizer is not None else ()
         eos = tuple(dict.fromkeys(ckpt.generation_eos_ids + tokenizer_eos + ckpt.config.eos_token_ids))
+        draft = module if module is not None else head if head is not None else "none"
         self._setup(target, tokenizer, eos, draft, spec, engine, default_draft=default_draft,
-                    no_tokenizer_reason=no_tokenizer_reason)
+                    no_tokenizer_reason=no_tokenizer_reason, control=control)
 
     @classmethod
     def from_model(cls, target: LlamaForCausalLM, tokenizer=None, draft=None, spec: SpecConfig | str | None = None,
-                   engine: EngineConfig | None = None, eos_ids: tuple[int, ...] = ()) -> "LLM":
+                   engine: EngineConfig | None = None, eos_ids: tuple[int, ...] = (),
+                   tensor_parallel_size: int = 1) -> "LLM":
         """Wrap an already built model (tests, benchmarks). Prompts are then token-id lists
         unless a tokenizer is given; ``draft`` is a draft-head module or None."""
+        if tensor_parallel_size != 1:
+            raise ValueError(f"LLM.from_model runs on one device (tensor_parallel_size=1), got "
+                             f"tensor_parallel_size={tensor_parallel_size!r}: every rank loads its own shard, so "
+                             f"tensor parallelism needs a checkpoint path: LLM(model=PATH, tensor_parallel_size=N)")
         spec = check_speculation_args(draft, spec, default_draft=False)
         self = cls.__new__(cls)
+        self._ranks = None
         self.device = target.output_weight.device
         self._setup(target, tokenizer, eos_ids or target.config.eos_token_ids, draft, spec, engine,
                     default_draft=False)
         return self
 
     def _setup(self, target, tokenizer, eos_ids, draft, spec, engine, default_draft: bool,
-               no_tokenizer_reason: str = "") -> None:
+               no_tokenizer_reason: str = "", control: StepControl = SINGLE_PROCESS) -> None:
         import dataclasses
 
         self.model = target
@@ -177,8 +263,30 @@ class LLM:
         head = self._resolve_draft(draft, target, default_draft)
         self.spec_config = (spec or SpecConfig()) if head is not None else spec
         self.core = EngineCore(target, tokenizer, self.eos_ids, head, self.spec_config, self.engine_config,
-                               self.device, no_tokenizer_reason=no_tokenizer_reason)
+                               self.device, no_tokenizer_reason=no_tokenizer_reason, control=control)
         self._requests: dict[int, Request] = {}  # this front end's requests, finished ones until collected
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self._ranks.world_size if self._ranks is not None else 1
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and leave their groups (nothing to do on one
+        device). Raises when a rank had failed. The engine takes no work afterwards."""
+        if self._ranks is not None:
+            self._ranks.close()  # once: a second call does nothing
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an error (or Ctrl-C) is on its way out: closing must not hide it
+            self.close()
+        except Exception:  # noqa: BLE001
+            log.warning("closing the tensor-parallel engine after %s failed", exc_type.__name__, exc_info=True)
 
     # The engine's parts, for tests and benchmarks that look inside.
     @property
@@ -197,12 +305,8 @@ class LLM:
     def _resolve_draft(draft, target: LlamaForCausalLM, default_draft: bool) -> EagleHead | None:
         if isinstance(draft, EagleHead):
             return draft
-        if draft == "none":
-            return None
-        if draft is None:
-            path = shipped_head_path() if default_draft else None
-            return load_head(path, target) if path else None
-        return load_head(draft, target)
+        path = draft_head_path(draft, default_draft)
+        return load_head(path, target) if path is not None else None
 
     # ------------------------------------------------------------------ requests
 
@@ -284,7 +388,7 @@ class LLM:
         limit = self.engine_config.max_model_len
         if len(ids) > limit:
             raise ValueError(f"token_ids: {len(ids)} tokens, more than max_model_len ({limit})")
-        return self.runner.full_logits(ids)
+        return self.core.full_logits(ids)
 
 
 def _prompt_list(prompts) -> list:

@@ -19,7 +19,7 @@ from eaglespec.kv_cache import BlockAllocator, KVCache, block_table_tensor, pool
 from eaglespec.models.attention_step import DecodeStep, PrefillStep
 from eaglespec.models.llama import LlamaForCausalLM, ModelOutput
 from eaglespec.ops.attention import default_scale
-from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
+from eaglespec.ops.sampling import SamplingTensors, sample
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -123,10 +123,13 @@ class DecodeFlight:
 class ModelRunner:
     """Owns the target model's KV cache and runs its forward passes."""
 
-    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, device: torch.device, lookahead: int = 1):
+    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, device: torch.device, lookahead: int = 1,
+                 pool_size: Callable[[int], int] = lambda blocks: blocks):
         """lookahead: cache positions one step writes from a sequence's last cached token (1 for
         plain decoding, depth + 1 for a speculative tree); block tables are wide enough for a
-        sequence one token short of ``max_model_len`` to take such a step."""
+        sequence one token short of ``max_model_len`` to take such a step. pool_size: the
+        number of KV blocks to allocate given this device's (tensor parallelism: the minimum
+        over ranks, which must all hold the same blocks)."""
         self.cfg = cfg
         self.device = device
         mc = model.config
@@ -135,7 +138,7 @@ class ModelRunner:
         # The model's kernel set goes with the attention backend (same weights, not copied).
         self.model = model.with_kernels(self.backend)
         self.scale = default_scale(mc.head_dim)
-        num_blocks = size_kv_pool(model, cfg, device, self.dtype)
+        num_blocks = pool_size(size_kv_pool(model, cfg, device, self.dtype))
         # This rank's KV heads only (all of them without tensor parallelism).
         self.cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, model.local_num_kv_heads,
                                       mc.head_dim, self.dtype, device)
@@ -211,10 +214,11 @@ class ModelRunner:
                        want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput]:
         """One decode step's forward and next tokens [bucket] (greedy or sampled per row)."""
         step = DecodeStep(rows["slots"], rows.block_tables, rows["context_lens"], self.scale, self.backend)
+        # Greedy: each rank's argmax over its vocabulary rows, never the gathered [B, vocab] logits.
         out = self.model(rows["input_ids"], rows["positions"], step, self.cache, want_hidden=want_hidden,
-                         want_taps=want_taps)
+                         want_taps=want_taps, gather_logits=not greedy)
         if greedy:
-            return (greedy_argmax(out.logits) if self.backend == "triton" else out.logits.argmax(dim=-1)), out
+            return self.model.greedy_tokens(out.logits), out
         return sample(out.logits, rows.sampling()), out
 
     def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int, tokens_in_flight: int = 0,

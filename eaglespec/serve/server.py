@@ -36,7 +36,8 @@ def build_llm(args):
                           gpu_memory_fraction=args.gpu_memory_fraction,
                           prefill_token_budget=args.prefill_token_budget)
     spec = SpecConfig(tree=args.tree) if getattr(args, "tree", None) not in (None, "auto") else None
-    return LLM(model=args.model, draft=args.draft, spec=spec, device=args.device, dtype=args.dtype, engine=engine)
+    return LLM(model=args.model, draft=args.draft, spec=spec, device=args.device, dtype=args.dtype, engine=engine,
+               tensor_parallel_size=getattr(args, "tp", 1))
 
 
 def build_server_app(llm, served_model_name: str | None = None, max_body_bytes: int = 1 << 20):
@@ -103,4 +104,5 @@ def cmd_serve(args) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.stop()
+        llm.close()  # stops the other ranks under --tp
     return 0

@@ -20,6 +20,7 @@ sampling counters advanced on the device from step n's outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -106,17 +107,19 @@ class SpeculativeRunner:
         self.policy = SpeculationPolicy(list(spec.trees)) if spec.tree == "auto" else None
 
     @torch.inference_mode()
-    def calibrate(self, reps: int = 5) -> None:
+    def calibrate(self, reps: int = 5, share: Callable[[list[float]], list[float]] = lambda times: times) -> None:
         """Under tree="auto" on a GPU: capture every choice's greedy graphs for every batch bucket
         now, not while serving, and seed the policy with their replay times (the engine's wall
         clock refines them, host work included, once serving starts). Sampled batches' graphs
         are captured on first use and timed online: calibrating them too doubled start-up (91 s
-        for SmolLM2 on an H200, most of it compiling)."""
+        for SmolLM2 on an H200, most of it compiling). ``share``: the times every rank seeds
+        its policy with (tensor parallelism: rank 0's, so every rank's policy chooses alike)."""
         if self.policy is None or not self.runner.use_graphs:
             return
         from tqdm import tqdm
 
         steps = [(choice, bucket) for bucket in self.runner.buckets for choice in self.policy.choices]
+        times = []
         for choice, bucket in tqdm(steps, desc="capturing and timing speculation choices", leave=False):
             graphs = (self.plain_graphs if choice == PLAIN else self.programs[choice].graphs)[True]
             self.stage_inputs(graphs, [], bucket)  # padding rows only: the scratch block and slot
@@ -127,7 +130,9 @@ class SpeculativeRunner:
                 graphs.run(bucket)
             end.record()
             end.synchronize()
-            self.policy.seed(choice, bucket, True, start.elapsed_time(end) / 1000 / reps)
+            times.append(start.elapsed_time(end) / 1000 / reps)
+        for (choice, bucket), seconds in zip(steps, share(times)):
+            self.policy.seed(choice, bucket, True, seconds)
 
     def choose(self, reqs: list[Request]) -> str:
         """What runs next for these requests: a tree spec, or ``PLAIN`` (policy.PLAIN)."""

@@ -6,6 +6,7 @@ All fixed-shape device work (no host synchronisation), so it runs inside the ste
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -34,10 +35,11 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
     """
     bsz = tree.tokens.shape[0]
     step = TreeStep(block_tables, cached_lens, tree.ancestor_bits, scale, backend)
+    # Greedy: each rank's argmax over its vocabulary rows, never the gathered [nodes, vocab] logits.
     out = target(tree.tokens.reshape(-1), tree.positions.reshape(-1), step, cache,
-                 want_hidden=feature == "hidden", want_taps=feature == "taps")
+                 want_hidden=feature == "hidden", want_taps=feature == "taps", gather_logits=not greedy)
     accept, where = accept_tree(tree, out.logits, st, greedy, max_depth, cached_lens, block_tables,
-                                cache.block_size, backend)
+                                cache.block_size, backend, argmax=target.greedy_tokens)
     copy_tree_kv(cache, *step.stacked(), where)
     feats = out.hidden if feature == "hidden" else out.taps
     path_features = feats.index_select(0, where.rows).view(bsz, max_depth + 1, -1)
@@ -46,9 +48,12 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
 
 def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, greedy: bool, max_depth: int,
                 cached_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
-                backend: str) -> tuple[AcceptResult, CommitIndices]:
+                backend: str, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                ) -> tuple[AcceptResult, CommitIndices]:
     """The accepted path of every tree and where its K/V go, from the target's logits [B * N, V]
-    at every node (node-major within each sequence). st has one row per sequence.
+    at every node (node-major within each sequence). st has one row per sequence. ``argmax``:
+    the greedy tokens of the logits (default: over the whole vocabulary; the verifier passes the
+    target's ``greedy_tokens``, which reads one tensor-parallel rank's vocabulary rows).
 
     The target's token at every node at once (its argmax, or its seeded draw: see
     ``per_node_sampling``), then greedy acceptance against those tokens: one walk for both rules.
@@ -56,7 +61,9 @@ def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, gree
     bsz, n = tree.tokens.shape
     if logits.dim() != 2 or logits.shape[0] != bsz * n:
         raise ValueError(f"accept_tree: logits must be [batch * nodes = {bsz * n}, vocab], got {tuple(logits.shape)}")
-    if greedy:
+    if greedy and argmax is not None:
+        targets = argmax(logits)
+    elif greedy:
         targets = greedy_argmax(logits) if backend == "triton" else logits.argmax(dim=-1)
     else:
         targets = sample(logits, per_node_sampling(st, tree.depth))
