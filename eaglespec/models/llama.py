@@ -320,14 +320,14 @@ class LlamaForCausalLM(nn.Module):
         shard = self.shard
         real = max(0, min(shard.vocab_rows, self.config.vocab_size - shard.vocab0))  # padding rows never win
         local = local_logits[:, :real]
+        if not self.tp.enabled:  # one rank: the argmax alone (no extra kernel in a greedy graph)
+            return greedy_argmax(local) if self.kernels == "triton" else local.argmax(dim=-1)
         if real == 0:
             ids = torch.zeros(local.shape[0], dtype=torch.int64, device=local.device)
             best = torch.full((local.shape[0],), float("-inf"), device=local.device)
         else:
             ids = greedy_argmax(local) if self.kernels == "triton" else local.argmax(dim=-1)
             best = local.gather(1, ids[:, None])[:, 0]
-        if not self.tp.enabled:
-            return ids
         # float64 holds an fp32 logit and a token id exactly: one gather of [R, 2] per rank.
         pairs = self.tp.all_gather_last(torch.stack((best.double(), (ids + shard.vocab0).double()), dim=-1))
         winner = pairs[:, 0::2].argmax(dim=-1, keepdim=True)  # first maximum: lower ranks hold lower ids
