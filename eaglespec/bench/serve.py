@@ -191,13 +191,31 @@ async def _clients(url: str, model: str, prompts: list[BenchPrompt], clients: in
     return results
 
 
-def _client_process(url, model, prompts, clients, num_requests, timeout_s, shared, out) -> None:
+def _client_process(index, url, model, prompts, clients, num_requests, timeout_s, shared, out) -> None:
+    """Runs ``clients`` clients; puts (index, results as tuples) or (index, error text) on ``out``."""
     try:
-        out.put([tuple(getattr(r, f) for f in RequestResult.__slots__)
-                 for r in asyncio.run(_clients(url, model, prompts, clients, num_requests, timeout_s, shared))])
+        out.put((index, [tuple(getattr(r, f) for f in RequestResult.__slots__) for r in
+                         asyncio.run(_clients(url, model, prompts, clients, num_requests, timeout_s, shared))]))
     except BaseException as exc:  # noqa: BLE001 - the parent reports it
         shared.start.abort()
-        out.put(f"{type(exc).__name__}: {exc}")
+        out.put((index, f"{type(exc).__name__}: {exc}"))
+
+
+def _next_part(out, workers, reported: set[int]) -> list | str:
+    """The next client process's results (or its error text); an error text too when a process
+    died without reporting (killed), instead of waiting for it forever."""
+    import queue
+
+    while True:
+        try:
+            index, part = out.get(timeout=1.0)
+            reported.add(index)
+            return part
+        except queue.Empty:
+            dead = [k for k, w in enumerate(workers) if k not in reported and w.exitcode not in (None, 0)]
+            if dead:
+                reported.add(dead[0])
+                return f"client process {dead[0]} died with exit code {workers[dead[0]].exitcode}"
 
 
 async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrency: int, num_requests: int,
@@ -215,7 +233,8 @@ async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrenc
     out = ctx.Queue()
     split = [concurrency // procs + (k < concurrency % procs) for k in range(procs)]
     workers = [ctx.Process(target=_client_process, daemon=True,
-                           args=(url, model, prompts, n, num_requests, timeout_s, shared, out)) for n in split]
+                           args=(k, url, model, prompts, n, num_requests, timeout_s, shared, out))
+               for k, n in enumerate(split)]
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         before = _scrape((await client.get(f"{url}/metrics")).text)
         server_running: list[float] = []
@@ -237,7 +256,8 @@ async def run_level(url: str, model: str, prompts: list[BenchPrompt], concurrenc
             pass
         watcher = asyncio.create_task(watch())
         t0 = time.perf_counter()
-        parts = [await asyncio.to_thread(out.get) for _ in workers]
+        reported: set[int] = set()
+        parts = [await asyncio.to_thread(_next_part, out, workers, reported) for _ in workers]
         elapsed = time.perf_counter() - t0
         watcher.cancel()
         for w in workers:
