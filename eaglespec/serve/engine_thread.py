@@ -114,7 +114,7 @@ class EngineThread:
         now = time.perf_counter()
         # One wake-up of the event loop per step, not one per request: at 64 streams the
         # per-call self-pipe write and GIL hand-over dominated the step.
-        batch: list[tuple[RequestHandle, RequestDelta]] = []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, RequestDelta]]] = {}
         for delta in deltas:
             handle = self._handles.get(delta.request_id)
             if handle is None:
@@ -127,11 +127,8 @@ class EngineThread:
                 del self._handles[delta.request_id]
                 handle.finished = True
                 self.metrics.observe_finished(delta, handle, now)
-            batch.append((handle, delta))
-        loops: dict[asyncio.AbstractEventLoop, list] = {}
-        for handle, delta in batch:
-            loops.setdefault(handle.loop, []).append((handle, delta))
-        for loop, items in loops.items():
+            by_loop.setdefault(handle.loop, []).append((handle, delta))
+        for loop, items in by_loop.items():
             self._post(loop, items)
 
     @staticmethod
