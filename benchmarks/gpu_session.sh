@@ -87,8 +87,6 @@ phase_bench_serve_spec() { serve_and_bench spec 8000; }
 phase_bench_serve_plain() { serve_and_bench plain 8001 --draft none; }
 # A/B/A: the speculative server again after the plain one, its JSON under $OUT/again.
 phase_bench_serve_spec_again() { local keep=$OUT; OUT=$OUT/again; mkdir -p $OUT; serve_and_bench spec 8003; OUT=$keep; }
-# What the thread switch interval buys: the plain server at Python's default (5 ms), high concurrency only.
-phase_bench_serve_switch() { BENCH_ARGS="--concurrency 16,64" serve_and_bench plain-switch5ms 8002 --draft none --switch-interval-ms 5; }
 # Both JSONs in benchmarks/results, then `python -m eaglespec.bench.plots` draws them in one figure.
 phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 | tee -a $OUT/bench.log; }
 
@@ -113,7 +111,7 @@ for p in "$@"; do
   case $p in
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     pack) tar czf $FINAL_OUT/results.tgz -C $OUT . && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-switch) phase_bench_serve_switch ;;
+    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

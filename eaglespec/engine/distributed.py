@@ -30,7 +30,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import wait
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -138,9 +138,11 @@ class RankGroup:
     # ------------------------------------------------------------------ start
 
     @classmethod
-    def start(cls, args: RankArgs, world_size: int) -> "RankGroup":
+    def start(cls, args: RankArgs, world_size: int,
+              build_engine: Callable[[RankArgs, "RankGroup"], Any]) -> "RankGroup":
         """Rank 0 starts its workers and joins the groups with them; under torchrun this process
-        joins the job's group with the rank torchrun gave it."""
+        joins the job's group with the rank torchrun gave it. ``build_engine(args, group)`` (a
+        picklable top-level callable) builds a worker's engine, whose ``core`` it then follows."""
         if launched_by_torchrun():
             rank = int(os.environ["RANK"])
             local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -160,7 +162,7 @@ class RankGroup:
         try:
             for rank in range(1, world_size):
                 read, write = ctx.Pipe(duplex=False)
-                process = ctx.Process(target=_worker_main, args=(rank, world_size, port, args, write),
+                process = ctx.Process(target=_worker_main, args=(rank, world_size, port, args, build_engine, write),
                                       name=f"eaglespec-tp-rank{rank}", daemon=False)
                 with _sigint_ignored():
                     process.start()
@@ -331,7 +333,7 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="eaglespec-parent-watch", daemon=True).start()
 
 
-def _worker_main(rank: int, world_size: int, port: int, args: RankArgs, conn) -> None:
+def _worker_main(rank: int, world_size: int, port: int, args: RankArgs, build_engine, conn) -> None:
     """A spawned rank: join the groups, build the same engine as rank 0, follow it until stop."""
     try:
         from tqdm import tqdm
@@ -345,10 +347,7 @@ def _worker_main(rank: int, world_size: int, port: int, args: RankArgs, conn) ->
         conn.send(("hello",))
         group = RankGroup(rank, world_size, _device(args.device_type, rank), [])
         group._join(f"tcp://127.0.0.1:{port}")
-        from eaglespec.engine.llm import LLM
-
-        llm = LLM._for_rank(args, group)
-        group.follow(llm.core)
+        group.follow(build_engine(args, group).core)
     except BaseException as exc:  # noqa: BLE001 - said to rank 0, which raises it
         log.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
         try:

@@ -191,7 +191,7 @@ class LLM:
                              "it), not a module")
         args = RankArgs(os.fspath(model_path), os.fspath(draft) if draft is not None else None, spec, dtype, engine,
                         dev.type, default_draft)
-        self._ranks = RankGroup.start(args, world_size)
+        self._ranks = RankGroup.start(args, world_size, build_engine=LLM._for_rank)
         self._load_rank(args, progress and self._ranks.rank == 0)
         if self._ranks.rank != 0:  # under torchrun: serve rank 0 until it closes, then leave
             self._ranks.follow(self.core)

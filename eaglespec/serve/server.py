@@ -23,9 +23,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-token-budget", type=int, default=8192, help="tokens prefilled per engine step")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--log-level", default="warning")
-    p.add_argument("--switch-interval-ms", type=float, default=0.5,
-                   help="Python's thread switch interval (its default is 5 ms): the engine thread waits at "
-                        "most this long for the GIL while the HTTP side formats a step's chunks")
 
 
 def build_llm(args):
@@ -87,13 +84,8 @@ class ServerThread:
 
 
 def cmd_serve(args) -> int:
-    import sys
-
     import uvicorn
 
-    if args.switch_interval_ms <= 0:
-        raise ValueError(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
-    sys.setswitchinterval(args.switch_interval_ms / 1000)
     llm = build_llm(args)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else None)
     app, engine = build_server_app(llm, name, args.max_body_bytes)

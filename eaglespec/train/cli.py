@@ -338,15 +338,3 @@ def add_train_commands(subparsers) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     token_ranking.add_arguments(p)
     p.set_defaults(fn=_rank_tokens)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m eaglespec.train.cli train fit --config ...``): the same
-    parser and error handling as ``eaglespec``."""
-    from eaglespec.cli import main as eaglespec_main
-
-    return eaglespec_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
