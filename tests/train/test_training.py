@@ -19,9 +19,9 @@ from eaglespec.engine.llm import LLM
 from eaglespec.models.eagle import build_head, load_head
 from eaglespec.train.data import (iter_sharegpt, load_conversations, load_prepared, load_prepared_features,
                                   mtbench_questions, prepare, user_turns)
-from eaglespec.train.trainer import (DenseCausalStep, TrainConfig, Trainer, TTTStep, build_vocab_map, export_head,
-                                     evaluate_tau, head_config_for, pad_batch, plan_batches, plot_log,
-                                     speculative_llm, target_forward)
+from eaglespec.train.dense import DenseCausalStep, TTTStep, pad_batch, target_forward
+from eaglespec.train.trainer import (TrainConfig, Trainer, build_vocab_map, export_head, evaluate_tau, head_config_for,
+                                     plan_batches, plot_log, speculative_llm)
 from eaglespec.train.token_ranking import rank_tokens
 from tests.conftest import random_model, small_engine, tiny_config
 from tests.speculative.test_speculative_greedy import predictable_target
