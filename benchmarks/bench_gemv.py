@@ -1,11 +1,11 @@
-"""Few-token products of the Llama-3.1-8B shapes: cuBLAS plus the separate kernels it needs
+"""Few-token products of a model's shapes (--preset, default Llama-3.1-8B): cuBLAS plus the separate kernels it needs
 (norm, RoPE/cache store, SwiGLU, residual add) against the folded Triton kernels of
 ``eaglespec.ops.gemv`` over a sweep of tiles, for each token count of ``--rows`` (1: a batch-1
 decode step; 4: batch-4 decode or chain:3 verify; 33: a 32-node tree and its root; 64: the
 most the folded kernels take).
 
-GPU only:  python benchmarks/bench_gemv.py [--out benchmarks/results] [--quick] [--rows 1,4,16,33,64]
-Each variant runs inside a CUDA graph over enough weight copies that nothing stays in L2, so a
+GPU only:  python benchmarks/bench_gemv.py [--preset smollm2-135m] [--out benchmarks/results] [--quick]
+[--rows 1,4,16,33,64]. Each variant runs inside a CUDA graph over enough weight copies that nothing stays in L2, so a
 call's time is what it costs inside a decode step.
 """
 
@@ -18,12 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eaglespec.bench.decode import PRESETS  # noqa: E402
 from eaglespec.bench.results import write_result  # noqa: E402
+from eaglespec.config import LlamaConfig  # noqa: E402
 from eaglespec.models.llama import rope_cos_sin, rope_inverse_frequencies  # noqa: E402
 from eaglespec.ops import fused  # noqa: E402
 from eaglespec.ops import gemv as G  # noqa: E402
 
-HIDDEN, INTER, VOCAB, HQ, HKV, D = 4096, 14336, 128256, 32, 8, 128
 F = torch.nn.functional
 
 
@@ -68,12 +69,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="the default tiles only")
     ap.add_argument("--rows", default="1", help="comma-separated token counts (1 to 64)")
+    ap.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="whose weight shapes")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    results = {"rows": {}}
+    results = {"preset": args.preset, "rows": {}}
     for m in (int(r) for r in args.rows.split(",")):
-        results["rows"][str(m)] = bench_rows(m, dev, dt, args.quick)
-    name = "gemv-llama-3.1-8b-shapes" + ("" if args.rows == "1" else "-rows-" + args.rows.replace(",", "-"))
+        results["rows"][str(m)] = bench_rows(PRESETS[args.preset], m, dev, dt, args.quick)
+    name = f"gemv-{args.preset}-shapes" + ("" if args.rows == "1" else "-rows-" + args.rows.replace(",", "-"))
     print("wrote", write_result(name, results, dev, args.out))
 
 
@@ -82,37 +84,40 @@ def sweep_tiles(m: int) -> list[G.GemvTile]:
         return [G.GemvTile(bn, bk, w, s) for bn, bk, w, s in itertools.product(
             (4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 3, 4))]
     block_m = max(16, 1 << (m - 1).bit_length())
+    # Long column steps too: a small model's K (576) in one or two steps instead of five serial ones.
     return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
-        (16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))]
+        (16, 32, 64), (32, 64, 128, 256, 512), (4, 8), (2, 3, 4))]
 
 
-def bench_rows(m: int, dev, dt, quick: bool) -> dict:
+def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool) -> dict:
+    hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     tiles = sweep_tiles(m)
-    x = torch.randn(m, HIDDEN, device=dev, dtype=dt)
-    x_inter = torch.randn(m, INTER, device=dev, dtype=dt)
-    g = torch.ones(HIDDEN, device=dev, dtype=dt)
-    res = torch.randn(m, HIDDEN, device=dev, dtype=dt)
-    cos, sin = rope_cos_sin(torch.arange(200, 200 + m, device=dev), rope_inverse_frequencies(D, 5e5, None).to(dev),
-                            dt)
-    k_cache = torch.zeros(64, 16, HKV, D, device=dev, dtype=dt)
+    x = torch.randn(m, hidden, device=dev, dtype=dt)
+    x_inter = torch.randn(m, inter, device=dev, dtype=dt)
+    g = torch.ones(hidden, device=dev, dtype=dt)
+    res = torch.randn(m, hidden, device=dev, dtype=dt)
+    cos, sin = rope_cos_sin(torch.arange(200, 200 + m, device=dev),
+                            rope_inverse_frequencies(hd, cfg.rope_theta, None).to(dev), dt)
+    k_cache = torch.zeros(64, 16, hkv, hd, device=dev, dtype=dt)
     v_cache = torch.zeros_like(k_cache)
     slots = torch.arange(77, 77 + m, device=dev)
 
     def qkv_unfused(w):
         h, _ = fused.rms_norm(x, g, 1e-5)
-        q, k, v = F.linear(h, w).split((HQ * D, HKV * D, HKV * D), dim=-1)
-        fused.rope_and_cache_write(q.view(m, HQ, D), k.view(m, HKV, D), v.view(m, HKV, D), cos, sin,
+        q, k, v = F.linear(h, w).split((hq * hd, hkv * hd, hkv * hd), dim=-1)
+        fused.rope_and_cache_write(q.view(m, hq, hd), k.view(m, hkv, hd), v.view(m, hkv, hd), cos, sin,
                                    k_cache, v_cache, slots)
 
     shapes = {  # name: (weight shape, unfused (cuBLAS) step, fused step taking a tile)
-        "qkv": (((HQ + 2 * HKV) * D, HIDDEN), qkv_unfused,
-        lambda w, t: G.gemv_qkv_rope(w, x, g, 1e-5, cos, sin, k_cache, v_cache, slots, HQ, HKV, tile=t)),
-        "o_proj": ((HIDDEN, HIDDEN), lambda w: F.linear(x, w) + res, lambda w, t: G.gemv(w, x, residual=res, tile=t)),
-        "gate_up": ((2 * INTER, HIDDEN), lambda w: fused.silu_mul(F.linear(fused.rms_norm(x, g, 1e-5)[0], w)),
+        "qkv": (((hq + 2 * hkv) * hd, hidden), qkv_unfused,
+        lambda w, t: G.gemv_qkv_rope(w, x, g, 1e-5, cos, sin, k_cache, v_cache, slots, hq, hkv, tile=t)),
+        "o_proj": ((hidden, hidden), lambda w: F.linear(x, w) + res, lambda w, t: G.gemv(w, x, residual=res, tile=t)),
+        "gate_up": ((2 * inter, hidden), lambda w: fused.silu_mul(F.linear(fused.rms_norm(x, g, 1e-5)[0], w)),
                     lambda w, t: G.gemv_silu_mul(w, x, g, 1e-5, tile=t)),
-        "down": ((HIDDEN, INTER), lambda w: F.linear(x_inter, w) + res,
+        "down": ((hidden, inter), lambda w: F.linear(x_inter, w) + res,
                  lambda w, t: G.gemv(w, x_inter, residual=res, tile=t)),
-        "lm_head": ((VOCAB, HIDDEN), lambda w: F.linear(fused.rms_norm(x, g, 1e-5)[0], w).float(),
+        "lm_head": ((vocab, hidden), lambda w: F.linear(fused.rms_norm(x, g, 1e-5)[0], w).float(),
                     lambda w, t: G.gemv(w, x, g, 1e-5, out_dtype=torch.float32, tile=t)),
     }
     results = {"shapes": {}}
@@ -123,7 +128,7 @@ def bench_rows(m: int, dev, dt, quick: bool) -> dict:
                "unfused_us": time_over_copies(unfused, ws),
                "default_tile_us": time_over_copies(lambda w: fused_step(w, None), ws), "sweep": []}
         for tile in ([] if quick else tiles):
-            if tile.block_k > shape[1] or (name == "qkv" and tile.block_n > max(16, D // 2)):
+            if tile.block_k > 1 << (shape[1] - 1).bit_length() or (name == "qkv" and tile.block_n > max(16, hd // 2)):
                 continue
             try:
                 us = time_over_copies(lambda w, t=tile: fused_step(w, t), ws)
