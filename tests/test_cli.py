@@ -90,7 +90,7 @@ def test_version_and_help_explain_the_tree(capsys):
         cli.main(["generate", "--help"])
     help_text = capsys.readouterr().out
     for fragment in ("DEPTH,TOPK,NODES", "DEPTH levels", "TOPK best", "NODES <= 63", "DEPTH * TOPK <= 64",
-                     "chain:K", "1 <= K <= 63", "auto", "the default", "dynamic:4,6,16", "--max-model-len", "--stop", "--system",
+                     "chain:K", "1 <= K <= 63", "auto", "the default", "dynamic:4,6,15", "--max-model-len", "--stop", "--system",
                      "--prompt-file", "'-' to read it from stdin"):
         assert fragment in help_text, fragment
     with pytest.raises(SystemExit):
