@@ -73,26 +73,30 @@ def main() -> None:
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     results = {"preset": args.preset, "rows": {}}
+    name = f"gemv-{args.preset}-shapes" + ("" if args.rows == "1" else "-rows-" + args.rows.replace(",", "-"))
     for m in (int(r) for r in args.rows.split(",")):
         results["rows"][str(m)] = bench_rows(PRESETS[args.preset], m, dev, dt, args.quick)
-    name = f"gemv-{args.preset}-shapes" + ("" if args.rows == "1" else "-rows-" + args.rows.replace(",", "-"))
-    print("wrote", write_result(name, results, dev, args.out))
+        # Written after every token count: a sweep cut short by a time limit keeps what it measured.
+        path = write_result(name, results, dev, args.out)
+    print("wrote", path)
 
 
-def sweep_tiles(m: int) -> list[G.GemvTile]:
+def sweep_tiles(m: int, k: int) -> list[G.GemvTile]:
+    """The tiles tried for m rows of a product with k inputs."""
     if m == 1:
         return [G.GemvTile(bn, bk, w, s) for bn, bk, w, s in itertools.product(
             (4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 3, 4))]
     block_m = max(16, 1 << (m - 1).bit_length())
-    # Long column steps too: a small model's K (576) in one or two steps instead of five serial ones.
+    if k <= 1024:  # a small model: k in one to five column steps (serial steps are its latency)
+        return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
+            (16, 32), (128, 256, 512, 1024), (4, 8), (2, 3))]
     return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
-        (16, 32, 64), (32, 64, 128, 256, 512), (4, 8), (2, 3, 4))]
+        (16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))]
 
 
 def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool) -> dict:
     hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    tiles = sweep_tiles(m)
     x = torch.randn(m, hidden, device=dev, dtype=dt)
     x_inter = torch.randn(m, inter, device=dev, dtype=dt)
     g = torch.ones(hidden, device=dev, dtype=dt)
@@ -127,7 +131,7 @@ def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool) -> dict:
         row = {"weight_shape": list(shape), "weight_MB": nbytes / 1e6,
                "unfused_us": time_over_copies(unfused, ws),
                "default_tile_us": time_over_copies(lambda w: fused_step(w, None), ws), "sweep": []}
-        for tile in ([] if quick else tiles):
+        for tile in ([] if quick else sweep_tiles(m, shape[1])):
             if tile.block_k > 1 << (shape[1] - 1).bit_length() or (name == "qkv" and tile.block_n > max(16, hd // 2)):
                 continue
             try:

@@ -65,8 +65,8 @@ phase_bench_tp1_ab() {
   done
 }
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
-# The real model's shapes are small (K = 576): a launch there is latency, not bytes; which tiles win at 1-33 rows.
-phase_bench_gemv_smollm2() { timeout 300 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 1,4,8,16,33 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -30; }
+# The real model's shapes are small (K = 576): a launch there is latency, not bytes; which tiles win at 4-33 rows.
+phase_bench_gemv_smollm2() { timeout 480 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,16,33 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -30; }
 phase_bench_gemv_rows() { timeout 180 python3 benchmarks/bench_gemv.py --rows 4,16,33,64 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -20; }
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }
 phase_bench_e2e() {  # tree=auto (the default) against plain decoding, batch 1..64, A/B/A per batch
@@ -78,7 +78,7 @@ phase_bench_e2e_sampled() {
     --top-p 0.9 --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
 phase_bench_census() {  # kernels and replay time of one step, SmolLM2 shape (issue 8's before/after figures)
-  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:5,8,32" --batches 1,16 \
+  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15;dynamic:5,8,32" --batches 1,16 \
     --context 512 --out $OUT 2>&1 | tee -a $OUT/bench.log
 }
 phase_bench_spec_8b() {  # chain:3 on the 8B shape, random EAGLE-1 head of the official shape, 32k draft vocabulary
