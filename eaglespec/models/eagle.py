@@ -39,10 +39,11 @@ from torch import nn
 from eaglespec.config import LlamaConfig
 from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import AttentionStep
-from eaglespec.models.llama import (FEW_TOKENS, LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
-                                    RMSNorm, add_rms_norm, apply_rope, checked_kernels, fused_layer_slices,
-                                    load_named_tensors, rope_cos_sin, rope_inverse_frequencies,
-                                    unfused_named_tensors, with_kernels)
+from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, RMSNorm,
+                                    add_rms_norm, apply_rope, checked_kernels, folded_token_limit,
+                                    fused_layer_slices, load_named_tensors, rope_cos_sin,
+                                    rope_inverse_frequencies, unfused_named_tensors, with_kernels)
+from eaglespec.models.tensor_parallel import SINGLE, LlamaShard
 from eaglespec.ops.rope_table import rope_table
 
 
@@ -200,6 +201,7 @@ class EagleHead(nn.Module):
         self.config = cfg
         self.kernels = checked_kernels(kernels or target.kernels)  # "torch" or "triton"
         lc = cfg.layer
+        self.folded_tokens = folded_token_limit(lc, LlamaShard.of(lc, SINGLE))  # drafting depths up to this: folded
         if lc.vocab_size != target.config.vocab_size:
             raise ValueError(f"draft head vocabulary {lc.vocab_size} != target vocabulary {target.config.vocab_size}")
         if cfg.target_hidden_size != target.config.hidden_size:
@@ -304,7 +306,7 @@ class EagleHead(nn.Module):
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))
-            if use_triton and h.shape[0] <= FEW_TOKENS:  # a drafting depth: on the folded products
+            if use_triton and h.shape[0] <= self.folded_tokens:  # a drafting depth: on the folded products
                 for i, layer in enumerate(self.layers):
                     h = layer.forward_few_tokens(h, cos, sin, i, attn, cache)
             elif use_triton:

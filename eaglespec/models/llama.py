@@ -46,6 +46,20 @@ KERNEL_SETS = ("torch", "triton")
 # at batch 1, 1.39 -> 1.80 ms for chain:3 at batch 16), while 4 rows (one 16-row tile) matched:
 # the folded path is kept to one 16-row tile.
 FEW_TOKENS = 16
+# ...and only for layers small enough that launches, not weight bytes, set their time. On the
+# H200 (2026-12-04, benchmarks/bench_gemv.py --rows 4,16) the 16-row tiles matched cuBLAS plus
+# the separate kernels on SmolLM2's products (at most 1.8M weights) but ran 1.1-1.9x slower on
+# Llama-3.1-8B's (16M to 117M weights): decode at batch 16 took 8.2 ms there against 5.0 ms on
+# cuBLAS. One token row is a matrix-vector product, at full bandwidth for every size.
+FOLDED_ROWS_MAX_WEIGHTS = 4 * 1024 * 1024
+
+
+def folded_token_limit(cfg: LlamaConfig, shard: "LlamaShard") -> int:
+    """The most tokens a step may have to run its layers on the folded products: FEW_TOKENS
+    when this rank's largest layer product holds at most FOLDED_ROWS_MAX_WEIGHTS weights, else 1."""
+    qkv_rows = (shard.num_heads + 2 * shard.num_kv_heads) * cfg.head_dim
+    largest = cfg.hidden_size * max(qkv_rows, 2 * shard.intermediate_size)
+    return FEW_TOKENS if largest <= FOLDED_ROWS_MAX_WEIGHTS else 1
 
 
 def checked_kernels(kernels: str) -> str:
@@ -283,6 +297,7 @@ class LlamaForCausalLM(nn.Module):
         self.kernels = checked_kernels(kernels)  # which forward runs: "torch" or "triton"
         self.tp = tp
         self.shard = LlamaShard.of(cfg, tp)  # the heads / columns / vocabulary rows this rank holds
+        self.folded_tokens = folded_token_limit(cfg, self.shard)  # steps up to this size: folded products
         self.model = LlamaBackbone(cfg, tp)
         rows = self.shard.vocab_rows
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, rows, bias=False)
@@ -376,12 +391,12 @@ class LlamaForCausalLM(nn.Module):
                         cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
                         want_taps: bool) -> ModelOutput:
         """The Triton kernel set (same results as the reference up to kernel rounding). A step of at
-        most FEW_TOKENS tokens (small-batch decode, the verify forward of a small tree, a short
-        prefill) runs on the folded products of ``ops.gemv``; every other step on the fused
+        most ``folded_tokens`` tokens (small-batch decode, the verify forward of a small tree, a
+        short prefill) runs on the folded products of ``ops.gemv``; every other step on the fused
         element-wise kernels between cuBLAS products."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_table(positions, self.inv_freq, x.dtype)  # once for all layers
-        if 0 < x.shape[0] <= FEW_TOKENS:
+        if 0 < x.shape[0] <= self.folded_tokens:
             tap_layers = self.config.eagle3_layers if want_taps else ()
             layer_inputs = {}
             for i, layer in enumerate(self.model.layers):
@@ -392,10 +407,13 @@ class LlamaForCausalLM(nn.Module):
             if logits_rows is not None:  # the final norm is row-wise: only the selected rows go on
                 x = x.index_select(0, logits_rows)
                 taps = None if taps is None else taps.index_select(0, logits_rows)
-            norm = self.model.norm  # the final norm rides along with the output projection
-            logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
-            hidden = add_rms_norm(norm, x, None)[0] if want_hidden else None
-            return ModelOutput(logits=logits, hidden=hidden, taps=taps)
+            norm = self.model.norm
+            hidden = add_rms_norm(norm, x, None)[0] if want_hidden or x.shape[0] > 1 else None
+            if x.shape[0] == 1:  # the final norm rides along with the matrix-vector product
+                logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
+            else:  # the output projection is the largest product: cuBLAS reads it 2-3x faster than 16-row tiles
+                logits = self.local_logits(hidden)
+            return ModelOutput(logits=logits, hidden=hidden if want_hidden else None, taps=taps)
         residual = None
         tap_layers = self.config.eagle3_layers if want_taps else ()
         layer_inputs = {}

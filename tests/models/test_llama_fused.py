@@ -4,12 +4,15 @@ kind of step and for both draft-head kinds (fp32)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import DecodeStep, PrefillStep, TreeStep
-from eaglespec.models.llama import FEW_TOKENS, build_model
+from eaglespec.models.llama import FEW_TOKENS, build_model, folded_token_limit
+from eaglespec.models.tensor_parallel import SINGLE, LlamaShard
 from eaglespec.ops import gemv
 from tests.conftest import DEVICE, needs_triton_kernels, random_model, tiny_config
 from tests.speculative.test_speculative_greedy import eagle1_head, eagle3_head
@@ -203,6 +206,41 @@ def test_few_token_forward_matches_torch_path_for_decode_and_tree_of_batch_3(tie
         torch.testing.assert_close(got_v, ref_v, **TOL)
         assert torch.equal(got_cache.k, cache.k)  # the tree never touches the paged cache
     assert calls[0] == 3 * cfg.num_layers
+
+
+def test_folded_products_take_several_rows_only_for_small_layers(monkeypatch):
+    """Steps of 2..FEW_TOKENS tokens run the layers on the folded products only when the largest
+    layer product is small (SmolLM2: 16 rows); Llama-3.1-8B's products go to cuBLAS from two
+    rows on (with 4 ranks too), its one-row decode stays folded. A model limited to one row runs
+    a 3-row decode on cuBLAS with the same results."""
+    from eaglespec.bench.decode import PRESETS
+
+    shard = LlamaShard.of
+    assert folded_token_limit(PRESETS["smollm2-135m"], shard(PRESETS["smollm2-135m"], SINGLE)) == FEW_TOKENS
+    big = PRESETS["llama-3.1-8b"]
+    assert folded_token_limit(big, shard(big, SINGLE)) == 1
+    assert folded_token_limit(big, shard(big, SimpleNamespace(rank=0, world_size=4))) == 1  # a rank's shard
+    model = random_model(tiny_config(num_layers=2), seed=9).to(DEVICE)
+    assert model.folded_tokens == FEW_TOKENS and eagle1_head(model, seed=3, layers=1, oracle=False).folded_tokens == FEW_TOKENS
+    cfg = model.config
+    lens, tables = [7, 4, 9], [[3], [1], [2]]
+    ids = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    cache = _cache(cfg)
+    scale = cfg.head_dim ** -0.5
+    model(ids, torch.cat([torch.arange(n) for n in lens]).to(DEVICE), _prefill(lens, tables, scale), cache)
+    slots = [tables[b][0] * BS + p for b, p in enumerate(lens)]
+
+    def decode():
+        c = KVCache(cache.k.clone(), cache.v.clone())
+        return c, DecodeStep(_tensor(slots), _tensor(tables, torch.int32), _tensor([n + 1 for n in lens],
+                                                                                  torch.int32), scale)
+
+    model.folded_tokens = 1
+    calls = _counting_qkv(monkeypatch)
+    (ref, _, _), (got, _, _) = _both_paths(model, decode, _tensor([5, 17, 40]), _tensor(lens), want_hidden=True)
+    assert calls[0] == 0  # three rows, limit one: no folded product ran
+    for name in ("logits", "hidden"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), **TOL)
 
 
 def test_kernel_set_is_chosen_when_built_and_shares_the_weights():
