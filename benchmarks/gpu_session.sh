@@ -54,7 +54,7 @@ phase_bench_decode() {
 phase_bench_tp1_ab() {
   [ -d .prev/eaglespec ] || { echo "bench-tp1-ab: carry .prev (the tree before tensor parallelism)"; return 5; }
   local i=0
-  for who in now prev now prev; do
+  for who in now prev now; do
     i=$((i + 1))
     local code=$PWD; [ $who = prev ] && code=$PWD/.prev
     for preset in llama-3.1-8b smollm2-135m; do

@@ -115,11 +115,22 @@ def main(argv=None) -> None:
                                  spec=SpecConfig(tree=tree, draft_vocab_size=size), eos_ids=plain.eos_ids)
             engines[tree if size is None else f"{tree} vocab {size}"] = llm
     # Warm-up: Triton compiles and every bucket's graph is captured (the tail of each batch passes
-    # through the smaller buckets), so no capture lands inside a timed run.
+    # through the smaller buckets), so no capture lands inside a timed run. tree=auto captures a
+    # sampled batch's graphs when it first tries each choice at a bucket (a trial of a few steps
+    # per choice): long enough replies that every choice is tried at every bucket. With 8 tokens
+    # most choices were first captured inside the timed runs (sampled, H200, 2026-12-04: 0.40x
+    # at batch 64, where a whole run lasts about 3 s).
     for llm in engines.values():
+        trials = 1 if llm.speculative is None or llm.speculative.policy is None else (
+            llm.speculative.policy.trial_steps * len(llm.speculative.policy.choices))
+        tokens = 8 * trials if llm.speculative is None else (trials + 1) * llm.speculative.lookahead
         for b in llm.runner.buckets:
-            llm.generate(prompts[:b], SamplingParams(max_tokens=8, temperature=args.temperature, top_p=args.top_p))
+            llm.generate(prompts[:b], SamplingParams(max_tokens=tokens, temperature=args.temperature,
+                                                     top_p=args.top_p, ignore_eos=True))
     rows = []
+    device = plain.device
+    result_name = ("e2e-smollm2-mtbench" + (f"-t{args.temperature:g}-p{args.top_p:g}" if args.temperature else "")
+                   + (f"-{args.dtype}" if args.dtype else "") + ("-draft-vocab" if vocabs != [None] else ""))
     for batch in batches:
         subset = prompts[:args.batch1_num] if batch == 1 else prompts
         # Plain decoding runs first and last (A, B, ..., A): speedups are over the mean of the
@@ -142,11 +153,9 @@ def main(argv=None) -> None:
             print(f"batch {batch:3d} {name:>28s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
                   f"speedup {row['speedup']:.2f}x (plain spread {spread:.1%})  identical {row['identical_to_plain']}  "
                   f"{row['speculation'] if name != 'plain' else ''}", flush=True)
-    device = plain.device
-    name = ("e2e-smollm2-mtbench" + (f"-t{args.temperature:g}-p{args.top_p:g}" if args.temperature else "")
-            + (f"-{args.dtype}" if args.dtype else "") + ("-draft-vocab" if vocabs != [None] else ""))
-    path = write_result(name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype),
-                               "temperature": args.temperature, "top_p": args.top_p, "rows": rows}, device, args.out)
+        # Written after every batch size: a run cut short by a time limit keeps what it measured.
+        path = write_result(result_name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype),
+                                          "temperature": args.temperature, "top_p": args.top_p, "rows": rows}, device, args.out)
     print("wrote", path, "(plot: python -m eaglespec.bench.plots, needs the [plot] extra)")
 
 
