@@ -8,7 +8,9 @@ chosen per step from measurements, not fixed:
 - the wall time of a step, per (choice, batch bucket, greedy or sampled), as an exponential
   moving average of the steps that choice ran (the first run of a graph is warm-up, ignored);
 - the tokens one step yields per sequence, per (choice, greedy or sampled): acceptance does not
-  depend on the batch size, so what a tree earns at batch 1 predicts it at batch 16.
+  depend on the batch size, so what a tree earns at batch 1 predicts it at batch 16. One step's
+  count is noisy (1 to depth + 1 tokens at batch 1), so this is a mean over the last
+  ``token_memory`` steps, with its variance.
 
 Step times may be seeded at start-up (``seed``: on a GPU, the replay time of every captured
 graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines them, from steady
@@ -17,7 +19,9 @@ before it, not the first plain step after a tree, which pays the switch).
 
 The best choice runs for an epoch of ``epoch_steps`` steps of its bucket: switches are rare
 (each costs a step without overlap) and the per-step decision is a lookup. Each epoch runs the
-choice with the highest expected tokens per second; a choice with no timing yet in this bucket,
+choice with the highest tokens per second, a tree's tokens per step counted ``optimism``
+standard errors above its mean (a tree known from few steps gets the benefit of the doubt, so
+an unlucky trial does not shut it out); a choice with no timing yet in this bucket,
 or a tree whose acceptance was never seen, is tried first (a short epoch of ``trial_steps``
 each, in order); after that, one epoch in every ``explore_every`` is a short one re-measuring
 the choice measured longest ago, so a choice that became better (other prompts, other
@@ -31,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PLAIN = "plain"
+# Variance assumed for a tree's tokens per step at least (its first observations may agree by chance).
+MIN_TOKEN_VARIANCE = 0.25
 
 
 @dataclass(slots=True)
@@ -48,6 +54,28 @@ class _Average:
 
 
 @dataclass(slots=True)
+class _Mean:
+    """Mean and variance of the tokens a step yields: a plain running mean over the first
+    ``memory`` observations, then exponentially weighted with weight 1 / memory."""
+
+    value: float = 0.0
+    variance: float = 0.0
+    count: int = 0
+
+    def update(self, x: float, memory: int) -> None:
+        self.count += 1
+        w = max(1.0 / self.count, 1.0 / memory)
+        delta = x - self.value
+        self.value += w * delta
+        self.variance = (1 - w) * (self.variance + w * delta * delta)
+
+    def upper(self, optimism: float, memory: int, floor_variance: float) -> float:
+        """The mean plus ``optimism`` standard errors (of at most ``memory`` observations)."""
+        n = min(self.count, memory)
+        return self.value + optimism * (max(self.variance, floor_variance) / n) ** 0.5
+
+
+@dataclass(slots=True)
 class _Epoch:
     choice: str
     steps_left: int  # steps of this epoch still to run after the current one
@@ -58,12 +86,14 @@ class SpeculationPolicy:
     """Picks, per step, plain decoding or one of ``trees`` (tree spec strings)."""
 
     trees: list[str]
-    smoothing: float = 0.2  # weight of the newest observation in the moving averages
+    smoothing: float = 0.2  # weight of the newest observation in the step-time averages
+    token_memory: int = 64  # observations the tokens-per-step mean spans (one step's count is noisy)
+    optimism: float = 1.0  # standard errors added to a tree's tokens per step when choosing
     epoch_steps: int = 8  # steps the best choice runs for before the next decision, per bucket
-    trial_steps: int = 2  # steps of a trial or an exploring epoch (the first pays the switch, the next is timed)
+    trial_steps: int = 4  # steps of a trial or an exploring epoch (the first pays the switch, the rest are timed)
     explore_every: int = 32  # one exploring epoch in this many, per bucket
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
-    _tokens: dict[tuple, _Average] = field(default_factory=dict)  # (choice, greedy) -> tokens / sequence / step
+    _tokens: dict[tuple, _Mean] = field(default_factory=dict)  # (choice, greedy) -> tokens / sequence / step
     _epochs: dict[tuple, int] = field(default_factory=dict)  # (bucket, greedy) -> epochs started
     _current: dict[tuple, _Epoch] = field(default_factory=dict)  # (bucket, greedy) -> the running epoch
     _observed: int = 0  # observations so far (the clock of ``last_step``)
@@ -75,6 +105,9 @@ class SpeculationPolicy:
             raise ValueError(f"SpeculationPolicy.trees must be distinct tree specs, got {self.trees}")
         if not 0.0 < self.smoothing <= 1.0:
             raise ValueError(f"SpeculationPolicy.smoothing must be in (0, 1], got {self.smoothing}")
+        if self.token_memory < 1 or self.optimism < 0:
+            raise ValueError(f"SpeculationPolicy.token_memory must be >= 1 and optimism >= 0, got "
+                             f"{self.token_memory} and {self.optimism}")
         if self.explore_every < 2:
             raise ValueError(f"SpeculationPolicy.explore_every must be >= 2, got {self.explore_every}")
         if self.epoch_steps < 1 or self.trial_steps < 1:
@@ -115,8 +148,7 @@ class SpeculationPolicy:
             raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
         self._observed += 1
         if choice != PLAIN:
-            self._tokens.setdefault((choice, greedy), _Average()).update(tokens_per_sequence, self.smoothing,
-                                                                         self._observed)
+            self._tokens.setdefault((choice, greedy), _Mean()).update(tokens_per_sequence, self.token_memory)
         if steady:
             self._seconds.setdefault((choice, bucket, greedy), _Average()).update(seconds, self.smoothing,
                                                                                   self._observed)
@@ -138,10 +170,20 @@ class SpeculationPolicy:
         return None if tokens is None else tokens.value / seconds.value
 
     def best(self, bucket: int, greedy: bool) -> str:
-        """The measured choice with the highest expected rate (plain until something is measured)."""
-        rates = {c: self.expected_rate(c, bucket, greedy) for c in self.choices}
-        measured = {c: r for c, r in rates.items() if r is not None}
-        return max(measured, key=measured.get) if measured else PLAIN
+        """The measured choice with the highest rate, a tree's tokens per step taken ``optimism``
+        standard errors above their mean (plain until something is measured). A tree seen on a
+        few unlucky steps keeps a wide margin and is run again until its mean is known; ranked
+        by the mean alone, two short steps of 1 token could shut out the best tree for thousands
+        of steps (H200, SmolLM2, batch 1: auto 0.98x where dynamic:5,8,32 alone ran 1.22x)."""
+        rates = {}
+        for c in self.choices:
+            seconds = self._seconds.get((c, bucket, greedy))
+            tokens = self._tokens.get((c, greedy))
+            if seconds is None or seconds.value <= 0 or (c != PLAIN and tokens is None):
+                continue
+            per_step = 1.0 if c == PLAIN else tokens.upper(self.optimism, self.token_memory, MIN_TOKEN_VARIANCE)
+            rates[c] = per_step / seconds.value
+        return max(rates, key=rates.get) if rates else PLAIN
 
     def summary(self) -> list[dict]:
         """One row per measured (choice, bucket, greedy): step ms, tokens per sequence, rate."""

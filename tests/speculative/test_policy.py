@@ -1,5 +1,7 @@
 """The speculation policy: tries every choice, then runs the one with the best measured rate."""
 
+import random
+
 import pytest
 
 from eaglespec.speculative.policy import PLAIN, SpeculationPolicy
@@ -22,11 +24,12 @@ def test_picks_plain_when_the_draft_never_accepts():
     tokens = {PLAIN: 1.0, "chain:3": 1.0, "dynamic:5,8,32": 1.0}  # nothing accepted
     chosen = drive(policy, 2000, cost, tokens)
     assert policy.best(1, True) == PLAIN
-    # After the trials, only the exploring epochs run a tree: one short epoch (2 steps) in 16,
+    # After the trials, only the exploring epochs run a tree: one short epoch (trial_steps) in 16,
     # the other 15 run plain for 4 steps each.
     late = chosen[100:]
-    cycle = 15 * 4 + 2
-    assert len(late) - late.count(PLAIN) <= 2 * (len(late) / cycle + 1)
+    trial = policy.trial_steps
+    cycle = 15 * 4 + trial
+    assert len(late) - late.count(PLAIN) <= trial * (len(late) / cycle + 1)
     switches = sum(a != b for a, b in zip(late, late[1:]))
     assert switches <= 2 * (len(late) / cycle + 1)  # choices held for whole epochs
 
@@ -39,6 +42,40 @@ def test_picks_the_tree_with_the_best_rate_when_it_pays():
     assert policy.best(1, True) == "dynamic:5,8,32"
     late = chosen[100:]
     assert late.count("dynamic:5,8,32") >= len(late) * 15 / 16 - 4
+
+
+def test_noisy_acceptance_still_finds_the_best_tree():
+    """Tokens per step drawn at random around each tree's mean, step times as measured at batch 1
+    on the H200 (SmolLM2, 2026-12-04). Ranked on a short moving average, two unlucky trial steps
+    kept the best tree out for thousands of steps (about 86 % of its rate); with the mean over
+    many steps and a margin for the trees seen least, the policy reaches over 95 %."""
+    ms = {PLAIN: 0.80, "chain:1": 1.26, "chain:3": 1.45, "dynamic:4,6,15": 1.84, "dynamic:5,8,32": 1.91}
+    depth = {"chain:1": 1, "chain:3": 3, "dynamic:4,6,15": 4, "dynamic:5,8,32": 5}
+    go_on = {"chain:1": 0.35, "chain:3": 0.52, "dynamic:4,6,15": 0.65, "dynamic:5,8,32": 0.68}
+
+    def tokens(choice, rng):  # accepted drafts: each next depth with probability go_on, plus the bonus
+        n = 1
+        while choice != PLAIN and n <= depth[choice] and rng.random() < go_on[choice]:
+            n += 1
+        return n
+
+    rng = random.Random(0)
+    mean = {c: sum(tokens(c, rng) for _ in range(20000)) / 20000 for c in ms}
+    best_rate = max(mean[c] / ms[c] for c in ms)
+    assert max(ms, key=lambda c: mean[c] / ms[c]) == "dynamic:5,8,32"
+    rates = []
+    for seed in range(8):
+        policy, rng, last, seconds, total = SpeculationPolicy(list(depth)), random.Random(seed), None, 0.0, 0
+        for c in policy.choices:
+            policy.seed(c, 1, True, ms[c])
+        for _ in range(4000):
+            c = policy.choose(1, True)
+            n = tokens(c, rng)
+            policy.observe(c, 1, True, ms[c], n, steady=c == last)
+            last, seconds, total = c, seconds + ms[c], total + n
+        rates.append(total / seconds)
+    assert sum(rates) / len(rates) > 0.95 * best_rate
+    assert min(rates) > 0.88 * best_rate
 
 
 def test_choices_are_per_bucket():
