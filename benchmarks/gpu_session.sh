@@ -51,6 +51,8 @@ phase_bench_decode() {
 }
 # Issue 11: the single-GPU path now against the tree before tensor parallelism (a684445), A/B/A,
 # plain decoding of both presets. Here: git archive a684445 eaglespec | tar -x -C .prev, carry .prev.
+# a684445 also predates the folded products' rewrite (f501c02), which changed the one-row kernels:
+# at batch 1 compare with 941ea18 instead (those kernels, no sharding): TP1_BATCHES=1.
 phase_bench_tp1_ab() {
   [ -d .prev/eaglespec ] || { echo "bench-tp1-ab: carry .prev (the tree before tensor parallelism)"; return 5; }
   local i=0
@@ -59,8 +61,8 @@ phase_bench_tp1_ab() {
     local code=$PWD; [ $who = prev ] && code=$PWD/.prev
     for preset in llama-3.1-8b smollm2-135m; do
       echo "== tp1 A/B run $i: $who $preset" | tee -a $OUT/bench-tp1.log
-      (cd "$code" && PYTHONPATH=$SITE:$code python3 -m eaglespec.bench.decode --preset $preset --batches 1,16,64 \
-        --out $OUT/tp1/$i-$who) 2>&1 | tee -a $OUT/bench-tp1.log | grep -E "batch|ms"
+      (cd "$code" && PYTHONPATH=$SITE:$code python3 -m eaglespec.bench.decode --preset $preset \
+        --batches ${TP1_BATCHES:-1,16,64} --out $OUT/tp1/$i-$who) 2>&1 | tee -a $OUT/bench-tp1.log | grep -E "batch|ms"
     done
   done
 }
