@@ -309,9 +309,10 @@ class Terminal:
         self.out = b""
         self.err = b""
 
-    def read_until(self, pattern: bytes, where: str = "out", timeout: float = 180) -> None:
+    def read_until(self, pattern: bytes, where: str = "out", timeout: float = 180, count: int = 1) -> None:
+        """Read until ``pattern`` has appeared ``count`` times on stdout (or stderr)."""
         deadline = time.monotonic() + timeout
-        while pattern not in (self.out if where == "out" else self.err):
+        while (self.out if where == "out" else self.err).count(pattern) < count:
             assert time.monotonic() < deadline, (pattern, self.out, self.err)
             ready, _, _ = select.select([self.master, self.proc.stderr], [], [], 1.0)
             for fd in ready:
@@ -340,7 +341,9 @@ def test_chat_on_a_terminal_streams_edits_and_leaves_on_ctrl_c(tiny_dirs):
     term.read_until(b"> ")
     term.type(b"abc\x1b[D\x1b[DX\r")  # two left arrows, then an insertion: line editing
     term.read_until(b"finish:", where="err")  # the stats line follows the streamed reply
-    term.read_until(b"> ", timeout=60)
+    # The second prompt: Ctrl-C typed before it reaches the reply still printing, which it
+    # interrupts (the chat then waits at its next prompt) instead of leaving.
+    term.read_until(b"> ", timeout=60, count=2)
     assert b"^[[D" not in term.out  # the arrow keys were interpreted, not echoed as escape codes
     term.type(b"\x03")  # Ctrl-C at the prompt
     code = term.finish()
