@@ -51,8 +51,9 @@ phase_bench_decode() {
 }
 # Issue 11: the single-GPU path now against the tree before tensor parallelism (a684445), A/B/A,
 # plain decoding of both presets. Here: git archive a684445 eaglespec | tar -x -C .prev, carry .prev.
-# a684445 also predates the folded products' rewrite (f501c02), which changed the one-row kernels:
-# at batch 1 compare with 941ea18 instead (those kernels, no sharding): TP1_BATCHES=1.
+# a684445 also predates the folded products' rewrite (f501c02), which changed the kernels of steps
+# of 1-16 tokens: for those compare with 941ea18 (those kernels, no sharding): TP1_BATCHES=1,16
+# (SmolLM2 at 1 and 16, the 8B shape at 1: 941ea18 still ran 16 rows of 8B on the folded tiles).
 phase_bench_tp1_ab() {
   [ -d .prev/eaglespec ] || { echo "bench-tp1-ab: carry .prev (the tree before tensor parallelism)"; return 5; }
   local i=0

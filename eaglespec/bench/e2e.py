@@ -154,8 +154,9 @@ def main(argv=None) -> None:
                   f"speedup {row['speedup']:.2f}x (plain spread {spread:.1%})  identical {row['identical_to_plain']}  "
                   f"{row['speculation'] if name != 'plain' else ''}", flush=True)
         # Written after every batch size: a run cut short by a time limit keeps what it measured.
-        path = write_result(result_name, {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype),
-                                          "temperature": args.temperature, "top_p": args.top_p, "rows": rows}, device, args.out)
+        record = {"max_tokens": args.max_tokens, "dtype": str(plain.runner.dtype), "temperature": args.temperature,
+                  "top_p": args.top_p, "rows": rows}
+        path = write_result(result_name, record, device, args.out)
     print("wrote", path, "(plot: python -m eaglespec.bench.plots, needs the [plot] extra)")
 
 

@@ -221,7 +221,8 @@ def test_folded_products_take_several_rows_only_for_small_layers(monkeypatch):
     assert folded_token_limit(big, shard(big, SINGLE)) == 1
     assert folded_token_limit(big, shard(big, SimpleNamespace(rank=0, world_size=4))) == 1  # a rank's shard
     model = random_model(tiny_config(num_layers=2), seed=9).to(DEVICE)
-    assert model.folded_tokens == FEW_TOKENS and eagle1_head(model, seed=3, layers=1, oracle=False).folded_tokens == FEW_TOKENS
+    assert model.folded_tokens == FEW_TOKENS
+    assert eagle1_head(model, seed=3, layers=1, oracle=False).folded_tokens == FEW_TOKENS
     cfg = model.config
     lens, tables = [7, 4, 9], [[3], [1], [2]]
     ids = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=torch.Generator().manual_seed(5)).to(DEVICE)
