@@ -38,6 +38,8 @@ class DataSection:
     shard_size: int = 1000
     turns: int = 1  # > 1: also answer later user turns, with the regenerated history
     seed: int = 0
+    samples: int = 0  # more replies per conversation, sampled at sample_temperature (more data)
+    sample_temperature: float = 0.8
     store_features: str = ""  # "" (online), "hidden" (EAGLE-1) or "taps" (EAGLE-3)
     max_batch_size: int = 256  # engine settings for the generation
     max_model_len: int = 1024
@@ -204,7 +206,7 @@ def run_prepare(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
                          eos_ids=target.eos_ids)
     prepare(llm, conversations, d.dir, max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=d.max_new_tokens,
             temperature=d.temperature, shard_size=d.shard_size, turns=d.turns, seed=d.seed,
-            store_features=d.store_features or False)
+            store_features=d.store_features or False, samples=d.samples, sample_temperature=d.sample_temperature)
     del llm
     _release(target.model.output_weight.device)
     summary = {"data_dir": d.dir, "conversations": len(conversations), **prepared_summary(d.dir)}

