@@ -88,9 +88,9 @@ class SpeculationPolicy:
     trees: list[str]
     smoothing: float = 0.2  # weight of the newest observation in the step-time averages
     token_memory: int = 64  # observations the tokens-per-step mean spans (one step's count is noisy)
-    optimism: float = 1.0  # standard errors added to a tree's tokens per step when choosing
+    optimism: float = 0.5  # standard errors added to a tree's tokens per step when choosing
     epoch_steps: int = 8  # steps the best choice runs for before the next decision, per bucket
-    trial_steps: int = 4  # steps of a trial or an exploring epoch (the first pays the switch, the rest are timed)
+    trial_steps: int = 2  # steps of a trial or an exploring epoch (the first pays the switch, the next is timed)
     explore_every: int = 32  # one exploring epoch in this many, per bucket
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
     _tokens: dict[tuple, _Mean] = field(default_factory=dict)  # (choice, greedy) -> tokens / sequence / step
