@@ -21,6 +21,7 @@ import torch
 
 from eaglespec import LLM, EngineConfig, SamplingParams, SpecConfig
 from eaglespec.bench.results import write_result
+from eaglespec.engine.graphs import bucket_for
 from eaglespec.engine.llm import shipped_head_path
 from eaglespec.models.eagle import load_head
 from eaglespec.train.data import load_conversations
@@ -149,6 +150,10 @@ def main(argv=None) -> None:
             row.update(batch=batch, engine=name, prompts=len(subset), speedup=r["tokens_per_s"] / base_rate,
                        plain_spread=spread, identical_to_plain=f"{same}/{len(subset)}",
                        draft_vocab=None if name == "plain" else llm.speculative.vocab.size)
+            policy = None if llm.speculative is None else llm.speculative.policy
+            if policy is not None:  # what tree=auto believed at this batch's bucket (step ms, tokens per step)
+                bucket = bucket_for(batch, llm.runner.buckets)
+                row["policy"] = [p for p in policy.summary() if p["bucket"] == bucket]
             rows.append(row)
             print(f"batch {batch:3d} {name:>28s}: {row['tokens_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
                   f"speedup {row['speedup']:.2f}x (plain spread {spread:.1%})  identical {row['identical_to_plain']}  "
