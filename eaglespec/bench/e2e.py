@@ -122,9 +122,11 @@ def main(argv=None) -> None:
     # most choices were first captured inside the timed runs (sampled, H200, 2026-12-04: 0.40x
     # at batch 64, where a whole run lasts about 3 s).
     for llm in engines.values():
-        trials = 1 if llm.speculative is None or llm.speculative.policy is None else (
-            llm.speculative.policy.trial_steps * len(llm.speculative.policy.choices))
-        tokens = 8 * trials if llm.speculative is None else (trials + 1) * llm.speculative.lookahead
+        tokens = 8
+        if llm.speculative is not None:  # enough steps for every trial even if each accepts all
+            policy = llm.speculative.policy
+            steps = 2 + (0 if policy is None else policy.trial_steps * len(policy.choices))
+            tokens = steps * llm.speculative.lookahead
         for b in llm.runner.buckets:
             llm.generate(prompts[:b], SamplingParams(max_tokens=tokens, temperature=args.temperature,
                                                      top_p=args.top_p, ignore_eos=True))

@@ -161,28 +161,29 @@ class SpeculationPolicy:
 
     def expected_rate(self, choice: str, bucket: int, greedy: bool) -> float | None:
         """Expected tokens per second per sequence of ``choice`` (None until measured)."""
+        return self._rate(choice, bucket, greedy, 0.0)
+
+    def _rate(self, choice: str, bucket: int, greedy: bool, optimism: float) -> float | None:
+        """Tokens per second per sequence, a tree's tokens per step ``optimism`` standard errors
+        above their mean (None until measured)."""
         seconds = self._seconds.get((choice, bucket, greedy))
         if seconds is None or seconds.value <= 0:
             return None
         if choice == PLAIN:
             return 1.0 / seconds.value
         tokens = self._tokens.get((choice, greedy))
-        return None if tokens is None else tokens.value / seconds.value
+        if tokens is None:
+            return None
+        return tokens.upper(optimism, self.token_memory, MIN_TOKEN_VARIANCE) / seconds.value
 
     def best(self, bucket: int, greedy: bool) -> str:
         """The measured choice with the highest rate, a tree's tokens per step taken ``optimism``
         standard errors above their mean (plain until something is measured). A tree seen on a
-        few unlucky steps keeps a wide margin and is run again until its mean is known; ranked
-        by the mean alone, two short steps of 1 token could shut out the best tree for thousands
+        few unlucky steps keeps a margin and is run again until its mean is known; ranked by a
+        short moving average alone, a few short steps could shut out the best tree for thousands
         of steps (H200, SmolLM2, batch 1: auto 0.98x where dynamic:5,8,32 alone ran 1.22x)."""
-        rates = {}
-        for c in self.choices:
-            seconds = self._seconds.get((c, bucket, greedy))
-            tokens = self._tokens.get((c, greedy))
-            if seconds is None or seconds.value <= 0 or (c != PLAIN and tokens is None):
-                continue
-            per_step = 1.0 if c == PLAIN else tokens.upper(self.optimism, self.token_memory, MIN_TOKEN_VARIANCE)
-            rates[c] = per_step / seconds.value
+        rates = {c: self._rate(c, bucket, greedy, self.optimism) for c in self.choices}
+        rates = {c: r for c, r in rates.items() if r is not None}
         return max(rates, key=rates.get) if rates else PLAIN
 
     def summary(self) -> list[dict]:
