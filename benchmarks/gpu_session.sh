@@ -84,6 +84,13 @@ phase_bench_e2e_sampled() {
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 --temperature 0.7 \
     --top-p 0.9 --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
+# Where a step's wall time goes beyond its graph's replay (host work, waiting, device idle), batch 1 and 16.
+phase_profile_step() {
+  python3 benchmarks/profile_step.py --questions .carry/mtbench-question.jsonl --num 8 --batch 1 \
+    --trees "dynamic:5,8,32;chain:3" --out $OUT 2>&1 | tee -a $OUT/profile.log | grep "^=="
+  python3 benchmarks/profile_step.py --questions .carry/mtbench-question.jsonl --num 32 --batch 16 \
+    --trees "dynamic:5,8,32" --out $OUT 2>&1 | tee -a $OUT/profile.log | grep "^=="
+}
 phase_bench_census() {  # kernels and replay time of one step, SmolLM2 shape (issue 8's before/after figures)
   python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15;dynamic:5,8,32" --batches 1,16 \
     --context 512 --out $OUT 2>&1 | tee -a $OUT/bench.log
@@ -140,7 +147,7 @@ for p in "$@"; do
   case $p in
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     pack) tar czf $FINAL_OUT/results.tgz -C $OUT . && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

@@ -7,10 +7,19 @@ chosen per step from measurements, not fixed:
 
 - the wall time of a step, per (choice, batch bucket, greedy or sampled), as an exponential
   moving average of the steps that choice ran (the first run of a graph is warm-up, ignored);
-- the tokens one step yields per sequence, per (choice, greedy or sampled): acceptance does not
-  depend on the batch size, so what a tree earns at batch 1 predicts it at batch 16. One step's
-  count is noisy (1 to depth + 1 tokens at batch 1), so this is a mean over the last
-  ``token_memory`` steps, with its variance.
+- the tokens a tree's step yields per sequence, as two factors, per greedy or sampled (not per
+  batch size: acceptance does not depend on it):
+  - what the tree earns relative to the others: the mean of its accepted drafts per step over
+    its last ``token_memory`` steps;
+  - how well the text at hand suits the draft (the *ease*): over the last ``ease_memory``
+    steps of any tree, the drafts accepted over what those trees accept on their means.
+  A tree's expected tokens per step is 1 + its mean drafts x the ease (at most its depth + 1).
+  Acceptance changes with the text (MT-bench's first prompt accepts far less than most), so
+  the ease follows it quickly, and every tree step updates every tree's expectation. With each
+  tree's own recent mean instead, a tree that ran during a hard stretch kept that stretch's low
+  mean until it happened to run again, which the policy then never chose (H200, SmolLM2,
+  batch 1: auto 1.01x where dynamic:5,8,32 alone ran 1.25x; it believed 2.3-2.6 tokens per
+  step for trees that yield 2.9-3.2).
 
 Step times may be seeded at start-up (``seed``: on a GPU, the replay time of every captured
 graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines them, from steady
@@ -19,24 +28,23 @@ before it, not the first plain step after a tree, which pays the switch).
 
 The best choice runs for an epoch of ``epoch_steps`` steps of its bucket: switches are rare
 (each costs a step without overlap) and the per-step decision is a lookup. Each epoch runs the
-choice with the highest tokens per second, a tree's tokens per step counted ``optimism``
-standard errors above its mean (a tree known from few steps gets the benefit of the doubt, so
-an unlucky trial does not shut it out); a choice with no timing yet in this bucket,
+choice with the highest expected tokens per second; a choice with no timing yet in this bucket,
 or a tree whose acceptance was never seen, is tried first (a short epoch of ``trial_steps``
-each, in order); after that, one epoch in every ``explore_every`` is a short one re-measuring
-the choice measured longest ago, so a choice that became better (other prompts, other
-acceptance) is found again. Plain decoding is one of the choices, so a draft that never accepts
-ends with plain decoding and loses only the exploring steps (about trial_steps / (epoch_steps x
-explore_every) of them).
+each, in order). One epoch in every ``explore_every`` is a short one that measures again: while
+plain decoding leads, every other one runs the best tree (the ease is only seen through trees,
+so plain decoding must look at it now and then); the others run the choice measured longest ago. Plain decoding is one of
+the choices, so a draft that never accepts ends with plain decoding and loses only the
+exploring steps (about trial_steps / (epoch_steps x explore_every) of them).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from eaglespec.speculative.tree import parse_tree
+
 PLAIN = "plain"
-# Variance assumed for a tree's tokens per step at least (its first observations may agree by chance).
-MIN_TOKEN_VARIANCE = 0.25
 
 
 @dataclass(slots=True)
@@ -55,24 +63,39 @@ class _Average:
 
 @dataclass(slots=True)
 class _Mean:
-    """Mean and variance of the tokens a step yields: a plain running mean over the first
-    ``memory`` observations, then exponentially weighted with weight 1 / memory."""
+    """A plain running mean over the first ``memory`` observations, then exponentially weighted
+    with weight 1 / memory."""
 
     value: float = 0.0
-    variance: float = 0.0
     count: int = 0
 
     def update(self, x: float, memory: int) -> None:
         self.count += 1
-        w = max(1.0 / self.count, 1.0 / memory)
-        delta = x - self.value
-        self.value += w * delta
-        self.variance = (1 - w) * (self.variance + w * delta * delta)
+        self.value += max(1.0 / self.count, 1.0 / memory) * (x - self.value)
 
-    def upper(self, optimism: float, memory: int, floor_variance: float) -> float:
-        """The mean plus ``optimism`` standard errors (of at most ``memory`` observations)."""
-        n = min(self.count, memory)
-        return self.value + optimism * (max(self.variance, floor_variance) / n) ** 0.5
+
+@dataclass(slots=True)
+class _Ease:
+    """Drafts accepted over drafts expected (the running trees' means), both exponentially
+    weighted: above 1 the text at hand is easier for the draft than usual, below 1 harder.
+    Unseen for a while (plain decoding ran), it returns towards 1: the ease is a passing
+    deviation, and one left low by a hard stretch would keep every tree out when nothing
+    measures it again."""
+
+    accepted: float = 0.0
+    expected: float = 0.0
+    last_step: int = 0  # the policy step of the last observation
+
+    def update(self, accepted: float, expected: float, memory: int, step: int) -> None:
+        w = 1.0 / memory
+        self.accepted += w * (accepted - self.accepted)
+        self.expected += w * (expected - self.expected)
+        self.last_step = step
+
+    def value(self, step: int, revert: int) -> float:
+        if self.expected <= 0:
+            return 1.0
+        return 1.0 + (self.accepted / self.expected - 1.0) * math.exp(-(step - self.last_step) / revert)
 
 
 @dataclass(slots=True)
@@ -87,16 +110,20 @@ class SpeculationPolicy:
 
     trees: list[str]
     smoothing: float = 0.2  # weight of the newest observation in the step-time averages
-    token_memory: int = 64  # observations the tokens-per-step mean spans (one step's count is noisy)
-    optimism: float = 0.5  # standard errors added to a tree's tokens per step when choosing
+    token_memory: int = 256  # steps a tree's mean accepted drafts spans (what it earns relative to others)
+    ease_memory: int = 8  # steps of any tree the ease spans (how fast it follows the text)
+    ease_revert: int = 32  # steps without a tree over which the ease returns most of the way to 1 (1 - 1/e)
     epoch_steps: int = 8  # steps the best choice runs for before the next decision, per bucket
-    trial_steps: int = 2  # steps of a trial or an exploring epoch (the first pays the switch, the next is timed)
-    explore_every: int = 32  # one exploring epoch in this many, per bucket
+    trial_steps: int = 4  # steps of a trial or an exploring epoch (the first pays the switch; 2 were too few to
+    # judge a tree by: one unlucky pair shut dynamic trees out for a whole run)
+    explore_every: int = 8  # one exploring epoch in this many, per bucket
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
-    _tokens: dict[tuple, _Mean] = field(default_factory=dict)  # (choice, greedy) -> tokens / sequence / step
+    _drafts: dict[tuple, _Mean] = field(default_factory=dict)  # (tree, greedy) -> accepted drafts / sequence / step
+    _ease: dict[bool, _Ease] = field(default_factory=dict)  # greedy -> the ease of the text at hand
     _epochs: dict[tuple, int] = field(default_factory=dict)  # (bucket, greedy) -> epochs started
     _current: dict[tuple, _Epoch] = field(default_factory=dict)  # (bucket, greedy) -> the running epoch
     _observed: int = 0  # observations so far (the clock of ``last_step``)
+    _depth: dict[str, int] = field(default_factory=dict)  # tree -> draft depth (its most drafts per step)
 
     def __post_init__(self) -> None:
         if not self.trees:
@@ -105,14 +132,15 @@ class SpeculationPolicy:
             raise ValueError(f"SpeculationPolicy.trees must be distinct tree specs, got {self.trees}")
         if not 0.0 < self.smoothing <= 1.0:
             raise ValueError(f"SpeculationPolicy.smoothing must be in (0, 1], got {self.smoothing}")
-        if self.token_memory < 1 or self.optimism < 0:
-            raise ValueError(f"SpeculationPolicy.token_memory must be >= 1 and optimism >= 0, got "
-                             f"{self.token_memory} and {self.optimism}")
+        if min(self.token_memory, self.ease_memory, self.ease_revert) < 1:
+            raise ValueError(f"SpeculationPolicy.token_memory, ease_memory and ease_revert must be >= 1, got "
+                             f"{self.token_memory}, {self.ease_memory} and {self.ease_revert}")
         if self.explore_every < 2:
             raise ValueError(f"SpeculationPolicy.explore_every must be >= 2, got {self.explore_every}")
         if self.epoch_steps < 1 or self.trial_steps < 1:
             raise ValueError(f"SpeculationPolicy.epoch_steps and trial_steps must be >= 1, got "
                              f"{self.epoch_steps} and {self.trial_steps}")
+        self._depth = {tree: parse_tree(tree).depth for tree in self.trees}
 
     @property
     def choices(self) -> list[str]:
@@ -128,12 +156,17 @@ class SpeculationPolicy:
         n = self._epochs.get(key, 0)
         self._epochs[key] = n + 1
         untried = [c for c in self.choices if (c, bucket, greedy) not in self._seconds
-                   or (c != PLAIN and (c, greedy) not in self._tokens)]
+                   or (c != PLAIN and (c, greedy) not in self._drafts)]
         steps = self.trial_steps
         if untried:
             choice = untried[0]
         elif n % self.explore_every == self.explore_every - 1:
-            choice = min(self.choices, key=lambda c: self._seconds[(c, bucket, greedy)].last_step)
+            # Every other exploring epoch while plain decoding leads: its best tree (is the text
+            # easier now?); else the choice measured longest ago (is it better now?).
+            if self.best(bucket, greedy) == PLAIN and (n // self.explore_every) % 2 == 0:
+                choice = self._best_of(self.trees, bucket, greedy)
+            else:
+                choice = min(self.choices, key=lambda c: self._seconds[(c, bucket, greedy)].last_step)
         else:
             choice, steps = self.best(bucket, greedy), self.epoch_steps
         self._current[key] = _Epoch(choice, steps - 1)
@@ -148,7 +181,11 @@ class SpeculationPolicy:
             raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
         self._observed += 1
         if choice != PLAIN:
-            self._tokens.setdefault((choice, greedy), _Mean()).update(tokens_per_sequence, self.token_memory)
+            drafts = tokens_per_sequence - 1.0
+            mean = self._drafts.setdefault((choice, greedy), _Mean())
+            if mean.count:  # the ease compares with what the tree earned before this step
+                self._ease.setdefault(greedy, _Ease()).update(drafts, mean.value, self.ease_memory, self._observed)
+            mean.update(drafts, self.token_memory)
         if steady:
             self._seconds.setdefault((choice, bucket, greedy), _Average()).update(seconds, self.smoothing,
                                                                                   self._observed)
@@ -159,40 +196,44 @@ class SpeculationPolicy:
             raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
         self._seconds[(choice, bucket, greedy)] = _Average(seconds, 1, -1)
 
+    def expected_tokens(self, choice: str, greedy: bool) -> float | None:
+        """Tokens per sequence one step of ``choice`` is expected to yield now (None until seen)."""
+        if choice == PLAIN:
+            return 1.0
+        mean = self._drafts.get((choice, greedy))
+        if mean is None:
+            return None
+        ease = self.ease(greedy)
+        return 1.0 + min(mean.value * ease, self._depth[choice])
+
+    def ease(self, greedy: bool) -> float:
+        """How the text at hand suits the draft now (1: as usual, see _Ease)."""
+        return self._ease.get(greedy, _Ease()).value(self._observed, self.ease_revert)
+
     def expected_rate(self, choice: str, bucket: int, greedy: bool) -> float | None:
         """Expected tokens per second per sequence of ``choice`` (None until measured)."""
-        return self._rate(choice, bucket, greedy, 0.0)
-
-    def _rate(self, choice: str, bucket: int, greedy: bool, optimism: float) -> float | None:
-        """Tokens per second per sequence, a tree's tokens per step ``optimism`` standard errors
-        above their mean (None until measured)."""
         seconds = self._seconds.get((choice, bucket, greedy))
-        if seconds is None or seconds.value <= 0:
+        tokens = self.expected_tokens(choice, greedy)
+        if seconds is None or seconds.value <= 0 or tokens is None:
             return None
-        if choice == PLAIN:
-            return 1.0 / seconds.value
-        tokens = self._tokens.get((choice, greedy))
-        if tokens is None:
-            return None
-        return tokens.upper(optimism, self.token_memory, MIN_TOKEN_VARIANCE) / seconds.value
+        return tokens / seconds.value
 
-    def best(self, bucket: int, greedy: bool) -> str:
-        """The measured choice with the highest rate, a tree's tokens per step taken ``optimism``
-        standard errors above their mean (plain until something is measured). A tree seen on a
-        few unlucky steps keeps a margin and is run again until its mean is known; ranked by a
-        short moving average alone, a few short steps could shut out the best tree for thousands
-        of steps (H200, SmolLM2, batch 1: auto 0.98x where dynamic:5,8,32 alone ran 1.22x)."""
-        rates = {c: self._rate(c, bucket, greedy, self.optimism) for c in self.choices}
+    def _best_of(self, choices: list[str], bucket: int, greedy: bool) -> str:
+        rates = {c: self.expected_rate(c, bucket, greedy) for c in choices}
         rates = {c: r for c, r in rates.items() if r is not None}
         return max(rates, key=rates.get) if rates else PLAIN
 
+    def best(self, bucket: int, greedy: bool) -> str:
+        """The measured choice with the highest expected rate (plain until something is measured)."""
+        return self._best_of(self.choices, bucket, greedy)
+
     def summary(self) -> list[dict]:
-        """One row per measured (choice, bucket, greedy): step ms, tokens per sequence, rate."""
+        """One row per measured (choice, bucket, greedy): step ms, expected tokens per sequence now
+        and rate, and the ease of the text at hand."""
         rows = []
         for (choice, bucket, greedy), seconds in sorted(self._seconds.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-            tokens = self._tokens.get((choice, greedy))
             rows.append({"choice": choice, "bucket": bucket, "greedy": greedy, "step_ms": 1000 * seconds.value,
-                         "tokens_per_sequence": 1.0 if choice == PLAIN else (tokens.value if tokens else None),
+                         "tokens_per_sequence": self.expected_tokens(choice, greedy),
                          "tokens_per_s_per_sequence": self.expected_rate(choice, bucket, greedy),
-                         "steps_timed": seconds.count})
+                         "ease": self.ease(greedy), "steps_timed": seconds.count})
         return rows

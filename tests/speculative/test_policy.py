@@ -1,5 +1,6 @@
 """The speculation policy: tries every choice, then runs the one with the best measured rate."""
 
+import math
 import random
 
 import pytest
@@ -47,8 +48,8 @@ def test_picks_the_tree_with_the_best_rate_when_it_pays():
 def test_noisy_acceptance_still_finds_the_best_tree():
     """Tokens per step drawn at random around each tree's mean, step times as measured at batch 1
     on the H200 (SmolLM2, 2026-12-04). Ranked on a short moving average, two unlucky trial steps
-    kept the best tree out for thousands of steps (about 86 % of its rate); with the mean over
-    many steps and a margin for the trees seen least, the policy reaches over 95 %."""
+    kept the best tree out for thousands of steps (about 86 % of its rate); the policy reaches
+    over 95 %."""
     ms = {PLAIN: 0.80, "chain:1": 1.26, "chain:3": 1.45, "dynamic:4,6,15": 1.84, "dynamic:5,8,32": 1.91}
     depth = {"chain:1": 1, "chain:3": 3, "dynamic:4,6,15": 4, "dynamic:5,8,32": 5}
     go_on = {"chain:1": 0.35, "chain:3": 0.52, "dynamic:4,6,15": 0.65, "dynamic:5,8,32": 0.68}
@@ -75,7 +76,49 @@ def test_noisy_acceptance_still_finds_the_best_tree():
             last, seconds, total = c, seconds + ms[c], total + n
         rates.append(total / seconds)
     assert sum(rates) / len(rates) > 0.95 * best_rate
-    assert min(rates) > 0.88 * best_rate
+    assert min(rates) > 0.9 * best_rate
+
+
+def test_a_hard_stretch_first_does_not_shut_the_trees_out():
+    """MT-bench's first prompt accepts far less than most: trees tried there look worse than plain
+    decoding. Once the text gets easier the policy must find the best tree again (H200, SmolLM2,
+    batch 1: the policy that kept each tree's own recent mean ran 1.01x where dynamic:5,8,32
+    alone ran 1.25x). Acceptance per depth as measured there, shifted by the text's ease."""
+    ms = {PLAIN: 0.70, "chain:1": 1.14, "chain:3": 1.36, "dynamic:4,6,15": 1.74, "dynamic:5,8,32": 1.92}
+    go_on = {"chain:1": [0.575], "chain:3": [0.575, 0.557, 0.67], "dynamic:4,6,15": [0.82, 0.67, 0.57, 0.71],
+             "dynamic:5,8,32": [0.82, 0.70, 0.59, 0.64, 0.74]}
+
+    def tokens(choice, ease, rng):
+        n = 1
+        for p in go_on.get(choice, []):
+            if rng.random() >= 1 / (1 + math.exp(-math.log(p / (1 - p)) - ease)):
+                break
+            n += 1
+        return n
+
+    def expected(choice):
+        e, p = 1.0, 1.0
+        for a in go_on.get(choice, []):
+            p *= a
+            e += p
+        return e
+
+    best_rate = max(expected(c) / ms[c] for c in ms)  # dynamic:4,6,15, 1.17x plain
+    rates = []
+    for seed in range(8):
+        policy, rng, last, seconds, total = SpeculationPolicy(list(go_on)), random.Random(seed), None, 0.0, 0
+        for c in policy.choices:
+            policy.seed(c, 1, True, ms[c])
+        for step in range(2200):
+            c = policy.choose(1, True)
+            n = tokens(c, -1.5 if step < 200 else 0.0, rng)  # the first 200 steps: a hard stretch
+            policy.observe(c, 1, True, ms[c], n, steady=c == last)
+            last = c
+            if step >= 200:
+                seconds, total = seconds + ms[c], total + n
+        rates.append(total / seconds)
+    assert sum(rates) / len(rates) > 0.95 * best_rate
+    assert min(rates) > 0.9 * best_rate
 
 
 def test_choices_are_per_bucket():
@@ -131,6 +174,7 @@ def test_seeded_times_rank_a_new_bucket_and_acceptance_is_tried_once_per_tree():
 
 @pytest.mark.parametrize("kwargs, field", [({"trees": []}, "tree"), ({"trees": ["plain"]}, "trees"),
                                            ({"trees": ["chain:1"], "smoothing": 0.0}, "smoothing"),
+                                           ({"trees": ["chain:1"], "ease_revert": 0}, "ease_revert"),
                                            ({"trees": ["chain:1"], "explore_every": 1}, "explore_every"),
                                            ({"trees": ["chain:1"], "epoch_steps": 0}, "epoch_steps"),
                                            ({"trees": ["chain:1"], "trial_steps": 0}, "trial_steps")])
