@@ -5,7 +5,10 @@ each fixed tree given, on the default SmolLM2 + shipped head, and reports per en
 - wall time of ``LLM.step``, and the part of it spent blocked on the device (the flight's wait);
 - the rest is host work; when the device finishes before the host queues more, it idles;
 - a torch.profiler window (graphs replay as one launch each): device busy time over the window's
-  span, the largest gaps, and the host ops that took longest.
+  span, the largest gaps, and the host ops that took longest;
+- a window under CUDA's sync debug mode: every call that made the host wait for the device,
+  with the Python line that made it (a hidden wait undoes the overlap of consecutive steps);
+- the Python functions that took longest (cProfile).
 The e2e benchmark says how fast; this says why a step costs more than its graph's replay.
 """
 
@@ -17,6 +20,8 @@ import io
 import json
 import pstats
 import time
+import warnings
+from collections import Counter
 
 import torch
 
@@ -83,6 +88,22 @@ def run_steps(llm: LLM, prompts, params, batch: int, profile=None) -> dict:
             "outside_steps_ms_per_step": 1e3 * (elapsed - sum(walls)) / n}
 
 
+def host_waits(llm: LLM, prompts, params, batch: int) -> dict[str, float]:
+    """Per decoding step, how often each Python line made the host wait for the device (CUDA's
+    sync debug mode warns at every such call; empty on the CPU)."""
+    if llm.device.type != "cuda":
+        return {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            steps = run_steps(llm, prompts, params, batch)["steps"]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {line: n / max(steps, 1) for line, n in where.most_common(12)}
+
+
 def device_timeline(prof) -> dict:
     """Device busy fraction over the profiled window and its largest idle gaps."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
@@ -123,7 +144,8 @@ def main(argv=None) -> None:
                                        spec=SpecConfig(tree=tree), eos_ids=plain.eos_ids)
     report = {}
     for name, llm in engines.items():
-        run_steps(llm, prompts[:2], params[:2], args.batch)  # warm-up: compiles and captures
+        warm = max(2, args.batch)  # the batch's own bucket is captured here, not in the timed run
+        run_steps(llm, prompts[:warm], params[:warm], args.batch)  # warm-up: compiles and captures
         row = run_steps(llm, prompts, params, args.batch)
         # A profiler window of a few steps: device busy time and gaps, host ops.
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -131,6 +153,7 @@ def main(argv=None) -> None:
             run_steps(llm, prompts[:1], params[:1], args.batch)
         row["device"] = device_timeline(prof)
         row["host_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        row["host_waits_per_step"] = host_waits(llm, prompts[:1], params[:1], args.batch)
         profiler = cProfile.Profile()
         profiler.enable()
         run_steps(llm, prompts[:2], params[:2], args.batch)
@@ -144,10 +167,12 @@ def main(argv=None) -> None:
               f"{row['outside_steps_ms_per_step']:.3f} ms/step; device busy {row['device'].get('busy_fraction', 0):.1%} "
               f"of {row['device'].get('span_us', 0) / 1e3:.1f} ms, gaps>20us {row['device'].get('gaps_over_20us')}, "
               f"idle in them {row['device'].get('idle_in_gaps_over_20us', 0) / 1e3:.2f} ms", flush=True)
+        print("host waits per step (sync debug mode):", row["host_waits_per_step"])
         print(row["host_ops"])
         print(row["python_hotspots"][:6000])
-    with open(f"{args.out}/profile-step-b{args.batch}.json", "w") as f:
-        json.dump(report, f, indent=1)
+        # Written after every engine: a run cut short keeps what it measured.
+        with open(f"{args.out}/profile-step-b{args.batch}.json", "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
