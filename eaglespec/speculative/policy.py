@@ -32,8 +32,9 @@ choice with the highest expected tokens per second; a choice with no timing yet 
 or a tree whose acceptance was never seen, is tried first (a short epoch of ``trial_steps``
 each, in order). One epoch in every ``explore_every`` is a short one that measures again: while
 plain decoding leads, every other one runs the best tree (the ease is only seen through trees,
-so plain decoding must look at it now and then); the others run the choice measured longest ago. Plain decoding is one of
-the choices, so a draft that never accepts ends with plain decoding and loses only the
+so plain decoding must look at it now and then, and between looks the ease drifts back to 1
+over ``ease_revert`` steps); the others run the choice measured longest ago. Plain decoding is
+one of the choices, so a draft that never accepts ends with plain decoding and loses only the
 exploring steps (about trial_steps / (epoch_steps x explore_every) of them).
 """
 
@@ -112,7 +113,7 @@ class SpeculationPolicy:
     smoothing: float = 0.2  # weight of the newest observation in the step-time averages
     token_memory: int = 256  # steps a tree's mean accepted drafts spans (what it earns relative to others)
     ease_memory: int = 8  # steps of any tree the ease spans (how fast it follows the text)
-    ease_revert: int = 32  # steps without a tree over which the ease returns most of the way to 1 (1 - 1/e)
+    ease_revert: int = 32  # steps without a tree over which the ease returns 63 % of the way to 1 (1 - 1/e)
     epoch_steps: int = 8  # steps the best choice runs for before the next decision, per bucket
     trial_steps: int = 4  # steps of a trial or an exploring epoch (the first pays the switch; 2 were too few to
     # judge a tree by: one unlucky pair shut dynamic trees out for a whole run)
