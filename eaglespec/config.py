@@ -281,7 +281,10 @@ class EngineConfig:
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"  # "auto" (Triton on GPU), "triton", "torch"
-    overlap_decode: bool = True  # queue the next decoding step (plain or speculative) before reading this one
+    # Queue the next decoding step (plain or speculative) before reading this one. None: where
+    # the device runs asynchronously (CUDA); on a CPU the step queued next runs at once, which
+    # gains nothing and charges each step's time to the one before it (misleading tree=auto).
+    overlap_decode: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

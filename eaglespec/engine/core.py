@@ -270,10 +270,14 @@ class EngineCore:
         self._current = flight.reqs
         choice = flight.tree if isinstance(flight, SpecFlight) else PLAIN
         self.last_step_size = len(flight.reqs)
+        overlap = self.config.overlap_decode
+        if overlap is None:
+            overlap = self.device.type == "cuda"
         # Steady: a step queued behind one of the same choice (what the policy compares), not the
-        # first after a switch, which runs without overlap.
-        steady = followed or (choice != PLAIN and self.last_choice == choice)
-        if (self.config.overlap_decode and self._can_follow(flight)
+        # first after a switch, which runs without overlap (without overlap at all, every step
+        # after one of the same choice).
+        steady = followed or (self.last_choice == choice and (choice != PLAIN or not overlap))
+        if (overlap and self._can_follow(flight)
                 and self._choose(flight.reqs, plan=True) == choice):
             self._in_flight = self._launch(flight.reqs, choice, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
