@@ -33,9 +33,13 @@ or a tree whose acceptance was never seen, is tried first (a short epoch of ``tr
 each, in order). One epoch in every ``explore_every`` is a short one that measures again: while
 plain decoding leads, every other one runs the best tree (the ease is only seen through trees,
 so plain decoding must look at it now and then, and between looks the ease drifts back to 1
-over ``ease_revert`` steps); the others run the choice measured longest ago. Plain decoding is
-one of the choices, so a draft that never accepts ends with plain decoding and loses only the
-exploring steps (about trial_steps / (epoch_steps x explore_every) of them).
+over ``ease_revert`` steps); the others run the choice measured longest ago. Exploring that
+leaves the leader as it was comes less and less often (the gap doubles, down to one epoch in
+``explore_every`` x ``explore_backoff``), so where speculation never pays, as on a CPU or for
+sampled batch-1 requests on the H200, exploring costs little; exploring that changes the
+leader brings it back to one in ``explore_every``. Plain decoding is one of the choices, so a
+draft that never accepts ends with plain decoding and loses only the exploring steps (about
+trial_steps / (epoch_steps x explore_every x explore_backoff) of them).
 """
 
 from __future__ import annotations
@@ -105,6 +109,17 @@ class _Epoch:
     steps_left: int  # steps of this epoch still to run after the current one
 
 
+@dataclass(slots=True)
+class _Exploring:
+    """When a bucket explores next. Exploring that does not change the leader backs off (the
+    gap doubles, up to ``explore_backoff`` times ``explore_every``); one that does resets it."""
+
+    next_epoch: int  # the epoch that explores next
+    gap: int  # epochs from one exploring epoch to the next
+    count: int = 0  # exploring epochs so far
+    leader: str | None = None  # the best choice when the last exploring epoch began, until judged
+
+
 @dataclass
 class SpeculationPolicy:
     """Picks, per step, plain decoding or one of ``trees`` (tree spec strings)."""
@@ -117,12 +132,14 @@ class SpeculationPolicy:
     epoch_steps: int = 8  # steps the best choice runs for before the next decision, per bucket
     trial_steps: int = 4  # steps of a trial or an exploring epoch (the first pays the switch; 2 were too few to
     # judge a tree by: one unlucky pair shut dynamic trees out for a whole run)
-    explore_every: int = 8  # one exploring epoch in this many, per bucket
+    explore_every: int = 8  # one exploring epoch in this many, per bucket, while exploring changes the leader
+    explore_backoff: int = 2  # at most this many times fewer while it does not
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
     _drafts: dict[tuple, _Mean] = field(default_factory=dict)  # (tree, greedy) -> accepted drafts / sequence / step
     _ease: dict[bool, _Ease] = field(default_factory=dict)  # greedy -> the ease of the text at hand
     _epochs: dict[tuple, int] = field(default_factory=dict)  # (bucket, greedy) -> epochs started
     _current: dict[tuple, _Epoch] = field(default_factory=dict)  # (bucket, greedy) -> the running epoch
+    _exploring: dict[tuple, _Exploring] = field(default_factory=dict)  # (bucket, greedy) -> its schedule
     _observed: int = 0  # observations so far (the clock of ``last_step``)
     _depth: dict[str, int] = field(default_factory=dict)  # tree -> draft depth (its most drafts per step)
 
@@ -136,8 +153,9 @@ class SpeculationPolicy:
         if min(self.token_memory, self.ease_memory, self.ease_revert) < 1:
             raise ValueError(f"SpeculationPolicy.token_memory, ease_memory and ease_revert must be >= 1, got "
                              f"{self.token_memory}, {self.ease_memory} and {self.ease_revert}")
-        if self.explore_every < 2:
-            raise ValueError(f"SpeculationPolicy.explore_every must be >= 2, got {self.explore_every}")
+        if self.explore_every < 2 or self.explore_backoff < 1:
+            raise ValueError(f"SpeculationPolicy.explore_every must be >= 2 and explore_backoff >= 1, got "
+                             f"{self.explore_every} and {self.explore_backoff}")
         if self.epoch_steps < 1 or self.trial_steps < 1:
             raise ValueError(f"SpeculationPolicy.epoch_steps and trial_steps must be >= 1, got "
                              f"{self.epoch_steps} and {self.trial_steps}")
@@ -158,18 +176,27 @@ class SpeculationPolicy:
         self._epochs[key] = n + 1
         untried = [c for c in self.choices if (c, bucket, greedy) not in self._seconds
                    or (c != PLAIN and (c, greedy) not in self._drafts)]
+        explore = self._exploring.setdefault(key, _Exploring(self.explore_every - 1, self.explore_every))
         steps = self.trial_steps
         if untried:
             choice = untried[0]
-        elif n % self.explore_every == self.explore_every - 1:
+        elif n >= explore.next_epoch:
             # Every other exploring epoch while plain decoding leads: its best tree (is the text
             # easier now?); else the choice measured longest ago (is it better now?).
-            if self.best(bucket, greedy) == PLAIN and (n // self.explore_every) % 2 == 0:
+            explore.leader = self.best(bucket, greedy)
+            if explore.leader == PLAIN and explore.count % 2 == 0:
                 choice = self._best_of(self.trees, bucket, greedy)
             else:
                 choice = min(self.choices, key=lambda c: self._seconds[(c, bucket, greedy)].last_step)
+            explore.count += 1
+            explore.next_epoch = n + explore.gap  # until the next epoch judges this one
         else:
             choice, steps = self.best(bucket, greedy), self.epoch_steps
+            if explore.leader is not None:  # the first epoch after exploring: did it change the leader?
+                changed = choice != explore.leader
+                explore.gap = self.explore_every if changed else min(2 * explore.gap,
+                                                                     self.explore_every * self.explore_backoff)
+                explore.next_epoch, explore.leader = n + explore.gap - 1, None
         self._current[key] = _Epoch(choice, steps - 1)
         return choice
 
