@@ -139,6 +139,18 @@ def test_a_step_after_a_switch_is_not_timed():
     assert policy.expected_rate("chain:1", 1, True) == pytest.approx(2.0)
 
 
+def test_exploring_backs_off_while_it_changes_nothing():
+    """Where a tree never pays (a CPU), exploring epochs thin out to one in explore_every x
+    explore_backoff; the draft's cost is then a few steps in hundreds."""
+    policy = SpeculationPolicy(["chain:3"], epoch_steps=4, explore_every=4, explore_backoff=4)
+    cost, tokens = {PLAIN: 1.0, "chain:3": 3.0}, {PLAIN: 1.0, "chain:3": 1.5}
+    drive(policy, 500, cost, tokens)
+    late = drive(policy, 2000, cost, tokens)
+    cycle = 15 * policy.epoch_steps + policy.trial_steps  # 15 plain epochs, then a short exploring one
+    assert len(late) - late.count(PLAIN) <= policy.trial_steps * (len(late) / cycle + 1)
+    assert late.count("chain:3") > 0  # still explored now and then
+
+
 def test_exploration_finds_a_choice_that_became_better():
     policy = SpeculationPolicy(["chain:3"], epoch_steps=2, explore_every=4, smoothing=0.5)
     drive(policy, 100, {PLAIN: 1.0, "chain:3": 2.0}, {PLAIN: 1.0, "chain:3": 1.5})
@@ -176,6 +188,7 @@ def test_seeded_times_rank_a_new_bucket_and_acceptance_is_tried_once_per_tree():
                                            ({"trees": ["chain:1"], "smoothing": 0.0}, "smoothing"),
                                            ({"trees": ["chain:1"], "ease_revert": 0}, "ease_revert"),
                                            ({"trees": ["chain:1"], "explore_every": 1}, "explore_every"),
+                                           ({"trees": ["chain:1"], "explore_backoff": 0}, "explore_backoff"),
                                            ({"trees": ["chain:1"], "epoch_steps": 0}, "epoch_steps"),
                                            ({"trees": ["chain:1"], "trial_steps": 0}, "trial_steps")])
 def test_bad_settings_name_the_field(kwargs, field):
