@@ -53,8 +53,10 @@ def random_model(cfg: LlamaConfig, seed: int = 0, dtype=torch.float32, device="c
 
 
 def small_engine(**overrides) -> EngineConfig:
+    # overlap_decode: the engine's GPU behaviour (steps queued before the last is read), which
+    # its default leaves off on a CPU; tests that compare with step by step turn it off.
     base = dict(block_size=16, num_blocks=64, max_batch_size=8, max_model_len=256,
-                attention_backend="torch", use_cuda_graphs=False)
+                attention_backend="torch", use_cuda_graphs=False, overlap_decode=True)
     base.update(overrides)
     return EngineConfig(**base)
 

@@ -187,6 +187,21 @@ def test_abort_of_a_waiting_request_and_with_a_decode_step_in_flight():
     assert _all_blocks_free(core)
 
 
+def test_decoding_on_a_cpu_is_not_overlapped_by_default():
+    """overlap_decode None (the default) overlaps only on CUDA devices: on a CPU a queued step
+    would run at once and its time be charged to the step before (misleading tree=auto)."""
+    model = random_model(predictable_target(seed=27).config, seed=27)
+    prompt = _prompts(model.config.vocab_size, [8], seed=7)[0]
+    ref = _references(model, [prompt], 6)[0]
+    core = _engine(model, overlap_decode=None)
+    rid = core.add_request(prompt, SamplingParams(max_tokens=6, ignore_eos=True))
+    out = []
+    while core.has_work:
+        out += [t for d in core.step() if d.request_id == rid for t in d.new_token_ids]
+        assert core._in_flight is None
+    assert out == ref
+
+
 def test_a_request_that_breaks_a_step_fails_alone():
     model = predictable_target(seed=26)
     prompts = _prompts(model.config.vocab_size, [7, 12, 9], seed=6)
