@@ -1,10 +1,10 @@
 """The speculation policy: tries every choice, then runs the one with the best measured rate."""
 
-import math
 import random
 
 import pytest
 
+from eaglespec.bench.simulate_policy import draw_tokens, simulate
 from eaglespec.speculative.policy import PLAIN, SpeculationPolicy
 
 
@@ -19,24 +19,9 @@ def drive(policy: SpeculationPolicy, steps: int, cost: dict, tokens: dict, bucke
     return chosen
 
 
-def simulated_rates(trees: list[str], ms: dict, tokens, steps: int, timed_from: int = 0, seeds: int = 8) -> list[float]:
-    """Tokens per ms of a fresh policy over ``steps`` simulated batch-1 steps, one run per seed:
-    ``tokens(choice, step, rng)`` draws a step's tokens, ``ms`` holds each choice's step time
-    (also the seeded calibration); steps before ``timed_from`` run but are not counted."""
-    rates = []
-    for seed in range(seeds):
-        policy, rng, last, seconds, total = SpeculationPolicy(trees), random.Random(seed), None, 0.0, 0
-        for c in policy.choices:
-            policy.seed(c, 1, True, ms[c])
-        for step in range(steps):
-            c = policy.choose(1, True)
-            n = tokens(c, step, rng)
-            policy.observe(c, 1, True, ms[c], n, steady=c == last)
-            last = c
-            if step >= timed_from:
-                seconds, total = seconds + ms[c], total + n
-        rates.append(total / seconds)
-    return rates
+def simulated_rates(trees: list[str], ms: dict, draw, steps: int, timed_from: int = 0) -> list[float]:
+    """Tokens per ms of a fresh policy, one simulated run per seed 0-7 (eaglespec.bench.simulate_policy)."""
+    return [simulate(trees, ms, draw, steps, random.Random(seed), timed_from=timed_from) for seed in range(8)]
 
 
 def test_picks_plain_when_the_draft_never_accepts():
@@ -98,14 +83,6 @@ def test_a_hard_stretch_first_does_not_shut_the_trees_out():
     go_on = {"chain:1": [0.575], "chain:3": [0.575, 0.557, 0.67], "dynamic:4,6,15": [0.82, 0.67, 0.57, 0.71],
              "dynamic:5,8,32": [0.82, 0.70, 0.59, 0.64, 0.74]}
 
-    def tokens(choice, ease, rng):
-        n = 1
-        for p in go_on.get(choice, []):
-            if rng.random() >= 1 / (1 + math.exp(-math.log(p / (1 - p)) - ease)):
-                break
-            n += 1
-        return n
-
     def expected(choice):
         e, p = 1.0, 1.0
         for a in go_on.get(choice, []):
@@ -115,7 +92,8 @@ def test_a_hard_stretch_first_does_not_shut_the_trees_out():
 
     best_rate = max(expected(c) / ms[c] for c in ms)  # dynamic:4,6,15, 1.17x plain
     # The first 200 steps are a hard stretch (run, not counted); then the text is as measured.
-    rates = simulated_rates(list(go_on), ms, lambda c, step, rng: tokens(c, -1.5 if step < 200 else 0.0, rng),
+    rates = simulated_rates(list(go_on), ms,
+                            lambda c, step, rng: draw_tokens(go_on.get(c, []), -1.5 if step < 200 else 0.0, rng),
                             2200, timed_from=200)
     assert sum(rates) / len(rates) > 0.95 * best_rate
     assert min(rates) > 0.9 * best_rate
