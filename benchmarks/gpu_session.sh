@@ -133,7 +133,25 @@ phase_train_prepare() {
     --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/distill 2>&1 | tail -5
   cp $STAGE/distill/manifest.json $OUT/distill-manifest.json 2>/dev/null
 }
-phase_train() {  # $1 = eagle1 | eagle3
+# Issue 10, item 3: the parallel-drafting head against the sequential one. bench-spec-parallel
+# needs no GGUF (random weights: step cost only, A/B/A); train-parallel needs train-prepare's data
+# in this machine's $STAGE; e2e-parallel runs both heads side by side on MT-bench.
+phase_bench_spec_parallel() {
+  local i=0
+  for k in 1 4 1; do
+    i=$((i + 1))
+    python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b --trees "chain:3;chain:4" --batches 1,16,64 \
+      --context 512 --draft-vocab 32768 --parallel-tokens $k --out $OUT/parallel/$i 2>&1 | tee -a $OUT/bench.log
+  done
+  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;chain:4;dynamic:4,6,15" --batches 1,16 \
+    --context 512 --parallel-tokens 4 --out $OUT/parallel 2>&1 | tee -a $OUT/bench.log
+}
+phase_e2e_parallel() {
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches 1,16,64 --batch1-num 16 --num 32 \
+    --heads "shipped=eaglespec/assets/smollm2-eagle;parallel=$STAGE/parallel/head" --trees "auto;chain:4" \
+    --out $OUT/heads 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+}
+phase_train() {  # $1 = eagle1 | eagle3 | parallel
   local kind=$1
   python3 -m eaglespec.cli train fit --config configs/smollm2-$kind.toml --data.dir $STAGE/distill \
     --train.out_dir $STAGE/$kind 2>&1 | grep -v "it/s\]$" | tail -8
@@ -149,6 +167,7 @@ for p in "$@"; do
     pack) tar czf $FINAL_OUT/results.tgz -C $OUT . && ls -la $FINAL_OUT ;;
     bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
     train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
+    train-parallel) phase_train parallel ;; bench-spec-parallel) phase_bench_spec_parallel ;; e2e-parallel) phase_e2e_parallel ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

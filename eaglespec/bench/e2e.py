@@ -9,7 +9,8 @@ plain runs and their spread, the speculation each step chose,
 and how many outputs are token-for-token identical to plain decoding (bf16 kernels may flip
 near-tied argmaxes between the two paths; fp32 on the CPU is exact, see the tests).
 ``--draft-vocab 4096,8192,16384,full`` runs every tree once per draft vocabulary size (the head
-drafts over that many of its most frequent tokens; full = its whole vocabulary).
+drafts over that many of its most frequent tokens; full = its whole vocabulary); ``--heads
+shipped=DIR;parallel=DIR`` runs every tree with each head, side by side.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ def parse_draft_vocabs(text: str) -> list[int | None]:
             raise ValueError(f"--draft-vocab: sizes must be >= 1, got {item!r}")
         sizes.append(n)
     return sizes or [None]
+
+
+def parse_heads(text: str) -> dict[str, str]:
+    """``--heads``: "NAME=DIR;NAME=DIR" -> {name: directory}; empty: the shipped head."""
+    heads: dict[str, str] = {}
+    for item in (t.strip() for t in text.split(";") if t.strip()):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--heads: expected NAME=DIR, got {item!r}")
+        heads[name] = path
+    return heads or {"shipped": shipped_head_path()}
 
 
 def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[SamplingParams]) -> dict:
@@ -88,6 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--batch1-num", type=int, default=16, help="prompts timed at batch 1 (slow)")
     ap.add_argument("--trees", default="", help="';'-separated trees, 'auto' among them (default: auto)")
+    ap.add_argument("--heads", default="", help="';'-separated NAME=DIR draft heads, each run with every tree "
+                                                "(default: the shipped head)")
     ap.add_argument("--draft-vocab", default="full",
                     help="comma-separated draft vocabulary sizes, e.g. 4096,8192,16384,full (each tree runs with each)")
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -108,13 +122,16 @@ def main(argv=None) -> None:
               for i in range(len(prompts))]
     trees = [t for t in args.trees.split(";") if t] or ["auto"]
     vocabs = parse_draft_vocabs(args.draft_vocab)
-    head = load_head(shipped_head_path(), plain.model)  # one head (and one target) for every engine
+    head_dirs = parse_heads(args.heads)
     engines = {"plain": plain}
-    for tree in trees:
-        for size in vocabs:
-            llm = LLM.from_model(plain.model, tokenizer=plain.tokenizer, draft=head, engine=engine,
-                                 spec=SpecConfig(tree=tree, draft_vocab_size=size), eos_ids=plain.eos_ids)
-            engines[tree if size is None else f"{tree} vocab {size}"] = llm
+    for head_name, head_dir in head_dirs.items():
+        head = load_head(head_dir, plain.model)  # one target for every engine
+        for tree in trees:
+            for size in vocabs:
+                llm = LLM.from_model(plain.model, tokenizer=plain.tokenizer, draft=head, engine=engine,
+                                     spec=SpecConfig(tree=tree, draft_vocab_size=size), eos_ids=plain.eos_ids)
+                name = tree if size is None else f"{tree} vocab {size}"
+                engines[name if len(head_dirs) == 1 else f"{head_name} {name}"] = llm
     # Warm-up: Triton compiles and every bucket's graph is captured (the tail of each batch passes
     # through the smaller buckets), so no capture lands inside a timed run. tree=auto captures a
     # sampled batch's graphs when it first tries each choice at a bucket (a trial of a few steps
@@ -133,7 +150,8 @@ def main(argv=None) -> None:
     rows = []
     device = plain.device
     result_name = ("e2e-smollm2-mtbench" + (f"-t{args.temperature:g}-p{args.top_p:g}" if args.temperature else "")
-                   + (f"-{args.dtype}" if args.dtype else "") + ("-draft-vocab" if vocabs != [None] else ""))
+                   + (f"-{args.dtype}" if args.dtype else "") + ("-draft-vocab" if vocabs != [None] else "")
+                   + ("-heads" if len(head_dirs) > 1 else ""))
     for batch in batches:
         subset = prompts[:args.batch1_num] if batch == 1 else prompts
         # Plain decoding runs first and last (A, B, ..., A): speedups are over the mean of the

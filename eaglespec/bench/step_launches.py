@@ -19,11 +19,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eaglespec.bench.decode import PRESETS
-from eaglespec.bench.spec_step import prefill_all
+from eaglespec.bench.spec_step import prefill_all, random_head
 from eaglespec.config import EngineConfig, LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.graphs import bucket_for
 from eaglespec.engine.llm import LLM
-from eaglespec.models.eagle import EagleConfig, build_head
 from eaglespec.models.llama import build_model
 
 # Ops that launch nothing on a GPU: views, metadata, allocation.
@@ -122,16 +121,14 @@ def narrow_config(cfg: LlamaConfig, num_layers: int) -> LlamaConfig:
 
 
 def build(preset: str, device: torch.device, tree: str, max_batch: int, context: int, backend: str,
-          narrow_layers: int = 0):
+          narrow_layers: int = 0, parallel_tokens: int = 1):
     cfg: LlamaConfig = PRESETS[preset]
     if narrow_layers:
         cfg = narrow_config(cfg, narrow_layers)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = build_model(cfg, device, dtype)
     target.init_random(seed=0)
-    head_layer = LlamaConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "num_layers": 1, "eagle3_layers": ()})
-    head = build_head(EagleConfig("eagle1", head_layer), target)
-    head.init_random(seed=1)
+    head = random_head(target, parallel_tokens)
     engine = EngineConfig(max_batch_size=max_batch, max_model_len=context + 128, num_blocks=max_batch * (
         (context + 128) // 16 + 2) + 2, use_cuda_graphs=False, attention_backend=backend)
     return LLM.from_model(target, draft=head, spec=SpecConfig(tree=tree), engine=engine)
@@ -191,6 +188,8 @@ def main(argv=None) -> None:
                          "counts, fast under TRITON_INTERPRET=1")
     ap.add_argument("--sampled", action="store_true", help="count the sampled step (temperature 0.7, top-p 0.9) "
                                                              "instead of the greedy one")
+    ap.add_argument("--parallel-tokens", type=int, default=1,
+                    help="> 1: a parallel-drafting head (one forward proposes this many tokens)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -200,15 +199,16 @@ def main(argv=None) -> None:
     for tree in args.trees.split(";"):
         for batch in batches:
             if args.narrow:  # per-layer launches are the same at every layer: extrapolate
-                two = count_step(build(args.preset, device, tree, batch, args.context, args.backend, 2), batch,
-                                 args.context, tree, args.sampled)
-                three = count_step(build(args.preset, device, tree, batch, args.context, args.backend, 3), batch,
-                                   args.context, tree, args.sampled)
+                two, three = (count_step(build(args.preset, device, tree, batch, args.context, args.backend, n,
+                                               args.parallel_tokens), batch, args.context, tree, args.sampled)
+                              for n in (2, 3))
                 spec_c, decode_c = (_extrapolate(a, b, layers) for a, b in zip(two, three))
             else:
-                spec_c, decode_c = count_step(build(args.preset, device, tree, batch, args.context, args.backend),
+                spec_c, decode_c = count_step(build(args.preset, device, tree, batch, args.context, args.backend,
+                                                    parallel_tokens=args.parallel_tokens),
                                               batch, args.context, tree, args.sampled)
-            row = {"tree": tree, "batch": batch, "sampled": args.sampled, "step_launches": spec_c.total,
+            row = {"tree": tree, "batch": batch, "sampled": args.sampled, "parallel_tokens": args.parallel_tokens,
+                   "step_launches": spec_c.total,
                    "decode_launches": decode_c.total, "step_ops": dict(spec_c.counts.most_common())}
             rows.append(row)
             print(f"{tree:>16s} batch {batch:3d}: step {spec_c.total:5d} launches, decode {decode_c.total:4d}",

@@ -77,6 +77,12 @@ class SpeculativeRunner:
         self.runner = runner
         self.head = head.with_kernels(runner.backend)  # the target's kernel set (same weights)
         shapes = {tree: parse_tree(tree) for tree in spec.trees}
+        reach = head.config.parallel_tokens
+        if head.config.parallel and spec.tree == "auto":  # a forced tree deeper than this: Drafter refuses it
+            shapes = {tree: shape for tree, shape in shapes.items() if shape.depth <= reach}
+            if not shapes:
+                raise ValueError(f"SpecConfig.auto_trees: every tree is deeper than the {reach} tokens this "
+                                 f"parallel-drafting head proposes per forward")
         self.depth = max(shape.depth for shape in shapes.values())
         self.width = self.depth + 1  # tokens one step can emit (accepted drafts + bonus)
         lc = head.config.layer
@@ -104,7 +110,7 @@ class SpeculativeRunner:
                                                 use_graphs) for greedy in (True, False)}
         self._host_buffers: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # _host_buffer
         # tree="auto": measured choice per step; a forced tree runs on every step.
-        self.policy = SpeculationPolicy(list(spec.trees)) if spec.tree == "auto" else None
+        self.policy = SpeculationPolicy(list(shapes)) if spec.tree == "auto" else None
 
     @torch.inference_mode()
     def calibrate(self, reps: int = 5, share: Callable[[list[float]], list[float]] = lambda times: times) -> None:

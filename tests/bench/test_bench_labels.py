@@ -49,3 +49,12 @@ def test_e2e_batches_run_at_the_labelled_size(draft):
     small = LLM.from_model(llm.model, draft=None, engine=small_engine(max_batch_size=2))
     with pytest.raises(RuntimeError, match="ran at most 2 at once"):
         run_batch(small, prompts, 4, params)
+
+
+def test_e2e_heads_option_names_each_head_or_says_what_is_wrong():
+    from eaglespec.bench.e2e import parse_heads
+
+    assert parse_heads("a=/x; b=/y") == {"a": "/x", "b": "/y"}
+    assert list(parse_heads("")) == ["shipped"]
+    with pytest.raises(ValueError, match="expected NAME=DIR"):
+        parse_heads("just-a-dir")

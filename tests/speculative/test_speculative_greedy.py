@@ -28,11 +28,11 @@ def predictable_target(seed: int):
     return model
 
 
-def eagle1_head(target, seed: int, layers: int = 1, oracle: bool = True):
+def eagle1_head(target, seed: int, layers: int = 1, oracle: bool = True, parallel_tokens: int = 1):
     cfg = target.config
     layer_cfg = LlamaConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "num_layers": layers,
                                "eagle3_layers": ()})
-    head = build_head(EagleConfig("eagle1", layer_cfg), target)
+    head = build_head(EagleConfig("eagle1", layer_cfg, parallel_tokens=parallel_tokens), target)
     head.init_random(seed=seed, std=0.05)
     if oracle:
         with torch.no_grad():
@@ -75,11 +75,18 @@ def _tree(spec, tmp_path):
     return str(path)
 
 
+def head_of_kind(target, kind: str, seed: int):
+    """eagle1 (oracle-ish), eagle3, or parallel: the eagle1 head drafting 4 tokens per forward."""
+    if kind == "eagle3":
+        return eagle3_head(target, seed=seed)
+    return eagle1_head(target, seed=seed, parallel_tokens=4 if kind == "parallel" else 1)
+
+
 @pytest.mark.parametrize("tree", TREES)
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3", "parallel"])
 def test_greedy_speculative_equals_autoregressive(tree, kind, tmp_path):
     target = predictable_target(seed=21)
-    head = eagle1_head(target, seed=5) if kind == "eagle1" else eagle3_head(target, seed=5)
+    head = head_of_kind(target, kind, seed=5)
     prompts = _prompts(target.config.vocab_size, [7, 1, 26, 13, 40, 3, 19, 33], seed=3)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     plain = LLM.from_model(target, engine=small_engine(max_batch_size=8)).generate(prompts, params)
@@ -125,19 +132,19 @@ def test_triton_kernels_in_the_engine_match_plain_decoding():
     two-pass tree attention), as the GPU path runs it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     target = predictable_target(seed=24).to(device)
-    head = eagle1_head(target, seed=8)
     prompts = _prompts(target.config.vocab_size, [21, 6], seed=6)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     plain = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
     engine = small_engine(attention_backend="triton")
     plain_triton = LLM.from_model(target, engine=engine).generate(prompts, params)
-    spec = LLM.from_model(target, draft=head, spec=SpecConfig(tree="dynamic:3,3,8"), engine=engine).generate(prompts, params)
     assert [o.token_ids for o in plain_triton] == [o.token_ids for o in plain]
-    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    for head in (eagle1_head(target, seed=8), eagle1_head(target, seed=8, parallel_tokens=3)):
+        spec = LLM.from_model(target, draft=head, spec=SpecConfig(tree="dynamic:3,3,8"), engine=engine)
+        assert [o.token_ids for o in spec.generate(prompts, params)] == [o.token_ids for o in plain]
 
 
 @pytest.mark.parametrize("tree", TREES)
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3", "parallel"])
 def test_greedy_exact_with_a_reduced_draft_vocabulary(tree, kind, tmp_path, monkeypatch):
     """The draft scores only the N most frequent tokens of the target's replies: every drafted
     token is one of them, and the output is still the target's own greedy output."""
@@ -147,9 +154,9 @@ def test_greedy_exact_with_a_reduced_draft_vocabulary(tree, kind, tmp_path, monk
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     plain = LLM.from_model(target, engine=small_engine(max_batch_size=8)).generate(prompts, params)
     replies = torch.tensor([t for o in plain for t in o.token_ids])
-    head = eagle1_head(target, seed=5) if kind == "eagle1" else eagle3_head(target, seed=5)
+    head = head_of_kind(target, kind, seed=5)
     head.set_token_ranking(rank_tokens(torch.bincount(replies, minlength=vocab)))
-    size = 24 if kind == "eagle1" else 16  # of 61 target tokens; the EAGLE-3 head has 40 of its own
+    size = 16 if kind == "eagle3" else 24  # of 61 target tokens; the EAGLE-3 head has 40 of its own
     allowed = set(head.draft_vocab(size).to_target.tolist())
     drafted = []
     build = Drafter.build
