@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from eaglespec.config import LlamaConfig, SamplingParams, SpecConfig
-from eaglespec.models.eagle import EagleConfig, EagleHead, build_head, load_head, save_head
+from eaglespec.models.eagle import DraftOutput, EagleConfig, EagleHead, build_head, load_head, save_head
 from eaglespec.models.llama import LlamaForCausalLM
 from eaglespec.ops.attention import default_scale
 from eaglespec.train.data import load_prepared, load_prepared_features
@@ -86,19 +86,25 @@ def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
     target_h = hidden.index_select(0, rows + 1).float()
     h = out.hidden.index_select(0, rows).float()
     value = F.smooth_l1_loss(h, target_h, reduction="none").mean(-1).sum() / max(n, 1)
-    prob, correct = _soft_cross_entropy(head.logits(out).index_select(0, rows), logits.index_select(0, rows + 1))
+    prob, correct = _soft_cross_entropy(_scored_logits(head, out, rows), logits.index_select(0, rows + 1))
     loss = value_weight * value + prob_weight * prob
     res = LossResult(loss, [loss.detach()], [correct], [torch.tensor(n, device=tokens.device)])
     anchor_hidden = out.hidden
     for i in range(1, head.config.parallel_tokens):
         out = head.forward_placeholders(anchor_hidden, positions + i, step, None)
         rows = shift_left(loss_mask, i + 2).reshape(-1).nonzero().squeeze(1)
-        ce, correct = _soft_cross_entropy(head.logits(out).index_select(0, rows), logits.index_select(0, rows + i + 1))
+        ce, correct = _soft_cross_entropy(_scored_logits(head, out, rows), logits.index_select(0, rows + i + 1))
         res.loss = res.loss + prob_weight * decay ** i * ce
         res.step_losses.append(ce.detach())
         res.correct.append(correct)
         res.counts.append(torch.tensor(rows.numel(), device=tokens.device))
     return res
+
+
+def _scored_logits(head: EagleHead, out: DraftOutput, rows: torch.Tensor) -> torch.Tensor:
+    """The head's logits [n, own vocab] of the scored rows only: prompt and padding rows never
+    meet the [H, V] projection (the largest product of a step)."""
+    return F.linear(out.last.index_select(0, rows), head.output_weight()).float()
 
 
 def _soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +140,7 @@ def eagle3_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
         rows = valid.reshape(-1).nonzero().squeeze(1)
         n = rows.numel()
         target = logits.index_select(0, rows + i + 1).index_select(1, to_target)
-        ce, right = _soft_cross_entropy(head.logits(out).index_select(0, rows), target)
+        ce, right = _soft_cross_entropy(_scored_logits(head, out, rows), target)
         total = total + decay ** i * ce
         step_losses.append(ce.detach())
         correct.append(right)
