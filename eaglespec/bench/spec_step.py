@@ -139,7 +139,8 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-vocab", default="full",
                     help="comma-separated draft vocabulary sizes, e.g. 32768,full (each tree runs with each)")
     ap.add_argument("--parallel-tokens", type=int, default=1,
-                    help="> 1: a parallel-drafting head (one forward proposes this many tokens; trees at most this deep)")
+                    help="> 1: a parallel-drafting head (one forward proposes this many tokens; trees at most that "
+                         "deep)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)

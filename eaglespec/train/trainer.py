@@ -70,9 +70,10 @@ def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
 
     A parallel-drafting head (K = parallel_tokens) adds steps i = 1..K-1: a placeholder row
     reading (row t's step-0 output, the placeholder embedding) at position t+i that sees the
-    step-0 keys of rows <= t and the placeholders of its own row's earlier steps (``TTTStep``: the keys placeholder i - 1 sees when serving after the pair at
-    t), scored by soft CE against the target's distribution at t+i+1 where x_{t+i+2} is a reply
-    token, with weight prob_weight * decay^i.
+    step-0 keys of rows <= t and the placeholders of its own row's earlier steps (``TTTStep``:
+    the keys placeholder i - 1 sees when serving after the pair at t), scored by soft CE
+    against the target's distribution at t+i+1 where x_{t+i+2} is a reply token, with weight
+    prob_weight * decay^i.
     """
     b, t = tokens.shape
     feats = hidden.float() if noise is None else hidden.float() + noise
@@ -198,7 +199,8 @@ class TrainConfig:
     value_weight: float = 1.0  # eagle1 SmoothL1 weight
     prob_weight: float = 0.1  # eagle1 soft cross-entropy weight
     ttt_steps: int = 7  # eagle3 unrolled steps
-    step_decay: float = 0.8  # weight of step i: eagle3 step_decay ** i, a parallel head's placeholders prob_weight * step_decay ** i
+    # Weight of unrolled step i: eagle3 step_decay ** i; a parallel head's placeholder i prob_weight * step_decay ** i.
+    step_decay: float = 0.8
     init_std: float = 0.02
     init_from: str = ""  # a head directory to start from instead of random weights
     seed: int = 0
@@ -220,7 +222,8 @@ class TrainConfig:
         if self.kind == "eagle3" and self.layers != 1:
             raise ValueError("TrainConfig.layers must be 1 for eagle3 heads")
         if self.parallel_tokens < 1 or self.kind == "eagle3" and self.parallel_tokens > 1:
-            raise ValueError(f"TrainConfig.parallel_tokens must be >= 1, and 1 for eagle3 heads, got {self.parallel_tokens}")
+            raise ValueError(f"TrainConfig.parallel_tokens must be >= 1, and 1 for eagle3 heads, "
+                             f"got {self.parallel_tokens}")
         if self.max_seq_len > self.batch_tokens:
             raise ValueError(f"TrainConfig.max_seq_len ({self.max_seq_len}) exceeds batch_tokens ({self.batch_tokens})")
         if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:

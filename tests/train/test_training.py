@@ -439,9 +439,15 @@ def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind)
     assert torch.equal(half.fc.weight, head.fc.weight.bfloat16().float())
 
 
-def test_resumed_run_equals_an_uninterrupted_one(target, distilled, tmp_path):
+KIND_SETTINGS = {"eagle1": {}, "eagle3": dict(kind="eagle3", draft_vocab_size=40, ttt_steps=2),
+                 "parallel": dict(parallel_tokens=3)}
+
+
+@pytest.mark.parametrize("kind", list(KIND_SETTINGS))
+def test_resumed_run_equals_an_uninterrupted_one(target, distilled, tmp_path, kind):
     data = load_prepared(distilled)
-    kw = dict(max_steps=12, checkpoint_every=5, grad_accum=2, batch_tokens=512, feature_noise=0.1, log_every=3)
+    kw = dict(max_steps=12, checkpoint_every=5, grad_accum=2, batch_tokens=512, feature_noise=0.1, log_every=3,
+              **KIND_SETTINGS[kind])
     whole = Trainer(_train_cfg(tmp_path / "whole", **kw), target, data)
     whole.fit()
     first = Trainer(_train_cfg(tmp_path / "split", **kw), target, data)
