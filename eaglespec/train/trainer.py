@@ -62,7 +62,7 @@ class LossResult:
 
 def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, hidden: torch.Tensor,
                 logits: torch.Tensor, noise: torch.Tensor | None = None, value_weight: float = 1.0,
-                prob_weight: float = 0.1, decay: float = 0.8) -> LossResult:
+                prob_weight: float = 0.1, decay: float = 0.8, placeholder_weight: float = 0.1) -> LossResult:
     """tokens/loss_mask [B, T]; hidden [B*T, H] and logits [B*T, V] of the target.
 
     Row t reads (f_t + noise, x_{t+1}) at position t; it is scored when x_{t+2} is a reply token,
@@ -73,7 +73,7 @@ def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
     step-0 keys of rows <= t and the placeholders of its own row's earlier steps (``TTTStep``:
     the keys placeholder i - 1 sees when serving after the pair at t), scored by soft CE
     against the target's distribution at t+i+1 where x_{t+i+2} is a reply token, with weight
-    prob_weight * decay^i.
+    placeholder_weight * decay^i.
     """
     b, t = tokens.shape
     feats = hidden.float() if noise is None else hidden.float() + noise
@@ -95,7 +95,7 @@ def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
         out = head.forward_placeholders(anchor_hidden, positions + i, step, None)
         rows = shift_left(loss_mask, i + 2).reshape(-1).nonzero().squeeze(1)
         ce, correct = _soft_cross_entropy(_scored_logits(head, out, rows), logits.index_select(0, rows + i + 1))
-        res.loss = res.loss + prob_weight * decay ** i * ce
+        res.loss = res.loss + placeholder_weight * decay ** i * ce
         res.step_losses.append(ce.detach())
         res.correct.append(correct)
         res.counts.append(torch.tensor(rows.numel(), device=tokens.device))
@@ -199,8 +199,10 @@ class TrainConfig:
     value_weight: float = 1.0  # eagle1 SmoothL1 weight
     prob_weight: float = 0.1  # eagle1 soft cross-entropy weight
     ttt_steps: int = 7  # eagle3 unrolled steps
-    # Weight of unrolled step i: eagle3 step_decay ** i; a parallel head's placeholder i prob_weight * step_decay ** i.
+    # Weight of unrolled step i: eagle3 step_decay ** i; a parallel head's placeholder i
+    # placeholder_weight * step_decay ** i (0.1: as EAGLE-1's own cross-entropy; design note 30).
     step_decay: float = 0.8
+    placeholder_weight: float = 0.1
     init_std: float = 0.02
     init_from: str = ""  # a head directory to start from instead of random weights
     seed: int = 0
@@ -234,8 +236,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
         if self.export_dtype not in _DTYPES:
             raise ValueError(f"TrainConfig.export_dtype must be one of {sorted(_DTYPES)}, got {self.export_dtype!r}")
-        if self.feature_noise < 0 or self.grad_clip < 0:
-            raise ValueError("TrainConfig: feature_noise and grad_clip must be >= 0")
+        if self.feature_noise < 0 or self.grad_clip < 0 or self.placeholder_weight < 0:
+            raise ValueError("TrainConfig: feature_noise, grad_clip and placeholder_weight must be >= 0")
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -449,7 +451,7 @@ class Trainer:
         with self.autocast():
             if cfg.kind == "eagle1":
                 res = eagle1_loss(self.head, tokens, mask, hidden, logits, noise, cfg.value_weight, cfg.prob_weight,
-                                  cfg.step_decay)
+                                  cfg.step_decay, cfg.placeholder_weight)
             else:
                 res = eagle3_loss(self.head, tokens, mask, taps, logits, cfg.ttt_steps, cfg.step_decay, noise)
         return res, int(lengths.sum())
