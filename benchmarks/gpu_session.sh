@@ -126,7 +126,10 @@ phase_bench_serve_spec_again() { local keep=$OUT; OUT=$OUT/again; mkdir -p $OUT;
 # Both JSONs in benchmarks/results, then `python -m eaglespec.bench.plots` draws them in one figure.
 phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 | tee -a $OUT/bench.log; }
 
-# Training the shipped head (issue 4): prompts and MT-bench questions travel in .carry/.
+# Training the shipped head (issue 4): prompts and MT-bench questions travel in .carry/ (git-ignored).
+# .carry/sharegpt-0-16000.jsonl.gz holds the user turns of ShareGPT conversations 0-15999, one
+# {"turns": [...]} per line: `import gzip, json; from eaglespec.train.data import load_conversations`,
+# then write json.dumps({"turns": c}) for c in load_conversations("sharegpt", 0, 16000) (6 MB).
 phase_train_prepare() {
   gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
   python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
