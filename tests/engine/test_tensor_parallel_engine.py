@@ -161,6 +161,19 @@ def test_greedy_speculative_output_equals_plain_single_process_output(checkpoint
     closed_cleanly(llm)
 
 
+def test_a_parallel_drafting_head_is_replicated_with_its_placeholder(checkpoint, reference, tmp_path):
+    """Each rank loads the head from its directory, placeholder included, and drafts alike."""
+    head_dir = str(tmp_path / "parallel-head")
+    save_head(eagle1_head(predictable_target(seed=21), seed=5, parallel_tokens=3), head_dir)
+    llm = LLM(checkpoint[0], draft=head_dir, spec=SpecConfig(tree="chain:3"), device="cpu", engine=engine_config(),
+              tensor_parallel_size=2)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    outs = llm.generate(prompts(), params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts(), params)]
+    assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.0  # drafts were accepted
+    closed_cleanly(llm)
+
+
 @dataclass(slots=True)
 class ClocksThatDisagree(EngineConfig):
     """Rank 0's clock says trees pay, the workers' clocks say they do not: on rank 0 every plain
