@@ -212,15 +212,17 @@ class Drafter:
         if ahead > 0:
             positions = (cached_lens[:, None].long() + torch.arange(ahead, device=cached_lens.device)).reshape(-1)
             step = TreeStep(block_tables, cached_lens, self.chain_bits(bsz, ahead), self.scale, self.backend)
-            out = self.head.forward_placeholders(hidden_root.repeat_interleave(ahead, 0), positions, step,
-                                                 self.cache)  # their K/V are never committed
-            last = torch.cat((last_root[:, None], out.last.view(bsz, ahead, -1)), dim=1).view(bsz * (ahead + 1), -1)
-        values, ids = self._children(last, bsz)  # [B, (ahead + 1) * branch]: the root's, then each placeholder's
-        values, ids = values.view(bsz, ahead + 1, -1), ids.view(bsz, ahead + 1, -1)
-        frontier = ops.expand(values[:, 0].contiguous(), ids[:, 0].contiguous(), None, pool, self.levels[0],
-                              shape.branch, cached_lens)
+            anchors = hidden_root[:, None].expand(bsz, ahead, hidden_root.shape[1]).reshape(bsz * ahead, -1)
+            out = self.head.forward_placeholders(anchors, positions, step, self.cache)  # K/V never committed
+            # Depth-major rows (the root's, then each placeholder's, B each): every depth's
+            # children are then one contiguous [B, branch] block.
+            last = torch.cat((last_root[None], out.last.view(bsz, ahead, -1).transpose(0, 1)), dim=0)
+        values, ids = self._children(last.reshape((ahead + 1) * bsz, -1), bsz)
+        values, ids = values.view(ahead + 1, bsz, -1), ids.view(ahead + 1, bsz, -1)
+        frontier = ops.expand(values[0], ids[0], None, pool, self.levels[0], shape.branch, cached_lens)
         for d in range(1, shape.depth):
             rows = frontier.tokens.shape[1]  # every frontier node of depth d gets the same children
-            frontier = ops.expand(values[:, d].repeat(1, rows), ids[:, d].repeat(1, rows), frontier, pool,
-                                  self.levels[d], shape.branch, cached_lens)
+            child_values, child_ids = (values[d], ids[d]) if rows == 1 else (values[d].repeat(1, rows),
+                                                                             ids[d].repeat(1, rows))
+            frontier = ops.expand(child_values, child_ids, frontier, pool, self.levels[d], shape.branch, cached_lens)
         return TreeBatch(*ops.select(pool, root_tokens.long(), shape.num_nodes, shape.depth, cached_lens))
