@@ -352,7 +352,7 @@ class EagleHead(nn.Module):
             raise ValueError("forward_placeholders needs a parallel-drafting head (parallel_tokens > 1)")
         dtype = self.fc.weight.dtype
         cos, sin = (rope_table if self.kernels == "triton" else rope_cos_sin)(positions, self.inv_freq, dtype)
-        emb = self.placeholder.to(dtype).expand(positions.shape[0], -1)
+        emb = self.placeholder.expand(positions.shape[0], -1)
         h = self.fc(torch.cat((emb, hidden.to(dtype)), dim=-1))
         return self._dense_layers(h, cos, sin, attn, cache)
 

@@ -143,7 +143,8 @@ class Drafter:
         every step: each step writes a slot before any node may read it."""
         if batch not in self._buffers:
             c = self.cache.k
-            side = (c.shape[0], batch, max(self.shape.draft_slots, 1), c.shape[3], c.shape[4])
+            slots = 1 if self.head.config.parallel else max(self.shape.draft_slots, 1)  # placeholders keep none
+            side = (c.shape[0], batch, slots, c.shape[3], c.shape[4])
             self._buffers[batch] = (CandidatePool.allocate(batch, self.pool_depth),
                                     torch.zeros(side, dtype=c.dtype, device=c.device),
                                     torch.zeros(side, dtype=c.dtype, device=c.device))

@@ -148,30 +148,29 @@ def test_close_finds_every_rank_in_step_and_stops_them(tp2_plain, reference):
         tp2_plain.generate(prompts()[:1], GREEDY)
 
 
-@pytest.mark.parametrize("tree", ["chain:2", "dynamic:3,2,6", "auto"])
-def test_greedy_speculative_output_equals_plain_single_process_output(checkpoint, reference, tree):
-    """tree="auto" chooses by wall time: every rank must run rank 0's choice, on rank 0's clock."""
-    spec = SpecConfig(tree=tree, auto_trees=TREES_AUTO) if tree == "auto" else SpecConfig(tree=tree)
-    llm = LLM(checkpoint[0], draft=checkpoint[1], spec=spec, device="cpu", engine=engine_config(),
-              tensor_parallel_size=2)
+def assert_two_ranks_speculate_like_one_process(model_dir: str, head_dir: str, spec: SpecConfig, reference) -> None:
+    """Greedy output of a 2-rank speculative engine equals the single-process plain output,
+    with drafts accepted, and the ranks close cleanly."""
+    llm = LLM(model_dir, draft=head_dir, spec=spec, device="cpu", engine=engine_config(), tensor_parallel_size=2)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     outs = llm.generate(prompts(), params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts(), params)]
     assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.0  # drafts were accepted
     closed_cleanly(llm)
+
+
+@pytest.mark.parametrize("tree", ["chain:2", "dynamic:3,2,6", "auto"])
+def test_greedy_speculative_output_equals_plain_single_process_output(checkpoint, reference, tree):
+    """tree="auto" chooses by wall time: every rank must run rank 0's choice, on rank 0's clock."""
+    spec = SpecConfig(tree=tree, auto_trees=TREES_AUTO) if tree == "auto" else SpecConfig(tree=tree)
+    assert_two_ranks_speculate_like_one_process(checkpoint[0], checkpoint[1], spec, reference)
 
 
 def test_a_parallel_drafting_head_is_replicated_with_its_placeholder(checkpoint, reference, tmp_path):
     """Each rank loads the head from its directory, placeholder included, and drafts alike."""
     head_dir = str(tmp_path / "parallel-head")
     save_head(eagle1_head(predictable_target(seed=21), seed=5, parallel_tokens=3), head_dir)
-    llm = LLM(checkpoint[0], draft=head_dir, spec=SpecConfig(tree="chain:3"), device="cpu", engine=engine_config(),
-              tensor_parallel_size=2)
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    outs = llm.generate(prompts(), params)
-    assert [o.token_ids for o in outs] == [o.token_ids for o in reference.generate(prompts(), params)]
-    assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.0  # drafts were accepted
-    closed_cleanly(llm)
+    assert_two_ranks_speculate_like_one_process(checkpoint[0], head_dir, SpecConfig(tree="chain:3"), reference)
 
 
 @dataclass(slots=True)
