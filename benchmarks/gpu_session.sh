@@ -131,14 +131,24 @@ phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 |
 # {"turns": [...]} per line: `import gzip, json; from eaglespec.train.data import load_conversations`,
 # then write json.dumps({"turns": c}) for c in load_conversations("sharegpt", 0, 16000) (6 MB).
 phase_train_prepare() {
-  gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
-  python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
+  [ -f $STAGE/sharegpt-0-16000.jsonl ] || gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
+  # Resumable by shard: a call cut short leaves whole shards; repeat the phase to finish.
+  timeout ${PREPARE_S:-540} python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
     --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/distill 2>&1 | tail -5
   cp $STAGE/distill/manifest.json $OUT/distill-manifest.json 2>/dev/null
 }
+# Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
+# sampled reply per conversation (resumable by shard: repeat the call until it reports the totals).
+# Train on it with DATA=$STAGE/distill-full before the train-* phases.
+phase_train_prepare_full() {
+  [ -f $STAGE/sharegpt-0-16000.jsonl ] || gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
+  timeout 540 python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
+    --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/distill-full --data.turns 8 --data.samples 1 2>&1 | tail -5
+  cp $STAGE/distill-full/manifest.json $OUT/distill-full-manifest.json 2>/dev/null
+}
 # Issue 10, item 3: the parallel-drafting head against the sequential one. bench-spec-parallel
 # needs no GGUF (random weights: step cost only, A/B/A); train-parallel needs train-prepare's data
-# in this machine's $STAGE; e2e-parallel runs both heads side by side on MT-bench.
+# in this machine's $STAGE; e2e-heads runs the heads trained there beside the shipped one on MT-bench.
 phase_bench_spec_parallel() {
   local i=0
   for k in 1 4 1; do
@@ -149,19 +159,33 @@ phase_bench_spec_parallel() {
   python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;chain:4;dynamic:4,6,15" --batches 1,16 \
     --context 512 --parallel-tokens 4 --out $OUT/parallel 2>&1 | tee -a $OUT/bench.log
 }
-phase_e2e_parallel() {
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches 1,16,64 --batch1-num 16 --num 32 \
-    --heads "shipped=eaglespec/assets/smollm2-eagle;parallel=$STAGE/parallel/head" --trees "auto;chain:4" \
-    --out $OUT/heads 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+phase_e2e_heads() {  # the shipped head against every head trained on this machine, side by side
+  local heads="shipped=eaglespec/assets/smollm2-eagle" name
+  for name in eagle1 parallel; do
+    [ -f $STAGE/$name/head/config.json ] && heads="$heads;$name=$STAGE/$name/head"
+  done
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 --num 32 \
+    --heads "$heads" --trees "${E2E_TREES:-auto;chain:3;chain:4}" --out $OUT/heads 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
-phase_train() {  # $1 = eagle1 | eagle3 | parallel
-  local kind=$1
-  python3 -m eaglespec.cli train fit --config configs/smollm2-$kind.toml --data.dir $STAGE/distill \
-    --train.out_dir $STAGE/$kind 2>&1 | grep -v "it/s\]$" | tail -8
-  python3 -m eaglespec.cli train eval --config configs/smollm2-$kind.toml --train.out_dir $STAGE/$kind \
+phase_train() {  # $1 = run name, $2 = config, then --section.key value overrides
+  local name=$1 config=$2
+  shift 2
+  python3 -m eaglespec.cli train fit --config $config --data.dir ${DATA:-$STAGE/distill} --train.out_dir $STAGE/$name "$@" \
+    2>&1 | grep -v "it/s\]$" | tail -8
+  python3 -m eaglespec.cli train eval --config $config --train.out_dir $STAGE/$name \
     --eval.source .carry/mtbench-question.jsonl 2>&1 | tail -12
-  mkdir -p $OUT/$kind && cp -r $STAGE/$kind/head $OUT/$kind/ && cp $STAGE/$kind/*.json* $STAGE/$kind/*.png $OUT/$kind/ 2>/dev/null
-  ls -la $OUT/$kind
+  mkdir -p $OUT/$name && cp -r $STAGE/$name/head $OUT/$name/ && cp $STAGE/$name/*.json* $STAGE/$name/*.png $OUT/$name/ 2>/dev/null
+  ls -la $OUT/$name
+}
+# Issue 10, item 4: the EAGLE-1 recipe on nested quarters and halves of train-prepare's data, the
+# same epochs (the whole-data point is train-eagle1, run first); table and plot of tau by tokens.
+phase_train_scaling() {
+  local f
+  for f in 0.25 0.5; do
+    phase_train eagle1-data$f configs/smollm2-eagle1.toml --train.data_fraction $f
+  done
+  python3 -m eaglespec.bench.scaling $STAGE/eagle1-data0.25 $STAGE/eagle1-data0.5 $STAGE/eagle1 --label smollm2-eagle1 \
+    --out $OUT 2>&1 | tee -a $OUT/bench.log
 }
 
 for p in "$@"; do
@@ -169,9 +193,10 @@ for p in "$@"; do
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     pack) tar czf $FINAL_OUT/results.tgz -C $OUT . && ls -la $FINAL_OUT ;;
     bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
-    train-prepare) phase_train_prepare ;; train-eagle1) phase_train eagle1 ;; train-eagle3) phase_train eagle3 ;;
-    train-parallel) phase_train parallel ;; bench-spec-parallel) phase_bench_spec_parallel ;;
-    e2e-parallel) phase_e2e_parallel ;;
+    train-prepare) phase_train_prepare ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
+    train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-parallel) phase_train parallel configs/smollm2-parallel.toml ;;
+    train-scaling) phase_train_scaling ;;
+    bench-spec-parallel) phase_bench_spec_parallel ;; e2e-heads) phase_e2e_heads ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

@@ -4,7 +4,8 @@
 
 spec-step-*.json -> cost of a speculative step over a plain decode step, by tree size and batch;
 e2e-*.json       -> tokens/s of plain and speculative decoding by batch size;
-serve-*.json     -> served throughput, TTFT and TPOT by concurrency (``plot_serve`` overlays runs).
+serve-*.json     -> served throughput, TTFT and TPOT by concurrency (``plot_serve`` overlays runs);
+data-scaling-*.json -> a head recipe's tau against the reply tokens it trained on, one line per tree.
 """
 
 from __future__ import annotations
@@ -115,6 +116,28 @@ def plot_serve(paths: list[str]) -> str:
     return out
 
 
+def plot_scaling(path: str) -> str:
+    """Tau against training reply tokens (log scale), one line per tree (eaglespec.bench.scaling)."""
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        rec = json.load(f)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for tree in dict.fromkeys(r["tree"] for r in rec["rows"]):
+        sel = sorted((r for r in rec["rows"] if r["tree"] == tree), key=lambda r: r["reply_tokens"])
+        ax.plot([r["reply_tokens"] for r in sel], [r["tau"] for r in sel], marker="o", label=tree)
+    ax.set_xscale("log")
+    ax.set_xlabel("reply tokens trained on")
+    ax.set_ylabel("tau (tokens per target forward)")
+    ax.set_title(f"{rec['benchmark']} on {rec['device']} ({rec['date']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", default="benchmarks/results")
@@ -123,6 +146,8 @@ def main(argv=None) -> None:
         print("wrote", plot_spec_step(path))
     for path in sorted(glob.glob(os.path.join(args.results, "e2e-*.json"))):
         print("wrote", plot_e2e(path))
+    for path in sorted(glob.glob(os.path.join(args.results, "data-scaling-*.json"))):
+        print("wrote", plot_scaling(path))
     runs: dict[tuple, list[str]] = {}  # one figure per model, device and date: its runs overlaid
     for path in sorted(glob.glob(os.path.join(args.results, "serve-*.json"))):
         with open(path) as f:

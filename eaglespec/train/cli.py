@@ -215,22 +215,29 @@ def run_prepare(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
 
 
 def run_fit(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
+    from eaglespec.bench.results import device_name
     from eaglespec.train.trainer import Trainer, init_distributed, plot_log
 
     rank, world, device = init_distributed()
     target = target or load_target(cfg.target, device=device)
     trainer = Trainer(cfg.train, target.model, progress=True)
     if rank == 0:
-        print(f"training {cfg.train.kind}: {len(trainer.data)} sequences, {trainer.steps_per_epoch} steps/epoch, "
+        size = trainer.data_size
+        print(f"training {cfg.train.kind}: {size['sequences']} sequences ({size['tokens']:,} tokens, "
+              f"{size['reply_tokens']:,} reply tokens), {trainer.steps_per_epoch} steps/epoch, "
               f"{trainer.total_steps} steps, {world} process(es)", file=sys.stderr)
     result = trainer.fit()
     path = trainer.export()
     if rank == 0:
         result["head"] = path
+        result["data"] = trainer.data_size
+        result["device"] = device_name(target.model.output_weight.device)
         log = trainer.log_path
         if log and os.path.isfile(log):
             png = os.path.splitext(log)[0] + ".png"
             result["plot"] = png if plot_log(log, png) else None
+        with open(os.path.join(cfg.train.out_dir, "fit.json"), "w") as f:  # what the run trained on (data scaling)
+            json.dump(result, f, indent=1)
         print(json.dumps(result))
     del trainer
     _release(target.model.output_weight.device)

@@ -205,6 +205,7 @@ class TrainConfig:
     placeholder_weight: float = 0.1
     init_std: float = 0.02
     init_from: str = ""  # a head directory to start from instead of random weights
+    data_fraction: float = 1.0  # train on this nested random fraction of the prepared sequences (data scaling)
     seed: int = 0
     mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
     use_stored_features: bool = True  # use features saved by prepare(store_features=...) when present
@@ -236,6 +237,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
         if self.export_dtype not in _DTYPES:
             raise ValueError(f"TrainConfig.export_dtype must be one of {sorted(_DTYPES)}, got {self.export_dtype!r}")
+        if not 0 < self.data_fraction <= 1:
+            raise ValueError(f"TrainConfig.data_fraction must be in (0, 1], got {self.data_fraction}")
         if self.feature_noise < 0 or self.grad_clip < 0 or self.placeholder_weight < 0:
             raise ValueError("TrainConfig: feature_noise, grad_clip and placeholder_weight must be >= 0")
 
@@ -314,6 +317,13 @@ def plan_batches(lengths: list[int], batch_tokens: int, max_batch_size: int, see
     return [batches[i] for i in order]
 
 
+def data_subset(n: int, fraction: float) -> list[int]:
+    """Indices of the first ``fraction`` of a fixed random order of n sequences, in data order.
+    Growing fractions give nested subsets, so a data-scaling curve adds data and nothing else."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return sorted(order[:max(1, round(fraction * n))])
+
+
 class Trainer:
     """Trains one head on prepared data. ``fit`` runs (or resumes) until the last step, the time
     budget or ``max_steps_this_call``; ``export`` writes the official layout."""
@@ -338,6 +348,10 @@ class Trainer:
             raise ValueError(f"Trainer: {len(features)} feature entries for {len(data)} sequences")
         if not cfg.use_stored_features:
             features = None
+        if cfg.data_fraction < 1:
+            chosen = data_subset(len(data), cfg.data_fraction)
+            data = [data[i] for i in chosen]
+            features = None if features is None else [features[i] for i in chosen]
         if features is not None:
             need = "taps" if cfg.kind == "eagle3" else "hidden"
             if any(need not in f or "hidden" not in f for f in features[:1]):
@@ -351,6 +365,8 @@ class Trainer:
         self.features = None if features is None else [{k: v[:cfg.max_seq_len] for k, v in features[i].items()}
                                                        for i in keep]
         self.lengths = [len(t) for t, _ in self.data]
+        self.data_size = {"sequences": len(self.data), "tokens": sum(self.lengths),
+                          "reply_tokens": sum(int(m.sum()) for _, m in self.data)}
         self.head = self._build_head()
         self.params = [p for p in self.head.parameters()]
         for p in self.params:
@@ -382,7 +398,9 @@ class Trainer:
     def _build_head(self) -> EagleHead:
         cfg = self.cfg
         hc = head_config_for(self.target, cfg.kind, cfg.layers, cfg.draft_vocab_size, cfg.fc_bias, cfg.parallel_tokens)
-        head = build_head(hc, self.target, dtype=torch.float32)
+        # The reference kernel set: autograd runs through it (the fused Triton kernels have no
+        # backward, and under bf16 autocast they would meet fp32 RoPE tables).
+        head = build_head(hc, self.target, kernels="torch", dtype=torch.float32)
         head.init_random(seed=cfg.seed, std=cfg.init_std)
         if cfg.init_from:
             loaded = load_head(cfg.init_from, self.target)

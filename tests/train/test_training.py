@@ -7,6 +7,7 @@ engine far more often than untrained ones.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -20,8 +21,8 @@ from eaglespec.models.eagle import build_head, load_head
 from eaglespec.train.data import (SAMPLE_SEED_STEP, iter_sharegpt, load_conversations, load_prepared,
                                   load_prepared_features, mtbench_questions, prepare, prepared_summary, user_turns)
 from eaglespec.train.dense import DenseCausalStep, TTTStep, pad_batch, target_forward
-from eaglespec.train.trainer import (TrainConfig, Trainer, build_vocab_map, export_head, evaluate_tau, head_config_for,
-                                     plan_batches, plot_log, speculative_llm)
+from eaglespec.train.trainer import (TrainConfig, Trainer, build_vocab_map, data_subset, export_head, evaluate_tau,
+                                     head_config_for, plan_batches, plot_log, speculative_llm)
 from eaglespec.train.token_ranking import rank_tokens
 from tests.conftest import random_model, small_engine, tiny_config
 from tests.speculative.test_speculative_greedy import predictable_target
@@ -353,6 +354,19 @@ def test_eagle1_training_lowers_loss_and_raises_tau(target, distilled, tmp_path)
     assert reduced["tau"] >= before["tau"] + 0.5, (before, reduced)
 
 
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_a_head_trains_beside_a_target_on_the_triton_kernels_under_bf16_autocast(target, distilled, tmp_path, kind):
+    """On a GPU the target runs on the Triton kernels and training autocasts to bf16: the head
+    trains on the reference kernels (autograd runs through them, and the fused kernels would
+    meet bf16 activations with fp32 RoPE tables), then serves on the target's set."""
+    fused = target.with_kernels("triton")
+    settings = dict(kind="eagle3", draft_vocab_size=40, ttt_steps=2) if kind == "eagle3" else {}
+    trainer = Trainer(_train_cfg(tmp_path, max_steps=2, mixed_precision="bf16", **settings), fused,
+                      load_prepared(distilled))
+    assert trainer.head.kernels == "torch" and trainer.fit()["stopped"] == "finished"
+    assert load_head(trainer.export(str(tmp_path / "head")), fused).kernels == "triton"
+
+
 def test_eagle3_training_time_test_lowers_loss_and_helps_deeper_drafts(target, distilled, tmp_path):
     data = load_prepared(distilled)
     held_out = _random_prompts(8, seed=99, lo=8, hi=9)
@@ -464,6 +478,41 @@ def test_resumed_run_equals_an_uninterrupted_one(target, distilled, tmp_path, ki
     assert _log(tmp_path / "split")[-1]["loss"] == _log(tmp_path / "whole")[-1]["loss"]
     with pytest.raises(ValueError, match="other settings"):
         Trainer(_train_cfg(tmp_path / "split", **{**kw, "lr": 1e-4}), target, data)
+
+
+def test_data_fractions_are_nested_and_the_scaling_record_reads_each_run(target, distilled, tmp_path):
+    """train.data_fraction keeps a nested random subset of the prepared sequences; `train fit`
+    writes what it trained on to fit.json, and eaglespec.bench.scaling tabulates the runs."""
+    from eaglespec.bench import plots, scaling
+    from eaglespec.train.cli import LoadedTarget, load_config, run_fit
+
+    quarter, half = data_subset(64, 0.25), data_subset(64, 0.5)
+    assert len(quarter) == 16 and len(half) == 32 and set(quarter) < set(half) and half == sorted(half)
+    with pytest.raises(ValueError, match="data_fraction must be in"):
+        _train_cfg(tmp_path, data_fraction=0.0)
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\ndir = "{distilled}"\n[train]\nmax_seq_len = 64\nbatch_tokens = 1024\n'
+                      'max_batch_size = 16\nmax_steps = 2\nwarmup_steps = 1\n')
+    runs = []
+    for fraction in (1.0, 0.5):
+        out = tmp_path / f"frac{fraction}"
+        cfg = load_config(str(config), {"train.out_dir": str(out), "train.data_fraction": str(fraction)})
+        run_fit(cfg, LoadedTarget(target, None, ()))
+        (out / "eval.json").write_text(json.dumps({"prompts": 8, "source": "held-out", "max_tokens": 40, "results": {
+            "chain:3": {"tau": 1.5 + fraction, "accept_rate_per_depth": [0.5, 0.2, 0.1]}}}))
+        runs.append(str(out))
+    rows = scaling.collect(runs)
+    whole = load_prepared(distilled)
+    assert [r["sequences"] for r in rows] == [32, 64] and [r["tau"] for r in rows] == [2.0, 2.5]
+    assert rows[1]["reply_tokens"] == sum(int(m.sum()) for _, m in whole) > rows[0]["reply_tokens"] > 0
+    assert rows[0]["steps"] == 2 and rows[0]["device"].startswith("cpu")
+    scaling.main(runs + ["--label", "tiny", "--out", str(tmp_path / "results")])
+    (path,) = glob.glob(str(tmp_path / "results" / "data-scaling-tiny-*.json"))
+    assert json.load(open(path))["rows"] == rows
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert os.path.isfile(plots.plot_scaling(path))
+    with pytest.raises(FileNotFoundError, match="no fit.json"):
+        scaling.collect([str(tmp_path)])
 
 
 def test_plot_log_writes_a_png_or_says_it_cannot(tmp_path):
