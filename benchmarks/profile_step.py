@@ -147,16 +147,18 @@ def main(argv=None) -> None:
         warm = max(2, args.batch)  # the batch's own bucket is captured here, not in the timed run
         run_steps(llm, prompts[:warm], params[:warm], args.batch)  # warm-up: compiles and captures
         row = run_steps(llm, prompts, params, args.batch)
-        # A profiler window of a few steps: device busy time and gaps, host ops.
+        # The profiled windows run one batch of the timed size (not one prompt: at batch 16 a
+        # window of one request would profile batch 1): device busy time and gaps, host ops.
+        window = slice(0, args.batch)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run_steps(llm, prompts[:1], params[:1], args.batch)
+            run_steps(llm, prompts[window], params[window], args.batch)
         row["device"] = device_timeline(prof)
         row["host_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        row["host_waits_per_step"] = host_waits(llm, prompts[:1], params[:1], args.batch)
+        row["host_waits_per_step"] = host_waits(llm, prompts[window], params[window], args.batch)
         profiler = cProfile.Profile()
         profiler.enable()
-        run_steps(llm, prompts[:2], params[:2], args.batch)
+        run_steps(llm, prompts[window], params[window], args.batch)
         profiler.disable()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
