@@ -16,6 +16,17 @@ import json
 import os
 
 
+def _save(fig, path: str) -> str:
+    """Write the figure as a PNG beside the JSON it was drawn from; returns the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_spec_step(path: str) -> str:
     import matplotlib.pyplot as plt
 
@@ -41,11 +52,7 @@ def plot_spec_step(path: str) -> str:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(f"{rec['benchmark']} on {rec['device']} ({rec['date']}), context {rec.get('context')}", fontsize=10)
-    fig.tight_layout()
-    out = path[:-5] + ".png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_e2e(path: str) -> str:
@@ -72,11 +79,7 @@ def plot_e2e(path: str) -> str:
     sampling = "greedy" if not rec.get("temperature") else f"temperature {rec['temperature']}, top-p {rec.get('top_p')}"
     ax.set_title(f"{rec['benchmark']} on {rec['device']} ({rec['date']}), {sampling}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = path[:-5] + ".png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_serve(paths: list[str]) -> str:
@@ -109,11 +112,7 @@ def plot_serve(paths: list[str]) -> str:
         ax.legend(fontsize=7)
     axes[2].set_yscale("log")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = paths[0][:-5] + ".png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, paths[0])
 
 
 def plot_scaling(path: str) -> str:
@@ -131,11 +130,7 @@ def plot_scaling(path: str) -> str:
     ax.set_ylabel("tau (tokens per target forward)")
     ax.set_title(f"{rec['benchmark']} on {rec['device']} ({rec['date']})", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = path[:-5] + ".png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def main(argv=None) -> None:
