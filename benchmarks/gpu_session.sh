@@ -142,7 +142,7 @@ phase_train_prepare() {
 # Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() {
   [ -f $STAGE/sharegpt-0-16000.jsonl ] || gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
-  timeout 540 python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
+  timeout ${PREPARE_S:-540} python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
     --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/distill-full --data.turns 8 --data.samples 1 2>&1 | tail -5
   cp $STAGE/distill-full/manifest.json $OUT/distill-full-manifest.json 2>/dev/null
 }
