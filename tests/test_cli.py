@@ -328,6 +328,16 @@ class Terminal:
     def type(self, data: bytes) -> None:
         os.write(self.master, data)
 
+    def wait_for_line_editing(self, timeout: float = 60) -> None:
+        """Wait until readline holds the terminal (canonical mode off): keys typed before that
+        would be echoed by the terminal itself (a slow start shows its prompt first)."""
+        import termios
+
+        deadline = time.monotonic() + timeout
+        while termios.tcgetattr(self.master)[3] & termios.ICANON:
+            assert time.monotonic() < deadline, "the chat never took the terminal for line editing"
+            time.sleep(0.05)
+
     def finish(self, timeout: float = 60) -> int:
         code = self.proc.wait(timeout=timeout)
         self.err += self.proc.stderr.read()
@@ -339,6 +349,7 @@ def test_chat_on_a_terminal_streams_edits_and_leaves_on_ctrl_c(tiny_dirs):
     model, head = tiny_dirs
     term = Terminal(["--model", model, "--draft", head, "--tree", "chain:2", "--max-tokens", "6"])
     term.read_until(b"> ")
+    term.wait_for_line_editing()
     term.type(b"abc\x1b[D\x1b[DX\r")  # two left arrows, then an insertion: line editing
     term.read_until(b"finish:", where="err")  # the stats line follows the streamed reply
     # The second prompt: Ctrl-C typed before it reaches the reply still printing, which it
