@@ -356,6 +356,7 @@ def test_chat_on_a_terminal_streams_edits_and_leaves_on_ctrl_c(tiny_dirs):
     # interrupts (the chat then waits at its next prompt) instead of leaving.
     term.read_until(b"> ", timeout=60, count=2)
     assert b"^[[D" not in term.out  # the arrow keys were interpreted, not echoed as escape codes
+    term.wait_for_line_editing()  # at the prompt, not between the reply's end and the prompt
     term.type(b"\x03")  # Ctrl-C at the prompt
     code = term.finish()
     err = term.err.decode()
