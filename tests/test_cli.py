@@ -286,12 +286,15 @@ def test_chat_json_is_pure_json_lines(tiny_dirs):
 
 def _own_terminal() -> None:
     """In the child: a new session whose controlling terminal is the pty on stdin, so Ctrl-C
-    typed there sends SIGINT as in a real terminal."""
+    typed there sends SIGINT as in a real terminal, and SIGINT's default action back (a
+    test run started in the background of a shell inherits SIGINT ignored)."""
     import fcntl
+    import signal
     import termios
 
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Terminal:
