@@ -130,22 +130,19 @@ phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 |
 # .carry/sharegpt-0-16000.jsonl.gz holds the user turns of ShareGPT conversations 0-15999, one
 # {"turns": [...]} per line: `import gzip, json; from eaglespec.train.data import load_conversations`,
 # then write json.dumps({"turns": c}) for c in load_conversations("sharegpt", 0, 16000) (6 MB).
-phase_train_prepare() {
+prepare_into() {  # $1 = folder under $STAGE, then --data.* overrides. Resumable by shard: a call
+  # cut short leaves whole shards; repeat the phase to finish.
+  local dir=$1
+  shift
   [ -f $STAGE/sharegpt-0-16000.jsonl ] || gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
-  # Resumable by shard: a call cut short leaves whole shards; repeat the phase to finish.
   timeout ${PREPARE_S:-540} python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
-    --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/distill 2>&1 | tail -5
-  cp $STAGE/distill/manifest.json $OUT/distill-manifest.json 2>/dev/null
+    --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/$dir "$@" 2>&1 | tail -5
+  cp $STAGE/$dir/manifest.json $OUT/$dir-manifest.json 2>/dev/null
 }
+phase_train_prepare() { prepare_into distill; }
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
-# sampled reply per conversation (resumable by shard: repeat the call until it reports the totals).
-# Train on it with DATA=$STAGE/distill-full before the train-* phases.
-phase_train_prepare_full() {
-  [ -f $STAGE/sharegpt-0-16000.jsonl ] || gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
-  timeout ${PREPARE_S:-540} python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
-    --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/distill-full --data.turns 8 --data.samples 1 2>&1 | tail -5
-  cp $STAGE/distill-full/manifest.json $OUT/distill-full-manifest.json 2>/dev/null
-}
+# sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
+phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
 # Issue 10, item 3: the parallel-drafting head against the sequential one. bench-spec-parallel
 # needs no GGUF (random weights: step cost only, A/B/A); train-parallel needs train-prepare's data
 # in this machine's $STAGE; e2e-heads runs the heads trained there beside the shipped one on MT-bench.

@@ -23,18 +23,17 @@ def slug(text: str) -> str:
 
 def write_result(name: str, payload: dict, device: torch.device | str, out_dir: str) -> str:
     """Write ``payload`` with device/date/software metadata; returns the file path."""
+    return write_record(name, {"torch": torch.__version__, "cuda": torch.version.cuda, **payload},
+                        device_name(device), out_dir)
+
+
+def write_record(name: str, payload: dict, device: str, out_dir: str) -> str:
+    """Write ``payload`` as ``NAME-DEVICE-DATE.json`` with the benchmark, ``device`` (a
+    description, e.g. of the machine a training run used) and today's date; returns the path."""
     today = _dt.date.today().isoformat()
-    dev = device_name(device)
-    record = {
-        "benchmark": name,
-        "device": dev,
-        "date": today,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        **payload,
-    }
+    record = {"benchmark": name, "device": device, "date": today, **payload}
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}-{slug(dev)}-{today}.json")
+    path = os.path.join(out_dir, f"{name}-{slug(device)}-{today}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     return path

@@ -12,11 +12,10 @@ should differ in ``train.data_fraction`` only (nested subsets of the same prepar
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 
-from eaglespec.bench.results import slug
+from eaglespec.bench.results import slug, write_record
 
 
 def collect(run_dirs: list[str]) -> list[dict]:
@@ -54,13 +53,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     rows = collect(args.runs)
-    devices = sorted({r["device"] or "unknown device" for r in rows})
-    today = _dt.date.today().isoformat()
-    record = {"benchmark": f"data-scaling-{args.label}", "device": ", ".join(devices), "date": today, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"data-scaling-{slug(args.label)}-{slug(record['device'])}-{today}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+    devices = ", ".join(sorted({r["device"] or "unknown device" for r in rows}))
+    path = write_record(f"data-scaling-{slug(args.label)}", {"rows": rows}, devices, args.out)
     print(table(rows))
     print("wrote", path)
 
