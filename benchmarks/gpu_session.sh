@@ -174,6 +174,10 @@ phase_train() {  # $1 = run name, $2 = config, then --section.key value override
   mkdir -p $OUT/$name && cp -r $STAGE/$name/head $OUT/$name/ && cp $STAGE/$name/*.json* $STAGE/$name/*.png $OUT/$name/ 2>/dev/null
   ls -la $OUT/$name
 }
+# Where a training step's time goes (after train-prepare): parts of a step, then its kernels.
+phase_profile_train() {
+  python3 benchmarks/profile_train.py --data ${DATA:-$STAGE/distill} --out $OUT/profile-train 2>&1 | tail -60
+}
 # Issue 10, item 4: the EAGLE-1 recipe on nested quarters and halves of train-prepare's data, the
 # same epochs (the whole-data point is train-eagle1, run first); table and plot of tau by tokens.
 phase_train_scaling() {
@@ -192,7 +196,7 @@ for p in "$@"; do
     bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
     train-prepare) phase_train_prepare ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-parallel) phase_train parallel configs/smollm2-parallel.toml ;;
-    train-scaling) phase_train_scaling ;;
+    train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
     bench-spec-parallel) phase_bench_spec_parallel ;; e2e-heads) phase_e2e_heads ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
