@@ -509,6 +509,7 @@ class Trainer:
         start_time = time.perf_counter()
         first_step = self.step
         window = _Window(self.device)
+        tokens_this_call = 0
         last_record: dict = {"step": self.step}
         stopped = "finished"
         bar = None
@@ -525,6 +526,7 @@ class Trainer:
                 res, ntok = self._micro_batch(indices)
                 (res.loss / cfg.grad_accum).backward()
                 window.add(res, ntok * self.world)
+                tokens_this_call += ntok * self.world
             self._sync_grads()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
             lr = self.optimizer.param_groups[0]["lr"]
@@ -557,7 +559,11 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.head.eval()
-        return {**last_record, "stopped": stopped, "total_steps": self.total_steps}
+        # The whole call's throughput (a log line's covers its window only: the last one may be
+        # a few steps, and a window that saved a checkpoint is slower).
+        seconds = time.perf_counter() - start_time
+        return {**last_record, "stopped": stopped, "total_steps": self.total_steps, "train_seconds": seconds,
+                "tokens_per_s_run": tokens_this_call / max(seconds, 1e-9)}
 
     def _log(self, record: dict) -> None:
         if self.rank != 0 or self.log_path is None:

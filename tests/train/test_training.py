@@ -334,6 +334,13 @@ def test_eagle1_training_lowers_loss_and_raises_tau(target, distilled, tmp_path)
     result = trainer.fit()
     log = _log(tmp_path)
     assert result["stopped"] == "finished" and log[-1]["step"] == 300
+    # The run's throughput counts every token of its 300 steps (one micro-batch each), over the whole call.
+    counted, left, epoch = 0, 300, 0
+    while left:
+        batches = trainer._batches_of_epoch(epoch)[:left]
+        counted += sum(len(trainer.data[i][0]) for batch in batches for i in batch)
+        left, epoch = left - len(batches), epoch + 1
+    assert result["tokens_per_s_run"] * result["train_seconds"] == pytest.approx(counted, rel=1e-6)
     assert log[-1]["loss"] < 0.7 * log[0]["loss"], (log[0], log[-1])
     assert log[-1]["acc"][0] > 0.6
     after = evaluate_tau(speculative_llm(target, trainer.head, "chain:4", engine=small_engine()), held_out, params)
