@@ -165,12 +165,14 @@ phase_e2e_heads() {  # the shipped head against every head trained on this machi
     --heads "$heads" --trees "${E2E_TREES:-auto;chain:3;chain:4}" --out $OUT/heads 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
 phase_train() {  # $1 = run name, $2 = config, then --section.key value overrides
-  local name=$1 config=$2
+  # EVAL_TREES: the trees evaluated (default: the config's), e.g. "chain:3;dynamic:5,8,32" when time is short.
+  local name=$1 config=$2 eval_trees=()
   shift 2
+  [ -n "${EVAL_TREES:-}" ] && eval_trees=(--eval.tree "$EVAL_TREES")
   python3 -m eaglespec.cli train fit --config $config --data.dir ${DATA:-$STAGE/distill} --train.out_dir $STAGE/$name "$@" \
     2>&1 | grep -v "it/s\]$" | tail -8
   python3 -m eaglespec.cli train eval --config $config --train.out_dir $STAGE/$name \
-    --eval.source .carry/mtbench-question.jsonl 2>&1 | tail -12
+    --eval.source .carry/mtbench-question.jsonl "${eval_trees[@]}" 2>&1 | tail -12
   mkdir -p $OUT/$name && cp -r $STAGE/$name/head $OUT/$name/ && cp $STAGE/$name/*.json* $STAGE/$name/*.png $OUT/$name/ 2>/dev/null
   ls -la $OUT/$name
 }
@@ -178,15 +180,16 @@ phase_train() {  # $1 = run name, $2 = config, then --section.key value override
 phase_profile_train() {
   python3 benchmarks/profile_train.py --data ${DATA:-$STAGE/distill} --out $OUT/profile-train 2>&1 | tail -60
 }
-# Issue 10, item 4: the EAGLE-1 recipe on nested quarters and halves of train-prepare's data, the
-# same epochs (the whole-data point is train-eagle1, run first); table and plot of tau by tokens.
+# Issue 10, item 4: the EAGLE-1 recipe on nested fractions of train-prepare's data (FRACTIONS,
+# default "0.25 0.5"; several calls may share them out), the same epochs (the whole-data point is
+# train-eagle1); then the table and plot of tau by tokens over the runs this machine has.
 phase_train_scaling() {
-  local f
-  for f in 0.25 0.5; do
+  local f runs=()
+  for f in ${FRACTIONS:-0.25 0.5}; do
     phase_train eagle1-data$f configs/smollm2-eagle1.toml --train.data_fraction $f
   done
-  python3 -m eaglespec.bench.scaling $STAGE/eagle1-data0.25 $STAGE/eagle1-data0.5 $STAGE/eagle1 --label smollm2-eagle1 \
-    --out $OUT 2>&1 | tee -a $OUT/bench.log
+  for f in $STAGE/eagle1-data* $STAGE/eagle1; do [ -f $f/fit.json ] && runs+=($f); done
+  python3 -m eaglespec.bench.scaling "${runs[@]}" --label smollm2-eagle1 --out $OUT 2>&1 | tee -a $OUT/bench.log
 }
 
 for p in "$@"; do
