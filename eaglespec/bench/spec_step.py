@@ -63,9 +63,10 @@ def time_graph(fn, reps: int = 30) -> float:
 
 def kernel_census(fn) -> dict:
     """Device work of one eager run of ``fn`` (graphs off), from torch.profiler: kernels launched,
-    memory copies and sets, and the sum of their device time (CUDA only; None elsewhere)."""
+    memory copies and sets, the sum of their device time and, per kernel name, [count, device us]
+    (the 30 largest by time; CUDA only; None elsewhere)."""
     if not torch.cuda.is_available():
-        return {"kernels": None, "copies_and_sets": None, "device_us": None}
+        return {"kernels": None, "copies_and_sets": None, "device_us": None, "by_kernel": None}
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -76,7 +77,14 @@ def kernel_census(fn) -> dict:
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     copies = [e for e in events if e.name.lower().startswith(("memcpy", "memset"))]
     device_us = sum(getattr(e, "device_time", 0.0) for e in events)
-    return {"kernels": len(events) - len(copies), "copies_and_sets": len(copies), "device_us": device_us}
+    by_kernel: dict[str, list] = {}
+    for e in events:
+        entry = by_kernel.setdefault(e.name[:80], [0, 0.0])
+        entry[0] += 1
+        entry[1] += getattr(e, "device_time", 0.0)
+    largest = dict(sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:30])
+    return {"kernels": len(events) - len(copies), "copies_and_sets": len(copies), "device_us": device_us,
+            "by_kernel": largest}
 
 
 def random_tree(batch: int, nodes: int, depth: int, vocab: int, device, cached_lens: torch.Tensor) -> TreeBatch:
@@ -192,11 +200,12 @@ def main(argv=None) -> None:
 
             vg = StepGraphs(verify_fn, lambda b: {}, device.type == "cuda")
             verify_ms = time_graph(lambda: vg.run(bucket))
+            verify_census = kernel_census(lambda: verify_fn(None))
             row = {"tree": spec_str, "nodes": program.shape.num_nodes, "draft_vocab": sr.vocab.size, "batch": batch,
                    "decode_ms": decode_ms,
                    "verify_ms": verify_ms, "step_ms": step_ms, "verify_over_decode": verify_ms / decode_ms,
                    "step_over_decode": step_ms / decode_ms,
-                   "step_census": step_census, "decode_census": decode_census,
+                   "step_census": step_census, "decode_census": decode_census, "verify_census": verify_census,
                    "forced_tokens_per_s": {str(t): 1000 * t * batch / step_ms for t in (2, 3, 4, 5)
                                            if t <= program.shape.depth + 1},
                    "plain_tokens_per_s": 1000 * batch / decode_ms}
