@@ -140,6 +140,11 @@ prepare_into() {  # $1 = folder under $STAGE, then --data.* overrides. Resumable
   cp $STAGE/$dir/manifest.json $OUT/$dir-manifest.json 2>/dev/null
 }
 phase_train_prepare() { prepare_into distill; }
+# Prepared data outlives the machine: data-out packs $STAGE/distill into $FINAL_OUT/distill.tgz
+# (a file comes back at most 16 MiB); data-in unpacks a carried .data/distill.tgz into $STAGE, where
+# train-prepare then finds every shard done (or resumes the rest).
+phase_data_out() { tar czf $FINAL_OUT/${1:-distill}.tgz -C $STAGE ${1:-distill} && ls -la $FINAL_OUT; }
+phase_data_in() { mkdir -p $STAGE && tar xzf .data/${1:-distill}.tgz -C $STAGE && ls $STAGE/${1:-distill} | head -3; }
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
@@ -200,6 +205,7 @@ for p in "$@"; do
     train-prepare) phase_train_prepare ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-parallel) phase_train parallel configs/smollm2-parallel.toml ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
+    data-out) phase_data_out ;; data-in) phase_data_in ;;
     bench-spec-parallel) phase_bench_spec_parallel ;; e2e-heads) phase_e2e_heads ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
