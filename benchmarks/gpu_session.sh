@@ -200,10 +200,15 @@ phase_train_scaling() {
 for p in "$@"; do
   case $p in
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
-    pack) tar czf $FINAL_OUT/results.tgz -C $OUT . && ls -la $FINAL_OUT ;;
+    # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
+    pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
+            && ls -la $FINAL_OUT ;;
     bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
     train-prepare) phase_train_prepare ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-parallel) phase_train parallel configs/smollm2-parallel.toml ;;
+    # The parallel head grown from the shipped one (its placeholders new), 2 epochs: a third of the recipe's time.
+    train-parallel-from-shipped) phase_train parallel configs/smollm2-parallel.toml --train.init_from eaglespec/assets/smollm2-eagle \
+      --train.epochs 2 --train.lr 2e-4 --train.warmup_steps 50 ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;;
     bench-spec-parallel) phase_bench_spec_parallel ;; e2e-heads) phase_e2e_heads ;;
