@@ -61,7 +61,7 @@ class WaitClock:
 
 def run_steps(llm: LLM, prompts, params, batch: int, profile=None) -> dict:
     """Every prompt, ``batch`` at a time; per-step wall and wait times of decoding steps."""
-    walls, waits, tokens = [], [], 0
+    walls, waits, prefills, tokens = [], [], [], 0
     sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
     with WaitClock() as clock:
         sync()
@@ -75,6 +75,8 @@ def run_steps(llm: LLM, prompts, params, batch: int, profile=None) -> dict:
                 if llm.core.last_step_kind in ("decode", "speculative"):
                     walls.append(time.perf_counter() - s0)
                     waits.append(clock.seconds - w0)
+                else:
+                    prefills.append(time.perf_counter() - s0)
                 tokens += sum(len(d.new_token_ids) for d in deltas)
                 if profile is not None:
                     profile.step()
@@ -85,7 +87,9 @@ def run_steps(llm: LLM, prompts, params, batch: int, profile=None) -> dict:
     wall_ms, wait_ms = 1e3 * sum(walls) / n, 1e3 * sum(waits) / n
     return {"steps": len(walls), "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
             "step_wall_ms": wall_ms, "step_wait_ms": wait_ms, "step_host_ms": wall_ms - wait_ms,
-            "outside_steps_ms_per_step": 1e3 * (elapsed - sum(walls)) / n}
+            "outside_steps_ms_per_step": 1e3 * (elapsed - sum(walls)) / n,
+            # Of the time outside decoding steps, the prefill steps' (host and device, per prefill step).
+            "prefill_steps": len(prefills), "prefill_step_ms": 1e3 * sum(prefills) / max(len(prefills), 1)}
 
 
 def host_waits(llm: LLM, prompts, params, batch: int) -> dict[str, float]:
@@ -166,7 +170,8 @@ def main(argv=None) -> None:
         report[name] = row
         print(f"== {name}: {row['tokens_per_s']:.0f} tok/s, {row['steps']} steps, step wall {row['step_wall_ms']:.3f} ms "
               f"(blocked {row['step_wait_ms']:.3f}, host {row['step_host_ms']:.3f}), outside steps "
-              f"{row['outside_steps_ms_per_step']:.3f} ms/step; device busy {row['device'].get('busy_fraction', 0):.1%} "
+              f"{row['outside_steps_ms_per_step']:.3f} ms/step ({row['prefill_steps']} prefill steps of "
+              f"{row['prefill_step_ms']:.2f} ms); device busy {row['device'].get('busy_fraction', 0):.1%} "
               f"of {row['device'].get('span_us', 0) / 1e3:.1f} ms, gaps>20us {row['device'].get('gaps_over_20us')}, "
               f"idle in them {row['device'].get('idle_in_gaps_over_20us', 0) / 1e3:.2f} ms", flush=True)
         print("host waits per step (sync debug mode):", row["host_waits_per_step"])
