@@ -58,3 +58,12 @@ def test_e2e_heads_option_names_each_head_or_says_what_is_wrong():
     assert list(parse_heads("")) == ["shipped"]
     with pytest.raises(ValueError, match="expected NAME=DIR"):
         parse_heads("just-a-dir")
+
+
+def test_batch_one_prompts_cover_every_mtbench_category():
+    from eaglespec.bench.e2e import spread_indices
+
+    chosen = spread_indices(80, 16)  # MT-bench: 8 categories of 10 questions, in order
+    assert len(set(chosen)) == 16 and all(0 <= i < 80 for i in chosen)
+    assert sorted(i // 10 for i in chosen) == [c for c in range(8) for _ in range(2)]
+    assert spread_indices(5, 16) == [0, 1, 2, 3, 4]
