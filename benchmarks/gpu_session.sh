@@ -185,6 +185,13 @@ phase_train() {  # $1 = run name, $2 = config, then --section.key value override
 phase_profile_train() {
   python3 benchmarks/profile_train.py --data ${DATA:-$STAGE/distill} --out $OUT/profile-train 2>&1 | tail -60
 }
+# The shipped head through a config's evaluation (EVAL_CONFIG, default the parallel head's trees):
+# the baseline beside the heads trained on this machine.
+phase_eval_shipped() {
+  mkdir -p $OUT/shipped
+  python3 -m eaglespec.cli train eval --config ${EVAL_CONFIG:-configs/smollm2-parallel.toml} --eval.head eaglespec/assets/smollm2-eagle \
+    --eval.out $OUT/shipped/eval.json --eval.source .carry/mtbench-question.jsonl 2>&1 | tail -12
+}
 # Issue 10, item 4: the EAGLE-1 recipe on nested fractions of train-prepare's data (FRACTIONS,
 # default "0.25 0.5"; several calls may share them out), the same epochs (the whole-data point is
 # train-eagle1); then the table and plot of tau by tokens over the runs this machine has.
@@ -210,7 +217,7 @@ for p in "$@"; do
     train-parallel-from-shipped) phase_train parallel configs/smollm2-parallel.toml --train.init_from eaglespec/assets/smollm2-eagle \
       --train.epochs 2 --train.lr 2e-4 --train.warmup_steps 50 ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
-    data-out) phase_data_out ;; data-in) phase_data_in ;;
+    data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
     bench-spec-parallel) phase_bench_spec_parallel ;; e2e-heads) phase_e2e_heads ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
