@@ -141,10 +141,13 @@ prepare_into() {  # $1 = folder under $STAGE, then --data.* overrides. Resumable
 }
 phase_train_prepare() { prepare_into distill; }
 # Prepared data outlives the machine: data-out packs $STAGE/distill into $FINAL_OUT/distill.tgz
-# (a file comes back at most 16 MiB); data-in unpacks a carried .data/distill.tgz into $STAGE, where
-# train-prepare then finds every shard done (or resumes the rest).
-phase_data_out() { tar czf $FINAL_OUT/${1:-distill}.tgz -C $STAGE ${1:-distill} && ls -la $FINAL_OUT; }
-phase_data_in() { mkdir -p $STAGE && tar xzf .data/${1:-distill}.tgz -C $STAGE && ls $STAGE/${1:-distill} | head -3; }
+# (a file comes back at most 16 MiB); data-in unpacks DATA_TGZ (default: the committed greedy
+# first-turn data of ShareGPT 0-15,999, train-prepare's output, 3.3 MB) into $STAGE, in place of
+# train-prepare's four minutes.
+phase_data_out() { tar czf $FINAL_OUT/distill.tgz -C $STAGE distill && ls -la $FINAL_OUT; }
+phase_data_in() {
+  mkdir -p $STAGE && tar xzf ${DATA_TGZ:-data/smollm2-distill-sharegpt-0-16000.tgz} -C $STAGE && ls $STAGE/distill | wc -l
+}
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
