@@ -151,22 +151,9 @@ phase_data_in() {
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
-# Issue 10, item 3: the parallel-drafting head against the sequential one. bench-spec-parallel
-# needs no GGUF (random weights: step cost only, A/B/A); train-parallel needs train-prepare's data
-# in this machine's $STAGE; e2e-heads runs the heads trained there beside the shipped one on MT-bench.
-phase_bench_spec_parallel() {
-  local i=0
-  for k in 1 4 1; do
-    i=$((i + 1))
-    python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b --trees "chain:3;chain:4" --batches 1,16,64 \
-      --context 512 --draft-vocab 32768 --parallel-tokens $k --out $OUT/parallel/$i 2>&1 | tee -a $OUT/bench.log
-  done
-  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;chain:4;dynamic:4,6,15" --batches 1,16 \
-    --context 512 --parallel-tokens 4 --out $OUT/parallel 2>&1 | tee -a $OUT/bench.log
-}
 phase_e2e_heads() {  # the shipped head against every head trained on this machine, side by side
   local heads="shipped=eaglespec/assets/smollm2-eagle" name
-  for name in eagle1 parallel; do
+  for name in eagle1 eagle3; do
     [ -f $STAGE/$name/head/config.json ] && heads="$heads;$name=$STAGE/$name/head"
   done
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 --num 32 \
@@ -188,11 +175,11 @@ phase_train() {  # $1 = run name, $2 = config, then --section.key value override
 phase_profile_train() {
   python3 benchmarks/profile_train.py --data ${DATA:-$STAGE/distill} --out $OUT/profile-train 2>&1 | tail -60
 }
-# The shipped head through a config's evaluation (EVAL_CONFIG, default the parallel head's trees):
+# The shipped head through a config's evaluation (EVAL_CONFIG, default the EAGLE-1 recipe's trees):
 # the baseline beside the heads trained on this machine.
 phase_eval_shipped() {
   mkdir -p $OUT/shipped
-  python3 -m eaglespec.cli train eval --config ${EVAL_CONFIG:-configs/smollm2-parallel.toml} --eval.head eaglespec/assets/smollm2-eagle \
+  python3 -m eaglespec.cli train eval --config ${EVAL_CONFIG:-configs/smollm2-eagle1.toml} --eval.head eaglespec/assets/smollm2-eagle \
     --eval.out $OUT/shipped/eval.json --eval.source .carry/mtbench-question.jsonl 2>&1 | tail -12
 }
 # Issue 10, item 4: the EAGLE-1 recipe on nested fractions of train-prepare's data (FRACTIONS,
@@ -215,13 +202,10 @@ for p in "$@"; do
             && ls -la $FINAL_OUT ;;
     bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
     train-prepare) phase_train_prepare ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
-    train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-parallel) phase_train parallel configs/smollm2-parallel.toml ;;
-    # The parallel head grown from the shipped one (its placeholders new), 2 epochs: a third of the recipe's time.
-    train-parallel-from-shipped) phase_train parallel configs/smollm2-parallel.toml --train.init_from eaglespec/assets/smollm2-eagle \
-      --train.epochs 2 --train.lr 2e-4 --train.warmup_steps 50 ;;
+    train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
-    bench-spec-parallel) phase_bench_spec_parallel ;; e2e-heads) phase_e2e_heads ;;
+    e2e-heads) phase_e2e_heads ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

@@ -4,9 +4,8 @@
 GPU only:  python benchmarks/profile_train.py --config configs/smollm2-eagle1.toml --data DIR --out OUT
 Times the parts of a step (target forward, head loss, backward, optimizer) on the device (CUDA
 events) and on the host, then prints the kernels and the host's ops of a few steps (torch.profiler).
-H200, 2026-12-05, with the device synchronized around each part: target forward 67 ms, head
-loss 56, backward 96, optimizer 1 per 13.5k-token micro-batch, while the profiler counted about
-35 ms of kernels per step: the host, not the device, sets the pace.
+H200, 2026-12-05 (design note 32): target forward 67 ms, head loss 53, backward 61, optimizer 1
+per 13.5k-token micro-batch.
 """
 
 import argparse
@@ -50,7 +49,7 @@ def timed_parts(trainer: Trainer, steps: int) -> dict:
         clocks.append(time.perf_counter())
         with trainer.autocast():
             res = eagle1_loss(trainer.head, tok, mask, out.hidden, out.logits, None, cfg.value_weight,
-                              cfg.prob_weight, cfg.step_decay, cfg.placeholder_weight)
+                              cfg.prob_weight)
         events[2].record()
         clocks.append(time.perf_counter())
         res.loss.backward()

@@ -10,7 +10,7 @@ and how many outputs are token-for-token identical to plain decoding (bf16 kerne
 near-tied argmaxes between the two paths; fp32 on the CPU is exact, see the tests).
 ``--draft-vocab 4096,8192,16384,full`` runs every tree once per draft vocabulary size (the head
 drafts over that many of its most frequent tokens; full = its whole vocabulary); ``--heads
-shipped=DIR;parallel=DIR`` runs every tree with each head, side by side.
+shipped=DIR;retrained=DIR`` runs every tree with each head, side by side.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Cost of one speculative step against tree size and batch size, next to a plain decode step.
 
 On a model built in place with random weights (default: Llama-3.1-8B shape, bf16) and a random
-EAGLE-1 head of the official shape (one layer, fc 2H -> H; ``--parallel-tokens K``: a
-parallel-drafting one, one forward for the depths below 1). Every step function is captured as a
+EAGLE-1 head of the official shape (one layer, fc 2H -> H). Every step function is captured as a
 CUDA graph and timed by replaying it (median of CUDA-event timings). Reported per (batch, tree):
   decode_ms   plain decode step (one token per sequence)
   verify_ms   target forward over the tree (two-pass tree attention) + acceptance + commit
@@ -121,12 +120,11 @@ def prefill_all(llm: LLM, batch: int) -> list:
     return reqs
 
 
-def random_head(target, parallel_tokens: int = 1) -> EagleHead:
-    """A random one-layer EAGLE-1 head of the official shape for ``target`` (``parallel_tokens``
-    > 1: a parallel-drafting head proposing that many tokens per forward)."""
+def random_head(target) -> EagleHead:
+    """A random one-layer EAGLE-1 head of the official shape for ``target``."""
     cfg = target.config
     head_layer = LlamaConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "num_layers": 1, "eagle3_layers": ()})
-    head = build_head(EagleConfig("eagle1", head_layer, parallel_tokens=parallel_tokens), target)
+    head = build_head(EagleConfig("eagle1", head_layer), target)
     head.init_random(seed=1)
     return head
 
@@ -146,9 +144,6 @@ def main(argv=None) -> None:
     ap.add_argument("--trees", default="", help="';'-separated trees (default: a family up to --max-nodes)")
     ap.add_argument("--draft-vocab", default="full",
                     help="comma-separated draft vocabulary sizes, e.g. 32768,full (each tree runs with each)")
-    ap.add_argument("--parallel-tokens", type=int, default=1,
-                    help="> 1: a parallel-drafting head (one forward proposes this many tokens; trees at most that "
-                         "deep)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
@@ -156,13 +151,12 @@ def main(argv=None) -> None:
     cfg: LlamaConfig = PRESETS[args.preset]
     target = build_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     target.init_random(seed=0)
-    head = random_head(target, args.parallel_tokens)
+    head = random_head(target)
     head.set_token_ranking(torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(2)))
     batches = [int(b) for b in args.batches.split(",")]
     trees = [t for t in args.trees.split(";") if t] or tree_specs(args.max_nodes)
     vocabs = parse_draft_vocabs(args.draft_vocab)
-    name = (f"spec-step-{args.preset}" + ("-draft-vocab" if vocabs != [None] else "")
-            + (f"-parallel{args.parallel_tokens}" if args.parallel_tokens > 1 else ""))
+    name = (f"spec-step-{args.preset}" + ("-draft-vocab" if vocabs != [None] else ""))
     rows = []
     for spec_str, draft_vocab in [(t, n) for t in trees for n in vocabs]:
         engine = EngineConfig(max_batch_size=max(batches), max_model_len=args.context + 128, gpu_memory_fraction=0.3)

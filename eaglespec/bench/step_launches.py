@@ -121,14 +121,14 @@ def narrow_config(cfg: LlamaConfig, num_layers: int) -> LlamaConfig:
 
 
 def build(preset: str, device: torch.device, tree: str, max_batch: int, context: int, backend: str,
-          narrow_layers: int = 0, parallel_tokens: int = 1):
+          narrow_layers: int = 0):
     cfg: LlamaConfig = PRESETS[preset]
     if narrow_layers:
         cfg = narrow_config(cfg, narrow_layers)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = build_model(cfg, device, dtype)
     target.init_random(seed=0)
-    head = random_head(target, parallel_tokens)
+    head = random_head(target)
     engine = EngineConfig(max_batch_size=max_batch, max_model_len=context + 128, num_blocks=max_batch * (
         (context + 128) // 16 + 2) + 2, use_cuda_graphs=False, attention_backend=backend)
     return LLM.from_model(target, draft=head, spec=SpecConfig(tree=tree), engine=engine)
@@ -188,8 +188,6 @@ def main(argv=None) -> None:
                          "counts, fast under TRITON_INTERPRET=1")
     ap.add_argument("--sampled", action="store_true", help="count the sampled step (temperature 0.7, top-p 0.9) "
                                                              "instead of the greedy one")
-    ap.add_argument("--parallel-tokens", type=int, default=1,
-                    help="> 1: a parallel-drafting head (one forward proposes this many tokens)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -199,15 +197,14 @@ def main(argv=None) -> None:
     for tree in args.trees.split(";"):
         for batch in batches:
             if args.narrow:  # per-layer launches are the same at every layer: extrapolate
-                two, three = (count_step(build(args.preset, device, tree, batch, args.context, args.backend, n,
-                                               args.parallel_tokens), batch, args.context, tree, args.sampled)
+                two, three = (count_step(build(args.preset, device, tree, batch, args.context, args.backend, n),
+                                               batch, args.context, tree, args.sampled)
                               for n in (2, 3))
                 spec_c, decode_c = (_extrapolate(a, b, layers) for a, b in zip(two, three))
             else:
-                spec_c, decode_c = count_step(build(args.preset, device, tree, batch, args.context, args.backend,
-                                                    parallel_tokens=args.parallel_tokens),
+                spec_c, decode_c = count_step(build(args.preset, device, tree, batch, args.context, args.backend),
                                               batch, args.context, tree, args.sampled)
-            row = {"tree": tree, "batch": batch, "sampled": args.sampled, "parallel_tokens": args.parallel_tokens,
+            row = {"tree": tree, "batch": batch, "sampled": args.sampled,
                    "step_launches": spec_c.total,
                    "decode_launches": decode_c.total, "step_ops": dict(spec_c.counts.most_common())}
             rows.append(row)

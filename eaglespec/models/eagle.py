@@ -14,14 +14,6 @@ EAGLE-3:
   (target id = draft id + d2t[draft id]) and t2d; inside a tree the head feeds back its own
   pre-norm output.
 
-Parallel drafting (an EAGLE-1 head with ``parallel_tokens`` K >= 2; the P-EAGLE / PARD idea):
-a learned embedding ``placeholder`` [H] stands for a token not drafted yet. After the pending
-pairs, K - 1 placeholder rows at positions L .. L + K - 2, each reading (the last pair's head
-output, placeholder), causal among themselves and seeing the head's cache, propose the tokens of
-depths 2 .. K in one forward; depth 1 comes from the last pair as for any head. Every node of
-depth d gets the same children (those of placeholder d - 1), so a tree is at most K deep.
-Checkpoint: the EAGLE-1 keys plus ``placeholder``; config.json says ``parallel_draft_tokens``.
-
 Reduced draft vocabulary (any kind): with a token ranking beside the head
 (``token_ranking.safetensors``, see eaglespec.train.token_ranking), ``EagleHead.draft_vocab(N)``
 gives the N most frequent target tokens the head can draft: the rows of its output projection for
@@ -66,18 +58,10 @@ class EagleConfig:
     # EAGLE-1: the most frequent target tokens of its ranking (it borrows the target's lm_head).
     draft_vocab_size: int = 0
     target_hidden_size: int = 0  # 0: same as the draft's hidden size
-    # Tokens one draft forward proposes: 1 (a forward per tree depth), or K >= 2 for a
-    # parallel-drafting EAGLE-1 head (depth 1 from the last pair, depths 2..K from placeholders).
-    parallel_tokens: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("eagle1", "eagle3"):
             raise ValueError(f"EagleConfig.kind must be eagle1 or eagle3, got {self.kind!r}")
-        if isinstance(self.parallel_tokens, bool) or not isinstance(self.parallel_tokens, int) \
-                or self.parallel_tokens < 1:
-            raise ValueError(f"EagleConfig.parallel_tokens must be an int >= 1, got {self.parallel_tokens!r}")
-        if self.kind == "eagle3" and self.parallel_tokens > 1:
-            raise ValueError("parallel drafting (parallel_tokens > 1) is built for EAGLE-1 heads only")
         if self.kind == "eagle3" and self.layer.num_layers != 1:
             raise ValueError("EAGLE-3 heads have exactly one decoder layer (midlayer)")
         if not 0 <= self.draft_vocab_size <= self.layer.vocab_size:
@@ -101,8 +85,7 @@ class EagleConfig:
         layer = LlamaConfig.from_hf_dict(layer_dict)
         return cls(kind="eagle3" if is3 else "eagle1", layer=layer, fc_bias=bool(cfg.get("bias", False)),
                    draft_vocab_size=cfg.get("draft_vocab_size") or 0,
-                   target_hidden_size=cfg.get("target_hidden_size", 0) or 0,
-                   parallel_tokens=cfg.get("parallel_draft_tokens", 1))
+                   target_hidden_size=cfg.get("target_hidden_size", 0) or 0)
 
     def to_hf_dict(self) -> dict:
         d = self.layer.to_hf_dict()
@@ -114,14 +97,7 @@ class EagleConfig:
             d["draft_vocab_size"] = self.draft_vocab_size
         if self.target_hidden_size != self.layer.hidden_size:
             d["target_hidden_size"] = self.target_hidden_size
-        if self.parallel_tokens > 1:
-            d["parallel_draft_tokens"] = self.parallel_tokens
         return d
-
-    @property
-    def parallel(self) -> bool:
-        """One forward drafts several depths (see the module docstring)."""
-        return self.parallel_tokens > 1
 
 
 @dataclass(slots=True)
@@ -236,8 +212,6 @@ class EagleHead(nn.Module):
             self.register_buffer("lm_head_weight", borrowed.output, persistent=False)
             self.fc = nn.Linear(2 * lc.hidden_size, lc.hidden_size, bias=cfg.fc_bias)
             self.layers = nn.ModuleList(LlamaDecoderLayer(lc, input_norm=i > 0) for i in range(lc.num_layers))
-            if cfg.parallel:  # the embedding of a token not drafted yet
-                self.placeholder = nn.Parameter(torch.zeros(lc.hidden_size))
         else:
             self.fc = nn.Linear(cfg.feature_size, lc.hidden_size, bias=cfg.fc_bias)
             self.midlayer = Eagle3Layer(lc)
@@ -342,19 +316,6 @@ class EagleHead(nn.Module):
             h = self.midlayer(emb, h, cos, sin, 0, attn, cache)
         normed = add_rms_norm(self.norm, h, None)[0] if use_triton else self.norm(h)
         return DraftOutput(h, normed)
-
-    def forward_placeholders(self, hidden: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
-                             cache: KVCache) -> DraftOutput:
-        """A parallel head's placeholder rows at ``positions`` [T]: each reads (hidden [T, H],
-        the learned ``placeholder`` embedding) where a tree node reads (its parent's hidden, its
-        token), since the token is not drafted yet. ``hidden``: the last pair's head output."""
-        if not self.config.parallel:
-            raise ValueError("forward_placeholders needs a parallel-drafting head (parallel_tokens > 1)")
-        dtype = self.fc.weight.dtype
-        cos, sin = (rope_table if self.kernels == "triton" else rope_cos_sin)(positions, self.inv_freq, dtype)
-        emb = self.placeholder.expand(positions.shape[0], -1)
-        h = self.fc(torch.cat((emb, hidden.to(dtype)), dim=-1))
-        return self._dense_layers(h, cos, sin, attn, cache)
 
     def _dense_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionStep,
                       cache: KVCache) -> DraftOutput:

@@ -5,12 +5,6 @@ cached. The head's cache holds the pairs (feature_t, x_{t+1}) at position t for 
 pending pairs of the last step are extended. A tree node at depth d reads (its parent's draft
 hidden, its token) at position L + d - 1, attending to the head's cache and to its ancestors'
 K/V, which live in a side buffer and are never committed.
-
-A parallel-drafting head (``EagleConfig.parallel_tokens`` K) runs no forward per depth: after the
-extend, one forward of depth - 1 placeholder rows at positions L .. L + depth - 2 (each reading
-the last pair's head output; causal among themselves) gives the children of every node of depth
-1 .. depth - 1, the same for all nodes of one depth; the tree grows from them as from per-node
-children.
 """
 
 from __future__ import annotations
@@ -111,10 +105,6 @@ class Drafter:
     def __init__(self, head: EagleHead, vocab: DraftVocab, shape: TreeShape, cache: KVCache, backend: str,
                  scale: float):
         widest = max(shape.branch, shape.frontier[0] if shape.kind == "static" else 0)
-        reach = head.config.parallel_tokens
-        if head.config.parallel and shape.depth > reach:
-            raise ValueError(f"a parallel-drafting head proposes {reach} tokens per forward: the tree "
-                             f"{shape.kind} of depth {shape.depth} is deeper than that")
         if vocab.size < widest:
             raise ValueError(f"draft vocabulary of {vocab.size} tokens is smaller than the tree's {widest} "
                              f"children per node")
@@ -143,7 +133,7 @@ class Drafter:
         every step: each step writes a slot before any node may read it."""
         if batch not in self._buffers:
             c = self.cache.k
-            slots = 1 if self.head.config.parallel else max(self.shape.draft_slots, 1)  # placeholders keep none
+            slots = max(self.shape.draft_slots, 1)
             side = (c.shape[0], batch, slots, c.shape[3], c.shape[4])
             self._buffers[batch] = (CandidatePool.allocate(batch, self.pool_depth),
                                     torch.zeros(side, dtype=c.dtype, device=c.device),
@@ -187,8 +177,6 @@ class Drafter:
         shape, ops = self.shape, self.ops
         bsz = root_tokens.shape[0]
         pool, side_k, side_v = self.buffers(bsz)
-        if self.head.config.parallel:
-            return self._build_parallel(hidden_root, last_root, pool, root_tokens, cached_lens, block_tables)
         values, ids = self._children(last_root, bsz)
         frontier = ops.expand(values, ids, None, pool, self.levels[0], shape.branch, cached_lens)
         hidden = hidden_root
@@ -200,30 +188,4 @@ class Drafter:
             hidden = out.hidden
             values, ids = self._children(out.last, bsz)
             frontier = ops.expand(values, ids, frontier, pool, self.levels[d], shape.branch, cached_lens)
-        return TreeBatch(*ops.select(pool, root_tokens.long(), shape.num_nodes, shape.depth, cached_lens))
-
-    def _build_parallel(self, hidden_root: torch.Tensor, last_root: torch.Tensor, pool: CandidatePool,
-                        root_tokens: torch.Tensor, cached_lens: torch.Tensor, block_tables: torch.Tensor) -> TreeBatch:
-        """Every level from one forward of the placeholder rows (parallel heads), and the
-        children of the root and of every placeholder from one pass over the draft's output
-        matrix (on the 8B shape a read of it cost about as much as a head forward)."""
-        shape, ops = self.shape, self.ops
-        bsz, ahead = root_tokens.shape[0], shape.depth - 1
-        last = last_root
-        if ahead > 0:
-            positions = (cached_lens[:, None].long() + torch.arange(ahead, device=cached_lens.device)).reshape(-1)
-            step = TreeStep(block_tables, cached_lens, self.chain_bits(bsz, ahead), self.scale, self.backend)
-            anchors = hidden_root[:, None].expand(bsz, ahead, hidden_root.shape[1]).reshape(bsz * ahead, -1)
-            out = self.head.forward_placeholders(anchors, positions, step, self.cache)  # K/V never committed
-            # Depth-major rows (the root's, then each placeholder's, B each): every depth's
-            # children are then one contiguous [B, branch] block.
-            last = torch.cat((last_root[None], out.last.view(bsz, ahead, -1).transpose(0, 1)), dim=0)
-        values, ids = self._children(last.reshape((ahead + 1) * bsz, -1), bsz)
-        values, ids = values.view(ahead + 1, bsz, -1), ids.view(ahead + 1, bsz, -1)
-        frontier = ops.expand(values[0], ids[0], None, pool, self.levels[0], shape.branch, cached_lens)
-        for d in range(1, shape.depth):
-            rows = frontier.tokens.shape[1]  # every frontier node of depth d gets the same children
-            child_values, child_ids = (values[d], ids[d]) if rows == 1 else (values[d].repeat(1, rows),
-                                                                             ids[d].repeat(1, rows))
-            frontier = ops.expand(child_values, child_ids, frontier, pool, self.levels[d], shape.branch, cached_lens)
         return TreeBatch(*ops.select(pool, root_tokens.long(), shape.num_nodes, shape.depth, cached_lens))

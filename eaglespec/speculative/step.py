@@ -77,12 +77,6 @@ class SpeculativeRunner:
         self.runner = runner
         self.head = head.with_kernels(runner.backend)  # the target's kernel set (same weights)
         shapes = {tree: parse_tree(tree) for tree in spec.trees}
-        reach = head.config.parallel_tokens
-        if head.config.parallel and spec.tree == "auto":  # a forced tree deeper than this: Drafter refuses it
-            shapes = {tree: shape for tree, shape in shapes.items() if shape.depth <= reach}
-            if not shapes:
-                raise ValueError(f"SpecConfig.auto_trees: every tree is deeper than the {reach} tokens this "
-                                 f"parallel-drafting head proposes per forward")
         self.depth = max(shape.depth for shape in shapes.values())
         self.width = self.depth + 1  # tokens one step can emit (accepted drafts + bonus)
         lc = head.config.layer

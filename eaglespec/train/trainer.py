@@ -6,8 +6,6 @@ same geometry it meets when serving (see ``eaglespec.speculative.drafter``): the
 token_{t+1}) sits at position t, and its output predicts feature_{t+1} and token_{t+2}.
 
 EAGLE-1: loss = SmoothL1(h_t, f_{t+1}) + 0.1 * CE(lm_head(h_t), softmax(target logits_{t+1})).
-A parallel-drafting EAGLE-1 head adds placeholder steps scored against the target's
-distributions further ahead (see ``eagle1_loss``).
 EAGLE-3: "training-time test": the head is unrolled K steps on its own hidden states; step i
 reads (h^{i-1}_t, token_{t+i+1}) at position t+i, attends to the step-0 keys of positions <= t
 and to its own row's keys of steps 1..i (exactly the keys a depth-i tree node sees when
@@ -62,25 +60,17 @@ class LossResult:
 
 def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, hidden: torch.Tensor,
                 logits: torch.Tensor, noise: torch.Tensor | None = None, value_weight: float = 1.0,
-                prob_weight: float = 0.1, decay: float = 0.8, placeholder_weight: float = 0.1) -> LossResult:
+                prob_weight: float = 0.1) -> LossResult:
     """tokens/loss_mask [B, T]; hidden [B*T, H] and logits [B*T, V] of the target.
 
     Row t reads (f_t + noise, x_{t+1}) at position t; it is scored when x_{t+2} is a reply token,
     against f_{t+1} (SmoothL1) and the target's next-token distribution at t+1 (soft CE).
-
-    A parallel-drafting head (K = parallel_tokens) adds steps i = 1..K-1: a placeholder row
-    reading (row t's step-0 output, the placeholder embedding) at position t+i that sees the
-    step-0 keys of rows <= t and the placeholders of its own row's earlier steps (``TTTStep``:
-    the keys placeholder i - 1 sees when serving after the pair at t), scored by soft CE
-    against the target's distribution at t+i+1 where x_{t+i+2} is a reply token, with weight
-    placeholder_weight * decay^i.
     """
     b, t = tokens.shape
     feats = hidden.float() if noise is None else hidden.float() + noise
     positions = torch.arange(t, device=tokens.device).repeat(b)
     scale = default_scale(head.config.layer.head_dim)
-    step = TTTStep(b, t, scale) if head.config.parallel else DenseCausalStep(b, t, scale)
-    out = head(feats, shift_left(tokens, 1).reshape(-1), positions, step, None)
+    out = head(feats, shift_left(tokens, 1).reshape(-1), positions, DenseCausalStep(b, t, scale), None)
     rows = shift_left(loss_mask, 2).reshape(-1).nonzero().squeeze(1)
     n = rows.numel()
     # Row t's target is row t+1 of the same sequence (valid rows have t+2 < T).
@@ -89,17 +79,7 @@ def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
     value = F.smooth_l1_loss(h, target_h, reduction="none").mean(-1).sum() / max(n, 1)
     prob, correct = _soft_cross_entropy(_scored_logits(head, out, rows), logits.index_select(0, rows + 1))
     loss = value_weight * value + prob_weight * prob
-    res = LossResult(loss, [loss.detach()], [correct], [torch.tensor(n, device=tokens.device)])
-    anchor_hidden = out.hidden
-    for i in range(1, head.config.parallel_tokens):
-        out = head.forward_placeholders(anchor_hidden, positions + i, step, None)
-        rows = shift_left(loss_mask, i + 2).reshape(-1).nonzero().squeeze(1)
-        ce, correct = _soft_cross_entropy(_scored_logits(head, out, rows), logits.index_select(0, rows + i + 1))
-        res.loss = res.loss + placeholder_weight * decay ** i * ce
-        res.step_losses.append(ce.detach())
-        res.correct.append(correct)
-        res.counts.append(torch.tensor(rows.numel(), device=tokens.device))
-    return res
+    return LossResult(loss, [loss.detach()], [correct], [torch.tensor(n, device=tokens.device)])
 
 
 def _scored_logits(head: EagleHead, out: DraftOutput, rows: torch.Tensor) -> torch.Tensor:
@@ -179,7 +159,6 @@ class TrainConfig:
     out_dir: str = ""  # checkpoint, log and exported head go here
     kind: str = "eagle1"  # "eagle1" or "eagle3"
     layers: int = 1  # decoder layers of an eagle1 head (eagle3: always 1)
-    parallel_tokens: int = 1  # eagle1: > 1 trains a parallel-drafting head proposing this many tokens per forward
     draft_vocab_size: int = 0  # eagle3 reduced vocabulary (0: the target's)
     fc_bias: bool = False
     max_seq_len: int = 2048  # longer sequences are cut
@@ -199,10 +178,7 @@ class TrainConfig:
     value_weight: float = 1.0  # eagle1 SmoothL1 weight
     prob_weight: float = 0.1  # eagle1 soft cross-entropy weight
     ttt_steps: int = 7  # eagle3 unrolled steps
-    # Weight of unrolled step i: eagle3 step_decay ** i; a parallel head's placeholder i
-    # placeholder_weight * step_decay ** i (0.1: as EAGLE-1's own cross-entropy; design note 30).
-    step_decay: float = 0.8
-    placeholder_weight: float = 0.1
+    step_decay: float = 0.8  # eagle3: weight of unrolled step i is step_decay ** i
     init_std: float = 0.02
     init_from: str = ""  # a head directory to start from instead of random weights
     data_fraction: float = 1.0  # train on this nested random fraction of the prepared sequences (data scaling)
@@ -224,9 +200,6 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kind == "eagle3" and self.layers != 1:
             raise ValueError("TrainConfig.layers must be 1 for eagle3 heads")
-        if self.parallel_tokens < 1 or self.kind == "eagle3" and self.parallel_tokens > 1:
-            raise ValueError(f"TrainConfig.parallel_tokens must be >= 1, and 1 for eagle3 heads, "
-                             f"got {self.parallel_tokens}")
         if self.max_seq_len > self.batch_tokens:
             raise ValueError(f"TrainConfig.max_seq_len ({self.max_seq_len}) exceeds batch_tokens ({self.batch_tokens})")
         if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
@@ -239,8 +212,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.export_dtype must be one of {sorted(_DTYPES)}, got {self.export_dtype!r}")
         if not 0 < self.data_fraction <= 1:
             raise ValueError(f"TrainConfig.data_fraction must be in (0, 1], got {self.data_fraction}")
-        if self.feature_noise < 0 or self.grad_clip < 0 or self.placeholder_weight < 0:
-            raise ValueError("TrainConfig: feature_noise, grad_clip and placeholder_weight must be >= 0")
+        if self.feature_noise < 0 or self.grad_clip < 0:
+            raise ValueError("TrainConfig: feature_noise and grad_clip must be >= 0")
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -249,13 +222,13 @@ _RESUME_FREE = {"data_dir", "out_dir", "log_every", "checkpoint_every", "time_bu
 
 
 def head_config_for(target: LlamaForCausalLM, kind: str, layers: int = 1, draft_vocab_size: int = 0,
-                    fc_bias: bool = False, parallel_tokens: int = 1) -> EagleConfig:
+                    fc_bias: bool = False) -> EagleConfig:
     """A head shaped like one decoder layer of the target (as the official heads are)."""
     tc = target.config
     fields = {f: getattr(tc, f) for f in tc.__slots__}
     layer = LlamaConfig(**{**fields, "num_layers": layers, "eagle3_layers": ()})
     return EagleConfig(kind, layer, fc_bias=fc_bias,
-                       draft_vocab_size=draft_vocab_size if kind == "eagle3" else 0, parallel_tokens=parallel_tokens)
+                       draft_vocab_size=draft_vocab_size if kind == "eagle3" else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,21 +370,16 @@ class Trainer:
 
     def _build_head(self) -> EagleHead:
         cfg = self.cfg
-        hc = head_config_for(self.target, cfg.kind, cfg.layers, cfg.draft_vocab_size, cfg.fc_bias, cfg.parallel_tokens)
+        hc = head_config_for(self.target, cfg.kind, cfg.layers, cfg.draft_vocab_size, cfg.fc_bias)
         # The reference kernel set: autograd runs through it (the fused Triton kernels have no
         # backward, and under bf16 autocast they would meet fp32 RoPE tables).
         head = build_head(hc, self.target, kernels="torch", dtype=torch.float32)
         head.init_random(seed=cfg.seed, std=cfg.init_std)
         if cfg.init_from:
             loaded = load_head(cfg.init_from, self.target)
-            # A parallel head may start from the sequential head of its shape (placeholder: random).
-            sequential = dataclasses.replace(hc, parallel_tokens=1)
-            if loaded.config.to_hf_dict() not in (hc.to_hf_dict(), sequential.to_hf_dict()):
+            if loaded.config.to_hf_dict() != hc.to_hf_dict():
                 raise ValueError(f"init_from {cfg.init_from!r}: its shape differs from the configured head")
-            items = list(loaded.state_items())
-            if hc.parallel and not loaded.config.parallel:
-                items.append(("placeholder", head.placeholder.detach().clone()))
-            head.load_state(items, source=cfg.init_from)
+            head.load_state(loaded.state_items(), source=cfg.init_from)
             return head
         if cfg.kind == "eagle3":
             d2t, t2d = build_vocab_map(self._token_counts(), hc.draft_vocab_size)
@@ -468,8 +436,7 @@ class Trainer:
             noise = (torch.rand(feats.shape, generator=self.noise_gen, device=self.device) * 2 - 1) * cfg.feature_noise
         with self.autocast():
             if cfg.kind == "eagle1":
-                res = eagle1_loss(self.head, tokens, mask, hidden, logits, noise, cfg.value_weight, cfg.prob_weight,
-                                  cfg.step_decay, cfg.placeholder_weight)
+                res = eagle1_loss(self.head, tokens, mask, hidden, logits, noise, cfg.value_weight, cfg.prob_weight)
             else:
                 res = eagle3_loss(self.head, tokens, mask, taps, logits, cfg.ttt_steps, cfg.step_decay, noise)
         return res, int(lengths.sum())

@@ -166,13 +166,6 @@ def test_greedy_speculative_output_equals_plain_single_process_output(checkpoint
     assert_two_ranks_speculate_like_one_process(checkpoint[0], checkpoint[1], spec, reference)
 
 
-def test_a_parallel_drafting_head_is_replicated_with_its_placeholder(checkpoint, reference, tmp_path):
-    """Each rank loads the head from its directory, placeholder included, and drafts alike."""
-    head_dir = str(tmp_path / "parallel-head")
-    save_head(eagle1_head(predictable_target(seed=21), seed=5, parallel_tokens=3), head_dir)
-    assert_two_ranks_speculate_like_one_process(checkpoint[0], head_dir, SpecConfig(tree="chain:3"), reference)
-
-
 @dataclass(slots=True)
 class ClocksThatDisagree(EngineConfig):
     """Rank 0's clock says trees pay, the workers' clocks say they do not: on rank 0 every plain

@@ -28,11 +28,11 @@ def predictable_target(seed: int):
     return model
 
 
-def eagle1_head(target, seed: int, layers: int = 1, oracle: bool = True, parallel_tokens: int = 1):
+def eagle1_head(target, seed: int, layers: int = 1, oracle: bool = True):
     cfg = target.config
     layer_cfg = LlamaConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "num_layers": layers,
                                "eagle3_layers": ()})
-    head = build_head(EagleConfig("eagle1", layer_cfg, parallel_tokens=parallel_tokens), target)
+    head = build_head(EagleConfig("eagle1", layer_cfg), target)
     head.init_random(seed=seed, std=0.05)
     if oracle:
         with torch.no_grad():
@@ -76,14 +76,14 @@ def _tree(spec, tmp_path):
 
 
 def head_of_kind(target, kind: str, seed: int):
-    """eagle1 (oracle-ish), eagle3, or parallel: the eagle1 head drafting 4 tokens per forward."""
+    """eagle1 (oracle-ish) or eagle3."""
     if kind == "eagle3":
         return eagle3_head(target, seed=seed)
-    return eagle1_head(target, seed=seed, parallel_tokens=4 if kind == "parallel" else 1)
+    return eagle1_head(target, seed=seed)
 
 
 @pytest.mark.parametrize("tree", TREES)
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3", "parallel"])
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_greedy_speculative_equals_autoregressive(tree, kind, tmp_path):
     target = predictable_target(seed=21)
     head = head_of_kind(target, kind, seed=5)
@@ -138,13 +138,13 @@ def test_triton_kernels_in_the_engine_match_plain_decoding():
     engine = small_engine(attention_backend="triton")
     plain_triton = LLM.from_model(target, engine=engine).generate(prompts, params)
     assert [o.token_ids for o in plain_triton] == [o.token_ids for o in plain]
-    for head in (eagle1_head(target, seed=8), eagle1_head(target, seed=8, parallel_tokens=3)):
-        spec = LLM.from_model(target, draft=head, spec=SpecConfig(tree="dynamic:3,3,8"), engine=engine)
-        assert [o.token_ids for o in spec.generate(prompts, params)] == [o.token_ids for o in plain]
+    spec = LLM.from_model(target, draft=eagle1_head(target, seed=8), spec=SpecConfig(tree="dynamic:3,3,8"),
+                          engine=engine)
+    assert [o.token_ids for o in spec.generate(prompts, params)] == [o.token_ids for o in plain]
 
 
 @pytest.mark.parametrize("tree", TREES)
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3", "parallel"])
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_greedy_exact_with_a_reduced_draft_vocabulary(tree, kind, tmp_path, monkeypatch):
     """The draft scores only the N most frequent tokens of the target's replies: every drafted
     token is one of them, and the output is still the target's own greedy output."""

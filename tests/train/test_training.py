@@ -51,18 +51,6 @@ def distilled(target, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def distilled_greedy(target, tmp_path_factory):
-    """The same prompts answered greedily: a token three places ahead then follows from the
-    context, which a parallel head's placeholders can learn (at temperature 1 this target's
-    flat distributions make it noise)."""
-    out = str(tmp_path_factory.mktemp("distilled-greedy"))
-    llm = LLM.from_model(target, engine=small_engine(max_batch_size=32, num_blocks=256))
-    prepare(llm, _random_prompts(64, seed=0), out, max_prompt_tokens=16, max_new_tokens=48, temperature=0.0,
-            shard_size=32, progress=False)
-    return out
-
-
 def _train_cfg(out_dir, **overrides):
     base = dict(out_dir=str(out_dir), kind="eagle1", max_seq_len=64, batch_tokens=1024, max_batch_size=16,
                 lr=3e-3, warmup_steps=20, log_every=10, checkpoint_every=1000, feature_noise=0.05, seed=0)
@@ -402,39 +390,21 @@ def test_eagle3_training_time_test_lowers_loss_and_helps_deeper_drafts(target, d
     assert rates[3][1] > rates[1][1] + 0.1, rates
 
 
-def test_parallel_head_training_drafts_several_depths_from_one_forward(target, distilled_greedy, tmp_path):
-    """A parallel head (4 tokens per forward) trained like the EAGLE-1 head: its placeholders
-    learn the tokens two to four places ahead, and the engine accepts them."""
-    data = load_prepared(distilled_greedy)
-    held_out = _random_prompts(8, seed=99, lo=8, hi=9)
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
-    trainer = Trainer(_train_cfg(tmp_path / "par", max_steps=300, parallel_tokens=4), target, data)
-    before = evaluate_tau(speculative_llm(target, trainer.head, "chain:4", engine=small_engine()), held_out, params)
-    trainer.fit()
-    log = _log(tmp_path / "par")
-    # The placeholders' cross-entropy keeps the target's entropy: the loss falls less than EAGLE-1's.
-    assert len(log[0]["acc"]) == 4 and log[-1]["loss"] < 0.8 * log[0]["loss"], (log[0], log[-1])
-    assert all(last > first + 0.2 for first, last in zip(log[0]["acc"], log[-1]["acc"])), (log[0], log[-1])
-    after = evaluate_tau(speculative_llm(target, trainer.head, "chain:4", engine=small_engine()), held_out, params)
-    assert after["tau"] >= before["tau"] + 1.0, (before, after)
-    # Depth 2 is drafted by a placeholder (seen: 0.48; an untrained head 0.0).
-    assert after["accept_rate_per_depth"][1] > 0.3, after
-    # Starting from a sequential head of the same shape: its weights, a fresh placeholder.
-    sequential = Trainer(_train_cfg(tmp_path / "seq", max_steps=1), target, data)
-    export_head(sequential.head, target, str(tmp_path / "seq-head"), torch.float32)
-    warm = Trainer(_train_cfg(tmp_path / "warm", max_steps=1, parallel_tokens=4, init_from=str(tmp_path / "seq-head")),
-                   target, data)
-    assert torch.equal(warm.head.fc.weight, sequential.head.fc.weight) and warm.head.config.parallel_tokens == 4
-    with pytest.raises(ValueError, match="parallel_tokens must be >= 1, and 1 for eagle3"):
-        _train_cfg(tmp_path / "bad", kind="eagle3", parallel_tokens=2)
+def test_a_run_can_start_from_an_exported_head_of_the_same_shape(target, distilled, tmp_path):
+    data = load_prepared(distilled)
+    first = Trainer(_train_cfg(tmp_path / "first", max_steps=3), target, data)
+    first.fit()
+    export_head(first.head, target, str(tmp_path / "first-head"), torch.float32)
+    warm = Trainer(_train_cfg(tmp_path / "warm", max_steps=1, init_from=str(tmp_path / "first-head")), target, data)
+    assert torch.equal(warm.head.fc.weight, first.head.fc.weight)
+    with pytest.raises(ValueError, match="its shape differs"):
+        Trainer(_train_cfg(tmp_path / "two", max_steps=1, layers=2, init_from=str(tmp_path / "first-head")),
+                target, data)
 
 
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3", "parallel"])
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind):
-    parallel = 3 if kind == "parallel" else 1
-    kind = "eagle1" if kind == "parallel" else kind
-    head = build_head(head_config_for(target, kind, draft_vocab_size=40, parallel_tokens=parallel), target,
-                      dtype=torch.float32)
+    head = build_head(head_config_for(target, kind, draft_vocab_size=40), target, dtype=torch.float32)
     head.init_random(seed=4, std=0.1)
     if kind == "eagle3":
         head.d2t.copy_(build_vocab_map(torch.arange(VOCAB).flip(0) % 7, 40)[0])
@@ -448,11 +418,6 @@ def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind)
     a = head(feats, tokens, pos, DenseCausalStep(b, t, 0.25), None)
     c = loaded(feats, tokens, pos, DenseCausalStep(b, t, 0.25), None)
     assert torch.equal(a.hidden, c.hidden) and torch.equal(head.logits(a), loaded.logits(c))
-    if parallel > 1:
-        step_a, step_c = TTTStep(b, t, 0.25), TTTStep(b, t, 0.25)
-        h_a, h_c = head(feats, tokens, pos, step_a, None).hidden, loaded(feats, tokens, pos, step_c, None).hidden
-        assert torch.equal(head.forward_placeholders(h_a, pos + 1, step_a, None).last,
-                           loaded.forward_placeholders(h_c, pos + 1, step_c, None).last)
     if kind == "eagle3":
         assert torch.equal(loaded.d2t, head.d2t) and torch.equal(loaded.t2d, head.t2d)
     export_head(head, target, str(tmp_path / "bf16"), torch.bfloat16)
@@ -460,8 +425,7 @@ def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind)
     assert torch.equal(half.fc.weight, head.fc.weight.bfloat16().float())
 
 
-KIND_SETTINGS = {"eagle1": {}, "eagle3": dict(kind="eagle3", draft_vocab_size=40, ttt_steps=2),
-                 "parallel": dict(parallel_tokens=3)}
+KIND_SETTINGS = {"eagle1": {}, "eagle3": dict(kind="eagle3", draft_vocab_size=40, ttt_steps=2)}
 
 
 @pytest.mark.parametrize("kind", list(KIND_SETTINGS))
@@ -549,8 +513,6 @@ def test_cli_config_and_overrides(tmp_path):
     add_train_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "fit", "--config", str(cfg_path), "--train.lr", "1e-4"])
     assert args.train_command == "fit" and getattr(args, "override:train.lr") == "1e-4"
-    shipped_kinds = {"smollm2-eagle1.toml": ("eagle1", 1), "smollm2-eagle3.toml": ("eagle3", 1),
-                     "smollm2-parallel.toml": ("eagle1", 4)}
-    for name, (kind, parallel) in shipped_kinds.items():  # the shipped examples stay valid
-        shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", name))
-        assert (shipped.train.kind, shipped.train.parallel_tokens) == (kind, parallel) and shipped.data.stop == 16000
+    for name, kind in {"smollm2-eagle1.toml": "eagle1", "smollm2-eagle3.toml": "eagle3"}.items():
+        shipped = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", name))  # still valid
+        assert shipped.train.kind == kind and shipped.data.stop == 16000
