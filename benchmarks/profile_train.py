@@ -1,5 +1,4 @@
-"""Where a training step's time goes (issue 10: the shipped recipe trained at 214k tokens/s on
-2026-11-26 and at 101k on 2026-12-05).
+"""Where a training step's time goes (EAGLE-1 recipes).
 
 GPU only:  python benchmarks/profile_train.py --config configs/smollm2-eagle1.toml --data DIR --out OUT
 Times the parts of a step (target forward, head loss, backward, optimizer) on the device (CUDA
@@ -81,11 +80,10 @@ def main() -> None:
     timed_parts(trainer, 5)  # warm-up: autotuning, allocator
     result = timed_parts(trainer, args.steps)
     print(json.dumps(result, indent=1))
-    trainer.fit(max_steps_this_call=3)
+    # The same micro-batches under the profiler (not ``fit``, whose last step saves a checkpoint).
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities, acc_events=True) as prof:
-        trainer.fit(max_steps_this_call=5)
-        torch.cuda.synchronize()
+        timed_parts(trainer, 5)
     table = (prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
              + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
     print(table)
