@@ -26,8 +26,9 @@ from eaglespec.train.trainer import Trainer, eagle1_loss  # noqa: E402
 def timed_parts(trainer: Trainer, steps: int) -> dict:
     """Per part of a micro-batch (eagle1 only; target forward, head loss, backward, optimizer),
     mean ms over ``steps`` micro-batches: ``device`` from CUDA events, ``host`` the host's time
-    in the part without synchronizing (a part that blocks on the device, e.g. at ``nonzero`` or
-    a pageable copy, counts its wait there), and ``wall`` per micro-batch."""
+    in the part without synchronizing (a part that blocks on the device counts its wait there),
+    and ``wall`` per micro-batch. Since 2026-12-05 (second run) the target's logits of the scored
+    rows are made inside the head loss, not in the target forward."""
     cfg = trainer.cfg
     batches = trainer._batches_of_epoch(0)
     names = ("target_forward", "head_loss", "backward", "optimizer")
@@ -38,7 +39,7 @@ def timed_parts(trainer: Trainer, steps: int) -> dict:
     start = time.perf_counter()
     for indices in batches[:steps]:
         tok, mask, lengths = pad_batch([trainer.data[i][0] for i in indices], [trainer.data[i][1] for i in indices])
-        tok, mask = tok.to(trainer.device), mask.to(trainer.device)
+        tok = tok.to(trainer.device, non_blocking=True)  # the mask stays on the host, as in the trainer
         tokens += int(lengths.sum())
         events = [torch.cuda.Event(enable_timing=True) for _ in range(len(names) + 1)]
         clocks = [time.perf_counter()]
@@ -47,8 +48,8 @@ def timed_parts(trainer: Trainer, steps: int) -> dict:
         events[1].record()
         clocks.append(time.perf_counter())
         with trainer.autocast():
-            res = eagle1_loss(trainer.head, tok, mask, out.hidden, out.logits, None, cfg.value_weight,
-                              cfg.prob_weight)
+            res = eagle1_loss(trainer.head, tok, mask, out.hidden, trainer._target_logits(out.hidden), None,
+                              cfg.value_weight, cfg.prob_weight)
         events[2].record()
         clocks.append(time.perf_counter())
         res.loss.backward()

@@ -251,8 +251,8 @@ class LlamaDecoderLayer(nn.Module):
 @dataclass(slots=True)
 class ModelOutput:
     # [R, vocab] fp32, R = rows selected by logits_rows (all T when None); [R, vocab_rows], this
-    # rank's vocabulary rows, when the forward was asked not to gather them
-    logits: torch.Tensor
+    # rank's vocabulary rows, when the forward was asked not to gather them; None when not wanted
+    logits: torch.Tensor | None
     hidden: torch.Tensor | None  # [R, H] final hidden state after the last norm (EAGLE-1/2 feature)
     taps: torch.Tensor | None  # [R, 3H] inputs of the EAGLE-3 tap layers, concatenated
 
@@ -354,23 +354,27 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                 cache: KVCache, logits_rows: torch.Tensor | None = None,
-                want_hidden: bool = False, want_taps: bool = False, gather_logits: bool = True) -> ModelOutput:
+                want_hidden: bool = False, want_taps: bool = False, gather_logits: bool = True,
+                want_logits: bool = True) -> ModelOutput:
         """input_ids/positions [T]; logits only for ``logits_rows`` [R] (all rows when None);
-        the final hidden state / EAGLE-3 taps of the same rows when asked. Runs the forward of
+        the final hidden state / EAGLE-3 taps of the same rows when asked. want_logits=False:
+        no logits at all (training asks ``compute_logits`` for the rows its loss scores). Runs the forward of
         the model's kernel set; "triton" runs on CUDA, or on the CPU under TRITON_INTERPRET=1.
         gather_logits=False: the logits of this rank's vocabulary rows only, [R, vocab_rows]
         (``greedy_tokens`` takes the argmax from them without gathering)."""
         if self.kernels == "triton":
-            out = self._forward_triton(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
+            out = self._forward_triton(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps,
+                                       want_logits)
         else:
-            out = self._forward_torch(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps)
-        if gather_logits:
+            out = self._forward_torch(input_ids, positions, attn, cache, logits_rows, want_hidden, want_taps,
+                                      want_logits)
+        if gather_logits and out.logits is not None:
             out.logits = self.gather_logits(out.logits)
         return out
 
     def _forward_torch(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                        cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
-                       want_taps: bool) -> ModelOutput:
+                       want_taps: bool, want_logits: bool) -> ModelOutput:
         """The reference: torch ops only."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
@@ -385,11 +389,12 @@ class LlamaForCausalLM(nn.Module):
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
             taps = None if taps is None else taps.index_select(0, logits_rows)
-        return ModelOutput(logits=self.local_logits(x), hidden=x if want_hidden else None, taps=taps)
+        return ModelOutput(logits=self.local_logits(x) if want_logits else None, hidden=x if want_hidden else None,
+                           taps=taps)
 
     def _forward_triton(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep,
                         cache: KVCache, logits_rows: torch.Tensor | None, want_hidden: bool,
-                        want_taps: bool) -> ModelOutput:
+                        want_taps: bool, want_logits: bool) -> ModelOutput:
         """The Triton kernel set (same results as the reference up to kernel rounding). A step of at
         most ``folded_tokens`` tokens (small-batch decode, the verify forward of a small tree, a
         short prefill) runs on the folded products of ``ops.gemv``; every other step on the fused
@@ -409,7 +414,9 @@ class LlamaForCausalLM(nn.Module):
                 taps = None if taps is None else taps.index_select(0, logits_rows)
             norm = self.model.norm
             hidden = add_rms_norm(norm, x, None)[0] if want_hidden or x.shape[0] > 1 else None
-            if x.shape[0] == 1:  # the final norm rides along with the matrix-vector product
+            if not want_logits:
+                logits = None
+            elif x.shape[0] == 1:  # the final norm rides along with the matrix-vector product
                 logits = gemv.gemv(self.output_weight, x, norm.weight, norm.eps, out_dtype=torch.float32)
             else:  # the output projection is the largest product: cuBLAS reads it 2-3x faster than 16-row tiles
                 logits = self.local_logits(hidden)
@@ -427,7 +434,8 @@ class LlamaForCausalLM(nn.Module):
             residual = None if residual is None else residual.index_select(0, logits_rows)
             taps = None if taps is None else taps.index_select(0, logits_rows)
         x, _ = add_rms_norm(self.model.norm, x, residual)
-        return ModelOutput(logits=self.local_logits(x), hidden=x if want_hidden else None, taps=taps)
+        return ModelOutput(logits=self.local_logits(x) if want_logits else None, hidden=x if want_hidden else None,
+                           taps=taps)
 
     # ------------------------------------------------------------------ weights
 

@@ -3,7 +3,7 @@
 The target and the head run with attention steps that keep no cache: ``DenseCausalStep`` (each
 row attends causally inside its own sequence, torch SDPA) and ``TTTStep`` (EAGLE-3's unrolled
 training-time test). ``pad_batch`` and ``target_forward`` turn token lists into the target's
-logits, features and taps; both the trainer and the data preparation use them.
+features and taps; both the trainer and the data preparation use them.
 """
 
 from __future__ import annotations
@@ -120,10 +120,12 @@ def pad_batch(tokens: list[torch.Tensor], masks: list[torch.Tensor]
 
 @torch.no_grad()
 def target_forward(target: LlamaForCausalLM, tokens: torch.Tensor, want_taps: bool = False) -> ModelOutput:
-    """The target over a padded batch tokens [B, T] without a KV pool: logits [B*T, V] fp32,
-    hidden [B*T, H] (the EAGLE-1 feature, after the final norm) and, when asked, the EAGLE-3
-    taps [B*T, 3H]."""
+    """The target over a padded batch tokens [B, T] without a KV pool: hidden [B*T, H] (the
+    EAGLE-1 feature, after the final norm) and, when asked, the EAGLE-3 taps [B*T, 3H]. No
+    logits (``logits`` is None): a loss asks ``target.compute_logits`` for the rows it scores,
+    so prompt and padding rows never make a [rows, vocab] fp32 tensor."""
     b, t = tokens.shape
     positions = torch.arange(t, device=tokens.device).repeat(b)
     step = DenseCausalStep(b, t, default_scale(target.config.head_dim))
-    return target(tokens.reshape(-1), positions, step, None, want_hidden=True, want_taps=want_taps)
+    return target(tokens.reshape(-1), positions, step, None, want_hidden=True, want_taps=want_taps,
+                  want_logits=False)

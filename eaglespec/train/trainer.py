@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,21 @@ class LossResult:
     counts: list[torch.Tensor]  # per step: rows scored
 
 
+# rows [n] int64 (on the device) -> the target's fp32 logits [n, V] at those rows of the batch
+TargetLogits = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The True positions of a flat bool mask, on ``device``. A host mask gives them without
+    waiting for the device (``nonzero`` on a device tensor is a sync)."""
+    return mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+
+
 def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, hidden: torch.Tensor,
-                logits: torch.Tensor, noise: torch.Tensor | None = None, value_weight: float = 1.0,
+                target_logits: TargetLogits, noise: torch.Tensor | None = None, value_weight: float = 1.0,
                 prob_weight: float = 0.1) -> LossResult:
-    """tokens/loss_mask [B, T]; hidden [B*T, H] and logits [B*T, V] of the target.
+    """tokens [B, T]; loss_mask [B, T] bool (best on the host); hidden [B*T, H] the target's;
+    target_logits(rows) its logits at those rows.
 
     Row t reads (f_t + noise, x_{t+1}) at position t; it is scored when x_{t+2} is a reply token,
     against f_{t+1} (SmoothL1) and the target's next-token distribution at t+1 (soft CE).
@@ -71,15 +83,15 @@ def eagle1_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
     positions = torch.arange(t, device=tokens.device).repeat(b)
     scale = default_scale(head.config.layer.head_dim)
     out = head(feats, shift_left(tokens, 1).reshape(-1), positions, DenseCausalStep(b, t, scale), None)
-    rows = shift_left(loss_mask, 2).reshape(-1).nonzero().squeeze(1)
+    rows = _rows(shift_left(loss_mask, 2), tokens.device)
     n = rows.numel()
     # Row t's target is row t+1 of the same sequence (valid rows have t+2 < T).
     target_h = hidden.index_select(0, rows + 1).float()
     h = out.hidden.index_select(0, rows).float()
     value = F.smooth_l1_loss(h, target_h, reduction="none").mean(-1).sum() / max(n, 1)
-    prob, correct = _soft_cross_entropy(_scored_logits(head, out, rows), logits.index_select(0, rows + 1))
+    prob, correct = _soft_cross_entropy(_scored_logits(head, out, rows), target_logits(rows + 1))
     loss = value_weight * value + prob_weight * prob
-    return LossResult(loss, [loss.detach()], [correct], [torch.tensor(n, device=tokens.device)])
+    return LossResult(loss, [loss.detach()], [correct], [torch.full((), n, device=tokens.device)])
 
 
 def _scored_logits(head: EagleHead, out: DraftOutput, rows: torch.Tensor) -> torch.Tensor:
@@ -88,19 +100,25 @@ def _scored_logits(head: EagleHead, out: DraftOutput, rows: torch.Tensor) -> tor
     return F.linear(out.last.index_select(0, rows), head.output_weight()).float()
 
 
-def _soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE of [n, V] draft logits against the target's [n, V] distribution, and the rows
-    whose draft top-1 is the target's top-1."""
+def _soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor,
+                        weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE of [n, V] draft logits against the target's [n, V] distribution, and how many
+    rows' draft top-1 is the target's top-1. weight [n] in {0, 1}: rows of weight 0 count
+    nowhere (a weight rather than a filter: choosing rows by a device value would sync)."""
     logp = F.log_softmax(draft_logits.float(), dim=-1)
     target_logits = target_logits.float()
-    ce = -(F.softmax(target_logits, dim=-1) * logp).sum() / max(logp.shape[0], 1)
-    return ce, (logp.argmax(-1) == target_logits.argmax(-1)).sum()
+    per_row = -(F.softmax(target_logits, dim=-1) * logp).sum(-1)
+    right = logp.argmax(-1) == target_logits.argmax(-1)
+    if weight is None:
+        return per_row.sum() / max(logp.shape[0], 1), right.sum()
+    return (weight * per_row).sum() / weight.sum().clamp(min=1), (right & (weight > 0)).sum()
 
 
 def eagle3_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, taps: torch.Tensor,
-                logits: torch.Tensor, steps: int = 7, decay: float = 0.8,
+                target_logits: TargetLogits, steps: int = 7, decay: float = 0.8,
                 noise: torch.Tensor | None = None) -> LossResult:
-    """tokens/loss_mask [B, T]; taps [B*T, 3H], logits [B*T, V] of the target.
+    """tokens [B, T]; loss_mask [B, T] bool (best on the host); taps [B*T, 3H] the target's;
+    target_logits(rows) its logits at those rows.
 
     Step i (0..steps-1) at row t reads (step i-1's hidden at row t, or the taps; x_{t+i+1}) at
     position t+i and is scored against the target's distribution at t+i+1 restricted to the
@@ -108,24 +126,30 @@ def eagle3_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
     vocabulary. Loss = sum_i decay^i * CE_i.
     """
     b, t = tokens.shape
+    dev = tokens.device
     to_target = head.draft_to_target()
-    in_vocab = head.t2d[logits.argmax(-1)].view(b, t)
-    positions = torch.arange(t, device=tokens.device).repeat(b)
+    # Every step reads the target at rows whose next token is a reply token: their logits, once.
+    reply_rows = _rows(shift_left(loss_mask, 1), dev)
+    logits = target_logits(reply_rows)  # [n1, V]
+    compact = torch.zeros(b * t, dtype=torch.int64, device=dev)  # batch row -> row of logits
+    compact[reply_rows] = torch.arange(reply_rows.numel(), device=dev)
+    in_vocab = torch.zeros(b * t, dtype=torch.bool, device=dev)
+    in_vocab[reply_rows] = head.t2d[logits.argmax(-1)]
+    positions = torch.arange(t, device=dev).repeat(b)
     step = TTTStep(b, t, default_scale(head.config.layer.head_dim))
     feats = taps.float() if noise is None else taps.float() + noise
-    total = torch.zeros((), device=tokens.device)
+    total = torch.zeros((), device=dev)
     step_losses, correct, counts = [], [], []
     for i in range(steps):
         out = head(feats, shift_left(tokens, i + 1).reshape(-1), positions + i, step, None)
-        valid = shift_left(loss_mask, i + 2) & shift_left(in_vocab, i + 1)
-        rows = valid.reshape(-1).nonzero().squeeze(1)
-        n = rows.numel()
-        target = logits.index_select(0, rows + i + 1).index_select(1, to_target)
-        ce, right = _soft_cross_entropy(_scored_logits(head, out, rows), target)
+        rows = _rows(shift_left(loss_mask, i + 2), dev)
+        weight = shift_left(in_vocab.view(b, t), i + 1).reshape(-1).index_select(0, rows).float()
+        target = logits.index_select(0, compact.index_select(0, rows + i + 1)).index_select(1, to_target)
+        ce, right = _soft_cross_entropy(_scored_logits(head, out, rows), target, weight)
         total = total + decay ** i * ce
         step_losses.append(ce.detach())
         correct.append(right)
-        counts.append(torch.tensor(n, device=tokens.device))
+        counts.append((weight > 0).sum())
         feats = out.hidden
     return LossResult(total, step_losses, correct, counts)
 
@@ -417,29 +441,42 @@ class Trainer:
     # ------------------------------------------------------------------ one micro-batch
 
     def _micro_batch(self, indices: list[int]) -> tuple[LossResult, int]:
+        """One micro-batch's loss. Nothing here waits for the device: copies to it are
+        non-blocking and the loss mask stays on the host, where the scored rows are found."""
         cfg = self.cfg
         tokens, mask, lengths = pad_batch([self.data[i][0] for i in indices], [self.data[i][1] for i in indices])
-        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        tokens = tokens.to(self.device, non_blocking=True)
         b, t = tokens.shape
         want_taps = cfg.kind == "eagle3"
         if self.features is not None:
-            hidden = _pad_features([self.features[i]["hidden"] for i in indices], t).to(self.device)
-            with torch.no_grad():
-                logits = self.target.compute_logits(hidden.to(self.target.output_weight.dtype))
-            taps = _pad_features([self.features[i]["taps"] for i in indices], t).to(self.device) if want_taps else None
+            hidden = _pad_features([self.features[i]["hidden"] for i in indices], t).to(self.device, non_blocking=True)
+            taps = _pad_features([self.features[i]["taps"] for i in indices], t).to(self.device, non_blocking=True) \
+                if want_taps else None
         else:
             out = target_forward(self.target, tokens, want_taps=want_taps)
-            hidden, logits, taps = out.hidden, out.logits, out.taps
+            hidden, taps = out.hidden, out.taps
+        target_logits = self._target_logits(hidden)
         feats = taps if want_taps else hidden
         noise = None
         if cfg.feature_noise > 0:
             noise = (torch.rand(feats.shape, generator=self.noise_gen, device=self.device) * 2 - 1) * cfg.feature_noise
         with self.autocast():
             if cfg.kind == "eagle1":
-                res = eagle1_loss(self.head, tokens, mask, hidden, logits, noise, cfg.value_weight, cfg.prob_weight)
+                res = eagle1_loss(self.head, tokens, mask, hidden, target_logits, noise, cfg.value_weight,
+                                  cfg.prob_weight)
             else:
-                res = eagle3_loss(self.head, tokens, mask, taps, logits, cfg.ttt_steps, cfg.step_decay, noise)
+                res = eagle3_loss(self.head, tokens, mask, taps, target_logits, cfg.ttt_steps, cfg.step_decay, noise)
         return res, int(lengths.sum())
+
+    def _target_logits(self, hidden: torch.Tensor) -> TargetLogits:
+        """The target's logits at the rows a loss asks for, from its final hidden states [B*T, H],
+        made as its own forward makes them (its dtype, outside autocast, no graph)."""
+        dtype = self.target.output_weight.dtype
+
+        def at(rows: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                return self.target.compute_logits(hidden.index_select(0, rows).to(dtype))
+        return at
 
     def _sync_grads(self) -> None:
         dist = _dist()

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from eaglespec.config import SamplingParams
 from eaglespec.engine.llm import LLM
@@ -21,8 +22,10 @@ from eaglespec.models.eagle import build_head, load_head
 from eaglespec.train.data import (SAMPLE_SEED_STEP, iter_sharegpt, load_conversations, load_prepared,
                                   load_prepared_features, mtbench_questions, prepare, prepared_summary, user_turns)
 from eaglespec.train.dense import DenseCausalStep, TTTStep, pad_batch, target_forward
-from eaglespec.train.trainer import (TrainConfig, Trainer, build_vocab_map, data_subset, export_head, evaluate_tau,
-                                     head_config_for, plan_batches, plot_log, speculative_llm)
+from eaglespec.ops.attention import default_scale
+from eaglespec.train.trainer import (TrainConfig, Trainer, build_vocab_map, data_subset, eagle1_loss, eagle3_loss,
+                                     export_head, evaluate_tau, head_config_for, plan_batches, plot_log, shift_left,
+                                     speculative_llm)
 from eaglespec.train.token_ranking import rank_tokens
 from tests.conftest import random_model, small_engine, tiny_config
 from tests.speculative.test_speculative_greedy import predictable_target
@@ -266,9 +269,11 @@ def test_dense_causal_step_matches_the_paged_engine(target):
     out = target_forward(target, tokens, want_taps=True)
     t = tokens.shape[1]
     assert out.taps.shape == (3 * t, 3 * target.config.hidden_size)
+    assert out.logits is None  # the losses ask for the rows they score
+    logits = target.compute_logits(out.hidden)
     for i, s in enumerate(seqs):
         ref = llm.logits(s.tolist())
-        torch.testing.assert_close(out.logits.view(3, t, -1)[i, :len(s)], ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits.view(3, t, -1)[i, :len(s)], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_ttt_step_attends_to_causal_step0_keys_and_own_row_of_later_steps():
@@ -288,6 +293,57 @@ def test_ttt_step_attends_to_causal_step0_keys_and_own_row_of_later_steps():
             torch.testing.assert_close(outs[i][r], torch.einsum("hs,shd->hd", p, vv), atol=1e-5, rtol=1e-5)
     dense = DenseCausalStep(b, t, 0.3).attend(0, qs[0], ks[0], vs[0], None)
     torch.testing.assert_close(dense, outs[0])
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_losses_read_the_target_only_at_the_rows_they_score(target, kind):
+    """The losses ask for the target's logits at rows that predict a reply token only (never a
+    prompt or padding row), and EAGLE-3's weighted rows give the loss, accuracy and counts of
+    the same objective over every row's logits, filtered by the draft vocabulary."""
+    head = build_head(head_config_for(target, kind, draft_vocab_size=40), target, dtype=torch.float32)
+    head.init_random(seed=4, std=0.1)
+    if kind == "eagle3":
+        d2t, t2d = build_vocab_map(torch.arange(VOCAB).flip(0) % 7, 40)
+        head.d2t.copy_(d2t)
+        head.t2d.copy_(t2d)
+    gen = torch.Generator().manual_seed(3)
+    b, t, steps = 3, 12, 3
+    tokens = torch.randint(0, VOCAB, (b, t), generator=gen)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    mask[:, :3] = False  # prompts
+    mask[2, 8:] = False  # the padding of a shorter sequence
+    out = target_forward(target, tokens, want_taps=kind == "eagle3")
+    full = target.compute_logits(out.hidden)  # [B*T, V]
+    asked = []
+
+    def target_logits(rows):
+        asked.append(rows)
+        return full.index_select(0, rows)
+
+    if kind == "eagle1":
+        eagle1_loss(head, tokens, mask, out.hidden, target_logits)
+        assert torch.equal(asked[0], shift_left(mask, 2).reshape(-1).nonzero().squeeze(1) + 1)
+        assert mask.reshape(-1)[asked[0] + 1].all()
+        return
+    res = eagle3_loss(head, tokens, mask, out.taps, target_logits, steps=steps, decay=0.8)
+    assert len(asked) == 1 and torch.equal(asked[0], shift_left(mask, 1).reshape(-1).nonzero().squeeze(1))
+    in_vocab = head.t2d[full.argmax(-1)].view(b, t)
+    assert not in_vocab.all() and in_vocab.any()  # both kinds of rows are present
+    step = TTTStep(b, t, default_scale(head.config.layer.head_dim))
+    feats, total = out.taps.float(), torch.zeros(())
+    positions = torch.arange(t).repeat(b)
+    for i in range(steps):
+        o = head(feats, shift_left(tokens, i + 1).reshape(-1), positions + i, step, None)
+        rows = (shift_left(mask, i + 2) & shift_left(in_vocab, i + 1)).reshape(-1).nonzero().squeeze(1)
+        logp = F.log_softmax(F.linear(o.last[rows], head.output_weight()).float(), dim=-1)
+        tgt = full[rows + i + 1][:, head.draft_to_target()]
+        ce = -(F.softmax(tgt, dim=-1) * logp).sum() / max(len(rows), 1)
+        total = total + 0.8 ** i * ce
+        assert int(res.counts[i]) == len(rows)
+        assert int(res.correct[i]) == int((logp.argmax(-1) == tgt.argmax(-1)).sum())
+        torch.testing.assert_close(res.step_losses[i], ce.detach())
+        feats = o.hidden
+    torch.testing.assert_close(res.loss, total)
 
 
 def test_build_vocab_map_takes_the_most_frequent_tokens():
