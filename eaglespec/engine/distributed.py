@@ -10,7 +10,8 @@ Two groups: the device group (NCCL on GPUs, gloo on CPUs) for the model's collec
 gloo group on the CPU for rank 0's control messages, so a message never waits on the GPU.
 
 Lifetimes. ``RankGroup.close`` (``LLM.close``, or at interpreter exit) tells the workers to
-stop, joins them and destroys the groups. A worker reports an error through its pipe before it
+stop, drains the gloo groups with them (``_drain``), joins them and destroys the groups; a
+rank > 0 then leaves without the interpreter's teardown (``leave_after_following``). A worker reports an error through its pipe before it
 exits; rank 0 checks its workers before every message and names the rank and its error. A
 worker whose rank 0 dies exits too: its control group sees the connection close, and a spawned
 worker also watches its parent process (rank 0 may die while the worker waits elsewhere).
@@ -252,9 +253,30 @@ class RankGroup:
         """Run rank 0's steps on ``core`` until it stops; then leave the groups."""
         assert isinstance(self.control, FollowerControl)
         self.control.serve(core, lambda: core.last_fingerprint)
+        self._drain()
         self.close()
 
     # ------------------------------------------------------------------ stop
+
+    def _drain(self) -> None:
+        """Every rank, after the stop message: let the groups' gloo threads finish with every
+        work. Such a thread drops a finished collective's work after the caller has moved on;
+        when that drop frees a tensor Python made, it takes the GIL, and if the interpreter has
+        begun to finalize by then, Python ends the thread inside a C++ destructor and the
+        process aborts ("terminate called without an active exception", seen under torchrun
+        after correct output). A barrier on each gloo group: its enqueue waits for the group's
+        lock, under which earlier works are dropped (with the GIL released, so they can be).
+        The barrier holds the works still in flight when it started (the stop message's), so
+        then wait until the control channel's buffer is released: the barrier's work is gone."""
+        groups = [self.control_group]
+        if self.device.type != "cuda":
+            groups.append(self.device_group)
+        opts = dist.BarrierOptions()
+        opts.device = torch.device("cpu")  # the gloo backend, whatever device dist.barrier would pick
+        for group in groups:
+            if group is not None:
+                group.barrier(opts).wait()
+        self.control.channel.wait_released(JOIN_TIMEOUT_S)
 
     def close(self, force: bool = False) -> None:
         """Stop the other ranks (rank 0) and leave the groups. Raises when a worker had failed;
@@ -274,6 +296,7 @@ class RankGroup:
             elif not force:
                 try:
                     control.stop(StepShared(None, self.last_fingerprint()))
+                    self._drain()
                 except Exception as exc:  # noqa: BLE001 - a worker is gone (LeaderControl names it)
                     failure, terminate = exc, True
             control.broken = control.broken or RuntimeError("it was closed (LLM.close)")
@@ -357,8 +380,14 @@ def _worker_main(rank: int, world_size: int, port: int, args: RankArgs, build_en
         conn.close()
         sys.exit(1)
     conn.close()
-    # Done and reported: leave without the interpreter's teardown (the groups' C++ destructors,
-    # daemon threads), which has nothing left to do but could still fail (one SIGABRT was seen).
+    leave_after_following()
+
+
+def leave_after_following() -> None:
+    """End a rank > 0 that has followed rank 0 to its stop: exit 0 without the interpreter's
+    teardown. It has nothing left to do, and the teardown can still abort the process (a C++
+    thread of a group reaching for the GIL mid-finalization, see ``RankGroup._drain``): the
+    launcher would then report a failed job after a good run."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

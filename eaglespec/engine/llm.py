@@ -11,7 +11,8 @@ import torch
 
 from eaglespec.config import EngineConfig, SamplingParams, SpecConfig
 from eaglespec.engine.core import EngineCore, RequestDelta
-from eaglespec.engine.distributed import RankArgs, RankGroup, check_tensor_parallel_size
+from eaglespec.engine.distributed import (RankArgs, RankGroup, check_tensor_parallel_size,
+                                          leave_after_following)
 from eaglespec.engine.request import Output, Request
 from eaglespec.engine.runner import ModelRunner, resolve_backend
 from eaglespec.engine.scheduler import Scheduler
@@ -171,7 +172,8 @@ class LLM:
         """tensor_parallel_size: ranks (GPUs, or CPU processes) the model runs on. Above 1 this
         process is rank 0 and starts the others (one per GPU, cuda:r for rank r), or, under
         torchrun, joins the job: there a process of rank > 0 follows rank 0 until it closes,
-        then exits (SystemExit). ``close()`` (or the interpreter's exit) stops the ranks."""
+        then exits with status 0 (the script's later lines never run there). ``close()`` (or
+        the interpreter's exit) stops the ranks."""
         from eaglespec.models.loading import default_model_path
 
         self._ranks: RankGroup | None = None
@@ -195,7 +197,7 @@ class LLM:
         self._load_rank(args, progress and self._ranks.rank == 0)
         if self._ranks.rank != 0:  # under torchrun: serve rank 0 until it closes, then leave
             self._ranks.follow(self.core)
-            raise SystemExit(0)
+            leave_after_following()
 
     @classmethod
     def _for_rank(cls, args: RankArgs, ranks: RankGroup) -> "LLM":

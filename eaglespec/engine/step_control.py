@@ -23,6 +23,7 @@ on a mismatched collective later.
 from __future__ import annotations
 
 import pickle
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -121,6 +122,14 @@ class ObjectChannel:
         dist.broadcast(self._buffer, 0, group=self.group)
         if len(data) > head:
             dist.broadcast(torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8), 0, group=self.group)
+
+    def wait_released(self, timeout_s: float) -> None:
+        """Until no collective's work holds the buffer any more (its use count is back to Python's
+        own reference): a gloo thread lets go of a finished work after the caller has moved on
+        (``RankGroup._drain`` says why that matters)."""
+        deadline = time.monotonic() + timeout_s
+        while self._buffer._use_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def receive(self):
         import torch.distributed as dist
