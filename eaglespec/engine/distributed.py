@@ -296,9 +296,17 @@ class RankGroup:
             elif not force:
                 try:
                     control.stop(StepShared(None, self.last_fingerprint()))
-                    self._drain()
                 except Exception as exc:  # noqa: BLE001 - a worker is gone (LeaderControl names it)
                     failure, terminate = exc, True
+                else:
+                    try:
+                        self._drain()
+                    except Exception as exc:  # noqa: BLE001 - a worker left instead (its own error names why)
+                        try:
+                            self.check_workers(grace_s=5.0, what="failed")
+                        except RuntimeError as why:
+                            exc = why
+                        failure, terminate = exc, True
             control.broken = control.broken or RuntimeError("it was closed (LLM.close)")
         for w in self.workers:
             w.process.join(0 if terminate else JOIN_TIMEOUT_S)

@@ -148,6 +148,17 @@ def test_close_finds_every_rank_in_step_and_stops_them(tp2_plain, reference):
         tp2_plain.generate(prompts()[:1], GREEDY)
 
 
+def test_a_rank_out_of_step_at_close_is_named_with_its_error(checkpoint):
+    """The final step check fails on the worker (rank 0's fingerprint is made wrong): close names
+    the rank and its error, not the closed connection that rank 0's drain then meets."""
+    llm = LLM(checkpoint[0], draft="none", device="cpu", engine=engine_config(), tensor_parallel_size=2)
+    llm.generate(prompts()[:1], GREEDY)
+    llm._ranks.last_fingerprint = lambda: 12345
+    with pytest.raises(RuntimeError, match="tensor-parallel rank 1 failed: RanksDiverged"):
+        llm.close()
+    assert not any(w.process.is_alive() for w in llm._ranks.workers)
+
+
 def assert_two_ranks_speculate_like_one_process(model_dir: str, head_dir: str, spec: SpecConfig, reference) -> None:
     """Greedy output of a 2-rank speculative engine equals the single-process plain output,
     with drafts accepted, and the ranks close cleanly."""
