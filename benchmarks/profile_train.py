@@ -27,7 +27,7 @@ def timed_parts(trainer: Trainer, steps: int) -> dict:
     """Per part of a micro-batch (eagle1 only; target forward, head loss, backward, optimizer),
     mean ms over ``steps`` micro-batches: ``device`` from CUDA events, ``host`` the host's time
     in the part without synchronizing (a part that blocks on the device counts its wait there),
-    and ``wall`` per micro-batch. Since 2026-12-05 (second run) the target's logits of the scored
+    and ``wall`` per micro-batch. Since 2026-12-05 (third session) the target's logits of the scored
     rows are made inside the head loss, not in the target forward."""
     cfg = trainer.cfg
     batches = trainer._batches_of_epoch(0)

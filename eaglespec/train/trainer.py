@@ -101,17 +101,17 @@ def _scored_logits(head: EagleHead, out: DraftOutput, rows: torch.Tensor) -> tor
 
 
 def _soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor,
-                        weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CE of [n, V] draft logits against the target's [n, V] distribution, and how many
-    rows' draft top-1 is the target's top-1. weight [n] in {0, 1}: rows of weight 0 count
-    nowhere (a weight rather than a filter: choosing rows by a device value would sync)."""
+    rows' draft top-1 is the target's top-1. keep [n] bool: the rows that count (a mask rather
+    than a filter: choosing rows by a device value would sync)."""
     logp = F.log_softmax(draft_logits.float(), dim=-1)
     target_logits = target_logits.float()
     per_row = -(F.softmax(target_logits, dim=-1) * logp).sum(-1)
     right = logp.argmax(-1) == target_logits.argmax(-1)
-    if weight is None:
+    if keep is None:
         return per_row.sum() / max(logp.shape[0], 1), right.sum()
-    return (weight * per_row).sum() / weight.sum().clamp(min=1), (right & (weight > 0)).sum()
+    return torch.where(keep, per_row, 0.0).sum() / keep.sum().clamp(min=1), (right & keep).sum()
 
 
 def eagle3_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, taps: torch.Tensor,
@@ -143,13 +143,13 @@ def eagle3_loss(head: EagleHead, tokens: torch.Tensor, loss_mask: torch.Tensor, 
     for i in range(steps):
         out = head(feats, shift_left(tokens, i + 1).reshape(-1), positions + i, step, None)
         rows = _rows(shift_left(loss_mask, i + 2), dev)
-        weight = shift_left(in_vocab.view(b, t), i + 1).reshape(-1).index_select(0, rows).float()
+        keep = shift_left(in_vocab.view(b, t), i + 1).reshape(-1).index_select(0, rows)
         target = logits.index_select(0, compact.index_select(0, rows + i + 1)).index_select(1, to_target)
-        ce, right = _soft_cross_entropy(_scored_logits(head, out, rows), target, weight)
+        ce, right = _soft_cross_entropy(_scored_logits(head, out, rows), target, keep)
         total = total + decay ** i * ce
         step_losses.append(ce.detach())
         correct.append(right)
-        counts.append((weight > 0).sum())
+        counts.append(keep.sum())
         feats = out.hidden
     return LossResult(total, step_losses, correct, counts)
 

@@ -298,7 +298,7 @@ def test_ttt_step_attends_to_causal_step0_keys_and_own_row_of_later_steps():
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_losses_read_the_target_only_at_the_rows_they_score(target, kind):
     """The losses ask for the target's logits at rows that predict a reply token only (never a
-    prompt or padding row), and EAGLE-3's weighted rows give the loss, accuracy and counts of
+    prompt or padding row), and EAGLE-3's masked rows give the loss, accuracy and counts of
     the same objective over every row's logits, filtered by the draft vocabulary."""
     head = build_head(head_config_for(target, kind, draft_vocab_size=40), target, dtype=torch.float32)
     head.init_random(seed=4, std=0.1)
