@@ -306,7 +306,18 @@ class EagleHead(nn.Module):
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))
-            return self._dense_layers(h, cos, sin, attn, cache)
+            if use_triton and h.shape[0] <= self.folded_tokens:  # a drafting depth: folded products
+                for i, layer in enumerate(self.layers):
+                    h = layer.forward_few_tokens(h, cos, sin, i, attn, cache)
+            elif use_triton:
+                residual = None
+                for i, layer in enumerate(self.layers):
+                    h, residual = layer.forward_fused(h, residual, cos, sin, i, attn, cache)
+                h = h if residual is None else h + residual
+            else:
+                for i, layer in enumerate(self.layers):
+                    h = layer(h, cos, sin, i, attn, cache)
+            return DraftOutput(h, h)
         h = features.to(dtype)
         if h.shape[-1] != hidden_size:  # target taps: project 3H -> H first
             h = self.fc(h)
@@ -316,22 +327,6 @@ class EagleHead(nn.Module):
             h = self.midlayer(emb, h, cos, sin, 0, attn, cache)
         normed = add_rms_norm(self.norm, h, None)[0] if use_triton else self.norm(h)
         return DraftOutput(h, normed)
-
-    def _dense_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionStep,
-                      cache: KVCache) -> DraftOutput:
-        """An EAGLE-1 head's decoder layers over their input h [T, H]."""
-        if self.kernels == "triton" and h.shape[0] <= self.folded_tokens:  # a drafting depth: folded products
-            for i, layer in enumerate(self.layers):
-                h = layer.forward_few_tokens(h, cos, sin, i, attn, cache)
-        elif self.kernels == "triton":
-            residual = None
-            for i, layer in enumerate(self.layers):
-                h, residual = layer.forward_fused(h, residual, cos, sin, i, attn, cache)
-            h = h if residual is None else h + residual
-        else:
-            for i, layer in enumerate(self.layers):
-                h = layer(h, cos, sin, i, attn, cache)
-        return DraftOutput(h, h)
 
     # ------------------------------------------------------------------ weights
 
