@@ -140,6 +140,27 @@ prepare_into() {  # $1 = folder under $STAGE, then --data.* overrides. Resumable
   cp $STAGE/$dir/manifest.json $OUT/$dir-manifest.json 2>/dev/null
 }
 phase_train_prepare() { prepare_into distill; }
+# Data preparation's throughput, A/B: the tree in .prev (carry it: git archive REV eaglespec | tar -x -C .prev)
+# against this one, on ShareGPT's first PROBE_CONVS conversations, every turn and one sampled pass;
+# then this tree at PROBE_BATCH rows. Wall seconds per run (the model load included) in $OUT/prepare-ab.
+phase_prepare_ab() {
+  [ -d .prev/eaglespec ] || { echo "prepare-ab: carry .prev"; return 5; }
+  [ -f $STAGE/sharegpt-0-16000.jsonl ] || gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
+  mkdir -p $OUT/prepare-ab
+  local run code rows
+  for run in prev now now-wide; do
+    code=$PWD; rows=256
+    [ $run = prev ] && code=$PWD/.prev
+    [ $run = now-wide ] && rows=${PROBE_BATCH:-512}
+    SECONDS=0
+    (cd "$code" && PYTHONPATH=$SITE:$code timeout 300 python3 -m eaglespec.cli train prepare \
+      --config $PWD/configs/smollm2-eagle1.toml --data.source $STAGE/sharegpt-0-16000.jsonl \
+      --data.stop ${PROBE_CONVS:-1000} --data.turns 8 --data.samples 1 --data.max_batch_size $rows \
+      --data.dir $STAGE/probe-$run) 2>&1 | grep -v "conv/s\]" | tail -2
+    echo "$run rows=$rows wall_s=$SECONDS" | tee -a $OUT/prepare-ab/wall.txt
+    cp $STAGE/probe-$run/manifest.json $OUT/prepare-ab/$run-manifest.json
+  done
+}
 # Prepared data outlives the machine: data-out packs $STAGE/distill into $FINAL_OUT/distill.tgz
 # (a file comes back at most 16 MiB); data-in unpacks DATA_TGZ (default: the committed greedy
 # first-turn data of ShareGPT 0-15,999, train-prepare's output, 3.3 MB) into $STAGE, in place of
@@ -201,7 +222,7 @@ for p in "$@"; do
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
     bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
-    train-prepare) phase_train_prepare ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
+    train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;

@@ -321,6 +321,14 @@ class LLM:
         """Run one engine step (see ``EngineCore.step``)."""
         return self.core.step()
 
+    def collect(self, request_id: int) -> Output:
+        """The output of a finished request (after ``step`` reported it finished); the front end
+        forgets the request."""
+        req = self._requests.get(request_id)
+        if req is None or not req.finished:
+            raise ValueError(f"request {request_id} is {'unknown' if req is None else 'still running'}")
+        return self._requests.pop(request_id).to_output()
+
     @property
     def has_work(self) -> bool:
         return self.core.has_work
@@ -346,7 +354,7 @@ class LLM:
                 raise TypeError(f"params[{i}] must be a SamplingParams or None, got {type(sp).__name__}")
         ids = [self.add_request(p, sp, f"prompts[{i}]") for i, (p, sp) in enumerate(zip(encoded, plist))]
         self._drain()
-        return [self._requests.pop(i).to_output() for i in ids]
+        return [self.collect(i) for i in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> TextStream:
         """Text pieces of one prompt as they are produced (``TextStream.output`` at the end)."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -262,94 +264,135 @@ class _Dialogue:
     mask: list[int]
     replies: list[str]  # regenerated reply texts (the history of later turns)
     done: list[tuple[list[int], list[int]]]  # sequences closed off (a history that did not re-tokenize as a prefix)
-    is_open: bool = True  # False once the history outgrew the prompt budget
 
 
-def _generate(llm, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-              chunk: int, on_chunk=None) -> list[list[int]]:
-    from eaglespec.config import SamplingParams
+class _ReplyQueue:
+    """Feeds dialogue turns to the engine and hands back finished replies.
 
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), chunk):
-        params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=s)
-                  for s in seeds[i:i + chunk]]
-        outs = llm.generate(prompts[i:i + chunk], params)
-        for o in outs:
-            if o.error:
-                raise ValueError(f"prepare: generation failed: {o.error}")
-        out += [o.token_ids for o in outs]
-        if on_chunk is not None:
-            on_chunk(len(outs))
-    return out
+    A turn's reply queues the dialogue's next turn at once (ahead of conversations not yet
+    started), so turns and passes share one continuously batched stream instead of one
+    ``generate`` call per turn, each ending in a tail of a few long replies. Work is handed over
+    in waves of at least ``max_batch_size / 8`` requests: under plain decoding each admission is
+    a mixed prefill step, which runs eagerly, while decode steps replay CUDA graphs.
+    """
+
+    def __init__(self, llm, max_new_tokens: int):
+        self._llm = llm
+        self._max_new_tokens = max_new_tokens
+        self._capacity = llm.engine_config.max_batch_size
+        self._wave = max(1, self._capacity // 8)
+        self._new: deque = deque()  # (key, ids, temperature, seed), first turns, served in order
+        self._next_turns: deque = deque()  # the same, later turns, served first
+        self._in_flight: dict[int, object] = {}  # request id -> key
+        self.generated_tokens = 0
+
+    def put(self, key, ids: list[int], temperature: float, seed: int, first_turn: bool) -> None:
+        (self._new if first_turn else self._next_turns).append((key, ids, temperature, seed))
+
+    def __bool__(self) -> bool:
+        return bool(self._new or self._next_turns or self._in_flight)
+
+    def finished(self) -> list[tuple[object, list[int]]]:
+        """Run engine steps until at least one reply is finished; returns (key, reply ids) pairs."""
+        from eaglespec.config import SamplingParams
+
+        free = self._capacity - len(self._in_flight)
+        if free >= self._wave or not self._in_flight:
+            for _ in range(free):
+                source = self._next_turns or self._new
+                if not source:
+                    break
+                key, ids, temperature, seed = source.popleft()
+                params = SamplingParams(temperature=temperature, max_tokens=self._max_new_tokens, seed=seed)
+                self._in_flight[self._llm.add_request(ids, params)] = key
+        done = []
+        while not done:
+            for delta in self._llm.step():
+                if delta.finished:
+                    out = self._llm.collect(delta.request_id)
+                    if out.error:
+                        raise ValueError(f"prepare: generation failed: {out.error}")
+                    self.generated_tokens += len(out.token_ids)
+                    done.append((self._in_flight.pop(delta.request_id), out.token_ids))
+        return done
 
 
-def _distill_shard(llm, conversations: Sequence[Conversation], first_index: int, settings: PrepareSettings,
-                   on_first_turns=None) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """Regenerate the replies of a shard's conversations; returns (sequences, skipped).
-    ``on_first_turns(n)`` is told as first-turn replies are done (progress)."""
+@dataclass(slots=True)
+class _DistilledShard:
+    sequences: list[tuple[list[int], list[int]]]  # (token ids, loss mask), pass by pass, conversations in order
+    sampled: int  # sequences from the sampled passes
+    skipped: int  # conversations whose first prompt is over the budget (in each pass)
+    generated_tokens: int
+
+
+def _distill_shard(llm, conversations: Sequence[Conversation], first_index: int, passes: list[PrepareSettings],
+                   on_first_turn=None) -> _DistilledShard:
+    """Regenerate the replies of a shard's conversations, every pass at once.
+    ``on_first_turn()`` is called as each first-turn reply is done (progress)."""
     tok = llm.tokenizer
-    dialogues: list[_Dialogue | None] = []
+    settings = passes[0]
+    starts: list[tuple[list[str] | None, list[int]] | None] = []
     skipped = 0
     for conv in conversations:
         raw = isinstance(conv, (list, tuple)) and conv and not isinstance(conv[0], str)
         if isinstance(conv, str):
             conv = [conv]
         if not conv:
-            dialogues.append(None)
+            starts.append(None)
             skipped += 1
             continue
         if raw:
-            prompt = [int(t) for t in conv]
-            turns = None
+            turns, prompt = None, [int(t) for t in conv]
         else:
             if tok is None:
                 raise ValueError("prepare: text conversations need an LLM with a tokenizer (or give token ids)")
             turns = list(conv)
             prompt = _render(tok, turns, [])
         if len(prompt) > settings.max_prompt_tokens:
-            dialogues.append(None)
+            starts.append(None)
             skipped += 1
             continue
-        dialogues.append(_Dialogue(turns, prompt, [0] * len(prompt), [], []))
-    max_turns = settings.turns
-    chunk = max(4 * llm.engine_config.max_batch_size, 64)
-    for turn in range(max_turns):
-        candidates = [i for i, d in enumerate(dialogues) if d is not None and d.is_open and
-                      (turn == 0 or (d.turns is not None and turn < len(d.turns)))]
-        active, prompts = [], []
-        for i in candidates:
-            d = dialogues[i]
-            if turn == 0:
-                active.append(i)
-                prompts.append(d.ids)
+        starts.append((turns, prompt))
+    dialogues = {(j, i): _Dialogue(start[0], start[1], [0] * len(start[1]), [], [])
+                 for j in range(len(passes)) for i, start in enumerate(starts) if start is not None}
+    queue = _ReplyQueue(llm, settings.max_new_tokens)
+
+    def ask(j: int, i: int, turn: int) -> None:
+        seed = passes[j].seed * 1_000_003 + (first_index + i) * 64 + turn
+        queue.put((j, i), dialogues[j, i].ids, passes[j].temperature, seed, turn == 0)
+
+    for (j, i) in dialogues:
+        ask(j, i, 0)
+    eos = set(llm.eos_ids)
+    while queue:
+        for (j, i), reply in queue.finished():
+            d = dialogues[j, i]
+            d.ids = d.ids + list(reply)
+            d.mask = d.mask + [1] * len(reply)
+            if on_first_turn is not None and (d.turns is None or not d.replies):
+                on_first_turn()
+            if d.turns is None:
+                continue
+            d.replies.append(tok.decode([t for t in reply if t not in eos]))
+            turn = len(d.replies)
+            if turn >= min(settings.turns, len(d.turns)):
                 continue
             ids = _render(tok, d.turns, d.replies)
             if len(ids) > settings.max_prompt_tokens:
-                d.is_open = False  # the history outgrew the prompt budget: the conversation ends here
-                continue
+                continue  # the history outgrew the prompt budget: the conversation ends here
             if ids[:len(d.ids)] != d.ids:  # the history re-tokenized differently: close the sequence
                 d.done.append((d.ids, d.mask))
                 d.ids, d.mask = ids, [0] * len(ids)
             else:
                 d.mask += [0] * (len(ids) - len(d.ids))
                 d.ids = ids
-            active.append(i)
-            prompts.append(ids)
-        seeds = [settings.seed * 1_000_003 + (first_index + i) * 64 + turn for i in active]
-        replies = _generate(llm, prompts, seeds, settings.max_new_tokens, settings.temperature, chunk,
-                            on_first_turns if turn == 0 else None)
-        eos = set(llm.eos_ids)
-        for i, reply in zip(active, replies):
-            d = dialogues[i]
-            d.ids = d.ids + list(reply)
-            d.mask = d.mask + [1] * len(reply)
-            if d.turns is not None:
-                d.replies.append(tok.decode([t for t in reply if t not in eos]))
-    sequences = []
-    for d in dialogues:
-        if d is not None:
-            sequences += d.done + [(d.ids, d.mask)]
-    return sequences, skipped
+            ask(j, i, turn)
+    sequences, sampled = [], 0
+    for (j, i) in sorted(dialogues):
+        d = dialogues[j, i]
+        sequences += d.done + [(d.ids, d.mask)]
+        sampled += (len(d.done) + 1) if j else 0
+    return _DistilledShard(sequences, sampled, skipped, queue.generated_tokens)
 
 
 def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_prompt_tokens: int = 1024,
@@ -408,20 +451,13 @@ def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_
             if bar is not None:
                 bar.update((hi - lo) * len(passes))
             continue
-        sequences, sampled = [], 0
-        for j, pass_settings in enumerate(passes):
-            shown = [0]
-
-            def advance(n: int) -> None:
-                shown[0] += n
-                if bar is not None:
-                    bar.update(n)
-
-            got, skipped = _distill_shard(llm, conversations[lo:hi], lo, pass_settings, advance)
-            sequences += got
-            sampled += len(got) if j else 0
-            if bar is not None:
-                bar.update(hi - lo - shown[0])  # the skipped ones
+        started = time.perf_counter()
+        shard = _distill_shard(llm, conversations[lo:hi], lo, passes,
+                               (lambda: bar.update(1)) if bar is not None else None)
+        seconds = time.perf_counter() - started
+        if bar is not None:  # the skipped conversations, in every pass
+            bar.update(shard.skipped * len(passes))
+        sequences = shard.sequences
         tensors = _pack(sequences)
         if feature_kind:
             tensors.update(_features(llm.model, sequences, feature_kind, feature_batch_tokens))
@@ -431,7 +467,8 @@ def prepare(llm, conversations: Sequence[Conversation | str], out_dir: str, max_
         manifest["shards"] = [s for s in manifest["shards"] if s["file"] != name] + [{
             "file": name, "conversations": [lo, hi], "sequences": len(sequences),
             "tokens": int(tensors["tokens"].numel()), "reply_tokens": int(tensors["loss_mask"].sum()),
-            "skipped": skipped, "sampled_sequences": sampled}]
+            "skipped": shard.skipped, "sampled_sequences": shard.sampled,
+            "generated_tokens": shard.generated_tokens, "generation_s": round(seconds, 2)}]
         manifest["shards"].sort(key=lambda s: s["file"])
         _write_json_atomic(manifest_path, manifest)
     if bar is not None:
@@ -542,7 +579,8 @@ def load_prepared_features(data_dir: str) -> list[dict[str, torch.Tensor]] | Non
 
 def prepared_summary(data_dir: str) -> dict:
     """Totals of a prepared directory (sequences, of them from sampled passes, tokens, reply tokens,
-    skipped conversations)."""
+    skipped conversations, tokens generated and the seconds it took)."""
     shards = _read_manifest(data_dir)["shards"]
     return {key: sum(s.get(key, 0) for s in shards)
-            for key in ("sequences", "sampled_sequences", "tokens", "reply_tokens", "skipped")}
+            for key in ("sequences", "sampled_sequences", "tokens", "reply_tokens", "skipped", "generated_tokens",
+                        "generation_s")}

@@ -255,6 +255,14 @@ def test_prepare_renders_chat_turns_with_regenerated_history(tmp_path):
     # The second turn's prompt carries the first reply as history.
     second = [t for t, m in data if "And then?" in tok.decode(t.tolist())][0]
     assert "Hi there" in tok.decode(second.tolist())
+    # Turns run in one continuous stream, yet each equals answering the conversation turn by turn.
+    first_reply = llm.generate([first_prompt], SamplingParams(max_tokens=5))[0].token_ids
+    history = tok.decode([t for t in first_reply if t != 2])
+    second_prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi there"},
+                                                        {"role": "assistant", "content": history},
+                                                        {"role": "user", "content": "And then?"}]))
+    second_reply = llm.generate([second_prompt], SamplingParams(max_tokens=5))[0].token_ids
+    assert second.tolist()[-len(second_prompt) - len(second_reply):] == second_prompt + second_reply
 
 
 # ---------------------------------------------------------------------------------------------
