@@ -131,12 +131,13 @@ phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 |
 # {"turns": [...]} per line: `import gzip, json; from eaglespec.train.data import load_conversations`,
 # then write json.dumps({"turns": c}) for c in load_conversations("sharegpt", 0, 16000) (6 MB).
 prepare_into() {  # $1 = folder under $STAGE, then --data.* overrides. Resumable by shard: a call
-  # cut short leaves whole shards; repeat the phase to finish.
+  # cut short leaves whole shards; repeat the phase to finish. PREPARE_ROWS: the engine's batch.
   local dir=$1
   shift
   [ -f $STAGE/sharegpt-0-16000.jsonl ] || gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
   timeout ${PREPARE_S:-540} python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml \
-    --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/$dir "$@" 2>&1 | tail -5
+    --data.source $STAGE/sharegpt-0-16000.jsonl --data.dir $STAGE/$dir --data.max_batch_size ${PREPARE_ROWS:-256} \
+    "$@" 2>&1 | grep -v "conv/s\]" | tail -5
   cp $STAGE/$dir/manifest.json $OUT/$dir-manifest.json 2>/dev/null
 }
 phase_train_prepare() { prepare_into distill; }
@@ -161,11 +162,11 @@ phase_prepare_ab() {
     cp $STAGE/probe-$run/manifest.json $OUT/prepare-ab/$run-manifest.json
   done
 }
-# Prepared data outlives the machine: data-out packs $STAGE/distill into $FINAL_OUT/distill.tgz
+# Prepared data outlives the machine: data-out packs $STAGE/$DATA_NAME (default distill) into a .tgz in $FINAL_OUT
 # (a file comes back at most 16 MiB); data-in unpacks DATA_TGZ (default: the committed greedy
 # first-turn data of ShareGPT 0-15,999, train-prepare's output, 3.3 MB) into $STAGE, in place of
 # train-prepare's four minutes.
-phase_data_out() { tar czf $FINAL_OUT/distill.tgz -C $STAGE distill && ls -la $FINAL_OUT; }
+phase_data_out() { local name=${DATA_NAME:-distill}; tar czf $FINAL_OUT/$name.tgz -C $STAGE $name && ls -la $FINAL_OUT; }
 phase_data_in() {
   mkdir -p $STAGE && tar xzf ${DATA_TGZ:-data/smollm2-distill-sharegpt-0-16000.tgz} -C $STAGE && ls $STAGE/distill | wc -l
 }
