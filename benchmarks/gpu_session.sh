@@ -175,7 +175,7 @@ phase_data_in() {
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
 phase_e2e_heads() {  # the shipped head against every head trained on this machine, side by side
   local heads="shipped=eaglespec/assets/smollm2-eagle" name
-  for name in eagle1 eagle3; do
+  for name in eagle1 eagle1-full eagle3; do
     [ -f $STAGE/$name/head/config.json ] && heads="$heads;$name=$STAGE/$name/head"
   done
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 --num 32 \
@@ -192,6 +192,11 @@ phase_train() {  # $1 = run name, $2 = config, then --section.key value override
     --eval.source .carry/mtbench-question.jsonl "${eval_trees[@]}" 2>&1 | tail -12
   mkdir -p $OUT/$name && cp -r $STAGE/$name/head $OUT/$name/ && cp $STAGE/$name/*.json* $STAGE/$name/*.png $OUT/$name/ 2>/dev/null
   ls -la $OUT/$name
+}
+# Issue 10: the shipped head grown on train-prepare-full's data (every turn, one sampled pass).
+phase_train_full() {
+  DATA=$STAGE/distill-full phase_train eagle1-full configs/smollm2-eagle1.toml --train.init_from eaglespec/assets/smollm2-eagle \
+    --train.epochs ${FULL_EPOCHS:-3} --train.lr ${FULL_LR:-3e-4} --train.warmup_steps 50 --train.time_budget_s ${FULL_BUDGET_S:-360}
 }
 # Where a training step's time goes (after train-prepare): parts of a step, then its kernels.
 phase_profile_train() {
@@ -224,7 +229,7 @@ for p in "$@"; do
             && ls -la $FINAL_OUT ;;
     bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
-    train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;;
+    train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
     e2e-heads) phase_e2e_heads ;;

@@ -581,6 +581,6 @@ def prepared_summary(data_dir: str) -> dict:
     """Totals of a prepared directory (sequences, of them from sampled passes, tokens, reply tokens,
     skipped conversations, tokens generated and the seconds it took)."""
     shards = _read_manifest(data_dir)["shards"]
-    return {key: sum(s.get(key, 0) for s in shards)
-            for key in ("sequences", "sampled_sequences", "tokens", "reply_tokens", "skipped", "generated_tokens",
-                        "generation_s")}
+    totals = {key: sum(s.get(key, 0) for s in shards)
+              for key in ("sequences", "sampled_sequences", "tokens", "reply_tokens", "skipped", "generated_tokens")}
+    return {**totals, "generation_s": round(sum(s.get("generation_s", 0) for s in shards), 2)}
