@@ -231,6 +231,8 @@ for p in "$@"; do
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
+    # A trained head's files, weights included, as files of their own (HEAD_NAME, default eagle1-full).
+    head-out) mkdir -p $FINAL_OUT/head && cp $STAGE/${HEAD_NAME:-eagle1-full}/head/* $FINAL_OUT/head/ && ls -la $FINAL_OUT/head ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
     e2e-heads) phase_e2e_heads ;;
     *) echo "unknown phase $p"; exit 2 ;;
