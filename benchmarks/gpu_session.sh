@@ -143,13 +143,14 @@ prepare_into() {  # $1 = folder under $STAGE, then --data.* overrides. Resumable
 phase_train_prepare() { prepare_into distill; }
 # Data preparation's throughput, A/B: the tree in .prev (carry it: git archive REV eaglespec | tar -x -C .prev)
 # against this one, on ShareGPT's first PROBE_CONVS conversations, every turn and one sampled pass;
-# then this tree at PROBE_BATCH rows. Wall seconds per run (the model load included) in $OUT/prepare-ab.
+# PROBE_RUNS adds now-wide: this tree at PROBE_BATCH rows. Wall seconds per run (model load included)
+# in $OUT/prepare-ab.
 phase_prepare_ab() {
   [ -d .prev/eaglespec ] || { echo "prepare-ab: carry .prev"; return 5; }
   [ -f $STAGE/sharegpt-0-16000.jsonl ] || gunzip -c .carry/sharegpt-0-16000.jsonl.gz > $STAGE/sharegpt-0-16000.jsonl
   mkdir -p $OUT/prepare-ab
   local run code rows
-  for run in prev now now-wide; do
+  for run in ${PROBE_RUNS:-prev now}; do
     code=$PWD; rows=256
     [ $run = prev ] && code=$PWD/.prev
     [ $run = now-wide ] && rows=${PROBE_BATCH:-512}
