@@ -184,7 +184,7 @@ phase_e2e_heads() {  # the shipped head against every head trained on this machi
   for name in eagle1 eagle1-full eagle3; do
     [ -f $STAGE/$name/head/config.json ] && heads="$heads;$name=$STAGE/$name/head"
   done
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 --num 32 \
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 --num ${E2E_NUM:-80} \
     --heads "$heads" --trees "${E2E_TREES:-auto;chain:3;chain:4}" --out $OUT/heads 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
 phase_train() {  # $1 = run name, $2 = config, then --section.key value overrides

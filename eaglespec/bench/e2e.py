@@ -60,8 +60,11 @@ def parse_heads(text: str) -> dict[str, str]:
 def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[SamplingParams]) -> dict:
     """Generate every prompt, ``batch`` at a time; wall time includes everything the engine does.
 
-    Checks that each group of ``batch`` prompts really ran as one batch (all of them running
-    at once at some step), so a row labelled batch 64 measured 64 sequences."""
+    Checks that there are at least ``batch`` prompts and that each group of ``batch`` prompts
+    really ran as one batch (all of them running at once at some step), so a row labelled batch
+    64 measured 64 sequences (and then the remainder as a last, smaller group)."""
+    if len(prompts) < batch:  # the whole run would be one smaller batch, labelled as this one
+        raise ValueError(f"e2e: batch {batch} needs at least {batch} prompts, got {len(prompts)} (--num)")
     outs = []
     sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
     sync()

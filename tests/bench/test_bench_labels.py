@@ -49,6 +49,9 @@ def test_e2e_batches_run_at_the_labelled_size(draft):
     small = LLM.from_model(llm.model, draft=None, engine=small_engine(max_batch_size=2))
     with pytest.raises(RuntimeError, match="ran at most 2 at once"):
         run_batch(small, prompts, 4, params)
+    # Fewer prompts than the batch: the whole run would be one smaller batch.
+    with pytest.raises(ValueError, match="batch 8 needs at least 8 prompts, got 5"):
+        run_batch(llm, prompts, 8, params)
 
 
 def test_e2e_heads_option_names_each_head_or_says_what_is_wrong():
