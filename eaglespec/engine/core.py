@@ -44,7 +44,7 @@ class RequestDelta:
     finish_reason: str | None  # None while running; "stop", "length", "abort" or "error"
     num_prompt_tokens: int
     num_output_tokens: int  # all output tokens so far
-    stats: dict  # Request.stats(): tau, accept_rate_per_depth, target_forwards, ...
+    stats: dict  # when finished, Request.stats(): tau, accept_rate_per_depth, ...; {} while running (host time)
     error: str | None = None
     accepted_per_depth: list[int] = field(default_factory=list)  # counts so far (rates are in stats)
     proposed_per_depth: list[int] = field(default_factory=list)
@@ -237,7 +237,8 @@ class EngineCore:
         if req.finished:
             self.requests.pop(req.request_id, None)
         return RequestDelta(req.request_id, tokens, text, req.finish_reason, len(req.prompt_ids),
-                            len(req.output_ids), req.stats(), req.error, list(req.accepted_per_depth),
+                            len(req.output_ids), req.stats() if req.finished else {}, req.error,
+                            list(req.accepted_per_depth),
                             list(req.proposed_per_depth))
 
     def _run_step(self) -> list[Request]:
@@ -372,7 +373,7 @@ class EngineCore:
         allocator, new_blocks = self.runner.allocator, 0
         for r in reqs:
             if (r.finished or len(r.output_ids) + emit >= r.params.max_tokens
-                    or len(r.all_ids) + emit >= self.config.max_model_len):
+                    or r.num_tokens + emit >= self.config.max_model_len):
                 return False
             new_blocks += max(0, allocator.blocks_needed(r.num_cached + unread + sched.lookahead) - len(r.blocks))
         if new_blocks > allocator.num_free:
@@ -387,8 +388,8 @@ class EngineCore:
         limit = self.config.max_model_len
         for req, toks, prefill in zip(reqs, emitted, prefilling):
             # A step near the limit may have computed tokens past it (see scheduler.py): dropped.
-            req.record_step(toks[:max(limit - len(req.all_ids), 0)], self.eos_ids, prefill)
-            if not req.finished and len(req.all_ids) >= limit:
+            req.record_step(toks[:max(limit - req.num_tokens, 0)], self.eos_ids, prefill)
+            if not req.finished and req.num_tokens >= limit:
                 req.finish("length")
         for req in list(self.scheduler.running):
             if req.finished:
@@ -396,7 +397,7 @@ class EngineCore:
 
     def _prefill(self, scheduled: ScheduledStep) -> list[list[int]]:
         reqs, ends = scheduled.requests, scheduled.prefill_ends
-        complete = [end == len(r.all_ids) for r, end in zip(reqs, ends)]
+        complete = [end == r.num_tokens for r, end in zip(reqs, ends)]
         spec = self.speculative
         want = {} if spec is None else {"want_hidden": spec.feature == "hidden", "want_taps": spec.feature == "taps"}
         tokens, out, new_counts = self.runner.prefill(reqs, ends, **want)

@@ -63,6 +63,16 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        """len(all_ids), without building it (the scheduler asks every row, every step)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, i: int) -> int:
+        """all_ids[i], without building it."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

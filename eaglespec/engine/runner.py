@@ -243,7 +243,7 @@ class ModelRunner:
         for i, r in enumerate(reqs):
             p = r.num_cached
             blocks = r.blocks
-            token = r.all_ids[p] if not tokens_in_flight else 0
+            token = r.token_at(p) if not tokens_in_flight else 0
             i64[:n64, i] = (token, p, blocks[p // bs] * bs + p % bs, r.seed_int64, len(r.output_ids) + tokens_in_flight)
             i32[:n32, i] = (p + 1, r.params.top_k)
             f32[:nf, i] = (r.params.temperature, r.params.top_p)

@@ -40,7 +40,7 @@ class ScheduledStep:
 
 def is_ready(req: Request) -> bool:
     """Whether a running request is fully prefilled (its next step is a decode step)."""
-    return req.num_cached >= len(req.all_ids) - 1 and req.num_cached > 0
+    return req.num_cached >= req.num_tokens - 1 and req.num_cached > 0
 
 
 class Scheduler:
@@ -110,9 +110,11 @@ class Scheduler:
                 return ScheduledStep("decode", [])
             return None
         # Make room for this step's writes, preempting the newest requests if the pool is full.
+        # A preempted request is no longer ready (nothing cached): a cheap test where `in
+        # self.running` would scan the batch for every row.
         batch: list[Request] = []
-        for req in [r for r in self.running if is_ready(r)]:
-            if req not in self.running:
+        for req in ready:
+            if not is_ready(req):
                 continue  # preempted for an older request this step
             need = req.num_cached + self.lookahead
             while not self._fits(req, need):
@@ -120,7 +122,7 @@ class Scheduler:
                 self._preempt(victim)
                 if victim is req:
                     break
-            if req in self.running:
+            if is_ready(req):
                 self._grow(req, need)
                 batch.append(req)
         return ScheduledStep("decode", batch)
@@ -132,11 +134,12 @@ class Scheduler:
             return step
         # Mixed: the ready requests that have room take their next token in the same forward.
         decodes, ends = [], []
+        prefilling = {id(r) for r in step.requests}
         for req in self.running:
-            if is_ready(req) and req not in step.requests and self._fits(req, req.num_cached + self.lookahead):
+            if is_ready(req) and id(req) not in prefilling and self._fits(req, req.num_cached + self.lookahead):
                 self._grow(req, req.num_cached + self.lookahead)
                 decodes.append(req)
-                ends.append(len(req.all_ids))
+                ends.append(req.num_tokens)
         return ScheduledStep("prefill", decodes + step.requests, ends + step.prefill_ends)
 
     def _prefill_work(self) -> ScheduledStep | None:
@@ -147,13 +150,13 @@ class Scheduler:
             if budget <= 0:
                 break
             if not is_ready(req):
-                end = min(len(req.all_ids), req.num_cached + budget)
+                end = min(req.num_tokens, req.num_cached + budget)
                 reqs.append(req)
                 ends.append(end)
                 budget -= end - req.num_cached
         while budget > 0 and self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
-            total = len(req.all_ids)
+            total = req.num_tokens
             if req.failures and reqs:
                 break  # a request that was in a failing step runs alone
             # Blocks for the whole sequence plus a step's writes are taken at admission, so a
