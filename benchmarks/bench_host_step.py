@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=200)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--no-text", action="store_true", help="SamplingParams(detokenize=False): token ids only")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     rng = random.Random(0)
     for _ in range(args.batch):
         prompt = [rng.randrange(FIRST_ID, 49000) for _ in range(args.prompt_len)]
-        llm.add_request(prompt, SamplingParams(max_tokens=args.steps + 64, ignore_eos=True))
+        llm.add_request(prompt, SamplingParams(max_tokens=args.steps + 64, ignore_eos=True, detokenize=not args.no_text))
     while llm.scheduler.waiting or any(r.num_cached < len(r.prompt_ids) for r in llm.scheduler.running):
         llm.step()  # prefill (the tiny model), not timed
     assert len(llm.scheduler.running) == args.batch, "every row must be running before the timed steps"
@@ -76,12 +77,14 @@ def main(argv=None) -> None:
         assert len(llm.scheduler.running) == args.batch
     times.sort()
     record = {"benchmark": "host-step", "batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
+              "detokenize": not args.no_text,
               "ms_per_step_median": 1e3 * times[len(times) // 2], "us_per_row_median": 1e6 * times[len(times) // 2] / args.batch,
               "python": sys.version.split()[0], "torch": torch.__version__}
     print(json.dumps(record))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"host-step-b{args.batch}.json"), "w") as f:
+        name = f"host-step-b{args.batch}" + ("-no-text" if args.no_text else "")
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(record, f, indent=1)
 
 

@@ -162,6 +162,7 @@ class SamplingParams:
     seed: int | None = None  # same seed, same output; None draws one
     stop: tuple[str, ...] = ()  # stop strings (not included in the output text)
     ignore_eos: bool = False
+    detokenize: bool = True  # False: token ids only (no text, no stop strings), less host work per token
 
     def __post_init__(self) -> None:
         self.temperature = _real("SamplingParams.temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
@@ -198,6 +199,10 @@ class SamplingParams:
         self.stop = tuple(self.stop)
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"SamplingParams.ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if not isinstance(self.detokenize, bool):
+            raise TypeError(f"SamplingParams.detokenize must be True or False, got {self.detokenize!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError("SamplingParams.stop needs the text: stop strings cannot be used with detokenize=False")
 
 
 def _integer(field: str, value, expected: str) -> int:

@@ -150,7 +150,8 @@ class EngineCore:
         from eaglespec.tokenizer import IncrementalDetokenizer
 
         req = Request(next(self._ids), ids, params, seed,
-                      IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None)
+                      IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None and params.detokenize
+                      else None)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
         if req.finished:

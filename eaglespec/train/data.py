@@ -302,7 +302,8 @@ class _ReplyQueue:
                 if not source:
                     break
                 key, ids, temperature, seed = source.popleft()
-                params = SamplingParams(temperature=temperature, max_tokens=self._max_new_tokens, seed=seed)
+                params = SamplingParams(temperature=temperature, max_tokens=self._max_new_tokens, seed=seed,
+                                        detokenize=False)  # the ids are what is kept
                 self._in_flight[self._llm.add_request(ids, params)] = key
         done = []
         while not done:

@@ -49,6 +49,8 @@ def llm():
     (dict(stop=[""]), ValueError, r"SamplingParams\.stop must hold non-empty strings"),
     (dict(stop=5), TypeError, r"SamplingParams\.stop must be a string or a list of strings, got int"),
     (dict(ignore_eos="yes"), TypeError, r"SamplingParams\.ignore_eos must be True or False"),
+    (dict(detokenize=0), TypeError, r"SamplingParams\.detokenize must be True or False"),
+    (dict(stop="end", detokenize=False), ValueError, r"SamplingParams\.stop needs the text"),
 ])
 def test_sampling_params_name_the_field(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -102,6 +104,12 @@ def test_good_prompt_forms_work(llm):
     assert llm.generate(torch.tensor([5, 6, 7]), params)[0].token_ids == ref
     assert llm.generate([(5, 6, 7)], params)[0].token_ids == ref
     assert llm.generate([], params) == []
+
+
+def test_a_request_without_detokenizing_gives_the_same_ids_and_no_text(llm):
+    with_text = llm.generate(["hello the sky"], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    ids_only = llm.generate(["hello the sky"], SamplingParams(max_tokens=6, ignore_eos=True, detokenize=False))[0]
+    assert ids_only.token_ids == with_text.token_ids and with_text.text and ids_only.text == ""
 
 
 @pytest.mark.parametrize("messages, error, message", [
