@@ -189,12 +189,14 @@ phase_e2e_heads() {  # the shipped head against every head trained on this machi
 }
 phase_train() {  # $1 = run name, $2 = config, then --section.key value overrides
   # EVAL_TREES: the trees evaluated (default: the config's), e.g. "chain:3;dynamic:5,8,32" when time is short.
+  # TRAIN_ARGS: more overrides (e.g. "--train.time_budget_s 500"). A run cut by its time budget resumes
+  # when the phase runs again on the same machine; SKIP_EVAL=1 leaves the evaluation to the last call.
   local name=$1 config=$2 eval_trees=()
   shift 2
   [ -n "${EVAL_TREES:-}" ] && eval_trees=(--eval.tree "$EVAL_TREES")
   python3 -m eaglespec.cli train fit --config $config --data.dir ${DATA:-$(default_data)} --train.out_dir $STAGE/$name "$@" \
-    2>&1 | grep -v "it/s\]$" | tail -8
-  python3 -m eaglespec.cli train eval --config $config --train.out_dir $STAGE/$name \
+    ${TRAIN_ARGS:-} 2>&1 | grep -v "it/s\]$" | tail -8
+  [ "${SKIP_EVAL:-0}" = 1 ] || python3 -m eaglespec.cli train eval --config $config --train.out_dir $STAGE/$name \
     --eval.source .carry/mtbench-question.jsonl "${eval_trees[@]}" 2>&1 | tail -12
   mkdir -p $OUT/$name && cp -r $STAGE/$name/head $OUT/$name/ && cp $STAGE/$name/*.json* $STAGE/$name/*.png $OUT/$name/ 2>/dev/null
   ls -la $OUT/$name
