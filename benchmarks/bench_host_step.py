@@ -24,6 +24,7 @@ import torch
 
 from eaglespec.config import EngineConfig, LlamaConfig, SamplingParams
 from eaglespec.engine.llm import LLM
+from eaglespec.engine.runner import StepRows
 from eaglespec.models.llama import build_model
 from eaglespec.models.loading import default_model_path
 from eaglespec.tokenizer import Tokenizer
@@ -36,15 +37,13 @@ def build(batch: int, prompt_len: int, steps: int) -> LLM:
                       num_kv_heads=1, head_dim=16, rope_theta=10000.0, max_position_embeddings=4096)
     model = build_model(cfg, "cpu", torch.float32)
     model.init_random(seed=0, std=0.1)
-    blocks_per_seq = (prompt_len + steps + 80) // 16 + 2
-    engine = EngineConfig(max_batch_size=batch, max_model_len=prompt_len + steps + 80, block_size=16,
-                          num_blocks=batch * blocks_per_seq + 8, use_cuda_graphs=False, attention_backend="torch")
+    longest = prompt_len + steps + 80  # the prefill steps decode too (mixed steps): room past --steps
+    engine = EngineConfig(max_batch_size=batch, max_model_len=longest, block_size=16,
+                          num_blocks=batch * (longest // 16 + 2) + 8, use_cuda_graphs=False, attention_backend="torch")
     llm = LLM.from_model(model, tokenizer=Tokenizer.from_source(default_model_path()), engine=engine, eos_ids=(2,))
     vocab = cfg.vocab_size
 
     def instant(x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
-        from eaglespec.engine.runner import StepRows
-
         rows = StepRows(x["packed"], llm.runner.max_blocks_per_seq)
         return ((rows["input_ids"] - FIRST_ID + 1) % (vocab - FIRST_ID) + FIRST_ID,)
 

@@ -80,7 +80,7 @@ def time_decode(llm: LLM, batch: int, prompt_len: int, new_tokens: int, vocab: i
     sync()
     wall_ms = 1000 * (time.perf_counter() - t0)
     for i in ids:
-        llm._requests.pop(i)
+        llm.collect(i)
     steps = new_tokens - 1  # the prefill produced each request's first token
     return {"batch": batch, "steps_timed": steps, "ms_per_step": wall_ms / steps,
             "graph_replay_ms": graph_replay_ms(llm, batch)}

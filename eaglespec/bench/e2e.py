@@ -78,7 +78,7 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
             peak = max(peak, len(llm.scheduler.running))
         if peak != len(group):
             raise RuntimeError(f"e2e: a batch of {len(group)} prompts ran at most {peak} at once")
-        outs += [llm._requests.pop(j).to_output() for j in ids]
+        outs += [llm.collect(j) for j in ids]
     sync()
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)

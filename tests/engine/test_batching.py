@@ -100,7 +100,7 @@ def test_overlapped_decode_equals_step_by_step_decode(monkeypatch):
             llm.step()
         late = llm.add_request(prompts[3], params[3])  # admitted while the others decode
         llm._drain()
-        outs = [llm._requests.pop(i).to_output() for i in first + [late]]
+        outs = [llm.collect(i) for i in first + [late]]
         assert llm.runner.allocator.num_free == llm.runner.allocator.num_blocks - 1  # every block back
         return [(o.token_ids, o.finish_reason) for o in outs], follows[0]
 

@@ -130,7 +130,7 @@ def test_requests_arriving_and_aborted_mid_generation_keep_the_ranks_in_step(tp2
     tp2_plain.core.abort(gone_before_start)  # aborted while waiting
     while tp2_plain.has_work:
         tp2_plain.step()
-    outs = {rid: tp2_plain._requests.pop(rid).to_output() for rid in first + [late, gone_before_start]}
+    outs = {rid: tp2_plain.collect(rid) for rid in first + [late, gone_before_start]}
     ref = reference.generate(ps, GREEDY)
     assert outs[first[0]].finish_reason == "abort" and outs[gone_before_start].finish_reason == "abort"
     assert outs[first[1]].token_ids == ref[1].token_ids

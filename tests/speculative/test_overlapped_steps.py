@@ -43,7 +43,7 @@ def _run(target, head, tree, prompts, params, eos, overlap, monkeypatch, late=No
             llm.step()
         ids.append(llm.add_request(*late))  # admitted while the others decode
     llm._drain()
-    outs = [llm._requests.pop(i).to_output() for i in ids]
+    outs = [llm.collect(i) for i in ids]
     assert llm.runner.allocator.num_free == llm.runner.allocator.num_blocks - 1  # every block back
     assert not llm.speculative._slot_of  # every speculative state slot back
     monkeypatch.setattr(SpecFlight, "wait", wait)
