@@ -223,6 +223,9 @@ class EagleHead(nn.Module):
                              persistent=False)
         # [V] int32 target ids, most frequent first (CPU; only read to make a DraftVocab), or None.
         self.token_ranking: torch.Tensor | None = None
+        # tree -> fraction of greedy steps that accepted at least d drafts, d = 1, 2, ..., as the
+        # head's evaluation measured them (acceptance.json): tree="auto"'s starting beliefs.
+        self.acceptance: dict[str, list[float]] = {}
 
     @property
     def num_layers(self) -> int:
@@ -422,6 +425,7 @@ def load_head(path: str, target: LlamaForCausalLM, borrowed: BorrowedWeights | N
     head = build_head(cfg, target, borrowed=borrowed)
     head.load_state(items, source=source)
     head.set_token_ranking(load_token_ranking(path, cfg.layer.vocab_size))
+    head.acceptance = load_acceptance(path)
     return head
 
 
@@ -436,6 +440,41 @@ def save_head(head: EagleHead, path: str) -> None:
               os.path.join(path, "model.safetensors"))
     if head.token_ranking is not None:
         save_token_ranking(path, head.token_ranking)
+    if head.acceptance:
+        save_acceptance(path, head.acceptance)
+
+
+# ------------------------------------------------------------------ the measured acceptance file
+
+ACCEPTANCE_FILE = "acceptance.json"
+
+
+def save_acceptance(head_dir: str, per_tree: dict[str, list[float]], about: dict | None = None) -> str:
+    """Write ``head_dir``/acceptance.json: per tree, the fraction of greedy steps that accepted at
+    least d drafts (d = 1, 2, ...); ``about`` says where they were measured (prompts, tokens)."""
+    path = os.path.join(head_dir, ACCEPTANCE_FILE)
+    with open(path, "w") as f:
+        json.dump({"greedy_accept_rate_per_depth": per_tree, **(about or {})}, f, indent=1)
+    return path
+
+
+def load_acceptance(head_dir: str) -> dict[str, list[float]]:
+    """``head_dir``'s measured greedy acceptance per tree ({} when it has no acceptance.json)."""
+    from eaglespec.speculative.tree import parse_tree
+
+    path = os.path.join(head_dir, ACCEPTANCE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            per_tree = json.load(f)["greedy_accept_rate_per_depth"]
+        out = {str(tree): [float(r) for r in rates] for tree, rates in per_tree.items()}
+        for tree, rates in out.items():
+            if len(rates) > parse_tree(tree).depth or not all(0.0 <= r <= 1.0 for r in rates):
+                raise ValueError(f"{tree!r} needs at most one rate in [0, 1] per depth, got {rates}")
+    except (OSError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a head's measured acceptance ({type(exc).__name__}: {exc})") from exc
+    return out
 
 
 # ------------------------------------------------------------------ the token ranking file

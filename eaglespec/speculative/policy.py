@@ -21,6 +21,14 @@ chosen per step from measurements, not fixed:
   batch 1: auto 1.01x where dynamic:5,8,32 alone ran 1.25x; it believed 2.3-2.6 tokens per
   step for trees that yield 2.9-3.2).
 
+A tree's mean may start from a prior (``priors``: accepted drafts per greedy step as the head's
+own evaluation measured them, see ``drafts_priors``), worth ``prior_steps`` steps. Without one,
+the first steps a tree runs fix its mean, and where they fall on hard text (a trial on a prompt
+that accepts little) the tree looks worse than it is for hundreds of steps; the ease cannot
+correct that, as it rescales every tree alike (H100, SmolLM2, batch 1: auto believed 2.9-3.3
+tokens per step for dynamic:5,8,32, which alone yields 4.0). With a prior the ease also has an
+absolute reference: drafts accepted over what the head accepts on its evaluation set.
+
 Step times may be seeded at start-up (``seed``: on a GPU, the replay time of every captured
 graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines them, from steady
 steps only (a step that follows one of the same choice: a plain step overlapped with the one
@@ -79,6 +87,22 @@ class _Mean:
         self.value += max(1.0 / self.count, 1.0 / memory) * (x - self.value)
 
 
+def drafts_priors(measured: dict[str, list[float]], trees: list[str]) -> dict[str, float]:
+    """Accepted drafts per greedy step for those of ``trees`` a head's evaluation tells about.
+    ``measured``: tree -> the fraction of steps that accepted at least d drafts, d = 1, 2, ...
+    (``acceptance.json``'s ``accept_rate_per_depth``); their sum is the mean accepted drafts. A
+    chain of k agrees with any longer greedy chain up to depth k, so it takes the first k rates of
+    the longest chain measured; other trees only their own."""
+    chains = {parse_tree(t).depth: rates for t, rates in measured.items() if t.startswith("chain:")}
+    priors = {}
+    for tree in trees:
+        if tree in measured:
+            priors[tree] = float(sum(measured[tree]))
+        elif tree.startswith("chain:") and chains and max(chains) >= parse_tree(tree).depth:
+            priors[tree] = float(sum(chains[max(chains)][:parse_tree(tree).depth]))
+    return priors
+
+
 @dataclass(slots=True)
 class _Ease:
     """Drafts accepted over drafts expected (the running trees' means), both exponentially
@@ -134,6 +158,8 @@ class SpeculationPolicy:
     # judge a tree by: one unlucky pair shut dynamic trees out for a whole run)
     explore_every: int = 8  # one exploring epoch in this many, per bucket, while exploring changes the leader
     explore_backoff: int = 2  # at most this many times fewer while it does not
+    priors: dict[str, float] = field(default_factory=dict)  # tree -> accepted drafts per greedy step, measured offline
+    prior_steps: int = 32  # steps of a tree's own that a prior weighs as much as
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
     _drafts: dict[tuple, _Mean] = field(default_factory=dict)  # (tree, greedy) -> accepted drafts / sequence / step
     _ease: dict[bool, _Ease] = field(default_factory=dict)  # greedy -> the ease of the text at hand
@@ -160,6 +186,14 @@ class SpeculationPolicy:
             raise ValueError(f"SpeculationPolicy.epoch_steps and trial_steps must be >= 1, got "
                              f"{self.epoch_steps} and {self.trial_steps}")
         self._depth = {tree: parse_tree(tree).depth for tree in self.trees}
+        unknown = set(self.priors) - set(self.trees)
+        if unknown or any(not 0.0 <= d <= self._depth[t] for t, d in self.priors.items()):
+            raise ValueError(f"SpeculationPolicy.priors must map its trees to accepted drafts in [0, depth], "
+                             f"got {self.priors}")
+        if self.prior_steps < 1:
+            raise ValueError(f"SpeculationPolicy.prior_steps must be >= 1, got {self.prior_steps}")
+        for tree, drafts in self.priors.items():
+            self._drafts[(tree, True)] = _Mean(drafts, self.prior_steps)
 
     @property
     def choices(self) -> list[str]:

@@ -34,7 +34,7 @@ from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import ModelOutput
 from eaglespec.ops.attention import default_scale
 from eaglespec.speculative.drafter import Drafter
-from eaglespec.speculative.policy import PLAIN, SpeculationPolicy
+from eaglespec.speculative.policy import PLAIN, SpeculationPolicy, drafts_priors
 from eaglespec.speculative.tree import TreeShape, parse_tree
 from eaglespec.speculative.verifier import verify_tree
 
@@ -104,7 +104,9 @@ class SpeculativeRunner:
                                                 use_graphs) for greedy in (True, False)}
         self._host_buffers: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # _host_buffer
         # tree="auto": measured choice per step; a forced tree runs on every step.
-        self.policy = SpeculationPolicy(list(shapes)) if spec.tree == "auto" else None
+        # The head's own evaluation (acceptance.json) seeds what each tree is believed to accept.
+        self.policy = (SpeculationPolicy(list(shapes), priors=drafts_priors(head.acceptance, list(shapes)))
+                       if spec.tree == "auto" else None)
 
     @torch.inference_mode()
     def calibrate(self, reps: int = 5, share: Callable[[list[float]], list[float]] = lambda times: times) -> None:

@@ -250,7 +250,7 @@ def run_fit(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
 
 def run_eval(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
     from eaglespec.config import SamplingParams
-    from eaglespec.models.eagle import load_head
+    from eaglespec.models.eagle import load_head, save_acceptance
     from eaglespec.train.data import load_conversations
     from eaglespec.train.trainer import chat_prompts, evaluate_tau, speculative_llm
 
@@ -272,6 +272,9 @@ def run_eval(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
         _release(target.model.output_weight.device)
     report = {"head": head_path, "prompts": len(prompts), "source": e.source, "max_tokens": e.max_tokens,
               "temperature": e.temperature, "results": results}
+    if e.temperature == 0 and not e.head:  # the run's own head keeps its greedy acceptance (tree="auto"'s priors)
+        save_acceptance(head_path, {tree: r["accept_rate_per_depth"] for tree, r in results.items()},
+                        {"source": e.source, "prompts": len(prompts), "max_tokens": e.max_tokens, "temperature": 0.0})
     out = e.out or os.path.join(cfg.train.out_dir, "eval.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -3,12 +3,16 @@ outputs equal to plain decoding whatever runs when (plain steps and trees interl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import pytest
 
+import eaglespec
+
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
+from eaglespec.models.eagle import load_head, save_head
 from eaglespec.speculative.policy import PLAIN, SpeculationPolicy
 from tests.conftest import small_engine
 from tests.speculative.test_speculative_greedy import _prompts, eagle1_head, predictable_target
@@ -84,3 +88,32 @@ def test_forced_tree_never_runs_plain_steps():
     assert llm.speculative.policy is None
     outs = llm.generate(_prompts(target.config.vocab_size, [6, 12], seed=10), SamplingParams(max_tokens=12))
     assert all(set(o.stats["speculation"]) == {"chain:2"} for o in outs)
+
+
+def test_a_heads_measured_acceptance_travels_with_it_and_seeds_auto(tmp_path):
+    target = predictable_target(seed=31)
+    head = eagle1_head(target, seed=9, oracle=False)
+    head.acceptance = {"chain:3": [0.7, 0.5, 0.2], "dynamic:3,3,8": [0.9, 0.6, 0.4]}
+    save_head(head, str(tmp_path))
+    loaded = load_head(str(tmp_path), target)
+    assert loaded.acceptance == head.acceptance
+    llm = LLM.from_model(target, draft=loaded, spec=SpecConfig(tree="auto", auto_trees=TREES),
+                         engine=small_engine(max_batch_size=4, num_blocks=96))
+    assert llm.speculative.policy.priors == pytest.approx({"chain:1": 0.7, "chain:3": 1.4, "dynamic:3,3,8": 1.9})
+    (tmp_path / "acceptance.json").write_text('{"greedy_accept_rate_per_depth": {"chain:2": [0.5, 0.4, 0.3]}}')
+    with pytest.raises(ValueError, match="acceptance.json.*chain:2"):
+        load_head(str(tmp_path), target)
+    (tmp_path / "acceptance.json").write_text('{"tau": 3}')
+    with pytest.raises(ValueError, match="not a head's measured acceptance"):
+        load_head(str(tmp_path), target)
+
+
+def test_the_shipped_head_carries_priors_for_every_default_auto_tree_it_was_evaluated_on():
+    from eaglespec.config import AUTO_TREES
+    from eaglespec.models.eagle import load_acceptance
+    from eaglespec.speculative.policy import drafts_priors
+
+    shipped = os.path.join(os.path.dirname(eaglespec.__file__), "assets", "smollm2-eagle")
+    priors = drafts_priors(load_acceptance(shipped), list(AUTO_TREES))
+    assert {"chain:1", "chain:2", "chain:3", "dynamic:5,8,32"} <= set(priors)
+    assert priors["chain:1"] < priors["chain:2"] < priors["chain:3"] < priors["dynamic:5,8,32"]
