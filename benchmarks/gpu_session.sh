@@ -187,6 +187,14 @@ phase_e2e_heads() {  # the shipped head against every head trained on this machi
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 --num ${E2E_NUM:-80} \
     --heads "$heads" --trees "${E2E_TREES:-auto;chain:3;chain:4}" --out $OUT/heads 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
+# Design note 36: tree=auto with the shipped head's acceptance.json (priors) against the same head
+# without it, batch 1 first (the order that hurt auto in note 35), fixed dynamic:5,8,32 beside.
+phase_e2e_priors() {
+  rm -rf $STAGE/no-prior && cp -r eaglespec/assets/smollm2-eagle $STAGE/no-prior && rm $STAGE/no-prior/acceptance.json
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 \
+    --heads "prior=eaglespec/assets/smollm2-eagle;no-prior=$STAGE/no-prior" --trees "auto;dynamic:5,8,32" \
+    --out $OUT/priors 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+}
 phase_train() {  # $1 = run name, $2 = config, then --section.key value overrides
   # EVAL_TREES: the trees evaluated (default: the config's), e.g. "chain:3;dynamic:5,8,32" when time is short.
   # TRAIN_ARGS: more overrides (e.g. "--train.time_budget_s 500"). A run cut by its time budget resumes
@@ -242,7 +250,7 @@ for p in "$@"; do
     # A trained head's files, weights included, as files of their own (HEAD_NAME, default eagle1-full).
     head-out) mkdir -p $FINAL_OUT/head && cp $STAGE/${HEAD_NAME:-eagle1-full}/head/* $FINAL_OUT/head/ && ls -la $FINAL_OUT/head ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
-    e2e-heads) phase_e2e_heads ;;
+    e2e-heads) phase_e2e_heads ;; e2e-priors) phase_e2e_priors ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done
