@@ -189,10 +189,12 @@ phase_e2e_heads() {  # the shipped head against every head trained on this machi
 }
 # Design note 36: tree=auto with the shipped head's acceptance.json (priors) against the same head
 # without it, batch 1 first (the order that hurt auto in note 35), fixed dynamic:5,8,32 beside.
+# HEAD_DIR: another head with its acceptance.json (e.g. $STAGE/eagle1-full/head after train-full).
 phase_e2e_priors() {
-  rm -rf $STAGE/no-prior && cp -r eaglespec/assets/smollm2-eagle $STAGE/no-prior && rm $STAGE/no-prior/acceptance.json
+  local head=${HEAD_DIR:-eaglespec/assets/smollm2-eagle}
+  rm -rf $STAGE/no-prior && cp -r $head $STAGE/no-prior && rm $STAGE/no-prior/acceptance.json
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 \
-    --heads "prior=eaglespec/assets/smollm2-eagle;no-prior=$STAGE/no-prior" --trees "auto;dynamic:5,8,32" \
+    --heads "prior=$head;no-prior=$STAGE/no-prior" --trees "auto;dynamic:5,8,32" \
     --out $OUT/priors 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
 phase_train() {  # $1 = run name, $2 = config, then --section.key value overrides
