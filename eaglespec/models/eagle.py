@@ -460,7 +460,7 @@ def save_acceptance(head_dir: str, per_tree: dict[str, list[float]], about: dict
 
 def load_acceptance(head_dir: str) -> dict[str, list[float]]:
     """``head_dir``'s measured greedy acceptance per tree ({} when it has no acceptance.json)."""
-    from eaglespec.speculative.tree import parse_tree
+    from eaglespec.speculative.tree import parse_tree  # here: eaglespec.speculative imports this module
 
     path = os.path.join(head_dir, ACCEPTANCE_FILE)
     if not os.path.isfile(path):

@@ -90,7 +90,7 @@ class _Mean:
 def drafts_priors(measured: dict[str, list[float]], trees: list[str]) -> dict[str, float]:
     """Accepted drafts per greedy step for those of ``trees`` a head's evaluation tells about.
     ``measured``: tree -> the fraction of steps that accepted at least d drafts, d = 1, 2, ...
-    (``acceptance.json``'s ``accept_rate_per_depth``); their sum is the mean accepted drafts. A
+    (``acceptance.json``, as ``train eval`` measures them); their sum is the mean accepted drafts. A
     chain of k agrees with any longer greedy chain up to depth k, so it takes the first k rates of
     the longest chain measured; other trees only their own."""
     chains = {parse_tree(t).depth: rates for t, rates in measured.items() if t.startswith("chain:")}
