@@ -108,3 +108,29 @@ def test_smollm2_with_a_random_head_keeps_greedy_output_exact(llm, tree):
     fast, plain = spec.generate(prompts, params), llm.generate(prompts, params)
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
     assert all(o.stats["target_forwards"] >= 2 for o in fast)
+
+
+def test_train_eval_writes_the_run_heads_measured_acceptance(llm, tmp_path):
+    """`eaglespec train eval` on a run's own head leaves acceptance.json beside it (tree=auto's
+    priors) with the rates it reported; evaluating a head named by --eval.head writes nothing there."""
+    import shutil
+
+    import eaglespec
+    from eaglespec.models.eagle import load_acceptance
+    from eaglespec.train.cli import LoadedTarget, load_config, run_eval
+
+    shipped = os.path.join(os.path.dirname(eaglespec.__file__), "assets", "smollm2-eagle")
+    shutil.copytree(shipped, tmp_path / "run" / "head")
+    os.remove(tmp_path / "run" / "head" / "acceptance.json")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(json.dumps({"turns": [q]}) for q in ("Name three colours.", "What is 2 + 2?")))
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smollm2-eagle1.toml")
+    overrides = {"train.out_dir": str(tmp_path / "run"), "eval.source": str(questions), "eval.stop": "2",
+                 "eval.tree": "chain:2", "eval.max_tokens": "12", "eval.max_batch_size": "2", "eval.max_model_len": "256"}
+    target = LoadedTarget(llm.model, llm.tokenizer, llm.eos_ids)
+    report = run_eval(load_config(config, overrides), target)
+    rates = report["results"]["chain:2"]["accept_rate_per_depth"]
+    assert len(rates) == 2 and load_acceptance(str(tmp_path / "run" / "head")) == {"chain:2": rates}
+    os.remove(tmp_path / "run" / "head" / "acceptance.json")
+    run_eval(load_config(config, {**overrides, "eval.head": str(tmp_path / "run" / "head")}), target)
+    assert not os.path.exists(tmp_path / "run" / "head" / "acceptance.json")
