@@ -179,13 +179,16 @@ phase_data_in() {
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
+e2e_side_by_side() {  # $1 = NAME=DIR heads, $2 = trees, $3 = folder: MT-bench, E2E_BATCHES, E2E_NUM questions
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 \
+    --num ${E2E_NUM:-80} --heads "$1" --trees "$2" --out $3 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+}
 phase_e2e_heads() {  # the shipped head against every head trained on this machine, side by side
   local heads="shipped=eaglespec/assets/smollm2-eagle" name
   for name in eagle1 eagle1-full eagle3; do
     [ -f $STAGE/$name/head/config.json ] && heads="$heads;$name=$STAGE/$name/head"
   done
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 --num ${E2E_NUM:-80} \
-    --heads "$heads" --trees "${E2E_TREES:-auto;chain:3;chain:4}" --out $OUT/heads 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+  e2e_side_by_side "$heads" "${E2E_TREES:-auto;chain:3;chain:4}" $OUT/heads
 }
 # Design note 36: tree=auto with the shipped head's acceptance.json (priors) against the same head
 # without it, batch 1 first (the order that hurt auto in note 35), fixed dynamic:5,8,32 beside.
@@ -193,9 +196,7 @@ phase_e2e_heads() {  # the shipped head against every head trained on this machi
 phase_e2e_priors() {
   local head=${HEAD_DIR:-eaglespec/assets/smollm2-eagle}
   rm -rf $STAGE/no-prior && cp -r $head $STAGE/no-prior && rm $STAGE/no-prior/acceptance.json
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 \
-    --heads "prior=$head;no-prior=$STAGE/no-prior" --trees "auto;dynamic:5,8,32" \
-    --out $OUT/priors 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+  e2e_side_by_side "prior=$head;no-prior=$STAGE/no-prior" "auto;dynamic:5,8,32" $OUT/priors
 }
 phase_train() {  # $1 = run name, $2 = config, then --section.key value overrides
   # EVAL_TREES: the trees evaluated (default: the config's), e.g. "chain:3;dynamic:5,8,32" when time is short.
