@@ -29,16 +29,21 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 
 def size_kv_pool(model: LlamaForCausalLM, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 reserve_bytes: int = 0) -> int:
-    """Number of KV blocks: given, from free GPU memory, or from a token budget on CPU."""
+                 usable_blocks: int) -> int:
+    """Number of KV blocks: given, or from free GPU memory (a token budget on CPU) but never more
+    than ``usable_blocks``, what a full batch of the longest sequences can hold: there is no
+    prefix cache to fill, and the memory left serves graphs and activations (four engines of
+    0.3 of free memory each left an 80 GB card too little for sampled graphs, H100, 2026-12-05)."""
     mc = model.config
     if cfg.num_blocks:
         return cfg.num_blocks
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return pool_blocks_from_memory(max(free - reserve_bytes, 0), cfg.gpu_memory_fraction, mc.num_layers,
-                                       cfg.block_size, model.local_num_kv_heads, mc.head_dim, dtype)
-    return cfg.kv_cache_tokens // cfg.block_size + 1
+        blocks = pool_blocks_from_memory(free, cfg.gpu_memory_fraction, mc.num_layers, cfg.block_size,
+                                         model.local_num_kv_heads, mc.head_dim, dtype)
+    else:
+        blocks = cfg.kv_cache_tokens // cfg.block_size + 1
+    return min(blocks, usable_blocks)
 
 
 def request_sampling(reqs: list[Request], device) -> SamplingTensors:
@@ -138,12 +143,14 @@ class ModelRunner:
         # The model's kernel set goes with the attention backend (same weights, not copied).
         self.model = model.with_kernels(self.backend)
         self.scale = default_scale(mc.head_dim)
-        num_blocks = pool_size(size_kv_pool(model, cfg, device, self.dtype))
+        self.max_blocks_per_seq = -(-(cfg.max_model_len - 1 + lookahead) // cfg.block_size)
+        # Block 0 is the scratch block, held by no sequence.
+        usable_blocks = cfg.max_batch_size * self.max_blocks_per_seq + 1
+        num_blocks = pool_size(size_kv_pool(model, cfg, device, self.dtype, usable_blocks))
         # This rank's KV heads only (all of them without tensor parallelism).
         self.cache = KVCache.allocate(mc.num_layers, num_blocks, cfg.block_size, model.local_num_kv_heads,
                                       mc.head_dim, self.dtype, device)
         self.allocator = BlockAllocator(num_blocks, cfg.block_size)
-        self.max_blocks_per_seq = self.allocator.blocks_needed(cfg.max_model_len - 1 + lookahead)
         self.buckets = bucket_sizes(cfg.max_batch_size)
         use_graphs = cfg.use_cuda_graphs and device.type == "cuda" and self.backend == "triton"
         self.use_graphs = use_graphs
@@ -185,12 +192,15 @@ class ModelRunner:
             max_query_len=max(new_counts), scale=self.scale, backend=self.backend)
         last_rows = torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64, device=dev)
         want_all = want_hidden or want_taps
+        # Hidden states (or taps) of every token, but logits of each request's last token only:
+        # those of a whole prefill chunk would be [8192, vocab] fp32, gigabytes for nothing.
         out = self.model(torch.tensor(ids, dtype=torch.int64, device=dev),
                          torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache,
                          logits_rows=None if want_all else last_rows,
-                         want_hidden=want_hidden, want_taps=want_taps)
+                         want_hidden=want_all, want_taps=want_taps, want_logits=not want_all)
         if want_all:
-            out.logits = out.logits.index_select(0, last_rows)
+            out.logits = self.model.compute_logits(out.hidden.index_select(0, last_rows))
+            out.hidden = out.hidden if want_hidden else None
         tokens = sample(out.logits, request_sampling(reqs, dev))
         for r, n in zip(reqs, new_counts):
             r.num_cached += n

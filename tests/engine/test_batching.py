@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from eaglespec.config import SamplingParams
+from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
 from tests.conftest import random_model, small_engine, tiny_config
+from tests.speculative.test_speculative_greedy import eagle1_head
 
 
 def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -110,3 +111,52 @@ def test_overlapped_decode_equals_step_by_step_decode(monkeypatch):
     assert follows > 5 and no_follows == 0
     assert overlapped[0][1] == "stop" and overlapped[1] == (overlapped[1][0], "length")
     assert len(overlapped[1][0]) == 3 and len(overlapped[2][0]) == 15
+
+
+def test_kv_pool_holds_a_full_batch_of_the_longest_sequences_and_no_more():
+    """Blocks beyond what max_batch_size sequences of max_model_len can hold are never used (no
+    prefix cache): the pool stops there and leaves the memory to graphs. Block 0 is scratch."""
+    model = random_model(tiny_config(), seed=15)
+    engine = dict(num_blocks=0, kv_cache_tokens=100_000, block_size=4, max_batch_size=3, max_model_len=40)
+    plain = LLM.from_model(model, engine=small_engine(**engine))
+    assert plain.runner.allocator.num_blocks == 3 * 10 + 1  # 40 positions: 10 blocks a sequence
+    spec = LLM.from_model(model, draft=eagle1_head(model, seed=2), spec=SpecConfig(tree="chain:3"),
+                          engine=small_engine(**engine))
+    assert spec.runner.allocator.num_blocks == 3 * 11 + 1  # a step of 4 writes past the last token
+    small = LLM.from_model(model, engine=small_engine(**{**engine, "kv_cache_tokens": 40}))
+    assert small.runner.allocator.num_blocks == 40 // 4 + 1  # a smaller budget is kept
+    given = LLM.from_model(model, engine=small_engine(**{**engine, "num_blocks": 500}))
+    assert given.runner.allocator.num_blocks == 500  # a pool size asked for is kept
+    prompts = _prompts(model.config.vocab_size, [30, 12, 25], seed=5)
+    outs = plain.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [10, 10, 10]  # three near-full sequences fit at once
+
+
+def test_speculative_prefill_projects_only_each_requests_last_token():
+    """The draft needs the hidden state of every prefilled token, the sampler only the logits of
+    each request's last one: a prefill never runs the output projection on more rows."""
+    model = random_model(tiny_config(), seed=16)
+    llm = LLM.from_model(model, draft=eagle1_head(model, seed=4), spec=SpecConfig(tree="chain:3"),
+                         engine=small_engine())
+    rows, prefilling = [], [False]
+    runner_prefill, local_logits = llm.runner.prefill, llm.runner.model.local_logits
+
+    def prefill(*args, **kwargs):
+        prefilling[0] = True
+        try:
+            return runner_prefill(*args, **kwargs)
+        finally:
+            prefilling[0] = False
+
+    def logits(hidden):
+        if prefilling[0]:
+            rows.append(hidden.shape[0])
+        return local_logits(hidden)
+
+    llm.runner.prefill, llm.runner.model.local_logits = prefill, logits
+    prompts = _prompts(model.config.vocab_size, [30, 12, 25], seed=6)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    plain = LLM.from_model(model, engine=small_engine()).generate(prompts, SamplingParams(max_tokens=6,
+                                                                                        ignore_eos=True))
+    assert rows and max(rows) <= 3
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
