@@ -280,7 +280,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 0  # 0: size from free device memory (GPU) or kv_cache_tokens (CPU)
     kv_cache_tokens: int = 16384  # CPU default pool size in tokens when num_blocks is 0
-    gpu_memory_fraction: float = 0.6  # of free memory after the weights; the rest serves graphs and tree logits
+    gpu_memory_fraction: float = 0.6  # of free memory after the weights (at most what max_batch_size x max_model_len use)
     max_batch_size: int = 64
     max_model_len: int = 0  # most tokens of a sequence (prompt + output); 0: the model's max_position_embeddings
     prefill_token_budget: int = 8192  # tokens prefilled per engine step
