@@ -7,10 +7,10 @@ reads only the emitted tokens and their counts.
 
 One runner holds several trees (``SpecConfig.trees``) and a plain decode step, sharing the
 head's cache and the pending state: ``choose`` says which of them runs for a batch (the policy
-of speculative/policy.py under ``tree="auto"``, else the forced tree). The plain step leaves
-its (feature, token) pair pending like a speculative step does, so the head picks up where
-plain decoding left; the head's cache then lacks the pairs of the plain steps before it, which
-can only lower acceptance, never change an output.
+of speculative/policy.py under ``tree="auto"``, else the forced tree). The plain step appends
+its (feature, token) pair to those pending (ops/pending.py), so the next tree step caches every
+position; only a run of plain steps longer than the window leaves positions out of the head's
+cache, which can only lower acceptance, never change an output.
 
 Speculative steps overlap the host like plain ones: step n+1 of the same tree can be queued
 before the host reads step n (``launch(..., follow=)``), its root tokens, cached lengths and
@@ -33,6 +33,7 @@ from eaglespec.models.attention_step import PrefillStep
 from eaglespec.models.eagle import EagleHead
 from eaglespec.models.llama import ModelOutput
 from eaglespec.ops.attention import default_scale
+from eaglespec.ops.pending import append_pending, append_pending_ref
 from eaglespec.speculative.drafter import Drafter
 from eaglespec.speculative.policy import PLAIN, SpeculationPolicy, drafts_priors
 from eaglespec.speculative.tree import TreeShape, parse_tree
@@ -91,6 +92,7 @@ class SpeculativeRunner:
         self.pending_feat = torch.zeros(num_slots, self.width, head.config.feature_size, dtype=dtype, device=dev)
         self.pending_tok = torch.zeros(num_slots, self.width, dtype=torch.int64, device=dev)
         self.pending_count = torch.ones(num_slots, dtype=torch.int64, device=dev)
+        self.append_pending = append_pending if runner.backend == "triton" else append_pending_ref
         self._free_slots = list(range(num_slots - 1))
         self._slot_of: dict[int, int] = {}
         use_graphs = runner.use_graphs
@@ -251,10 +253,9 @@ class SpeculativeRunner:
         tokens, out = self.runner.decode_forward(rows, greedy, want_hidden=self.feature == "hidden",
                                                  want_taps=self.feature == "taps")
         feats = out.hidden if self.feature == "hidden" else out.taps
-        slot_ids = rows["state_slots"]
-        self.pending_feat[:, 0].index_copy_(0, slot_ids, feats.to(self.pending_feat.dtype))
-        self.pending_tok[:, 0].index_copy_(0, slot_ids, tokens)
-        self.pending_count.index_fill_(0, slot_ids, 1)
+        # The pair joins those still pending, so the next tree step caches every position.
+        self.append_pending(self.pending_feat, self.pending_tok, self.pending_count, rows["state_slots"], feats,
+                            tokens)
         return (tokens,)
 
     @torch.inference_mode()
