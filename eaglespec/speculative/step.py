@@ -254,8 +254,8 @@ class SpeculativeRunner:
                                                  want_taps=self.feature == "taps")
         feats = out.hidden if self.feature == "hidden" else out.taps
         # The pair joins those still pending, so the next tree step caches every position.
-        self.append_pending(self.pending_feat, self.pending_tok, self.pending_count, rows["state_slots"], feats,
-                            tokens)
+        self.append_pending(self.pending_feat, self.pending_tok, self.pending_count, rows["state_slots"],
+                            feats.contiguous(), tokens.contiguous())
         return (tokens,)
 
     @torch.inference_mode()
