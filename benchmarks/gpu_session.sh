@@ -79,9 +79,15 @@ phase_bench_e2e() {  # tree=auto (the default) against plain decoding, batch 1..
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 \
     --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
-phase_bench_e2e_trees() {  # auto against each of its trees alone, batch 1 and 16 (does auto find the best?)
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches 1,16 --batch1-num 16 --num 32 \
-    --trees "auto;chain:3;dynamic:4,6,15;dynamic:5,8,32" --out $OUT/trees 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+# Does auto find the best? Against trees alone (E2E_TREES), greedy then sampled at 0.7 / 0.9,
+# batch 1, 16, 64 (E2E_BATCHES): design note 38 found it 5-10 % under dynamic:4,6,15 greedy.
+phase_bench_e2e_trees() {
+  local sampling
+  for sampling in "--temperature 0" "--temperature 0.7 --top-p 0.9"; do
+    python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} \
+      --batch1-num 16 $sampling --trees "${E2E_TREES:-auto;dynamic:4,6,15}" --out $OUT/trees 2>&1 \
+      | grep -v "it/s\]" | tee -a $OUT/bench.log
+  done
 }
 phase_bench_e2e_sampled() {
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 --temperature 0.7 \
