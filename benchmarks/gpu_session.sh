@@ -75,24 +75,20 @@ phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $
 phase_bench_gemv_smollm2() { timeout 480 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,16,33 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -30; }
 phase_bench_gemv_rows() { timeout 180 python3 benchmarks/bench_gemv.py --rows 4,16,33,64 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -20; }
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }
-phase_bench_e2e() {  # tree=auto (the default) against plain decoding, batch 1..64, A/B/A per batch
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 \
-    --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+e2e() {  # bench.e2e on the carried MT-bench questions (16 spread at batch 1), then its own arguments
+  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 "$@" 2>&1 \
+    | grep -v "it/s\]" | tee -a $OUT/bench.log
 }
+phase_bench_e2e() { e2e --out $OUT; }  # tree=auto (the default) against plain decoding, batch 1..64, A/B/A per batch
 # Does auto find the best? Against trees alone (E2E_TREES), greedy then sampled at 0.7 / 0.9,
 # batch 1, 16, 64 (E2E_BATCHES): design note 38 found it 5-10 % under dynamic:4,6,15 greedy.
 phase_bench_e2e_trees() {
   local sampling
   for sampling in "--temperature 0" "--temperature 0.7 --top-p 0.9"; do
-    python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} \
-      --batch1-num 16 $sampling --trees "${E2E_TREES:-auto;dynamic:4,6,15}" --out $OUT/trees 2>&1 \
-      | grep -v "it/s\]" | tee -a $OUT/bench.log
+    e2e --batches ${E2E_BATCHES:-1,16,64} $sampling --trees "${E2E_TREES:-auto;dynamic:4,6,15}" --out $OUT/trees
   done
 }
-phase_bench_e2e_sampled() {
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 --temperature 0.7 \
-    --top-p 0.9 --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
-}
+phase_bench_e2e_sampled() { e2e --temperature 0.7 --top-p 0.9 --out $OUT; }
 # Where a step's wall time goes beyond its graph's replay (host work, waiting, device idle), batch 1 and 16.
 phase_profile_step() {
   python3 benchmarks/profile_step.py --questions .carry/mtbench-question.jsonl --num 8 --batch 1 \
@@ -110,9 +106,8 @@ phase_bench_spec_8b() {  # chain:3 on the 8B shape, random EAGLE-1 head of the o
   python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b --trees "chain:3" --batches 16 --context 8192 \
     --draft-vocab 32768 --out $OUT/ctx8k 2>&1 | tee -a $OUT/bench.log
 }
-phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU kernels, fp32
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --num 32 --batches 1,8 --batch1-num 8 \
-    --max-tokens 128 --dtype float32 --out $OUT 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU kernels, fp32 (the later --batch1-num wins)
+  e2e --num 32 --batches 1,8 --batch1-num 8 --max-tokens 128 --dtype float32 --out $OUT
 }
 # Serving (issue 9): the default model served with its head, then without; the same load on both.
 # benchmarks/serve-prompts.jsonl: `eaglespec bench serve --write-prompts` (MT-bench + ShareGPT from 16,000 on).
@@ -186,8 +181,7 @@ phase_data_in() {
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
 e2e_side_by_side() {  # $1 = NAME=DIR heads, $2 = trees, $3 = folder: MT-bench, E2E_BATCHES, E2E_NUM questions
-  python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batches ${E2E_BATCHES:-1,16,64} --batch1-num 16 \
-    --num ${E2E_NUM:-80} --heads "$1" --trees "$2" --out $3 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log
+  e2e --batches ${E2E_BATCHES:-1,16,64} --num ${E2E_NUM:-80} --heads "$1" --trees "$2" --out $3
 }
 phase_e2e_heads() {  # the shipped head against every head trained on this machine, side by side
   local heads="shipped=eaglespec/assets/smollm2-eagle" name

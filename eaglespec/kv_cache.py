@@ -58,7 +58,7 @@ class BlockAllocator:
         return len(self._free)
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return (num_tokens + self.block_size - 1) // self.block_size
+        return blocks_for(num_tokens, self.block_size)
 
     def can_hold(self, blocks: list[int], num_tokens: int) -> bool:
         """Whether a sequence owning ``blocks`` can grow to ``num_tokens`` from the free list."""
@@ -76,6 +76,11 @@ class BlockAllocator:
     def release(self, blocks: list[int]) -> None:
         self._free.extend(blocks)
         blocks.clear()
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold ``num_tokens`` positions."""
+    return (num_tokens + block_size - 1) // block_size
 
 
 def slots_for(blocks: list[int], start: int, end: int, block_size: int) -> list[int]:

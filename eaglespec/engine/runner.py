@@ -15,7 +15,8 @@ import torch
 from eaglespec.config import EngineConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for, bucket_sizes
 from eaglespec.engine.request import Request
-from eaglespec.kv_cache import BlockAllocator, KVCache, block_table_tensor, pool_blocks_from_memory, slots_for
+from eaglespec.kv_cache import (BlockAllocator, KVCache, block_table_tensor, blocks_for, pool_blocks_from_memory,
+                                slots_for)
 from eaglespec.models.attention_step import DecodeStep, PrefillStep
 from eaglespec.models.llama import LlamaForCausalLM, ModelOutput
 from eaglespec.ops.attention import default_scale
@@ -143,7 +144,7 @@ class ModelRunner:
         # The model's kernel set goes with the attention backend (same weights, not copied).
         self.model = model.with_kernels(self.backend)
         self.scale = default_scale(mc.head_dim)
-        self.max_blocks_per_seq = -(-(cfg.max_model_len - 1 + lookahead) // cfg.block_size)
+        self.max_blocks_per_seq = blocks_for(cfg.max_model_len - 1 + lookahead, cfg.block_size)
         # Block 0 is the scratch block, held by no sequence.
         usable_blocks = cfg.max_batch_size * self.max_blocks_per_seq + 1
         num_blocks = pool_size(size_kv_pool(model, cfg, device, self.dtype, usable_blocks))

@@ -29,8 +29,9 @@ def append_pending_ref(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.
     width, size = tokens.shape[1], feats.shape[2]
     count = counts.index_select(0, slots)
     at = count.clamp_max(width)  # the new pair's column in a window one wider
-    wide_feats = torch.cat((feats.index_select(0, slots), new_feats.to(feats.dtype)[:, None]), 1)
-    wide_feats = wide_feats.scatter(1, at[:, None, None].expand(-1, 1, size), new_feats.to(feats.dtype)[:, None])
+    new_feats = new_feats.to(feats.dtype)[:, None]
+    wide_feats = torch.cat((feats.index_select(0, slots), new_feats), 1)
+    wide_feats = wide_feats.scatter(1, at[:, None, None].expand(-1, 1, size), new_feats)
     wide_tokens = torch.cat((tokens.index_select(0, slots), new_tokens[:, None]), 1)
     wide_tokens = wide_tokens.scatter(1, at[:, None], new_tokens[:, None])
     keep = torch.arange(width, device=slots.device)[None] + (count + 1 - width).clamp_min(0)[:, None]
