@@ -92,6 +92,45 @@ def run_steps(llm: LLM, prompts, params, batch: int, profile=None) -> dict:
             "prefill_steps": len(prefills), "prefill_step_ms": 1e3 * sum(prefills) / max(len(prefills), 1)}
 
 
+def prefill_costs(llm: LLM, prompts) -> dict:
+    """What one prompt's prefill costs, alone (max_tokens=1, so the prefill step is the whole
+    request): its wall time with the device synchronized, the kernels it ran and their device
+    time (torch.profiler), and its Python hotspots. At batch 1 a prefill of ~100 tokens costs
+    as much as dozens of decode steps, most of it host work of eager launches."""
+    params = SamplingParams(max_tokens=1)
+    sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
+
+    def one(p) -> float:
+        llm.add_request(p, params)
+        sync()
+        t = time.perf_counter()
+        while llm.has_work:
+            llm.step()
+        sync()
+        llm._requests.clear()
+        return time.perf_counter() - t
+
+    one(prompts[0])  # warm-up: compiles
+    walls = [one(p) for p in prompts]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for p in prompts:
+            one(p)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for p in prompts:
+        one(p)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    n = len(prompts)
+    return {"prompts": n, "prompt_tokens_mean": sum(map(len, prompts)) / n, "prefill_ms_mean": 1e3 * sum(walls) / n,
+            "kernels_per_prefill": len(kernels) / n,
+            "device_us_per_prefill": sum(getattr(e, "device_time", 0.0) for e in kernels) / n,
+            "python_hotspots": text.getvalue()}
+
+
 def host_waits(llm: LLM, prompts, params, batch: int) -> dict[str, float]:
     """Per decoding step, how often each Python line made the host wait for the device (CUDA's
     sync debug mode warns at every such call; empty on the CPU)."""
@@ -167,6 +206,7 @@ def main(argv=None) -> None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
         row["python_hotspots"] = text.getvalue()
+        row["prefill"] = prefill_costs(llm, prompts)
         report[name] = row
         print(f"== {name}: {row['tokens_per_s']:.0f} tok/s, {row['steps']} steps, step wall {row['step_wall_ms']:.3f} ms "
               f"(blocked {row['step_wait_ms']:.3f}, host {row['step_host_ms']:.3f}), outside steps "
@@ -174,6 +214,11 @@ def main(argv=None) -> None:
               f"{row['prefill_step_ms']:.2f} ms); device busy {row['device'].get('busy_fraction', 0):.1%} "
               f"of {row['device'].get('span_us', 0) / 1e3:.1f} ms, gaps>20us {row['device'].get('gaps_over_20us')}, "
               f"idle in them {row['device'].get('idle_in_gaps_over_20us', 0) / 1e3:.2f} ms", flush=True)
+        pre = row["prefill"]
+        print(f"== {name} prefill alone: {pre['prefill_ms_mean']:.2f} ms for {pre['prompt_tokens_mean']:.0f} tokens, "
+              f"{pre['kernels_per_prefill']:.0f} kernels, {pre['device_us_per_prefill'] / 1e3:.2f} ms of device time",
+              flush=True)
+        print(pre["python_hotspots"][:4000])
         print("host waits per step (sync debug mode):", row["host_waits_per_step"])
         print(row["host_ops"])
         print(row["python_hotspots"][:6000])
