@@ -86,6 +86,7 @@ class EngineCore:
         self.speculative = SpeculativeRunner(self.runner, head, spec) if head is not None else None
         if self.speculative is not None:
             self.speculative.calibrate(share=control.leader_value)
+        self.runner.warm_prefill_graphs(None if self.speculative is None else self.speculative.prefill_program)
         self.spec_config = spec if head is not None else None
         self.scheduler = Scheduler(self.runner.allocator, engine.max_batch_size, engine.max_model_len,
                                    engine.prefill_token_budget, lookahead=lookahead,
@@ -399,11 +400,8 @@ class EngineCore:
     def _prefill(self, scheduled: ScheduledStep) -> list[list[int]]:
         reqs, ends = scheduled.requests, scheduled.prefill_ends
         complete = [end == r.num_tokens for r, end in zip(reqs, ends)]
-        spec = self.speculative
-        want = {} if spec is None else {"want_hidden": spec.feature == "hidden", "want_taps": spec.feature == "taps"}
-        tokens, out, new_counts = self.runner.prefill(reqs, ends, **want)
-        if spec is not None:
-            spec.after_prefill(reqs, out, tokens, new_counts, complete)
+        prefill = self.runner.prefill if self.speculative is None else self.speculative.prefill
+        tokens, _ = prefill(reqs, ends)
         # A chunk's sampled token is not the next token of the sequence: dropped.
         return [[t] if whole else [] for t, whole in zip(tokens.tolist(), complete)]
 

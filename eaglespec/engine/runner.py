@@ -1,12 +1,13 @@
 """Turns scheduled requests into model inputs and runs prefill and decode steps.
 
-Prefill runs eagerly (its shapes vary); decode runs as one CUDA graph per batch-size bucket on
-GPU. The host reads results once per step (the sampled tokens), never inside the step.
+Decode runs as one CUDA graph per batch-size bucket on GPU; a prefill of up to
+``prefill_graph_tokens`` tokens as one per token bucket (padded to a power of two and to
+``max_batch_size`` sequences), a longer one eagerly. The host reads results once per step (the
+sampled tokens), never inside the step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +22,33 @@ from eaglespec.models.attention_step import DecodeStep, PrefillStep
 from eaglespec.models.llama import LlamaForCausalLM, ModelOutput
 from eaglespec.ops.attention import default_scale
 from eaglespec.ops.sampling import SamplingTensors, sample
+
+
+# A prefill's function on its inputs (``ModelRunner.prefill_inputs``): (inputs, greedy,
+# max_query_len or None for the token rows) -> outputs, the next token per sequence first.
+PrefillFn = Callable[[dict[str, torch.Tensor], bool, "int | None"], tuple[torch.Tensor, ...]]
+
+
+@dataclass(slots=True)
+class PrefillProgram:
+    """What one kind of prefill runs (``ModelRunner.make_prefill_program``)."""
+
+    fn: PrefillFn
+    inputs: Callable[[int, int, torch.device], dict[str, torch.Tensor]]  # (tokens, seqs, device) -> padding
+    stage: Callable[[dict[str, torch.Tensor], list[Request], list[int]], None]  # (host inputs, reqs, new counts)
+    graphs: dict[bool, StepGraphs]  # greedy / sampled, keyed inside by token bucket
+
+
+def prefill_bucket_sizes(max_tokens: int) -> list[int]:
+    """Token counts a prefill is padded to: 16, 32, 64, ... up to max_tokens (included); none
+    for 0 (every prefill eager)."""
+    if max_tokens <= 0:
+        return []
+    sizes, size = [], 16
+    while size < max_tokens:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_tokens]
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -45,12 +73,6 @@ def size_kv_pool(model: LlamaForCausalLM, cfg: EngineConfig, device: torch.devic
     else:
         blocks = cfg.kv_cache_tokens // cfg.block_size + 1
     return min(blocks, usable_blocks)
-
-
-def request_sampling(reqs: list[Request], device) -> SamplingTensors:
-    """Sampling rows for requests; the offset (tokens generated so far) varies the noise per step."""
-    return SamplingTensors.from_params([dataclasses.replace(r.params, seed=r.seed) for r in reqs],
-                                       [len(r.output_ids) for r in reqs], device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,53 +181,152 @@ class ModelRunner:
         # Greedy batches skip the sampling distribution entirely (an argmax), so they get their own graphs.
         self.decode_graphs = {greedy: StepGraphs(lambda x, g=greedy: self._decode_fn(x, g), self.static_inputs,
                                                  use_graphs) for greedy in (True, False)}
+        self.prefill_buckets = prefill_bucket_sizes(min(cfg.prefill_graph_tokens, cfg.prefill_token_budget))
+        self.prefill_program = self.make_prefill_program(self._prefill_fn)
 
     # ------------------------------------------------------------------ prefill
 
     @torch.inference_mode()
-    def prefill(self, reqs: list[Request], ends: list[int] | None = None, want_hidden: bool = False,
-                want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput, list[int]]:
+    def prefill(self, reqs: list[Request], ends: list[int] | None = None,
+                program: PrefillProgram | None = None) -> tuple[torch.Tensor, list[int]]:
         """Prefill each request's uncached tokens up to ``ends`` (default: all of them; blocks
         already allocated). A request whose end is short of its length (a chunk of a long
         prompt) gets a sampled token too, which the caller drops.
 
-        Returns the sampled next token per request [B] (on device), the model output whose
-        logits are those of each request's last token (hidden/taps cover *every* prefilled
-        token when asked), and the number of new tokens per request.
+        A prefill of at most ``prefill_graph_tokens`` tokens runs padded to a token bucket and
+        to ``max_batch_size`` sequences, through the program's graphs (replayed CUDA graphs on a
+        GPU, the same function eagerly elsewhere); a longer one runs eagerly at its exact size.
+        ``program`` (default the runner's own) serves a prefill that does more, such as the
+        speculative engine's, which prefills the head too.
+
+        Returns the sampled next token per request [B] (on the device) and the number of new
+        tokens per request.
         """
+        program = program or self.prefill_program
+        new_counts = [(ends[i] if ends else r.num_tokens) - r.num_cached for i, r in enumerate(reqs)]
+        total = sum(new_counts)
+        greedy = all(r.params.temperature == 0 for r in reqs)
+        if self.prefill_buckets and total <= self.prefill_buckets[-1]:
+            bucket = bucket_for(total, self.prefill_buckets)
+            graphs = program.graphs[greedy]
+            program.stage(graphs.staging(bucket), reqs, new_counts)
+            tokens = graphs.run(bucket)[0]
+        else:  # too long for a graph: launches are a small part of its time
+            host = program.inputs(total, len(reqs), torch.device("cpu"))
+            program.stage(host, reqs, new_counts)
+            x = {name: value.to(self.device) for name, value in host.items()}
+            tokens = program.fn(x, greedy, max(new_counts))[0]
+        for r, n in zip(reqs, new_counts):
+            r.num_cached += n
+        return tokens[:len(reqs)], new_counts
+
+    def prefill_inputs(self, tokens: int, seqs: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """A prefill's inputs for ``tokens`` token rows and ``seqs`` sequences, all padding: every
+        token in the scratch block's first slot, every sequence empty."""
+        i64 = dict(dtype=torch.int64, device=device)
+        i32 = dict(dtype=torch.int32, device=device)
+        return {"input_ids": torch.zeros(tokens, **i64), "positions": torch.zeros(tokens, **i64),
+                "slots": torch.zeros(tokens, **i64),
+                "cu_seqlens": torch.zeros(seqs + 1, **i32), "seq_lens": torch.zeros(seqs, **i32),
+                "block_tables": torch.zeros(seqs, self.max_blocks_per_seq, **i32),
+                "last_rows": torch.zeros(seqs, **i64),
+                "temperature": torch.zeros(seqs, dtype=torch.float32, device=device),
+                "top_k": torch.zeros(seqs, **i32), "top_p": torch.ones(seqs, dtype=torch.float32, device=device),
+                "seeds": torch.zeros(seqs, **i64), "offsets": torch.zeros(seqs, **i64)}
+
+    def stage_prefill(self, host: dict[str, torch.Tensor], reqs: list[Request], new_counts: list[int]) -> None:
+        """Write a prefill's inputs into host buffers sized by ``prefill_inputs``; what the
+        requests leave of them stays padding."""
         bs = self.cfg.block_size
-        ids, pos, slots, cu, lens, new_counts = [], [], [], [0], [], []
-        for i, r in enumerate(reqs):
-            tokens = r.all_ids
-            start, end = r.num_cached, (ends[i] if ends else len(tokens))
-            ids += tokens[start:end]
-            pos += list(range(start, end))
-            slots += slots_for(r.blocks, start, end, bs)
-            cu.append(cu[-1] + end - start)
-            lens.append(end)
-            new_counts.append(end - start)
-        dev = self.device
-        step = PrefillStep(
-            slots=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=block_table_tensor([r.blocks for r in reqs], self.max_blocks_per_seq, dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            max_query_len=max(new_counts), scale=self.scale, backend=self.backend)
-        last_rows = torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64, device=dev)
+        ids, pos, slots, cu = [], [], [], [0]
+        for r, n in zip(reqs, new_counts):
+            start = r.num_cached
+            ids += r.all_ids[start:start + n]
+            pos += range(start, start + n)
+            slots += slots_for(r.blocks, start, start + n, bs)
+            cu.append(cu[-1] + n)
+        t, b = len(ids), len(reqs)
+        for name, values in (("input_ids", ids), ("positions", pos), ("slots", slots)):
+            view = host[name].numpy()
+            view[:t] = values
+            view[t:] = 0
+        view = host["cu_seqlens"].numpy()
+        view[:b + 1] = cu
+        view[b + 1:] = t
+        seq = {name: host[name].numpy() for name in ("seq_lens", "last_rows", "temperature", "top_k", "top_p",
+                                                      "seeds", "offsets")}
+        for name, fill_value in (("seq_lens", 0), ("last_rows", 0), ("temperature", 0.0), ("top_k", 0),
+                                 ("top_p", 1.0), ("seeds", 0), ("offsets", 0)):
+            seq[name][b:] = fill_value
+        tables = host["block_tables"].numpy()
+        tables.fill(0)
+        for i, (r, n) in enumerate(zip(reqs, new_counts)):
+            seq["seq_lens"][i] = r.num_cached + n
+            seq["last_rows"][i] = cu[i + 1] - 1
+            seq["temperature"][i], seq["top_k"][i], seq["top_p"][i] = (r.params.temperature,
+                                                                        min(r.params.top_k, 2**31 - 1), r.params.top_p)
+            seq["seeds"][i], seq["offsets"][i] = r.seed_int64, len(r.output_ids)
+            tables[i, :len(r.blocks)] = r.blocks
+
+    def prefill_forward(self, x: dict[str, torch.Tensor], greedy: bool, max_query_len: int | None = None,
+                        want_hidden: bool = False, want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput]:
+        """A prefill's forward on inputs laid out by ``prefill_inputs``: the next token of every
+        sequence [S] (greedy or sampled per row) and the model output, whose hidden states /
+        taps cover every token row when asked. max_query_len: a bound on any sequence's new
+        tokens (default the token rows, as a graph's bucket must assume)."""
+        step = PrefillStep(x["slots"], x["block_tables"], x["cu_seqlens"], x["seq_lens"],
+                           max_query_len or x["input_ids"].shape[0], self.scale, self.backend)
+        last_rows = x["last_rows"]
         want_all = want_hidden or want_taps
         # Hidden states (or taps) of every token, but logits of each request's last token only:
         # those of a whole prefill chunk would be [8192, vocab] fp32, gigabytes for nothing.
-        out = self.model(torch.tensor(ids, dtype=torch.int64, device=dev),
-                         torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache,
-                         logits_rows=None if want_all else last_rows,
-                         want_hidden=want_all, want_taps=want_taps, want_logits=not want_all)
+        out = self.model(x["input_ids"], x["positions"], step, self.cache, logits_rows=None if want_all else last_rows,
+                         want_hidden=want_all, want_taps=want_taps, want_logits=not want_all,
+                         gather_logits=not greedy)
         if want_all:
-            out.logits = self.model.compute_logits(out.hidden.index_select(0, last_rows))
+            last = out.hidden.index_select(0, last_rows)
+            out.logits = self.model.local_logits(last) if greedy else self.model.compute_logits(last)
             out.hidden = out.hidden if want_hidden else None
-        tokens = sample(out.logits, request_sampling(reqs, dev))
-        for r, n in zip(reqs, new_counts):
-            r.num_cached += n
-        return tokens, out, new_counts
+        if greedy:
+            return self.model.greedy_tokens(out.logits), out
+        sampling = SamplingTensors(x["temperature"], x["top_k"], x["top_p"], x["seeds"], x["offsets"])
+        return sample(out.logits, sampling), out
+
+    def _prefill_fn(self, x: dict[str, torch.Tensor], greedy: bool,
+                    max_query_len: int | None = None) -> tuple[torch.Tensor, ...]:
+        return (self.prefill_forward(x, greedy, max_query_len)[0],)
+
+    def make_prefill_program(self, fn: PrefillFn,
+                             extra_inputs: Callable[[int, int, torch.device], dict[str, torch.Tensor]] | None = None,
+                             extra_stage: Callable[[dict[str, torch.Tensor], list[Request], list[int]], None] | None = None,
+                             ) -> PrefillProgram:
+        """A prefill running ``fn`` on ``prefill_inputs`` plus ``extra_inputs`` (same token rows and
+        sequences; padding values), filled by ``stage_prefill`` then ``extra_stage``, with its
+        greedy and sampled graphs, one per token bucket."""
+
+        def inputs(tokens: int, seqs: int, device: torch.device) -> dict[str, torch.Tensor]:
+            return {**self.prefill_inputs(tokens, seqs, device),
+                    **(extra_inputs(tokens, seqs, device) if extra_inputs else {})}
+
+        def stage(host: dict[str, torch.Tensor], reqs: list[Request], new_counts: list[int]) -> None:
+            self.stage_prefill(host, reqs, new_counts)
+            if extra_stage is not None:
+                extra_stage(host, reqs, new_counts)
+
+        seqs = self.cfg.max_batch_size
+        graphs = {greedy: StepGraphs(lambda x, g=greedy: fn(x, g, None), lambda t: inputs(t, seqs, self.device),
+                                     self.use_graphs) for greedy in (True, False)}
+        return PrefillProgram(fn, inputs, stage, graphs)
+
+    def warm_prefill_graphs(self, program: PrefillProgram | None = None) -> None:
+        """Capture the greedy prefill graphs of every bucket now (on padding only), so that no
+        capture lands in serving; sampled ones are captured on first use, as decode's are."""
+        if not self.use_graphs:
+            return
+        program = program or self.prefill_program
+        for bucket in reversed(self.prefill_buckets):  # largest first: the smaller ones reuse its pool
+            program.stage(program.graphs[True].staging(bucket), [], [])
+            program.graphs[True].run(bucket)
 
     # ------------------------------------------------------------------ decode
 

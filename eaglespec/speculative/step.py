@@ -28,10 +28,9 @@ from eaglespec.config import SpecConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for
 from eaglespec.engine.request import Request
 from eaglespec.engine.runner import DECODE_ROWS, DecodeFlight, ModelRunner, StepRows
-from eaglespec.kv_cache import KVCache, block_table_tensor, slots_for
+from eaglespec.kv_cache import KVCache, slots_for
 from eaglespec.models.attention_step import PrefillStep
 from eaglespec.models.eagle import EagleHead
-from eaglespec.models.llama import ModelOutput
 from eaglespec.ops.attention import default_scale
 from eaglespec.ops.pending import append_pending, append_pending_ref
 from eaglespec.speculative.drafter import Drafter
@@ -104,6 +103,7 @@ class SpeculativeRunner:
             self.programs[tree] = TreeProgram(shape, drafter, graphs)
         self.plain_graphs = {greedy: StepGraphs(lambda x, g=greedy: self._plain_fn(x, g), self._static_inputs,
                                                 use_graphs) for greedy in (True, False)}
+        self.prefill_program = runner.make_prefill_program(self._prefill_fn, self._prefill_inputs, self._stage_prefill)
         self._host_buffers: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # _host_buffer
         # tree="auto": measured choice per step; a forced tree runs on every step.
         # The head's own evaluation (acceptance.json) seeds what each tree is believed to accept.
@@ -172,27 +172,31 @@ class SpeculativeRunner:
 
     # ------------------------------------------------------------------ prefill
 
-    @torch.inference_mode()
-    def after_prefill(self, reqs: list[Request], out: ModelOutput, sampled: torch.Tensor,
-                      new_counts: list[int], complete: list[bool]) -> None:
-        """Prefill the head with the prompt pairs and leave the last pair pending.
+    def prefill(self, reqs: list[Request], ends: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Prefill the target and the head (``ModelRunner.prefill``'s arguments and result)."""
+        return self.runner.prefill(reqs, ends, self.prefill_program)
 
-        ``out`` holds the target features of every prefilled token, packed by request;
-        ``sampled`` [B] the token each request's prefill produced (still on the device);
-        ``complete[i]`` False when request i's prefill was a chunk short of its length: then
-        the token after the chunk is known, every pair of the chunk goes into the head's
-        cache and nothing is left pending.
-        """
-        feats = out.hidden if self.feature == "hidden" else out.taps
+    def _prefill_inputs(self, tokens: int, seqs: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The head's share of a prefill's inputs (beside the target's, ``ModelRunner.prefill_inputs``),
+        all padding: pair rows in the scratch slot, empty sequences, no pending slot."""
+        i64 = dict(dtype=torch.int64, device=device)
+        return {"head_rows": torch.zeros(tokens, **i64), "head_ids": torch.zeros(tokens, **i64),
+                "head_positions": torch.zeros(tokens, **i64), "head_slots": torch.zeros(tokens, **i64),
+                "head_cu_seqlens": torch.zeros(seqs + 1, dtype=torch.int32, device=device),
+                "head_seq_lens": torch.zeros(seqs, dtype=torch.int32, device=device),
+                "state_slots": torch.full((seqs,), self.pad_slot, **i64)}
+
+    def _stage_prefill(self, host: dict[str, torch.Tensor], reqs: list[Request], new_counts: list[int]) -> None:
+        """The head's pairs (feature_t, x_{t+1}) for t in [start, end - 2] of each request's
+        prefilled tokens; the last one waits for the sampled x_end, pending in the request's
+        state slot, unless the prefill was a chunk short of the request's length: then x_end is
+        known, every pair of the chunk goes into the head's cache and nothing is left pending."""
         bs = self.runner.cfg.block_size
-        dev = self.runner.device
-        rows, ids, pos, slots, cu, lens, last_rows = [], [], [], [], [0], [], []
+        rows, ids, pos, slots, cu, lens, states = [], [], [], [], [0], [], []
         offset = 0
-        for r, n, whole in zip(reqs, new_counts, complete):
-            end = r.num_cached  # prefilled up to here; the sampled token is not appended yet
-            start = end - n
-            # Pairs (feature_t, x_{t+1}) for t in [start, end - 2]; the last one waits for x_end
-            # unless x_end is already known (a chunk).
+        for r, n in zip(reqs, new_counts):
+            start = r.num_cached  # not advanced yet
+            whole = start + n == r.num_tokens
             m = n - 1 if whole else n
             rows += range(offset, offset + m)
             ids += r.all_ids[start + 1:start + 1 + m]
@@ -200,26 +204,34 @@ class SpeculativeRunner:
             slots += slots_for(r.blocks, start, start + m, bs)
             cu.append(cu[-1] + m)
             lens.append(start + m)
-            if whole:
-                last_rows.append(offset + n - 1)
+            states.append(self._slot(r) if whole else self.pad_slot)
             offset += n
-        if cu[-1] > 0:
-            step = PrefillStep(torch.tensor(slots, dtype=torch.int64, device=dev),
-                               block_table_tensor([r.blocks for r in reqs], self.runner.max_blocks_per_seq, dev),
-                               torch.tensor(cu, dtype=torch.int32, device=dev),
-                               torch.tensor(lens, dtype=torch.int32, device=dev),
-                               max(cu[i + 1] - cu[i] for i in range(len(reqs))), default_scale(self.head.config.layer.head_dim),
-                               self.runner.backend)
-            self.head(feats.index_select(0, torch.tensor(rows, dtype=torch.int64, device=dev)),
-                      torch.tensor(ids, dtype=torch.int64, device=dev),
-                      torch.tensor(pos, dtype=torch.int64, device=dev), step, self.cache)
-        finished = [r for r, whole in zip(reqs, complete) if whole]
-        if finished:
-            slot_ids = torch.tensor([self._slot(r) for r in finished], device=dev)
-            which = torch.tensor([i for i, whole in enumerate(complete) if whole], device=dev)
-            self.pending_feat[slot_ids, 0] = feats.index_select(0, torch.tensor(last_rows, device=dev))
-            self.pending_tok[slot_ids, 0] = sampled.index_select(0, which)
-            self.pending_count[slot_ids] = 1
+        t, b = len(rows), len(reqs)
+        for name, values in (("head_rows", rows), ("head_ids", ids), ("head_positions", pos), ("head_slots", slots),
+                             ("head_seq_lens", lens), ("state_slots", states)):
+            view = host[name].numpy()
+            view[:len(values)] = values
+            view[len(values):] = self.pad_slot if name == "state_slots" else 0
+        view = host["head_cu_seqlens"].numpy()
+        view[:b + 1] = cu
+        view[b + 1:] = t
+
+    def _prefill_fn(self, x: dict[str, torch.Tensor], greedy: bool,
+                    max_query_len: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The target's prefill, then the head's over the prompt pairs; each whole request's
+        last pair (its last feature, the sampled token) is left pending."""
+        tokens, out = self.runner.prefill_forward(x, greedy, max_query_len, want_hidden=self.feature == "hidden",
+                                                  want_taps=self.feature == "taps")
+        feats = out.hidden if self.feature == "hidden" else out.taps
+        step = PrefillStep(x["head_slots"], x["block_tables"], x["head_cu_seqlens"], x["head_seq_lens"],
+                           max_query_len or x["head_rows"].shape[0], default_scale(self.head.config.layer.head_dim),
+                           self.runner.backend)
+        self.head(feats.index_select(0, x["head_rows"]), x["head_ids"], x["head_positions"], step, self.cache)
+        states = x["state_slots"]  # the padding slot where nothing is left pending
+        self.pending_feat[:, 0].index_copy_(0, states, feats.index_select(0, x["last_rows"]).to(self.pending_feat.dtype))
+        self.pending_tok[:, 0].index_copy_(0, states, tokens)
+        self.pending_count.index_fill_(0, states, 1)
+        return (tokens,)
 
     # ------------------------------------------------------------------ the step
 

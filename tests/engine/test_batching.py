@@ -134,7 +134,8 @@ def test_kv_pool_holds_a_full_batch_of_the_longest_sequences_and_no_more():
 
 def test_speculative_prefill_projects_only_each_requests_last_token():
     """The draft needs the hidden state of every prefilled token, the sampler only the logits of
-    each request's last one: a prefill never runs the output projection on more rows."""
+    each request's last one: a prefill never runs the output projection on more rows than its
+    sequences (padded to max_batch_size, as a prefill graph's are), never on every token."""
     model = random_model(tiny_config(), seed=16)
     llm = LLM.from_model(model, draft=eagle1_head(model, seed=4), spec=SpecConfig(tree="chain:3"),
                          engine=small_engine())
@@ -158,5 +159,37 @@ def test_speculative_prefill_projects_only_each_requests_last_token():
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
     plain = LLM.from_model(model, engine=small_engine()).generate(prompts, SamplingParams(max_tokens=6,
                                                                                         ignore_eos=True))
-    assert rows and max(rows) <= 3
+    assert rows and max(rows) <= small_engine().max_batch_size < 12  # the shortest prompt alone has 12 tokens
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+
+
+def test_padded_prefill_equals_an_exact_one_plain_and_speculative():
+    """A prefill of at most prefill_graph_tokens tokens runs padded (tokens to a power of two,
+    sequences to max_batch_size, as its CUDA graph on a GPU); a longer one eagerly at its exact
+    size. Both give the same tokens, greedy and seeded sampling, through the target alone and
+    with the head's prefill (its cache and pending pairs), chunked prompts included."""
+    model = random_model(tiny_config(), seed=17)
+    prompts = _prompts(model.config.vocab_size, [30, 12, 45, 3], seed=8)
+    padded_engine = small_engine(prefill_token_budget=40)  # the 45-token prompt comes in two chunks
+    exact_engine = small_engine(prefill_token_budget=40, prefill_graph_tokens=0)
+    head = eagle1_head(model, seed=5)
+    runs = []
+    for engine in (padded_engine, exact_engine):
+        plain = LLM.from_model(model, engine=engine)
+        spec = LLM.from_model(model, draft=head, spec=SpecConfig(tree="chain:3"), engine=engine)
+        assert bool(plain.runner.prefill_buckets) == (engine is padded_engine)
+        outs = []
+        for params in (SamplingParams(max_tokens=12, ignore_eos=True),
+                       SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True)):
+            for llm in (plain, spec):
+                outs.append([o.token_ids for o in llm.generate(prompts, params)])
+        runs.append(outs)
+    assert runs[0] == runs[1]
+    assert runs[0][0] == runs[0][1]  # greedy: speculation changes nothing
+
+
+def test_prefill_buckets_are_powers_of_two_up_to_the_limit():
+    from eaglespec.engine.runner import prefill_bucket_sizes
+    assert prefill_bucket_sizes(0) == []
+    assert prefill_bucket_sizes(100) == [16, 32, 64, 100]
+    assert prefill_bucket_sizes(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]

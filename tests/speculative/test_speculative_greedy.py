@@ -143,6 +143,27 @@ def test_triton_kernels_in_the_engine_match_plain_decoding():
     assert [o.token_ids for o in spec.generate(prompts, params)] == [o.token_ids for o in plain]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_of_prefill_and_steps_match_eager_plain_decoding():
+    """Every prefill (padded to its token bucket) and every step replayed from a CUDA graph, plain
+    and speculative, greedy: the tokens of eager plain decoding, prompts of one to three buckets
+    and a prompt longer than the graphs take (run eagerly) included."""
+    target = predictable_target(seed=25).to("cuda")
+    prompts = _prompts(target.config.vocab_size, [21, 6, 40, 1, 70], seed=7)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
+    graphs = small_engine(attention_backend="triton", use_cuda_graphs=True, prefill_graph_tokens=64)
+    plain_graphs = LLM.from_model(target, engine=graphs)
+    assert plain_graphs.runner.use_graphs and plain_graphs.runner.prefill_buckets == [16, 32, 64]
+    spec = LLM.from_model(target, draft=eagle1_head(target, seed=8), spec=SpecConfig(tree="dynamic:3,3,8"),
+                          engine=graphs)
+    want = [o.token_ids for o in plain]
+    for llm in (plain_graphs, spec):
+        # Together (138 tokens: one eager prefill), then alone (buckets 32, 16, 64, 16, and eager).
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert [llm.generate([p], params)[0].token_ids for p in prompts] == want
+
+
 @pytest.mark.parametrize("tree", TREES)
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_greedy_exact_with_a_reduced_draft_vocabulary(tree, kind, tmp_path, monkeypatch):
