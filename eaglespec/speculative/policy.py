@@ -6,7 +6,8 @@ trees with) and on how much the draft is accepted (the prompts, the sampling set
 chosen per step from measurements, not fixed:
 
 - the wall time of a step, per (choice, batch bucket, greedy or sampled), as an exponential
-  moving average of the steps that choice ran (the first run of a graph is warm-up, ignored);
+  moving average of the steps that choice ran (the first run of a graph is warm-up, ignored;
+  a stalled step counts at most ``step_time_clip`` times the average);
 - the tokens a tree's step yields per sequence, as two factors, per greedy or sampled (not per
   batch size: acceptance does not depend on it):
   - what the tree earns relative to the others: the mean of its accepted drafts per step over
@@ -68,7 +69,10 @@ class _Average:
     count: int = 0
     last_step: int = -1  # the policy step of the last observation
 
-    def update(self, x: float, smoothing: float, step: int) -> None:
+    def update(self, x: float, smoothing: float, step: int, clip: float = math.inf) -> None:
+        """Take ``x``, from the third observation on at most ``clip`` times the average."""
+        if self.count >= 2:
+            x = min(x, clip * self.value)
         self.value = x if self.count == 0 else (1 - smoothing) * self.value + smoothing * x
         self.count += 1
         self.last_step = step
@@ -150,6 +154,10 @@ class SpeculationPolicy:
 
     trees: list[str]
     smoothing: float = 0.2  # weight of the newest observation in the step-time averages
+    # A step counts at most this many times its choice's average: one step stalled by the host (a
+    # garbage collection, a late wake-up) would otherwise add smoothing x the stall to one choice's
+    # time and could shut the best tree out until it is explored again.
+    step_time_clip: float = 1.5
     token_memory: int = 256  # steps a tree's mean accepted drafts spans (what it earns relative to others)
     ease_memory: int = 8  # steps of any tree the ease spans (how fast it follows the text)
     ease_revert: int = 32  # steps without a tree over which the ease returns 63 % of the way to 1 (1 - 1/e)
@@ -176,6 +184,8 @@ class SpeculationPolicy:
             raise ValueError(f"SpeculationPolicy.trees must be distinct tree specs, got {self.trees}")
         if not 0.0 < self.smoothing <= 1.0:
             raise ValueError(f"SpeculationPolicy.smoothing must be in (0, 1], got {self.smoothing}")
+        if not self.step_time_clip > 1.0:
+            raise ValueError(f"SpeculationPolicy.step_time_clip must be > 1, got {self.step_time_clip}")
         if min(self.token_memory, self.ease_memory, self.ease_revert) < 1:
             raise ValueError(f"SpeculationPolicy.token_memory, ease_memory and ease_revert must be >= 1, got "
                              f"{self.token_memory}, {self.ease_memory} and {self.ease_revert}")
@@ -250,7 +260,7 @@ class SpeculationPolicy:
             mean.update(drafts, self.token_memory)
         if steady:
             self._seconds.setdefault((choice, bucket, greedy), _Average()).update(seconds, self.smoothing,
-                                                                                  self._observed)
+                                                                                  self._observed, self.step_time_clip)
 
     def seed(self, choice: str, bucket: int, greedy: bool, seconds: float) -> None:
         """A step time measured before serving (graph replay): the starting value of the average."""

@@ -219,3 +219,21 @@ def test_priors_must_name_its_trees_within_their_depth():
         SpeculationPolicy(["chain:2"], priors={"chain:3": 1.0})
     with pytest.raises(ValueError, match="priors"):
         SpeculationPolicy(["chain:2"], priors={"chain:2": 2.5})
+
+
+def test_one_stalled_step_does_not_shut_the_best_tree_out():
+    """A step stalled by the host (a garbage collection: tens of ms) counts at most
+    step_time_clip times its choice's average. Taken whole into the moving average it made the
+    best tree look several times slower, and another choice led until the next exploring epoch."""
+    policy = SpeculationPolicy(["chain:3", "dynamic:4,6,15"], epoch_steps=4, explore_every=16)
+    cost = {PLAIN: 1.0, "chain:3": 1.4, "dynamic:4,6,15": 1.8}
+    tokens = {PLAIN: 1.0, "chain:3": 2.4, "dynamic:4,6,15": 3.4}  # rates 1.0, 1.71, 1.89
+    drive(policy, 300, cost, tokens)
+    assert policy.best(1, True) == "dynamic:4,6,15"
+    policy.observe("dynamic:4,6,15", 1, True, 40.0, 3.4)  # one stalled step
+    assert policy.best(1, True) == "dynamic:4,6,15"
+    assert policy.expected_rate("dynamic:4,6,15", 1, True) > 0.9 * 3.4 / 1.8
+    # A real slow-down is still followed, a step at a time.
+    for _ in range(20):
+        policy.observe("dynamic:4,6,15", 1, True, 3.0, 3.4)
+    assert policy.best(1, True) == "chain:3"
