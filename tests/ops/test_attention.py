@@ -192,6 +192,7 @@ def test_default_split_size_is_static_and_aligned():
     assert A.default_decode_split_size(1, 8, 4, 8192, 16, 132) == 256  # batch 1: many splits
     assert A.default_decode_split_size(1, 8, 4, 448, 16, 132) == 64  # short context: one tile each
     assert A.default_decode_split_size(1, 8, 4 * 61, 448, 16, 132) == 256  # tree rows: longer chunks
+    assert A.default_decode_split_size(1, 3, 3 * 16, 2064, 16, 132) == 64  # unless few units: latency-bound
     assert A.default_decode_split_size(64, 8, 4, 8192, 16, 132) == 2048  # big batch: few
 
 
