@@ -6,7 +6,8 @@ at least 256 (``default_decode_split_size``'s granule for more than 16 query row
 so a short context runs on few programs, each walking many keys. This times one layer's
 ``two_pass_tree_attention`` (9 query heads, 3 KV heads, head_dim 64, 16-token blocks, a block
 table as wide as max_model_len 2048) for trees of 16 and 33 nodes at several split sizes, as the
-replay of a CUDA graph of 30 calls (one per layer), beside ``paged_decode_attention``.
+replay of a CUDA graph of 30 calls (one per layer), beside ``paged_decode_attention``. (The
+recorded results took the mean of 50 replays; this takes the median of 7, as bench_gemv does.)
 
     python benchmarks/bench_tree_split.py [--out PATH] [--batches 1,16] [--contexts 128,512,1024]
 """
@@ -22,31 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from bench_gemv import time_graph  # noqa: E402  (beside this script)
 from eaglespec.ops import attention as A  # noqa: E402
 
 HQ, HKV, D, BLOCK, MAX_LEN, LAYERS = 9, 3, 64, 16, 2048 + 6, 30
 
 
-def replay_us(fn, reps: int = 50) -> float:
-    """Microseconds per call of ``fn``, from a CUDA graph of LAYERS calls replayed ``reps`` times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(LAYERS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / (reps * LAYERS)
+def replay_us(fn) -> float:
+    """Microseconds per call of ``fn``, from a CUDA graph of LAYERS calls (median of 7 replays)."""
+    return time_graph(lambda: [fn() for _ in range(LAYERS)], LAYERS)
 
 
 def main(argv=None) -> None:
@@ -84,7 +69,7 @@ def main(argv=None) -> None:
                 print(f"batch {batch:3d} context {context:5d} nodes {nodes:3d}: decode {decode:5.1f} us, tree "
                       + ", ".join(f"{s}{'*' if s == default else ''}: {t:5.1f}" for s, t in times.items()), flush=True)
     record = {"benchmark": "tree-split", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "note": "us per call, CUDA graph of 30 calls; * marks default_decode_split_size's choice", "rows": rows}
+              "note": "us per call, CUDA graph of 30 calls (median of 7 replays); * marks default_decode_split_size's choice", "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1))
 
