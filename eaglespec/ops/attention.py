@@ -666,10 +666,10 @@ def default_decode_split_size(batch: int, num_kv_heads: int, rows_per_kv_head: i
     The granule is 64 keys (one key tile) for plain decode, whose partials are tiny, so a
     single sequence spreads over many SMs, and for tree queries of fewer than 8 units (batch 1
     or 2 of a small model), bound by the latency of the keys each program walks; 256 keys for
-    tree queries of more units, whose partials are as large as their keys. SmolLM2's shape, 16 and 33 nodes at
-    batch 1 (3 and 6 units), context 128-1024, H100: 64 took 5.8-7.7 us a layer, 256 6.7-10.4;
-    at batch 16 (48 and 96 units) 64 was the slowest (14.9-33.7 against 10.1-21.2 us for 256;
-    ``benchmarks/bench_tree_split.py``). Large batches get few, long chunks either way.
+    tree queries of more units, whose partials are as large as their keys. SmolLM2's shape, 16
+    and 33 nodes, H100 (``benchmarks/bench_tree_split.py``): at batch 1 (3 and 6 units) 64 took
+    5.8-7.7 us a layer where 256 took 6.7-10.4; at batch 16 (48 and 96 units) 64 was the slowest
+    (14.9-33.7 us against 10.1-21.2 for 256). Large batches get few, long chunks either way.
     """
     row_tiles = _cdiv(rows_per_kv_head, _row_block(rows_per_kv_head))
     units = max(1, batch * num_kv_heads * row_tiles)

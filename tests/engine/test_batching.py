@@ -6,6 +6,7 @@ import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
+from eaglespec.engine.runner import prefill_bucket_sizes
 from tests.conftest import random_model, small_engine, tiny_config
 from tests.speculative.test_speculative_greedy import eagle1_head
 
@@ -189,7 +190,6 @@ def test_padded_prefill_equals_an_exact_one_plain_and_speculative():
 
 
 def test_prefill_buckets_are_powers_of_two_up_to_the_limit():
-    from eaglespec.engine.runner import prefill_bucket_sizes
     assert prefill_bucket_sizes(0) == []
     assert prefill_bucket_sizes(100) == [16, 32, 64, 100]
     assert prefill_bucket_sizes(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
