@@ -39,6 +39,24 @@ class PrefillProgram:
     graphs: dict[bool, StepGraphs]  # greedy / sampled, keyed inside by token bucket
 
 
+# A prefill's per-token and per-sequence inputs: (one per "token" or "seq", dtype, padding value).
+# Beside them: cu_seqlens [seqs + 1] and block_tables [seqs, max_blocks] (int32).
+PREFILL_FIELDS = {
+    "input_ids": ("token", torch.int64, 0), "positions": ("token", torch.int64, 0),
+    "slots": ("token", torch.int64, 0),  # the scratch block's first slot
+    "seq_lens": ("seq", torch.int32, 0), "last_rows": ("seq", torch.int64, 0),
+    "temperature": ("seq", torch.float32, 0.0), "top_k": ("seq", torch.int32, 0),
+    "top_p": ("seq", torch.float32, 1.0), "seeds": ("seq", torch.int64, 0), "offsets": ("seq", torch.int64, 0),
+}
+
+
+def write_padded(host: torch.Tensor, values: list, pad) -> None:
+    """``values`` into the first entries of a 1-D host buffer, ``pad`` into the rest."""
+    view = host.numpy()
+    view[:len(values)] = values
+    view[len(values):] = pad
+
+
 def prefill_bucket_sizes(max_tokens: int) -> list[int]:
     """Token counts a prefill is padded to: 16, 32, 64, ... up to max_tokens (included); none
     for 0 (every prefill eager)."""
@@ -221,52 +239,36 @@ class ModelRunner:
         return tokens[:len(reqs)], new_counts
 
     def prefill_inputs(self, tokens: int, seqs: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """A prefill's inputs for ``tokens`` token rows and ``seqs`` sequences, all padding: every
-        token in the scratch block's first slot, every sequence empty."""
-        i64 = dict(dtype=torch.int64, device=device)
-        i32 = dict(dtype=torch.int32, device=device)
-        return {"input_ids": torch.zeros(tokens, **i64), "positions": torch.zeros(tokens, **i64),
-                "slots": torch.zeros(tokens, **i64),
-                "cu_seqlens": torch.zeros(seqs + 1, **i32), "seq_lens": torch.zeros(seqs, **i32),
-                "block_tables": torch.zeros(seqs, self.max_blocks_per_seq, **i32),
-                "last_rows": torch.zeros(seqs, **i64),
-                "temperature": torch.zeros(seqs, dtype=torch.float32, device=device),
-                "top_k": torch.zeros(seqs, **i32), "top_p": torch.ones(seqs, dtype=torch.float32, device=device),
-                "seeds": torch.zeros(seqs, **i64), "offsets": torch.zeros(seqs, **i64)}
+        """A prefill's inputs for ``tokens`` token rows and ``seqs`` sequences, all padding
+        (``PREFILL_FIELDS``): every token in the scratch block's first slot, every sequence empty."""
+        inputs = {name: torch.full((tokens if per == "token" else seqs,), pad, dtype=dtype, device=device)
+                  for name, (per, dtype, pad) in PREFILL_FIELDS.items()}
+        inputs["cu_seqlens"] = torch.zeros(seqs + 1, dtype=torch.int32, device=device)
+        inputs["block_tables"] = torch.zeros(seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        return inputs
 
     def stage_prefill(self, host: dict[str, torch.Tensor], reqs: list[Request], new_counts: list[int]) -> None:
         """Write a prefill's inputs into host buffers sized by ``prefill_inputs``; what the
-        requests leave of them stays padding."""
+        requests leave of them gets the padding values."""
         bs = self.cfg.block_size
-        ids, pos, slots, cu = [], [], [], [0]
-        for r, n in zip(reqs, new_counts):
-            start = r.num_cached
-            ids += r.all_ids[start:start + n]
-            pos += range(start, start + n)
-            slots += slots_for(r.blocks, start, start + n, bs)
-            cu.append(cu[-1] + n)
-        t, b = len(ids), len(reqs)
-        for name, values in (("input_ids", ids), ("positions", pos), ("slots", slots)):
-            view = host[name].numpy()
-            view[:t] = values
-            view[t:] = 0
-        view = host["cu_seqlens"].numpy()
-        view[:b + 1] = cu
-        view[b + 1:] = t
-        seq = {name: host[name].numpy() for name in ("seq_lens", "last_rows", "temperature", "top_k", "top_p",
-                                                      "seeds", "offsets")}
-        for name, fill_value in (("seq_lens", 0), ("last_rows", 0), ("temperature", 0.0), ("top_k", 0),
-                                 ("top_p", 1.0), ("seeds", 0), ("offsets", 0)):
-            seq[name][b:] = fill_value
+        values = {name: [] for name in PREFILL_FIELDS}
+        cu = [0]
         tables = host["block_tables"].numpy()
         tables.fill(0)
         for i, (r, n) in enumerate(zip(reqs, new_counts)):
-            seq["seq_lens"][i] = r.num_cached + n
-            seq["last_rows"][i] = cu[i + 1] - 1
-            seq["temperature"][i], seq["top_k"][i], seq["top_p"][i] = (r.params.temperature,
-                                                                        min(r.params.top_k, 2**31 - 1), r.params.top_p)
-            seq["seeds"][i], seq["offsets"][i] = r.seed_int64, len(r.output_ids)
+            start = r.num_cached
+            values["input_ids"] += r.all_ids[start:start + n]
+            values["positions"] += range(start, start + n)
+            values["slots"] += slots_for(r.blocks, start, start + n, bs)
+            cu.append(cu[-1] + n)
+            for name, value in (("seq_lens", start + n), ("last_rows", cu[-1] - 1),
+                                ("temperature", r.params.temperature), ("top_k", min(r.params.top_k, 2**31 - 1)),
+                                ("top_p", r.params.top_p), ("seeds", r.seed_int64), ("offsets", len(r.output_ids))):
+                values[name].append(value)
             tables[i, :len(r.blocks)] = r.blocks
+        for name, (_, _, pad) in PREFILL_FIELDS.items():
+            write_padded(host[name], values[name], pad)
+        write_padded(host["cu_seqlens"], cu, cu[-1])  # empty sequences start and end at the last token
 
     def prefill_forward(self, x: dict[str, torch.Tensor], greedy: bool, max_query_len: int | None = None,
                         want_hidden: bool = False, want_taps: bool = False) -> tuple[torch.Tensor, ModelOutput]:

@@ -27,7 +27,7 @@ import torch
 from eaglespec.config import SpecConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for
 from eaglespec.engine.request import Request
-from eaglespec.engine.runner import DECODE_ROWS, DecodeFlight, ModelRunner, StepRows
+from eaglespec.engine.runner import DECODE_ROWS, DecodeFlight, ModelRunner, StepRows, write_padded
 from eaglespec.kv_cache import KVCache, slots_for
 from eaglespec.models.attention_step import PrefillStep
 from eaglespec.models.eagle import EagleHead
@@ -206,15 +206,11 @@ class SpeculativeRunner:
             lens.append(start + m)
             states.append(self._slot(r) if whole else self.pad_slot)
             offset += n
-        t, b = len(rows), len(reqs)
         for name, values in (("head_rows", rows), ("head_ids", ids), ("head_positions", pos), ("head_slots", slots),
-                             ("head_seq_lens", lens), ("state_slots", states)):
-            view = host[name].numpy()
-            view[:len(values)] = values
-            view[len(values):] = self.pad_slot if name == "state_slots" else 0
-        view = host["head_cu_seqlens"].numpy()
-        view[:b + 1] = cu
-        view[b + 1:] = t
+                             ("head_seq_lens", lens)):
+            write_padded(host[name], values, 0)
+        write_padded(host["state_slots"], states, self.pad_slot)
+        write_padded(host["head_cu_seqlens"], cu, cu[-1])
 
     def _prefill_fn(self, x: dict[str, torch.Tensor], greedy: bool,
                     max_query_len: int | None = None) -> tuple[torch.Tensor, ...]:
