@@ -276,10 +276,12 @@ class EngineCore:
         overlap = self.config.overlap_decode
         if overlap is None:
             overlap = self.device.type == "cuda"
-        # Steady: a step queued behind one of the same choice (what the policy compares), not the
-        # first after a switch, which runs without overlap (without overlap at all, every step
-        # after one of the same choice).
-        steady = followed or (self.last_choice == choice and (choice != PLAIN or not overlap))
+        # Steady: a step queued behind one of the same choice (what the policy compares). With
+        # overlap, a step launched fresh (a switch, a finished request, a limit in reach) also
+        # carries scheduling and staging in series with the device, so it is not timed, whatever
+        # the choice (timing fresh tree steps but never fresh plain ones made trees look up to 2x
+        # slower, design note 43). Without overlap, every step after one of the same choice.
+        steady = followed or (not overlap and self.last_choice == choice)
         if (overlap and self._can_follow(flight)
                 and self._choose(flight.reqs, plan=True) == choice):
             self._in_flight = self._launch(flight.reqs, choice, follow=flight)

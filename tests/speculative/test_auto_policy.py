@@ -117,3 +117,31 @@ def test_the_shipped_head_carries_priors_for_every_default_auto_tree():
     priors = drafts_priors(load_acceptance(shipped), list(AUTO_TREES))
     assert set(priors) == set(AUTO_TREES)
     assert [priors[t] for t in AUTO_TREES] == sorted(priors.values())  # each tree accepts more than the last
+
+
+def test_with_overlap_only_steps_queued_behind_another_are_timed():
+    """The policy compares choices by their overlapped step time. A step launched fresh (after a
+    request finished, or near a limit) also carries the host's scheduling and staging in series
+    with the device; timing it for a tree but never for plain decoding made trees look slower."""
+    target = predictable_target(seed=33)
+    prompts = _prompts(target.config.vocab_size, [7, 18, 11, 3], seed=10)
+    llm = _engine(eagle1_head(target, seed=10), target)
+    core = llm.core
+    followed, timed = {}, {}
+    launch, observe = core._launch, core.speculative.observe
+
+    def counting_launch(reqs, choice, follow=None):
+        if follow is not None:
+            followed[choice] = followed.get(choice, 0) + 1
+        return launch(reqs, choice, follow)
+
+    def counting_observe(choice, reqs, seconds, tokens_per_sequence, steady):
+        timed[choice] = timed.get(choice, 0) + int(steady)
+        observe(choice, reqs, seconds, tokens_per_sequence, steady)
+
+    core._launch, core.speculative.observe = counting_launch, counting_observe
+    # Different lengths: requests finish in different steps, so fresh steps follow ones of the same tree.
+    llm.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in (20, 33, 41, 48)])
+    assert sum(timed.values()) > 0
+    for choice, n in timed.items():
+        assert n <= followed.get(choice, 0), (choice, timed, followed)
