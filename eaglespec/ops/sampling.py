@@ -136,13 +136,7 @@ def _sort_width_hint(temps: list[float], top_ks: list[int], top_ps: list[float])
 # ----------------------------------------------------------------------------- distributions
 
 
-def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """The exact distribution plain sampling draws from, per row: [R, V] logits -> [R, V] fp32.
-
-    softmax(logits / temperature), cut to top-k, renormalised, cut to the top-p nucleus (the
-    most probable tokens whose mass reaches top_p; never empty), renormalised. Greedy rows
-    (temperature 0) are one-hot at the argmax. Tie rule: see the module docstring.
-    """
+def _check_target_inputs(logits: torch.Tensor, st: SamplingTensors) -> None:
     if logits.dim() != 2:
         raise ValueError(f"target_probs: logits must be [rows, vocab], got shape {tuple(logits.shape)}")
     if logits.shape[0] != st.num_rows:
@@ -151,6 +145,25 @@ def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     if logits.device != st.temperature.device:
         raise ValueError(f"target_probs: logits on {logits.device}, sampling settings on "
                          f"{st.temperature.device}")
+
+
+def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """The exact distribution plain sampling draws from, per row: [R, V] logits -> [R, V] fp32.
+
+    softmax(logits / temperature), cut to top-k, renormalised, cut to the top-p nucleus (the
+    most probable tokens whose mass reaches top_p; never empty), renormalised. Greedy rows
+    (temperature 0) are one-hot at the argmax. Tie rule: see the module docstring.
+    The Triton kernel on CUDA (when Triton is installed), the PyTorch reference elsewhere.
+    """
+    if logits.is_cuda and triton is not None:
+        return target_probs_triton(logits, st)
+    return target_probs_ref(logits, st)
+
+
+def target_probs_ref(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """``target_probs`` in PyTorch: the cuts read a sort of each row (or a top-k of the
+    ``st.sort_width`` most probable tokens when every cut row has a small top-k)."""
+    _check_target_inputs(logits, st)
     logits = logits.float()
     vocab = logits.shape[1]
     greedy = st.temperature <= 0
@@ -190,6 +203,159 @@ def _cut_top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
     p_threshold = torch.where((top_p >= 1.0)[:, None], torch.zeros_like(p_threshold), p_threshold)
     kept = torch.where(probs >= torch.maximum(k_threshold, p_threshold), probs, 0.0)
     return kept / kept.sum(-1, keepdim=True)
+
+
+# The kernel's cuts without a sort. Probabilities are non-negative floats, whose bit patterns
+# order like their values, so each threshold is found by searching bit patterns: a pass over the
+# row tests ``RowTile.probes`` evenly spaced patterns at once (how many tokens lie at or above each
+# for top-k; how much kept mass lies above each for top-p), which narrows the interval (probes + 1)-fold.
+# About ten passes pin a threshold exactly, to a value the row holds.
+
+
+@_jit
+def _probe_thresholds(lo, hi, PROBES: tl.constexpr):
+    """PROBES int64 bit patterns spread over (lo, hi) and the fp32 values they encode."""
+    probes = lo + ((hi - lo) * (tl.arange(0, PROBES) + 1)) // (PROBES + 1)
+    return probes, probes.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@_jit
+def _kth_largest(row_ptr, vocab, k, p_max, PROBES: tl.constexpr, CHUNK: tl.constexpr):
+    """The k-th largest value of the row (1 <= k <= vocab): the largest value t it holds with at
+    least k values >= t."""
+    lo = tl.zeros([], dtype=tl.int64)  # at least k values >= 0.0
+    hi = p_max.to(tl.int32, bitcast=True).to(tl.int64) + 1  # none above the maximum
+    while hi - lo > 1:
+        probes, thresholds = _probe_thresholds(lo, hi, PROBES)
+        count = tl.zeros([PROBES], dtype=tl.int32)
+        for start in range(0, vocab, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            p = tl.load(row_ptr + cols, mask=cols < vocab, other=-1.0)
+            count += tl.sum((p[:, None] >= thresholds[None, :]).to(tl.int32), axis=0)
+        enough = count >= k
+        lo = tl.max(tl.where(enough, probes, lo), axis=0)
+        hi = tl.min(tl.where(enough, hi, probes), axis=0)
+    return lo.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@_jit
+def _nucleus_least(row_ptr, vocab, k_threshold, kept_mass, target, p_max, PROBES: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """The least member of the top-p nucleus: the smallest value t the row holds whose strictly
+    more probable tokens (among those >= k_threshold, each divided by kept_mass) sum below target."""
+    lo = tl.zeros([], dtype=tl.int64)  # taken as "mass above reaches target"
+    hi = p_max.to(tl.int32, bitcast=True).to(tl.int64)  # nothing lies above the maximum
+    while hi - lo > 1:
+        probes, thresholds = _probe_thresholds(lo, hi, PROBES)
+        mass = tl.zeros([PROBES], dtype=tl.float32)
+        for start in range(0, vocab, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            p = tl.load(row_ptr + cols, mask=cols < vocab, other=0.0)
+            q = tl.where(p >= k_threshold, p / kept_mass, 0.0)
+            mass += tl.sum(tl.where(p[:, None] > thresholds[None, :], q[:, None], 0.0), axis=0)
+        short = mass < target
+        hi = tl.min(tl.where(short, probes, hi), axis=0)
+        lo = tl.max(tl.where(short, lo, probes), axis=0)
+    return hi.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@_jit
+def _target_probs_kernel(logits_ptr, stride_logits, temperature_ptr, top_k_ptr, top_p_ptr, out_ptr, stride_out,
+                         vocab, top_p_slack, PROBES: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (row,): ``target_probs_ref`` of one row, written to out. The softmax goes to out
+    first; the threshold searches re-read it (a row stays in L2) and the last pass cuts it."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_logits
+    out_row = out_ptr + row * stride_out
+    temperature = tl.load(temperature_ptr + row)
+    if temperature <= 0:  # greedy: one-hot at the first maximum
+        best_val = tl.full([], float("-inf"), tl.float32)
+        best_idx = tl.zeros([], dtype=tl.int32)
+        for start in range(0, vocab, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            x = tl.load(x_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            chunk_best = tl.max(x, axis=0)
+            better = chunk_best > best_val  # strict: an earlier chunk keeps a tie
+            best_idx = tl.where(better, start + tl.argmax(x, axis=0, tie_break_left=True), best_idx)
+            best_val = tl.where(better, chunk_best, best_val)
+        for start in range(0, vocab, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            tl.store(out_row + cols, tl.where(cols == best_idx, 1.0, 0.0), mask=cols < vocab)
+    else:
+        # Softmax in one pass for its two sums (a running maximum rescales the running sum).
+        z_max = tl.full([], float("-inf"), tl.float32)
+        denominator = tl.zeros([], dtype=tl.float32)
+        for start in range(0, vocab, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            z = tl.load(x_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) / temperature
+            new_max = tl.maximum(z_max, tl.max(z, axis=0))
+            denominator = denominator * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            z_max = new_max
+        total = tl.zeros([], dtype=tl.float32)  # the mass kept so far: all of it
+        for start in range(0, vocab, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            z = tl.load(x_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) / temperature
+            p = tl.exp(z - z_max) / denominator
+            total += tl.sum(p, axis=0)
+            tl.store(out_row + cols, p, mask=cols < vocab)
+        p_max = 1.0 / denominator  # exp(0) / denominator: the most probable token's p
+        top_k = tl.load(top_k_ptr + row)
+        top_p = tl.load(top_p_ptr + row)
+        threshold = tl.zeros([], dtype=tl.float32)
+        if top_k > 0:
+            threshold = _kth_largest(out_row, vocab, tl.minimum(top_k, vocab), p_max, PROBES, CHUNK)
+            total = tl.zeros([], dtype=tl.float32)
+            for start in range(0, vocab, CHUNK):
+                cols = start + tl.arange(0, CHUNK)
+                p = tl.load(out_row + cols, mask=cols < vocab, other=0.0)
+                total += tl.sum(tl.where(p >= threshold, p, 0.0), axis=0)
+        if top_p < 1.0:
+            target = top_p - top_p_slack
+            p_threshold = p_max  # a target of zero or less keeps only the most probable tokens
+            if target > 0:
+                p_threshold = _nucleus_least(out_row, vocab, threshold, total, target, p_max, PROBES, CHUNK)
+            threshold = tl.maximum(threshold, p_threshold)
+            total = tl.zeros([], dtype=tl.float32)
+            for start in range(0, vocab, CHUNK):
+                cols = start + tl.arange(0, CHUNK)
+                p = tl.load(out_row + cols, mask=cols < vocab, other=0.0)
+                total += tl.sum(tl.where(p >= threshold, p, 0.0), axis=0)
+        for start in range(0, vocab, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            p = tl.load(out_row + cols, mask=cols < vocab, other=0.0)
+            tl.store(out_row + cols, tl.where(p >= threshold, p, 0.0) / total, mask=cols < vocab)
+
+
+@dataclass(frozen=True, slots=True)
+class RowTile:
+    """How ``target_probs_triton`` walks a row: ``chunk`` columns a step, ``probes`` bit
+    patterns tested per search pass, ``num_warps`` warps a program."""
+
+    chunk: int = 4096
+    probes: int = 8
+    num_warps: int = 8
+
+
+def target_probs_triton(logits: torch.Tensor, st: SamplingTensors, tile: RowTile = RowTile()) -> torch.Tensor:
+    """``target_probs_ref`` in one Triton launch, one program per row, without sorting: the
+    same kept tokens, and probabilities that differ only in the softmax's and the sums'
+    rounding. Needs CUDA tensors (or TRITON_INTERPRET=1)."""
+    _check_target_inputs(logits, st)
+    if triton is None:
+        raise RuntimeError("triton is not installed: use target_probs_ref")
+    if not logits.is_cuda and type(_target_probs_kernel).__name__ != "InterpretedFunction":
+        raise ValueError(f"target_probs_triton needs CUDA tensors (got {logits.device}); set "
+                         f"TRITON_INTERPRET=1 to run it on the CPU")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    out = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
+    if rows == 0 or vocab == 0:
+        return out
+    chunk = min(tile.chunk, max(16, triton.next_power_of_2(vocab)))
+    _target_probs_kernel[(rows,)](logits, logits.stride(0), st.temperature, st.top_k, st.top_p, out, out.stride(0),
+                                  vocab, _TOP_P_SLACK, PROBES=tile.probes, CHUNK=chunk, num_warps=tile.num_warps)
+    return out
 
 
 # ----------------------------------------------------------------------------- noise
