@@ -58,11 +58,11 @@ def main(argv=None) -> None:
                 st = S.SamplingTensors.from_params([params] * rows, list(range(rows)), dev)
                 ref, kernel = S.target_probs_ref(logits, st), S.target_probs_triton(logits, st)
                 differ = ((ref > 0) != (kernel > 0)).any(1).nonzero().flatten().tolist()
+                differing = [{"sort_kept": int((ref[r] > 0).sum()), "kernel_kept": int((kernel[r] > 0).sum()),
+                              "float64_kept_and_gap": float64_kept(logits[r], params)} for r in differ[:4]]
                 row = {"vocab": vocab, "rows": rows, "settings": name,
                        "kept_tokens_mean": float((kernel > 0).sum(1).float().mean()),
-                       "rows_keeping_other_tokens": len(differ),
-                       "differing_rows": [{"sort_kept": int((ref[r] > 0).sum()), "kernel_kept": int((kernel[r] > 0).sum()),
-                                           "float64_kept_and_gap": float64_kept(logits[r], params)} for r in differ[:4]],
+                       "rows_keeping_other_tokens": len(differ), "differing_rows": differing,
                        "max_abs_diff": float((ref - kernel).abs().max()),
                        "ref_us": time_graph(lambda: S.target_probs_ref(logits, st), 1),
                        "sample_us": time_graph(lambda: S.sample(logits, st), 1),
@@ -71,8 +71,8 @@ def main(argv=None) -> None:
                 results.append(row)
                 times = "  ".join(f"{k} {v:7.1f}" for k, v in row["kernel_us"].items())
                 print(f"vocab {vocab:6d} rows {rows:4d} {name:14s} kept {row['kept_tokens_mean']:7.1f}  "
-                      f"sort {row['ref_us']:8.1f} us  kernel (chunk/probes/warps) {times}  sample {row['sample_us']:7.1f}"
-                      f"  differ {len(differ)} {row['differing_rows'][:2]}", flush=True)
+                      f"sort {row['ref_us']:8.1f} us  kernel (chunk/probes/warps) {times}  "
+                      f"sample {row['sample_us']:7.1f}  differ {len(differ)} {differing[:2]}", flush=True)
     print("wrote", write_result("sampling-target-probs", {"rows": results}, dev, args.out))
 
 

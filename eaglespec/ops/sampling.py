@@ -36,6 +36,11 @@ _MAX_NOISE_COLUMNS = 1 << 30  # keeps column * key below 2**62 in the int64 hash
 # Rounding in a cumulative sum must not decide whether a token sitting exactly on the top-p
 # boundary is in: a mass within this much of top_p counts as reaching it.
 _TOP_P_SLACK = 1e-6
+# target_probs runs its Triton kernel from this many rows on. The kernel walks a row with one
+# program, about a dozen passes in series, so at a few rows the sort's many programs finish
+# first (H100, 49,152 tokens, top-p 0.9: 165 against 284 us at 1 row, 635 against 290 at 64,
+# 7.9 against 2.4 ms at 1,024 rows; benchmarks/bench_sampling.py, 2026-12-05).
+KERNEL_MIN_ROWS = 64
 
 
 @dataclass
@@ -153,9 +158,10 @@ def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     softmax(logits / temperature), cut to top-k, renormalised, cut to the top-p nucleus (the
     most probable tokens whose mass reaches top_p; never empty), renormalised. Greedy rows
     (temperature 0) are one-hot at the argmax. Tie rule: see the module docstring.
-    The Triton kernel on CUDA (when Triton is installed), the PyTorch reference elsewhere.
+    The Triton kernel on CUDA (when Triton is installed) from KERNEL_MIN_ROWS rows on (a verified
+    tree's nodes at serving batch sizes), the PyTorch reference otherwise.
     """
-    if logits.is_cuda and triton is not None:
+    if logits.is_cuda and triton is not None and logits.shape[0] >= KERNEL_MIN_ROWS:
         return target_probs_triton(logits, st)
     return target_probs_ref(logits, st)
 
@@ -329,11 +335,12 @@ def _target_probs_kernel(logits_ptr, stride_logits, temperature_ptr, top_k_ptr, 
 @dataclass(frozen=True, slots=True)
 class RowTile:
     """How ``target_probs_triton`` walks a row: ``chunk`` columns a step, ``probes`` bit
-    patterns tested per search pass, ``num_warps`` warps a program."""
+    patterns tested per search pass, ``num_warps`` warps a program. The default was the fastest
+    of the four tiles bench_sampling tries, from 64 rows on (H100, 2026-12-05)."""
 
-    chunk: int = 4096
+    chunk: int = 8192
     probes: int = 8
-    num_warps: int = 8
+    num_warps: int = 16
 
 
 def target_probs_triton(logits: torch.Tensor, st: SamplingTensors, tile: RowTile = RowTile()) -> torch.Tensor:
