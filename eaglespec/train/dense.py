@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eaglespec.models.attention_step import AttentionStep
 from eaglespec.models.llama import LlamaForCausalLM, ModelOutput
@@ -21,6 +22,14 @@ from eaglespec.ops.attention import default_scale
 # ---------------------------------------------------------------------------------------------
 # Attention for training: dense, causal per sequence, no KV pool.
 # ---------------------------------------------------------------------------------------------
+
+
+# Not cuDNN's attention, which SDPA tries first on Hopper: it builds an execution plan for every
+# new (batch, length) shape, 70-90 ms each, and training batches of variable length keep
+# bringing new shapes (EAGLE-3's unrolled steps 7 shapes at once). Fitted to the H100 logs of
+# 2026-12-05, those builds took about 440 of an EAGLE-3 run's 471 s and 177 of EAGLE-1's 466 s
+# (design note 45).
+_TRAINING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, scale: float,
@@ -35,8 +44,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, scale: 
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=attn_mask,
-                                         is_causal=causal, scale=scale)
+    with sdpa_kernel(_TRAINING_SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=attn_mask,
+                                             is_causal=causal, scale=scale)
     return out.transpose(1, 2).reshape(-1, hq, d)
 
 
