@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from eaglespec.ops.triton_support import jit as _jit, tl, triton  # noqa: F401
+from eaglespec.ops.triton_support import interpreted, jit as _jit, tl, triton  # noqa: F401
 
 STREAM_SAMPLE = 0
 STREAM_DRAFT = 1 << 20
@@ -249,7 +249,9 @@ def _nucleus_least(row_ptr, vocab, k_threshold, kept_mass, target, p_max, PROBES
                    CHUNK: tl.constexpr):
     """The least member of the top-p nucleus: the smallest value t the row holds whose strictly
     more probable tokens (among those >= k_threshold, each divided by kept_mass) sum below target."""
-    lo = tl.zeros([], dtype=tl.int64)  # taken as "mass above reaches target"
+    # 0.0 is taken as "mass above reaches target": where even all the mass falls short, the
+    # search ends at the smallest positive pattern, which keeps every positive token, as the sort does.
+    lo = tl.zeros([], dtype=tl.int64)
     hi = p_max.to(tl.int32, bitcast=True).to(tl.int64)  # nothing lies above the maximum
     while hi - lo > 1:
         probes, thresholds = _probe_thresholds(lo, hi, PROBES)
@@ -332,6 +334,15 @@ def _target_probs_kernel(logits_ptr, stride_logits, temperature_ptr, top_k_ptr, 
             tl.store(out_row + cols, tl.where(p >= threshold, p, 0.0) / total, mask=cols < vocab)
 
 
+def _require_kernel_device(name: str, x: torch.Tensor) -> None:
+    """``name``_triton runs where Triton does: on CUDA tensors, or on the CPU under TRITON_INTERPRET=1."""
+    if triton is None:
+        raise RuntimeError(f"triton is not installed: use {name}_ref")
+    if not x.is_cuda and not interpreted(_target_probs_kernel):
+        raise ValueError(f"{name}_triton needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+                         f"to run it on the CPU")
+
+
 @dataclass(frozen=True, slots=True)
 class RowTile:
     """How ``target_probs_triton`` walks a row: ``chunk`` columns a step, ``probes`` bit
@@ -344,15 +355,12 @@ class RowTile:
 
 
 def target_probs_triton(logits: torch.Tensor, st: SamplingTensors, tile: RowTile = RowTile()) -> torch.Tensor:
-    """``target_probs_ref`` in one Triton launch, one program per row, without sorting: the
-    same kept tokens, and probabilities that differ only in the softmax's and the sums'
-    rounding. Needs CUDA tensors (or TRITON_INTERPRET=1)."""
+    """``target_probs_ref`` in one Triton launch, one program per row, without sorting. The
+    probabilities differ only in the softmax's and the sums' rounding, and so do the kept tokens
+    where a nucleus boundary lies within rounding of top_p's slack. Needs CUDA tensors (or
+    TRITON_INTERPRET=1)."""
     _check_target_inputs(logits, st)
-    if triton is None:
-        raise RuntimeError("triton is not installed: use target_probs_ref")
-    if not logits.is_cuda and type(_target_probs_kernel).__name__ != "InterpretedFunction":
-        raise ValueError(f"target_probs_triton needs CUDA tensors (got {logits.device}); set "
-                         f"TRITON_INTERPRET=1 to run it on the CPU")
+    _require_kernel_device("target_probs", logits)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     rows, vocab = logits.shape
@@ -515,11 +523,7 @@ def sample_from_probs_triton(probs: torch.Tensor, seeds: torch.Tensor, offsets: 
     tensors (or TRITON_INTERPRET=1).
     """
     _check_sample_inputs(probs, seeds, offsets)
-    if triton is None:
-        raise RuntimeError("triton is not installed: use sample_from_probs_ref")
-    if not probs.is_cuda and type(_exponential_race_kernel).__name__ != "InterpretedFunction":
-        raise ValueError(f"sample_from_probs_triton needs CUDA tensors (got {probs.device}); set "
-                         f"TRITON_INTERPRET=1 to run it on the CPU")
+    _require_kernel_device("sample_from_probs", probs)
     if probs.stride(1) != 1:
         probs = probs.contiguous()
     rows, vocab = probs.shape
