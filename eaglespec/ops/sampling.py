@@ -158,10 +158,12 @@ def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     softmax(logits / temperature), cut to top-k, renormalised, cut to the top-p nucleus (the
     most probable tokens whose mass reaches top_p; never empty), renormalised. Greedy rows
     (temperature 0) are one-hot at the argmax. Tie rule: see the module docstring.
-    The Triton kernel on CUDA (when Triton is installed) from KERNEL_MIN_ROWS rows on (a verified
-    tree's nodes at serving batch sizes), the PyTorch reference otherwise.
+    The Triton kernel on CUDA (when Triton is installed) where the reference would sort whole
+    rows (``st.sort_width`` -1, as in the engine's graphs) of at least KERNEL_MIN_ROWS rows (a
+    verified tree's nodes at serving batch sizes); the PyTorch reference otherwise, whose top-k
+    selection of a small width beat the kernel at every row count measured.
     """
-    if logits.is_cuda and triton is not None and logits.shape[0] >= KERNEL_MIN_ROWS:
+    if logits.is_cuda and triton is not None and st.sort_width < 0 and logits.shape[0] >= KERNEL_MIN_ROWS:
         return target_probs_triton(logits, st)
     return target_probs_ref(logits, st)
 
