@@ -36,11 +36,11 @@ _MAX_NOISE_COLUMNS = 1 << 30  # keeps column * key below 2**62 in the int64 hash
 # Rounding in a cumulative sum must not decide whether a token sitting exactly on the top-p
 # boundary is in: a mass within this much of top_p counts as reaching it.
 _TOP_P_SLACK = 1e-6
-# target_probs runs its Triton kernel from this many rows on. The kernel walks a row with one
-# program, about a dozen passes in series, so at a few rows the sort's many programs finish
-# first (H100, 49,152 tokens, top-p 0.9: 165 against 284 us at 1 row, 635 against 290 at 64,
-# 7.9 against 2.4 ms at 1,024 rows; benchmarks/bench_sampling.py, 2026-12-05).
-KERNEL_MIN_ROWS = 64
+# Below this many rows target_probs spreads each row over many programs (target_probs_grid); from
+# it on, one program walks each row (target_probs_rowwise), which does less work per row. H100,
+# 49,152 tokens, top-p 0.9, us per call (benchmarks/bench_sampling.py, 2026-12-05): sort 168 / 342
+# / 637 at 1 / 16 / 64 rows, one program a row 287 / 293 / 289, the grid 76 / 184 / 236.
+GRID_MAX_ROWS = 64
 
 
 @dataclass
@@ -158,13 +158,16 @@ def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     softmax(logits / temperature), cut to top-k, renormalised, cut to the top-p nucleus (the
     most probable tokens whose mass reaches top_p; never empty), renormalised. Greedy rows
     (temperature 0) are one-hot at the argmax. Tie rule: see the module docstring.
-    The Triton kernel on CUDA (when Triton is installed) where the reference would sort whole
-    rows (``st.sort_width`` -1, as in the engine's graphs) of at least KERNEL_MIN_ROWS rows (a
-    verified tree's nodes at serving batch sizes); the PyTorch reference otherwise, whose top-k
-    selection of a small width beat the kernel at every row count measured.
+    A Triton kernel on CUDA (when Triton is installed) where the reference would sort whole rows
+    (``st.sort_width`` -1, as in the engine's graphs): the grid below GRID_MAX_ROWS rows (plain
+    decoding and batch 1's trees), one program a row from there on (a tree's nodes at serving
+    batch sizes). The PyTorch reference otherwise, whose top-k selection of a small width beat
+    the kernels at every row count measured.
     """
-    if logits.is_cuda and triton is not None and st.sort_width < 0 and logits.shape[0] >= KERNEL_MIN_ROWS:
-        return target_probs_triton(logits, st)
+    if logits.is_cuda and triton is not None and st.sort_width < 0:
+        if logits.shape[0] < GRID_MAX_ROWS:
+            return target_probs_grid(logits, st)
+        return target_probs_rowwise(logits, st)
     return target_probs_ref(logits, st)
 
 
@@ -347,7 +350,7 @@ def _require_kernel_device(name: str, x: torch.Tensor) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RowTile:
-    """How ``target_probs_triton`` walks a row: ``chunk`` columns a step, ``probes`` bit
+    """How ``target_probs_rowwise`` walks a row: ``chunk`` columns a step, ``probes`` bit
     patterns tested per search pass, ``num_warps`` warps a program. The default was the fastest
     of the four tiles bench_sampling tries, from 64 rows on (H100, 2026-12-05)."""
 
@@ -356,7 +359,7 @@ class RowTile:
     num_warps: int = 16
 
 
-def target_probs_triton(logits: torch.Tensor, st: SamplingTensors, tile: RowTile = RowTile()) -> torch.Tensor:
+def target_probs_rowwise(logits: torch.Tensor, st: SamplingTensors, tile: RowTile = RowTile()) -> torch.Tensor:
     """``target_probs_ref`` in one Triton launch, one program per row, without sorting. The
     probabilities differ only in the softmax's and the sums' rounding, and so do the kept tokens
     where a nucleus boundary lies within rounding of top_p's slack. Needs CUDA tensors (or
@@ -372,6 +375,283 @@ def target_probs_triton(logits: torch.Tensor, st: SamplingTensors, tile: RowTile
     chunk = min(tile.chunk, max(16, triton.next_power_of_2(vocab)))
     _target_probs_kernel[(rows,)](logits, logits.stride(0), st.temperature, st.top_k, st.top_p, out, out.stride(0),
                                   vocab, _TOP_P_SLACK, PROBES=tile.probes, CHUNK=chunk, num_warps=tile.num_warps)
+    return out
+
+
+# The grid version: a row spread over many programs (row, chunk), for the few rows of batch 1 as
+# much as for a big batch's trees. Each search pass is one launch whose programs write per-chunk
+# partials (counts or masses at every probe); the next launch's programs each add them up, in the
+# same order, so all of a row's programs agree on the narrowed interval, and then probe it again.
+# The passes are a fixed number: enough to narrow any probability's pattern interval to one.
+# Launches: the softmax's chunk statistics, the top-k passes, the top-p passes, the cut's kept
+# mass, the write; a row whose settings need no search skips its passes' work.
+
+_ONE_BITS = 0x3F800000  # 1.0, the largest probability's bit pattern
+
+
+def _search_passes(probes: int) -> int:
+    """Passes of ``probes`` probes that narrow any interval of probability bit patterns to one."""
+    passes, span = 0, 1
+    while span < _ONE_BITS + 1:
+        span *= probes + 1
+        passes += 1
+    return passes
+
+
+@_jit
+def _grid_stats_kernel(logits_ptr, stride_logits, temperature_ptr, out_ptr, stride_out, stats_ptr, argmax_ptr,
+                       vocab, num_chunks, CHUNK: tl.constexpr):
+    """Program (row, chunk): exp(z - chunk max) to out (z = logits / temperature, 1 for greedy
+    rows), and the chunk's (max, sum of those) and first argmax."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    temperature = tl.load(temperature_ptr + row)
+    temperature = tl.where(temperature > 0, temperature, 1.0)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    z = tl.load(logits_ptr + row * stride_logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    z = z / temperature
+    z_max = tl.max(z, axis=0)
+    e = tl.where(z > float("-inf"), tl.exp(z - z_max), 0.0)  # a chunk of masked tokens holds zeros
+    tl.store(out_ptr + row * stride_out + cols, e, mask=cols < vocab)
+    tl.store(stats_ptr + (row * num_chunks + chunk) * 2, z_max)
+    tl.store(stats_ptr + (row * num_chunks + chunk) * 2 + 1, tl.sum(e, axis=0))
+    tl.store(argmax_ptr + row * num_chunks + chunk, chunk * CHUNK + tl.argmax(z, axis=0, tie_break_left=True))
+
+
+@_jit
+def _grid_scale(stats_ptr, row, chunk, num_chunks, BLOCK_C: tl.constexpr):
+    """The factor that turns this chunk's stored exp(z - chunk max) into probabilities, and the
+    row's largest probability (exp(0) / denominator), from every chunk's statistics."""
+    c = tl.arange(0, BLOCK_C)
+    inside = c < num_chunks
+    chunk_max = tl.load(stats_ptr + (row * num_chunks + c) * 2, mask=inside, other=float("-inf"))
+    chunk_sum = tl.load(stats_ptr + (row * num_chunks + c) * 2 + 1, mask=inside, other=0.0)
+    z_max = tl.max(chunk_max, axis=0)
+    denominator = tl.sum(tl.where(chunk_sum > 0, chunk_sum * tl.exp(chunk_max - z_max), 0.0), axis=0)
+    own_max = tl.load(stats_ptr + (row * num_chunks + chunk) * 2)
+    return tl.exp(own_max - z_max) / denominator, 1.0 / denominator
+
+
+@_jit
+def _grid_row_sum(x_ptr, row, num_chunks, BLOCK_C: tl.constexpr):
+    c = tl.arange(0, BLOCK_C)
+    return tl.sum(tl.load(x_ptr + row * num_chunks + c, mask=c < num_chunks, other=0.0), axis=0)
+
+
+@_jit
+def _grid_narrowed(state_ptr, partial_ptr, row, num_chunks, need, PROBES: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BY_MASS: tl.constexpr):
+    """The interval (lo, hi) a pass probed, narrowed by its partials: by count (the k-th largest,
+    ``need`` = k: at least k values >= lo) or by mass (the nucleus, ``need`` = the mass to reach:
+    the mass strictly above hi falls short of it)."""
+    lo = tl.load(state_ptr + row * 2)
+    hi = tl.load(state_ptr + row * 2 + 1)
+    if hi - lo > 1:
+        probes, _ = _probe_thresholds(lo, hi, PROBES)
+        c = tl.arange(0, BLOCK_C)
+        partial = tl.load(partial_ptr + (row * num_chunks + c[:, None]) * PROBES + tl.arange(0, PROBES)[None, :],
+                          mask=(c < num_chunks)[:, None], other=0.0)
+        total = tl.sum(partial, axis=0)  # [PROBES], added in the same order by every program
+        if BY_MASS:
+            short = total < need
+            new_hi = tl.min(tl.where(short, probes, hi), axis=0)
+            new_lo = tl.max(tl.where(short, lo, probes), axis=0)
+        else:
+            enough = total >= need
+            new_lo = tl.max(tl.where(enough, probes, lo), axis=0)
+            new_hi = tl.min(tl.where(enough, hi, probes), axis=0)
+        lo = new_lo
+        hi = new_hi
+    return lo, hi
+
+
+@_jit
+def _grid_probe(out_row, start, vocab, scale, lo, hi, k_threshold, partial_ptr, row, chunk, num_chunks,
+                PROBES: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, BY_MASS: tl.constexpr):
+    """This chunk's partials at the probes of (lo, hi): tokens at or above each probe, or the
+    mass (of tokens >= k_threshold) strictly above each."""
+    _, thresholds = _probe_thresholds(lo, hi, PROBES)
+    # Each thread adds up its own cells; the one reduction across threads comes at the end.
+    partial = tl.zeros([SUB, PROBES], dtype=tl.float32)
+    for offset in range(0, CHUNK, SUB):
+        cols = start + offset + tl.arange(0, SUB)
+        p = tl.load(out_row + cols, mask=cols < vocab, other=-1.0) * scale  # padding: below every probe
+        if BY_MASS:
+            q = tl.where(p >= k_threshold, p, 0.0)
+            partial += tl.where(p[:, None] > thresholds[None, :], q[:, None], 0.0)
+        else:
+            partial += (p[:, None] >= thresholds[None, :]).to(tl.float32)
+    tl.store(partial_ptr + (row * num_chunks + chunk) * PROBES + tl.arange(0, PROBES), tl.sum(partial, axis=0))
+
+
+@_jit
+def _grid_search_kernel(out_ptr, stride_out, stats_ptr, temperature_ptr, top_k_ptr, top_p_ptr, state_in_ptr,
+                        state_out_ptr, partial_in_ptr, partial_out_ptr, kept_ptr, k_threshold_ptr, vocab,
+                        num_chunks, top_p_slack, TOP_P: tl.constexpr, FIRST: tl.constexpr, PROBES: tl.constexpr,
+                        CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (row, chunk), one pass of the top-k search (TOP_P false) or of the top-p search.
+    The first top-p pass also settles the top-k threshold and the mass it keeps (partials)."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    if tl.load(temperature_ptr + row) > 0:
+        scale, p_max = _grid_scale(stats_ptr, row, chunk, num_chunks, BLOCK_C)
+        out_row = out_ptr + row * stride_out
+        start = chunk * CHUNK
+        top_k = tl.load(top_k_ptr + row)
+        if not TOP_P:
+            if top_k > 0:
+                if FIRST:
+                    lo = tl.zeros([], dtype=tl.int64)  # at least k values >= 0.0
+                    hi = p_max.to(tl.int32, bitcast=True).to(tl.int64) + 1  # none above the maximum
+                else:
+                    lo, hi = _grid_narrowed(state_in_ptr, partial_in_ptr, row, num_chunks,
+                                            tl.minimum(top_k, vocab).to(tl.float32), PROBES, BLOCK_C, False)
+                if chunk == 0:
+                    tl.store(state_out_ptr + row * 2, lo)
+                    tl.store(state_out_ptr + row * 2 + 1, hi)
+                if hi - lo > 1:
+                    _grid_probe(out_row, start, vocab, scale, lo, hi, 0.0, partial_out_ptr, row, chunk, num_chunks,
+                                PROBES, CHUNK, SUB, False)
+        else:
+            if FIRST:
+                k_threshold = tl.zeros([], dtype=tl.float32)
+                if top_k > 0:
+                    k_lo, _ = _grid_narrowed(state_in_ptr, partial_in_ptr, row, num_chunks,
+                                             tl.minimum(top_k, vocab).to(tl.float32), PROBES, BLOCK_C, False)
+                    k_threshold = k_lo.to(tl.int32).to(tl.float32, bitcast=True)
+                if chunk == 0:
+                    tl.store(k_threshold_ptr + row, k_threshold)
+            else:
+                k_threshold = tl.load(k_threshold_ptr + row)
+            top_p = tl.load(top_p_ptr + row)
+            target = top_p - top_p_slack
+            if top_p < 1.0:
+                if target > 0:  # a nucleus to search (else the cut keeps the most probable tokens)
+                    if FIRST:
+                        cols = start + tl.arange(0, CHUNK)
+                        p = tl.load(out_row + cols, mask=cols < vocab, other=0.0) * scale
+                        tl.store(kept_ptr + row * num_chunks + chunk, tl.sum(tl.where(p >= k_threshold, p, 0.0), axis=0))
+                        # 0.0 is taken as "the mass above reaches target": where even all of it falls
+                        # short, the search ends at the smallest positive pattern (every token kept).
+                        lo = tl.zeros([], dtype=tl.int64)
+                        hi = p_max.to(tl.int32, bitcast=True).to(tl.int64)  # nothing lies above the maximum
+                    else:
+                        need = target * _grid_row_sum(kept_ptr, row, num_chunks, BLOCK_C)
+                        lo, hi = _grid_narrowed(state_in_ptr, partial_in_ptr, row, num_chunks, need, PROBES, BLOCK_C, True)
+                    if chunk == 0:
+                        tl.store(state_out_ptr + row * 2, lo)
+                        tl.store(state_out_ptr + row * 2 + 1, hi)
+                    if hi - lo > 1:
+                        _grid_probe(out_row, start, vocab, scale, lo, hi, k_threshold, partial_out_ptr, row, chunk,
+                                    num_chunks, PROBES, CHUNK, SUB, True)
+
+
+@_jit
+def _grid_cut_kernel(out_ptr, stride_out, stats_ptr, temperature_ptr, top_p_ptr, state_ptr, partial_ptr, kept_ptr,
+                     k_threshold_ptr, threshold_ptr, sums_ptr, vocab, num_chunks, top_p_slack, PROBES: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (row, chunk): the last narrowing gives the nucleus's least member; the row's
+    threshold is the larger of the two cuts; this chunk's mass at or above it."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    if tl.load(temperature_ptr + row) > 0:
+        scale, p_max = _grid_scale(stats_ptr, row, chunk, num_chunks, BLOCK_C)
+        threshold = tl.load(k_threshold_ptr + row)
+        top_p = tl.load(top_p_ptr + row)
+        if top_p < 1.0:
+            target = top_p - top_p_slack
+            p_threshold = p_max  # a target of zero or less keeps only the most probable tokens
+            if target > 0:
+                need = target * _grid_row_sum(kept_ptr, row, num_chunks, BLOCK_C)
+                _, hi = _grid_narrowed(state_ptr, partial_ptr, row, num_chunks, need, PROBES, BLOCK_C, True)
+                p_threshold = hi.to(tl.int32).to(tl.float32, bitcast=True)
+            threshold = tl.maximum(threshold, p_threshold)
+        if chunk == 0:
+            tl.store(threshold_ptr + row, threshold)
+        cols = chunk * CHUNK + tl.arange(0, CHUNK)
+        p = tl.load(out_ptr + row * stride_out + cols, mask=cols < vocab, other=0.0) * scale
+        tl.store(sums_ptr + row * num_chunks + chunk, tl.sum(tl.where(p >= threshold, p, 0.0), axis=0))
+
+
+@_jit
+def _grid_write_kernel(out_ptr, stride_out, stats_ptr, argmax_ptr, temperature_ptr, threshold_ptr, sums_ptr, vocab,
+                       num_chunks, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (row, chunk): the kept probabilities renormalised, or greedy's one-hot."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    out_cols = out_ptr + row * stride_out + cols
+    if tl.load(temperature_ptr + row) > 0:
+        scale, _ = _grid_scale(stats_ptr, row, chunk, num_chunks, BLOCK_C)
+        threshold = tl.load(threshold_ptr + row)
+        total = _grid_row_sum(sums_ptr, row, num_chunks, BLOCK_C)
+        p = tl.load(out_cols, mask=cols < vocab, other=0.0) * scale
+        tl.store(out_cols, tl.where(p >= threshold, p, 0.0) / total, mask=cols < vocab)
+    else:  # one-hot at the first maximum: the first chunk holding it (chunks are in column order)
+        c = tl.arange(0, BLOCK_C)
+        chunk_max = tl.load(stats_ptr + (row * num_chunks + c) * 2, mask=c < num_chunks, other=float("-inf"))
+        best = tl.load(argmax_ptr + row * num_chunks + tl.argmax(chunk_max, axis=0, tie_break_left=True))
+        tl.store(out_cols, tl.where(cols == best, 1.0, 0.0), mask=cols < vocab)
+
+
+@dataclass(frozen=True, slots=True)
+class GridTile:
+    """How ``target_probs_grid`` spreads a row: ``chunk`` columns a program, ``probes`` bit
+    patterns tested per search pass, compared ``sub`` columns at a time, ``num_warps`` warps a
+    program. The default was the fastest tile of bench_sampling's at 1 and 4 rows (H100, 2026-12-05)."""
+
+    chunk: int = 1024
+    probes: int = 64
+    sub: int = 64
+    num_warps: int = 4
+
+
+def target_probs_grid(logits: torch.Tensor, st: SamplingTensors, tile: GridTile = GridTile()) -> torch.Tensor:
+    """``target_probs_ref`` without sorting, a row over many programs (see above). The
+    probabilities differ only in the softmax's and the sums' rounding, and so do the kept tokens
+    where a nucleus boundary lies within rounding of top_p's slack. Needs CUDA tensors (or
+    TRITON_INTERPRET=1)."""
+    _check_target_inputs(logits, st)
+    _require_kernel_device("target_probs", logits)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    device = logits.device
+    out = torch.empty((rows, vocab), dtype=torch.float32, device=device)
+    if rows == 0 or vocab == 0:
+        return out
+    chunk = min(tile.chunk, max(16, triton.next_power_of_2(vocab)))
+    sub = min(tile.sub, chunk)
+    num_chunks = triton.cdiv(vocab, chunk)
+    block_c = max(2, triton.next_power_of_2(num_chunks))
+    stats = torch.empty((rows, num_chunks, 2), dtype=torch.float32, device=device)
+    argmax = torch.empty((rows, num_chunks), dtype=torch.int32, device=device)
+    # Two of each, in turn: a pass reads its predecessor's while its own programs write.
+    states = torch.empty((2, rows, 2), dtype=torch.int64, device=device)
+    partials = torch.empty((2, rows, num_chunks, tile.probes), dtype=torch.float32, device=device)
+    kept = torch.empty((rows, num_chunks), dtype=torch.float32, device=device)
+    sums = torch.empty((rows, num_chunks), dtype=torch.float32, device=device)
+    k_threshold = torch.empty(rows, dtype=torch.float32, device=device)
+    threshold = torch.empty(rows, dtype=torch.float32, device=device)
+    grid = (rows, num_chunks)
+    warps = {"num_warps": tile.num_warps}
+    _grid_stats_kernel[grid](logits, logits.stride(0), st.temperature, out, out.stride(0), stats, argmax, vocab,
+                             num_chunks, CHUNK=chunk, **warps)
+    passes = 0
+    for by_mass in (False, True):
+        for i in range(_search_passes(tile.probes)):
+            _grid_search_kernel[grid](out, out.stride(0), stats, st.temperature, st.top_k, st.top_p,
+                                      states[(passes + 1) % 2], states[passes % 2], partials[(passes + 1) % 2],
+                                      partials[passes % 2], kept, k_threshold, vocab, num_chunks, _TOP_P_SLACK,
+                                      TOP_P=by_mass, FIRST=i == 0, PROBES=tile.probes, CHUNK=chunk, SUB=sub,
+                                      BLOCK_C=block_c, **warps)
+            passes += 1
+    last = (passes + 1) % 2
+    _grid_cut_kernel[grid](out, out.stride(0), stats, st.temperature, st.top_p, states[last], partials[last], kept,
+                           k_threshold, threshold, sums, vocab, num_chunks, _TOP_P_SLACK, PROBES=tile.probes,
+                           CHUNK=chunk, BLOCK_C=block_c, **warps)
+    _grid_write_kernel[grid](out, out.stride(0), stats, argmax, st.temperature, threshold, sums, vocab, num_chunks,
+                             CHUNK=chunk, BLOCK_C=block_c, **warps)
     return out
 
 

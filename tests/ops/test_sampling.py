@@ -156,11 +156,18 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution():
     assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
+# The kernels, each with its default tile, and the grid with small chunks: 12 chunks a row, so
+# every cross-chunk sum and argmax has something to add up, and with few probes: 10 passes a search.
+KERNELS = {"rows": S.target_probs_rowwise, "grid": S.target_probs_grid,
+           "grid-small-chunks": lambda logits, st: S.target_probs_grid(logits, st, S.GridTile(256, 8, 32, 4))}
+
+
 @needs_triton_kernels
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("vocab", [37, 3001])
-def test_triton_target_probs_keeps_the_same_tokens_as_the_reference(vocab):
-    """One launch over rows of mixed settings (greedy, top-k, top-p, both, none, a top-k past the
-    vocabulary, a vanishing top-p) with ties at the top and inside, and masked tokens."""
+def test_triton_target_probs_keeps_the_same_tokens_as_the_reference(vocab, kernel):
+    """Rows of mixed settings (greedy, top-k, top-p, both, none, a top-k past the vocabulary, a
+    vanishing top-p) with ties at the top and inside, and masked tokens, in one call."""
     gen = torch.Generator().manual_seed(vocab)
     rows = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 3, 0.6), (1.0, 50, 0.95), (0.0, 2, 0.5),
             (2.0, 1, 1.0), (1.0, 0, 1e-9), (0.7, 0, 0.9), (1.0, 9999, 0.9)]
@@ -172,21 +179,22 @@ def test_triton_target_probs_keeps_the_same_tokens_as_the_reference(vocab):
     params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in rows]
     st = SamplingTensors.from_params(params, [0] * len(rows), DEVICE)
     want = S.target_probs_ref(logits.to(DEVICE), st).cpu()
-    got = S.target_probs_triton(logits.to(DEVICE), st).cpu()
+    got = KERNELS[kernel](logits.to(DEVICE), st).cpu()
     assert torch.equal(got > 0, want > 0)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert got[5].tolist() == [1.0 if i == 7 else 0.0 for i in range(vocab)]
 
 
 @needs_triton_kernels
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("top_p, kept", [(0.75, 2), (0.75 - 1e-4, 2), (0.75 + 1e-4, 4), (0.5, 1),
                                          (0.5 + 1e-4, 2), (1e-7, 1), (0.875, 4), (1.0, 4)])
-def test_triton_target_probs_top_p_boundaries(top_p, kept):
+def test_triton_target_probs_top_p_boundaries(top_p, kept, kernel):
     # As test_top_p_boundaries: 1/2, 1/4, 1/8, 1/8 (the last two tie), now through the kernel,
     # with and without a top-k of 3 that the tie overrides.
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]] * 2)).to(DEVICE)
     params = [SamplingParams(temperature=1.0, top_p=top_p), SamplingParams(temperature=1.0, top_k=3, top_p=top_p)]
-    probs = S.target_probs_triton(logits, SamplingTensors.from_params(params, [0, 0], DEVICE)).cpu()
+    probs = KERNELS[kernel](logits, SamplingTensors.from_params(params, [0, 0], DEVICE)).cpu()
     assert (probs > 0).sum(1).tolist() == [kept, kept]
     assert probs.sum(1).tolist() == pytest.approx([1.0, 1.0])
 
