@@ -7,7 +7,7 @@ thresholds instead. This times both, and the whole ``sample`` (distribution plus
 draw), as the replay of a CUDA graph, for temperature 0.7 with top-p 0.9 (and top-k 50 with it),
 and counts the rows where the two keep different tokens (with the float64 answer beside).
 
-    python benchmarks/bench_sampling.py [--out DIR] [--rows 1,16,64,256,1024] [--vocabs 49152,128256]
+    python benchmarks/bench_sampling.py [--out DIR] [--rows 1,4,16,64,256,1024] [--vocabs 49152,128256]
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ from eaglespec.ops import sampling as S  # noqa: E402
 
 SETTINGS = {"t0.7-p0.9": SamplingParams(temperature=0.7, top_p=0.9),
             "t0.7-k50-p0.9": SamplingParams(temperature=0.7, top_k=50, top_p=0.9)}
-KERNELS = {"rows 8192/8/16": lambda logits, st: S.target_probs_rowwise(logits, st, S.RowTile(8192, 8, 16))}
-KERNELS.update({f"grid {t.chunk}/{t.probes}/{t.sub}/{t.num_warps}": lambda logits, st, t=t: S.target_probs_grid(logits, st, t)
-                for t in [S.GridTile(1024, 64, 64, 4), S.GridTile(2048, 64, 64, 4), S.GridTile(1024, 256, 16, 4),
-                          S.GridTile(2048, 256, 32, 8), S.GridTile(4096, 16, 128, 8), S.GridTile(8192, 8, 256, 8)]})
+TILES = [S.FEW_ROWS_TILE, S.MANY_ROWS_TILE, S.GridTile(2048, 64, 64, 4), S.GridTile(4096, 16, 128, 8)]
 
 
 def float64_kept(logits_row: torch.Tensor, params: SamplingParams) -> tuple[int, float]:
@@ -59,7 +56,7 @@ def main(argv=None) -> None:
             logits = torch.randn(rows, vocab, device=dev) * 3
             for name, params in SETTINGS.items():
                 st = S.SamplingTensors.from_params([params] * rows, list(range(rows)), dev)
-                ref, kernel = S.target_probs_ref(logits, st), S.target_probs_grid(logits, st)
+                ref, kernel = S.target_probs_ref(logits, st), S.target_probs_triton(logits, st)
                 differ = ((ref > 0) != (kernel > 0)).any(1).nonzero().flatten().tolist()
                 differing = [{"sort_kept": int((ref[r] > 0).sum()), "kernel_kept": int((kernel[r] > 0).sum()),
                               "float64_kept_and_gap": float64_kept(logits[r], params)} for r in differ[:4]]
@@ -69,11 +66,12 @@ def main(argv=None) -> None:
                        "max_abs_diff": float((ref - kernel).abs().max()),
                        "ref_us": time_graph(lambda: S.target_probs_ref(logits, st), 1),
                        "sample_us": time_graph(lambda: S.sample(logits, st), 1),
-                       "kernel_us": {name: time_graph(lambda k=k: k(logits, st), 1) for name, k in KERNELS.items()}}
+                       "kernel_us": {f"{t.chunk}/{t.probes}/{t.sub}/{t.num_warps}": time_graph(
+                           lambda t=t: S.target_probs_triton(logits, st, t), 1) for t in TILES}}
                 results.append(row)
                 times = "  ".join(f"{k} {v:7.1f}" for k, v in row["kernel_us"].items())
                 print(f"vocab {vocab:6d} rows {rows:4d} {name:14s} kept {row['kept_tokens_mean']:7.1f}  "
-                      f"sort {row['ref_us']:8.1f} us  {times}  "
+                      f"sort {row['ref_us']:8.1f} us  kernel (chunk/probes/sub/warps) {times}  "
                       f"sample {row['sample_us']:7.1f}  differ {len(differ)} {differing[:2]}", flush=True)
     print("wrote", write_result("sampling-target-probs", {"rows": results}, dev, args.out))
 

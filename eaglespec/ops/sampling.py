@@ -36,11 +36,6 @@ _MAX_NOISE_COLUMNS = 1 << 30  # keeps column * key below 2**62 in the int64 hash
 # Rounding in a cumulative sum must not decide whether a token sitting exactly on the top-p
 # boundary is in: a mass within this much of top_p counts as reaching it.
 _TOP_P_SLACK = 1e-6
-# Below this many rows target_probs spreads each row over many programs (target_probs_grid); from
-# it on, one program walks each row (target_probs_rowwise), which does less work per row. H100,
-# 49,152 tokens, top-p 0.9, us per call (benchmarks/bench_sampling.py, 2026-12-05): sort 168 / 342
-# / 637 at 1 / 16 / 64 rows, one program a row 287 / 293 / 289, the grid 76 / 184 / 236.
-GRID_MAX_ROWS = 64
 
 
 @dataclass
@@ -158,16 +153,12 @@ def target_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     softmax(logits / temperature), cut to top-k, renormalised, cut to the top-p nucleus (the
     most probable tokens whose mass reaches top_p; never empty), renormalised. Greedy rows
     (temperature 0) are one-hot at the argmax. Tie rule: see the module docstring.
-    A Triton kernel on CUDA (when Triton is installed) where the reference would sort whole rows
-    (``st.sort_width`` -1, as in the engine's graphs): the grid below GRID_MAX_ROWS rows (plain
-    decoding and batch 1's trees), one program a row from there on (a tree's nodes at serving
-    batch sizes). The PyTorch reference otherwise, whose top-k selection of a small width beat
-    the kernels at every row count measured.
+    The Triton kernel on CUDA (when Triton is installed) where the reference would sort whole
+    rows (``st.sort_width`` -1, as in the engine's graphs); the PyTorch reference otherwise,
+    whose top-k selection of a small width beat the kernel at every row count measured.
     """
     if logits.is_cuda and triton is not None and st.sort_width < 0:
-        if logits.shape[0] < GRID_MAX_ROWS:
-            return target_probs_grid(logits, st)
-        return target_probs_rowwise(logits, st)
+        return target_probs_triton(logits, st)
     return target_probs_ref(logits, st)
 
 
@@ -218,9 +209,15 @@ def _cut_top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
 
 # The kernel's cuts without a sort. Probabilities are non-negative floats, whose bit patterns
 # order like their values, so each threshold is found by searching bit patterns: a pass over the
-# row tests ``RowTile.probes`` evenly spaced patterns at once (how many tokens lie at or above each
-# for top-k; how much kept mass lies above each for top-p), which narrows the interval (probes + 1)-fold.
-# About ten passes pin a threshold exactly, to a value the row holds.
+# row tests ``GridTile.probes`` evenly spaced patterns at once (how many tokens lie at or above each
+# for top-k; how much kept mass lies above each for top-p), which narrows the interval
+# (probes + 1)-fold; a fixed number of passes pins a threshold exactly, to a value the row holds.
+# A row is spread over many programs (row, chunk), for the few rows of batch 1 as much as for a
+# big batch's trees. Each search pass is one launch whose programs write per-chunk partials
+# (counts or masses at every probe); the next launch's programs each add them up, in the same
+# order, so all of a row's programs agree on the narrowed interval, and then probe it again.
+# Launches: the softmax's chunk statistics, the top-k passes, the top-p passes, the cut's kept
+# mass, the write; a row whose settings need no search skips its passes' work.
 
 
 @_jit
@@ -230,161 +227,14 @@ def _probe_thresholds(lo, hi, PROBES: tl.constexpr):
     return probes, probes.to(tl.int32).to(tl.float32, bitcast=True)
 
 
-@_jit
-def _kth_largest(row_ptr, vocab, k, p_max, PROBES: tl.constexpr, CHUNK: tl.constexpr):
-    """The k-th largest value of the row (1 <= k <= vocab): the largest value t it holds with at
-    least k values >= t."""
-    lo = tl.zeros([], dtype=tl.int64)  # at least k values >= 0.0
-    hi = p_max.to(tl.int32, bitcast=True).to(tl.int64) + 1  # none above the maximum
-    while hi - lo > 1:
-        probes, thresholds = _probe_thresholds(lo, hi, PROBES)
-        count = tl.zeros([PROBES], dtype=tl.int32)
-        for start in range(0, vocab, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            p = tl.load(row_ptr + cols, mask=cols < vocab, other=-1.0)
-            count += tl.sum((p[:, None] >= thresholds[None, :]).to(tl.int32), axis=0)
-        enough = count >= k
-        lo = tl.max(tl.where(enough, probes, lo), axis=0)
-        hi = tl.min(tl.where(enough, hi, probes), axis=0)
-    return lo.to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@_jit
-def _nucleus_least(row_ptr, vocab, k_threshold, kept_mass, target, p_max, PROBES: tl.constexpr,
-                   CHUNK: tl.constexpr):
-    """The least member of the top-p nucleus: the smallest value t the row holds whose strictly
-    more probable tokens (among those >= k_threshold, each divided by kept_mass) sum below target."""
-    # 0.0 is taken as "mass above reaches target": where even all the mass falls short, the
-    # search ends at the smallest positive pattern, which keeps every positive token, as the sort does.
-    lo = tl.zeros([], dtype=tl.int64)
-    hi = p_max.to(tl.int32, bitcast=True).to(tl.int64)  # nothing lies above the maximum
-    while hi - lo > 1:
-        probes, thresholds = _probe_thresholds(lo, hi, PROBES)
-        mass = tl.zeros([PROBES], dtype=tl.float32)
-        for start in range(0, vocab, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            p = tl.load(row_ptr + cols, mask=cols < vocab, other=0.0)
-            q = tl.where(p >= k_threshold, p / kept_mass, 0.0)
-            mass += tl.sum(tl.where(p[:, None] > thresholds[None, :], q[:, None], 0.0), axis=0)
-        short = mass < target
-        hi = tl.min(tl.where(short, probes, hi), axis=0)
-        lo = tl.max(tl.where(short, lo, probes), axis=0)
-    return hi.to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@_jit
-def _target_probs_kernel(logits_ptr, stride_logits, temperature_ptr, top_k_ptr, top_p_ptr, out_ptr, stride_out,
-                         vocab, top_p_slack, PROBES: tl.constexpr, CHUNK: tl.constexpr):
-    """Program (row,): ``target_probs_ref`` of one row, written to out. The softmax goes to out
-    first; the threshold searches re-read it (a row stays in L2) and the last pass cuts it."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * stride_logits
-    out_row = out_ptr + row * stride_out
-    temperature = tl.load(temperature_ptr + row)
-    if temperature <= 0:  # greedy: one-hot at the first maximum
-        best_val = tl.full([], float("-inf"), tl.float32)
-        best_idx = tl.zeros([], dtype=tl.int32)
-        for start in range(0, vocab, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            x = tl.load(x_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-            chunk_best = tl.max(x, axis=0)
-            better = chunk_best > best_val  # strict: an earlier chunk keeps a tie
-            best_idx = tl.where(better, start + tl.argmax(x, axis=0, tie_break_left=True), best_idx)
-            best_val = tl.where(better, chunk_best, best_val)
-        for start in range(0, vocab, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            tl.store(out_row + cols, tl.where(cols == best_idx, 1.0, 0.0), mask=cols < vocab)
-    else:
-        # Softmax in one pass for its two sums (a running maximum rescales the running sum).
-        z_max = tl.full([], float("-inf"), tl.float32)
-        denominator = tl.zeros([], dtype=tl.float32)
-        for start in range(0, vocab, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            z = tl.load(x_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) / temperature
-            new_max = tl.maximum(z_max, tl.max(z, axis=0))
-            denominator = denominator * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-            z_max = new_max
-        total = tl.zeros([], dtype=tl.float32)  # the mass kept so far: all of it
-        for start in range(0, vocab, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            z = tl.load(x_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) / temperature
-            p = tl.exp(z - z_max) / denominator
-            total += tl.sum(p, axis=0)
-            tl.store(out_row + cols, p, mask=cols < vocab)
-        p_max = 1.0 / denominator  # exp(0) / denominator: the most probable token's p
-        top_k = tl.load(top_k_ptr + row)
-        top_p = tl.load(top_p_ptr + row)
-        threshold = tl.zeros([], dtype=tl.float32)
-        if top_k > 0:
-            threshold = _kth_largest(out_row, vocab, tl.minimum(top_k, vocab), p_max, PROBES, CHUNK)
-            total = tl.zeros([], dtype=tl.float32)
-            for start in range(0, vocab, CHUNK):
-                cols = start + tl.arange(0, CHUNK)
-                p = tl.load(out_row + cols, mask=cols < vocab, other=0.0)
-                total += tl.sum(tl.where(p >= threshold, p, 0.0), axis=0)
-        if top_p < 1.0:
-            target = top_p - top_p_slack
-            p_threshold = p_max  # a target of zero or less keeps only the most probable tokens
-            if target > 0:
-                p_threshold = _nucleus_least(out_row, vocab, threshold, total, target, p_max, PROBES, CHUNK)
-            threshold = tl.maximum(threshold, p_threshold)
-            total = tl.zeros([], dtype=tl.float32)
-            for start in range(0, vocab, CHUNK):
-                cols = start + tl.arange(0, CHUNK)
-                p = tl.load(out_row + cols, mask=cols < vocab, other=0.0)
-                total += tl.sum(tl.where(p >= threshold, p, 0.0), axis=0)
-        for start in range(0, vocab, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            p = tl.load(out_row + cols, mask=cols < vocab, other=0.0)
-            tl.store(out_row + cols, tl.where(p >= threshold, p, 0.0) / total, mask=cols < vocab)
-
-
 def _require_kernel_device(name: str, x: torch.Tensor) -> None:
     """``name``_triton runs where Triton does: on CUDA tensors, or on the CPU under TRITON_INTERPRET=1."""
     if triton is None:
         raise RuntimeError(f"triton is not installed: use {name}_ref")
-    if not x.is_cuda and not interpreted(_target_probs_kernel):
+    if not x.is_cuda and not interpreted(_grid_stats_kernel):
         raise ValueError(f"{name}_triton needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
                          f"to run it on the CPU")
 
-
-@dataclass(frozen=True, slots=True)
-class RowTile:
-    """How ``target_probs_rowwise`` walks a row: ``chunk`` columns a step, ``probes`` bit
-    patterns tested per search pass, ``num_warps`` warps a program. The default was the fastest
-    of the four tiles bench_sampling tries, from 64 rows on (H100, 2026-12-05)."""
-
-    chunk: int = 8192
-    probes: int = 8
-    num_warps: int = 16
-
-
-def target_probs_rowwise(logits: torch.Tensor, st: SamplingTensors, tile: RowTile = RowTile()) -> torch.Tensor:
-    """``target_probs_ref`` in one Triton launch, one program per row, without sorting. The
-    probabilities differ only in the softmax's and the sums' rounding, and so do the kept tokens
-    where a nucleus boundary lies within rounding of top_p's slack. Needs CUDA tensors (or
-    TRITON_INTERPRET=1)."""
-    _check_target_inputs(logits, st)
-    _require_kernel_device("target_probs", logits)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    rows, vocab = logits.shape
-    out = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
-    if rows == 0 or vocab == 0:
-        return out
-    chunk = min(tile.chunk, max(16, triton.next_power_of_2(vocab)))
-    _target_probs_kernel[(rows,)](logits, logits.stride(0), st.temperature, st.top_k, st.top_p, out, out.stride(0),
-                                  vocab, _TOP_P_SLACK, PROBES=tile.probes, CHUNK=chunk, num_warps=tile.num_warps)
-    return out
-
-
-# The grid version: a row spread over many programs (row, chunk), for the few rows of batch 1 as
-# much as for a big batch's trees. Each search pass is one launch whose programs write per-chunk
-# partials (counts or masses at every probe); the next launch's programs each add them up, in the
-# same order, so all of a row's programs agree on the narrowed interval, and then probe it again.
-# The passes are a fixed number: enough to narrow any probability's pattern interval to one.
-# Launches: the softmax's chunk statistics, the top-k passes, the top-p passes, the cut's kept
-# mass, the write; a row whose settings need no search skips its passes' work.
 
 _ONE_BITS = 0x3F800000  # 1.0, the largest probability's bit pattern
 
@@ -596,21 +446,30 @@ def _grid_write_kernel(out_ptr, stride_out, stats_ptr, argmax_ptr, temperature_p
 
 @dataclass(frozen=True, slots=True)
 class GridTile:
-    """How ``target_probs_grid`` spreads a row: ``chunk`` columns a program, ``probes`` bit
+    """How ``target_probs_triton`` spreads a row: ``chunk`` columns a program, ``probes`` bit
     patterns tested per search pass, compared ``sub`` columns at a time, ``num_warps`` warps a
-    program. The default was the fastest tile of bench_sampling's at 1 and 4 rows (H100, 2026-12-05)."""
+    program."""
 
-    chunk: int = 1024
-    probes: int = 64
-    sub: int = 64
-    num_warps: int = 4
+    chunk: int
+    probes: int
+    sub: int
+    num_warps: int
 
 
-def target_probs_grid(logits: torch.Tensor, st: SamplingTensors, tile: GridTile = GridTile()) -> torch.Tensor:
-    """``target_probs_ref`` without sorting, a row over many programs (see above). The
-    probabilities differ only in the softmax's and the sums' rounding, and so do the kept tokens
-    where a nucleus boundary lies within rounding of top_p's slack. Needs CUDA tensors (or
-    TRITON_INTERPRET=1)."""
+# The fastest of bench_sampling's tiles (H200, 49,152 tokens, top-p 0.9, 2026-12-05): few rows are
+# bound by the launches, so fewer passes of more probes pay (73 us at 1 row, 85 at 4, where the
+# other took 136 and 140); from 16 rows on the work is, so fewer probes over bigger chunks pay
+# (143 us at 16 rows, 182 at 64, 2.0 ms at 1,024, where the first took 181, 601 and 9.1 ms).
+FEW_ROWS_TILE = GridTile(chunk=1024, probes=64, sub=64, num_warps=4)
+MANY_ROWS_TILE = GridTile(chunk=8192, probes=8, sub=256, num_warps=8)
+MANY_ROWS = 16
+
+
+def target_probs_triton(logits: torch.Tensor, st: SamplingTensors, tile: GridTile | None = None) -> torch.Tensor:
+    """``target_probs_ref`` without sorting (see above); ``tile`` None picks one by the number
+    of rows. The probabilities differ only in the softmax's and the sums' rounding, and so do
+    the kept tokens where a nucleus boundary lies within rounding of top_p's slack. Needs CUDA
+    tensors (or TRITON_INTERPRET=1)."""
     _check_target_inputs(logits, st)
     _require_kernel_device("target_probs", logits)
     if logits.stride(1) != 1:
@@ -620,6 +479,8 @@ def target_probs_grid(logits: torch.Tensor, st: SamplingTensors, tile: GridTile 
     out = torch.empty((rows, vocab), dtype=torch.float32, device=device)
     if rows == 0 or vocab == 0:
         return out
+    if tile is None:
+        tile = MANY_ROWS_TILE if rows >= MANY_ROWS else FEW_ROWS_TILE
     chunk = min(tile.chunk, max(16, triton.next_power_of_2(vocab)))
     sub = min(tile.sub, chunk)
     num_chunks = triton.cdiv(vocab, chunk)

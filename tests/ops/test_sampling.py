@@ -156,10 +156,11 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution():
     assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
-# The kernels, each with its default tile, and the grid with small chunks: 12 chunks a row, so
-# every cross-chunk sum and argmax has something to add up, and with few probes: 10 passes a search.
-KERNELS = {"rows": S.target_probs_rowwise, "grid": S.target_probs_grid,
-           "grid-small-chunks": lambda logits, st: S.target_probs_grid(logits, st, S.GridTile(256, 8, 32, 4))}
+# The kernel with each of its tiles, and with small chunks: 12 chunks a row, so every cross-chunk
+# sum and argmax has something to add up.
+KERNELS = {"few-rows": lambda logits, st: S.target_probs_triton(logits, st, S.FEW_ROWS_TILE),
+           "many-rows": lambda logits, st: S.target_probs_triton(logits, st, S.MANY_ROWS_TILE),
+           "small-chunks": lambda logits, st: S.target_probs_triton(logits, st, S.GridTile(256, 8, 32, 4))}
 
 
 @needs_triton_kernels
