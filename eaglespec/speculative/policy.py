@@ -29,6 +29,12 @@ that accepts little) the tree looks worse than it is for hundreds of steps; the 
 correct that, as it rescales every tree alike (H100, SmolLM2, batch 1: auto believed 2.9-3.3
 tokens per step for dynamic:5,8,32, which alone yields 4.0). With a prior the ease also has an
 absolute reference: drafts accepted over what the head accepts on its evaluation set.
+Sampled steps start from the same greedy priors. Sampling accepts less, by about the same
+factor for every tree: the ease (its own for sampled steps) learns that factor within a few
+steps of any tree, and each tree's mean moves to its sampled value as it runs. Without the
+priors a tree's sampled mean came from its first trials alone (H200, SmolLM2, batch 1,
+temperature 0.7: auto believed 2.26 tokens per step for dynamic:4,6,15, which alone yields 2.84,
+and ran 1.10-1.22x where that tree ran 1.24-1.27x).
 
 Step times may be seeded at start-up (``seed``: on a GPU, the replay time of every captured
 graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines them, from steady
@@ -167,6 +173,7 @@ class SpeculationPolicy:
     explore_every: int = 8  # one exploring epoch in this many, per bucket, while exploring changes the leader
     explore_backoff: int = 2  # at most this many times fewer while it does not
     priors: dict[str, float] = field(default_factory=dict)  # tree -> accepted drafts per greedy step, measured offline
+    # (the starting mean of greedy and sampled steps alike)
     prior_steps: int = 32  # steps of a tree's own that a prior weighs as much as
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
     _drafts: dict[tuple, _Mean] = field(default_factory=dict)  # (tree, greedy) -> accepted drafts / sequence / step
@@ -202,8 +209,9 @@ class SpeculationPolicy:
                              f"got {self.priors}")
         if self.prior_steps < 1:
             raise ValueError(f"SpeculationPolicy.prior_steps must be >= 1, got {self.prior_steps}")
-        for tree, drafts in self.priors.items():
-            self._drafts[(tree, True)] = _Mean(drafts, self.prior_steps)
+        for tree, drafts in self.priors.items():  # greedy and sampled steps alike (see the module docstring)
+            for greedy in (True, False):
+                self._drafts[(tree, greedy)] = _Mean(drafts, self.prior_steps)
 
     @property
     def choices(self) -> list[str]:
