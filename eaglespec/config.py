@@ -12,6 +12,11 @@ import re
 from dataclasses import dataclass
 
 
+def default_eagle3_layers(num_layers: int) -> tuple[int, ...]:
+    """The decoder layers whose inputs feed an EAGLE-3 head unless it says otherwise: 2, N//2, N-3."""
+    return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
+
+
 @dataclass(slots=True)
 class LlamaConfig:
     """Shape of a dense Llama 2 / 3.x decoder."""
@@ -57,9 +62,7 @@ class LlamaConfig:
             if kind == "llama3" and missing:
                 raise ValueError(f"LlamaConfig.rope_scaling: llama3 scaling needs {missing}")
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
-        if not self.eagle3_layers:
-            n = self.num_layers
-            self.eagle3_layers = (min(2, n - 1), n // 2, max(n - 3, 0))
+        self.eagle3_layers = tuple(self.eagle3_layers) or default_eagle3_layers(self.num_layers)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "LlamaConfig":

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eaglespec.config import LlamaConfig
+from eaglespec.config import LlamaConfig, default_eagle3_layers
 from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import AttentionStep
 from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, RMSNorm,
@@ -58,10 +58,19 @@ class EagleConfig:
     # EAGLE-1: the most frequent target tokens of its ranking (it borrows the target's lm_head).
     draft_vocab_size: int = 0
     target_hidden_size: int = 0  # 0: same as the draft's hidden size
+    # EAGLE-3: the target decoder layers whose inputs the head reads (vLLM's
+    # eagle_aux_hidden_state_layer_ids); empty: the target's default (2, N//2, N-3).
+    target_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("eagle1", "eagle3"):
             raise ValueError(f"EagleConfig.kind must be eagle1 or eagle3, got {self.kind!r}")
+        self.target_layers = tuple(self.target_layers)
+        if self.target_layers and (self.kind != "eagle3" or len(self.target_layers) != 3
+                                   or any(not isinstance(t, int) or t < 0 for t in self.target_layers)):
+            raise ValueError(f"EagleConfig.target_layers (eagle_aux_hidden_state_layer_ids) must be three layer "
+                             f"indices >= 0 of an EAGLE-3 head's target, got {list(self.target_layers)} for a "
+                             f"{self.kind} head")
         if self.kind == "eagle3" and self.layer.num_layers != 1:
             raise ValueError("EAGLE-3 heads have exactly one decoder layer (midlayer)")
         if not 0 <= self.draft_vocab_size <= self.layer.vocab_size:
@@ -83,9 +92,11 @@ class EagleConfig:
         is3 = any("Eagle3" in a for a in archs) or ("draft_vocab_size" in cfg and "LlamaForCausalLM" not in archs)
         layer_dict = dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama")
         layer = LlamaConfig.from_hf_dict(layer_dict)
+        taps = cfg.get("eagle_aux_hidden_state_layer_ids") or \
+            (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or ()
         return cls(kind="eagle3" if is3 else "eagle1", layer=layer, fc_bias=bool(cfg.get("bias", False)),
                    draft_vocab_size=cfg.get("draft_vocab_size") or 0,
-                   target_hidden_size=cfg.get("target_hidden_size", 0) or 0)
+                   target_hidden_size=cfg.get("target_hidden_size", 0) or 0, target_layers=tuple(taps))
 
     def to_hf_dict(self) -> dict:
         d = self.layer.to_hf_dict()
@@ -97,6 +108,8 @@ class EagleConfig:
             d["draft_vocab_size"] = self.draft_vocab_size
         if self.target_hidden_size != self.layer.hidden_size:
             d["target_hidden_size"] = self.target_hidden_size
+        if self.target_layers:
+            d["eagle_aux_hidden_state_layer_ids"] = list(self.target_layers)
         return d
 
 
@@ -188,6 +201,22 @@ class Eagle3Layer(nn.Module):
         return h + self.mlp.forward_fused(n)
 
 
+def _tap_target_layers(target: LlamaForCausalLM, layers: tuple[int, ...]) -> None:
+    """Make the target feed an EAGLE-3 head the layers it was trained on (its config's
+    target_layers; none given: the target's default). One target taps one set of layers, so a
+    second head that wants others is refused rather than fed the wrong features."""
+    if not layers:
+        return
+    n, current = target.config.num_layers, target.config.eagle3_layers
+    if any(t >= n for t in layers):
+        raise ValueError(f"draft head reads target layers {list(layers)} (eagle_aux_hidden_state_layer_ids), "
+                         f"but the target has {n} layers")
+    if current != layers and current != default_eagle3_layers(n):
+        raise ValueError(f"draft head reads target layers {list(layers)}, but this target already feeds layers "
+                         f"{list(current)} to another EAGLE-3 head; load the target again for this head")
+    target.config.eagle3_layers = tuple(layers)
+
+
 class EagleHead(nn.Module):
     """A draft head bound to its target (it borrows the target's embedding and, for EAGLE-1,
     its lm_head; they are buffers here, never saved; ``borrowed`` gives them whole when the
@@ -213,6 +242,7 @@ class EagleHead(nn.Module):
             self.fc = nn.Linear(2 * lc.hidden_size, lc.hidden_size, bias=cfg.fc_bias)
             self.layers = nn.ModuleList(LlamaDecoderLayer(lc, input_norm=i > 0) for i in range(lc.num_layers))
         else:
+            _tap_target_layers(target, cfg.target_layers)
             self.fc = nn.Linear(cfg.feature_size, lc.hidden_size, bias=cfg.fc_bias)
             self.midlayer = Eagle3Layer(lc)
             self.norm = RMSNorm(lc.hidden_size, lc.rms_norm_eps)

@@ -251,8 +251,8 @@ def head_config_for(target: LlamaForCausalLM, kind: str, layers: int = 1, draft_
     tc = target.config
     fields = {f: getattr(tc, f) for f in tc.__slots__}
     layer = LlamaConfig(**{**fields, "num_layers": layers, "eagle3_layers": ()})
-    return EagleConfig(kind, layer, fc_bias=fc_bias,
-                       draft_vocab_size=draft_vocab_size if kind == "eagle3" else 0)
+    return EagleConfig(kind, layer, fc_bias=fc_bias, draft_vocab_size=draft_vocab_size if kind == "eagle3" else 0,
+                       target_layers=tc.eagle3_layers if kind == "eagle3" else ())  # saved with the head
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,3 +162,39 @@ def test_non_finite_eagle3_weights_are_refused_naming_the_tensor(target, tmp_pat
     state["lm_head.weight"][5, 7] = float("nan")
     with pytest.raises(ValueError, match=r"'lm_head\.weight' holds non-finite values"):
         load_head(write(tmp_path, cfg, state), target)
+
+
+def fresh_target():
+    model = build_model(LlamaConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=INTER, num_layers=4,
+                                    num_heads=HEADS, num_kv_heads=KV, head_dim=D, rope_theta=500000.0,
+                                    rope_scaling=ROPE, max_position_embeddings=2048), "cpu", torch.float32)
+    model.init_random(seed=0)
+    return model
+
+
+@pytest.mark.parametrize("where", ["top level", "eagle_config"])
+def test_eagle3_heads_taps_are_read_and_the_target_feeds_them(tmp_path, where):
+    """The target layers an EAGLE-3 head was trained on come with it (vLLM's
+    eagle_aux_hidden_state_layer_ids, at the top level or in eagle_config); without them the
+    target fed its default layers, and a head trained on others drafted from the wrong features."""
+    taps = {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}
+    extra = taps if where == "top level" else {"eagle_config": taps}
+    cfg = hf_config(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=DRAFT_VOCAB, **extra)
+    target = fresh_target()
+    assert target.config.eagle3_layers == (2, 2, 1)  # the default for 4 layers: 2, N//2, N-3
+    head = load_head(write(tmp_path, cfg, eagle3_state()), target)
+    assert head.config.target_layers == (1, 2, 3) and target.config.eagle3_layers == (1, 2, 3)
+    assert head.config.to_hf_dict()["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+
+
+def test_eagle3_taps_out_of_range_or_taken_are_refused(tmp_path):
+    state = eagle3_state()
+    base = hf_config(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=DRAFT_VOCAB)
+    with pytest.raises(ValueError, match=r"reads target layers \[1, 2, 4\].*the target has 4 layers"):
+        load_head(write(tmp_path, dict(base, eagle_aux_hidden_state_layer_ids=[1, 2, 4]), state), fresh_target())
+    with pytest.raises(ValueError, match="target_layers .* must be three layer indices"):
+        load_head(write(tmp_path, dict(base, eagle_aux_hidden_state_layer_ids=[1, 2]), state), fresh_target())
+    target = fresh_target()
+    load_head(write(tmp_path, dict(base, eagle_aux_hidden_state_layer_ids=[1, 2, 3]), state), target)
+    with pytest.raises(ValueError, match=r"already feeds layers \[1, 2, 3\] to another EAGLE-3 head"):
+        load_head(write(tmp_path, dict(base, eagle_aux_hidden_state_layer_ids=[0, 1, 2]), state), target)

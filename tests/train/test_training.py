@@ -484,6 +484,8 @@ def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind)
     assert torch.equal(a.hidden, c.hidden) and torch.equal(head.logits(a), loaded.logits(c))
     if kind == "eagle3":
         assert torch.equal(loaded.d2t, head.d2t) and torch.equal(loaded.t2d, head.t2d)
+        # The target layers it was trained on travel with it.
+        assert loaded.config.target_layers == head.config.target_layers == target.config.eagle3_layers
     export_head(head, target, str(tmp_path / "bf16"), torch.bfloat16)
     half = load_head(str(tmp_path / "bf16"), target)
     assert torch.equal(half.fc.weight, head.fc.weight.bfloat16().float())
