@@ -401,7 +401,10 @@ class Trainer:
         head.init_random(seed=cfg.seed, std=cfg.init_std)
         if cfg.init_from:
             loaded = load_head(cfg.init_from, self.target)
-            if loaded.config.to_hf_dict() != hc.to_hf_dict():
+            ours, theirs = hc.to_hf_dict(), loaded.config.to_hf_dict()
+            if "eagle_aux_hidden_state_layer_ids" in ours:  # a head saved before its taps were: the default ones
+                theirs.setdefault("eagle_aux_hidden_state_layer_ids", ours["eagle_aux_hidden_state_layer_ids"])
+            if theirs != ours:
                 raise ValueError(f"init_from {cfg.init_from!r}: its shape differs from the configured head")
             head.load_state(loaded.state_items(), source=cfg.init_from)
             return head

@@ -466,6 +466,19 @@ def test_a_run_can_start_from_an_exported_head_of_the_same_shape(target, distill
                 target, data)
 
 
+def test_an_eagle3_run_starts_from_a_head_saved_before_heads_carried_their_taps(target, distilled, tmp_path):
+    data = load_prepared(distilled)
+    kw = dict(kind="eagle3", draft_vocab_size=40, ttt_steps=2)
+    first = Trainer(_train_cfg(tmp_path / "first", max_steps=1, **kw), target, data)
+    export_head(first.head, target, str(tmp_path / "old-head"), torch.float32)
+    config_path = tmp_path / "old-head" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config.pop("eagle_aux_hidden_state_layer_ids") == list(target.config.eagle3_layers)
+    config_path.write_text(json.dumps(config))  # as heads were written before they carried their taps
+    warm = Trainer(_train_cfg(tmp_path / "warm", max_steps=1, init_from=str(tmp_path / "old-head"), **kw), target, data)
+    assert torch.equal(warm.head.fc.weight, first.head.fc.weight)
+
+
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind):
     head = build_head(head_config_for(target, kind, draft_vocab_size=40), target, dtype=torch.float32)
