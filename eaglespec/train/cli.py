@@ -107,6 +107,10 @@ def _coerce(section: str, key: str, value, kind):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
         return float(value)
+    if kind == tuple[int, ...]:
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ValueError(f"{name} must be a list of integers, e.g. [2, 15, 29], got {value!r}")
+        return tuple(value)
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {value!r}")
     return value

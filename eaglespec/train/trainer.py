@@ -202,6 +202,7 @@ class TrainConfig:
     value_weight: float = 1.0  # eagle1 SmoothL1 weight
     prob_weight: float = 0.1  # eagle1 soft cross-entropy weight
     ttt_steps: int = 7  # eagle3 unrolled steps
+    target_layers: tuple[int, ...] = ()  # eagle3: the target layers whose inputs it reads (empty: 2, N//2, N-3)
     step_decay: float = 0.8  # eagle3: weight of unrolled step i is step_decay ** i
     init_std: float = 0.02
     init_from: str = ""  # a head directory to start from instead of random weights
@@ -224,6 +225,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kind == "eagle3" and self.layers != 1:
             raise ValueError("TrainConfig.layers must be 1 for eagle3 heads")
+        self.target_layers = tuple(self.target_layers)
+        if self.target_layers and (self.kind != "eagle3" or len(self.target_layers) != 3
+                                   or any(not isinstance(t, int) or t < 0 for t in self.target_layers)):
+            raise ValueError(f"TrainConfig.target_layers must be three layer indices >= 0 of an eagle3 head's "
+                             f"target, got {list(self.target_layers)} for {self.kind}")
         if self.max_seq_len > self.batch_tokens:
             raise ValueError(f"TrainConfig.max_seq_len ({self.max_seq_len}) exceeds batch_tokens ({self.batch_tokens})")
         if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
@@ -246,13 +252,14 @@ _RESUME_FREE = {"data_dir", "out_dir", "log_every", "checkpoint_every", "time_bu
 
 
 def head_config_for(target: LlamaForCausalLM, kind: str, layers: int = 1, draft_vocab_size: int = 0,
-                    fc_bias: bool = False) -> EagleConfig:
-    """A head shaped like one decoder layer of the target (as the official heads are)."""
+                    fc_bias: bool = False, target_layers: tuple[int, ...] = ()) -> EagleConfig:
+    """A head shaped like one decoder layer of the target (as the official heads are). An
+    EAGLE-3 head reads ``target_layers`` (default: those the target taps now) and is saved with them."""
     tc = target.config
     fields = {f: getattr(tc, f) for f in tc.__slots__}
     layer = LlamaConfig(**{**fields, "num_layers": layers, "eagle3_layers": ()})
     return EagleConfig(kind, layer, fc_bias=fc_bias, draft_vocab_size=draft_vocab_size if kind == "eagle3" else 0,
-                       target_layers=tc.eagle3_layers if kind == "eagle3" else ())  # saved with the head
+                       target_layers=(tuple(target_layers) or tc.eagle3_layers) if kind == "eagle3" else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +360,8 @@ class Trainer:
             need = "taps" if cfg.kind == "eagle3" else "hidden"
             if any(need not in f or "hidden" not in f for f in features[:1]):
                 features = None  # stored for the other head kind: compute online
+            elif cfg.target_layers and cfg.target_layers != target.config.eagle3_layers:
+                features = None  # taps stored from other layers than the head will read: compute online
         # Keep sequences with something to learn: a reply token at index >= 2.
         keep = [i for i, (tok, m) in enumerate(data)
                 if len(tok) >= 3 and bool(m[2:cfg.max_seq_len].any())]
@@ -394,7 +403,7 @@ class Trainer:
 
     def _build_head(self) -> EagleHead:
         cfg = self.cfg
-        hc = head_config_for(self.target, cfg.kind, cfg.layers, cfg.draft_vocab_size, cfg.fc_bias)
+        hc = head_config_for(self.target, cfg.kind, cfg.layers, cfg.draft_vocab_size, cfg.fc_bias, cfg.target_layers)
         # The reference kernel set: autograd runs through it (the fused Triton kernels have no
         # backward, and under bf16 autocast they would meet fp32 RoPE tables).
         head = build_head(hc, self.target, kernels="torch", dtype=torch.float32)

@@ -479,6 +479,22 @@ def test_an_eagle3_run_starts_from_a_head_saved_before_heads_carried_their_taps(
     assert torch.equal(warm.head.fc.weight, first.head.fc.weight)
 
 
+def test_an_eagle3_head_trains_on_the_target_layers_it_is_given_and_carries_them(distilled, tmp_path):
+    own_target = predictable_target(seed=21)  # the module's target keeps its default layers
+    assert own_target.config.eagle3_layers == (1, 1, 0)  # 2 layers: 2, N//2, N-3 clipped to the depth
+    data = load_prepared(distilled)
+    cfg = _train_cfg(tmp_path / "taps", max_steps=2, kind="eagle3", draft_vocab_size=40, ttt_steps=2,
+                     target_layers=(0, 1, 1))
+    trainer = Trainer(cfg, own_target, data)
+    assert own_target.config.eagle3_layers == (0, 1, 1)  # the features it trains on
+    trainer.fit()
+    export_head(trainer.head, own_target, str(tmp_path / "head"), torch.float32)
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [0, 1, 1]
+    with pytest.raises(ValueError, match="target_layers must be three layer indices"):
+        _train_cfg(tmp_path / "bad", target_layers=(0, 1, 1))  # an eagle1 head reads the last hidden state
+
+
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind):
     head = build_head(head_config_for(target, kind, draft_vocab_size=40), target, dtype=torch.float32)
@@ -588,6 +604,9 @@ def test_cli_config_and_overrides(tmp_path):
         load_config(str(cfg_path), {"train.learning_rate": "1"})
     with pytest.raises(ValueError, match="must be an integer"):
         load_config(str(cfg_path), {"data.stop": "many"})
+    assert load_config(str(cfg_path), {"train.target_layers": "[2, 15, 29]"}).train.target_layers == (2, 15, 29)
+    with pytest.raises(ValueError, match="train.target_layers must be a list of integers"):
+        load_config(str(cfg_path), {"train.target_layers": "29"})
     parser = argparse.ArgumentParser()
     add_train_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "fit", "--config", str(cfg_path), "--train.lr", "1e-4"])
