@@ -47,6 +47,15 @@ from eaglespec.models.tensor_parallel import SINGLE, LlamaShard
 from eaglespec.ops.rope_table import rope_table
 
 
+def checked_target_layers(layers, kind: str, name: str) -> tuple[int, ...]:
+    """``layers`` as a tuple: none, or the three target layers an EAGLE-3 head reads."""
+    layers = tuple(layers)
+    if layers and (kind != "eagle3" or len(layers) != 3 or any(not isinstance(t, int) or t < 0 for t in layers)):
+        raise ValueError(f"{name} must be three layer indices >= 0 of an EAGLE-3 head's target, got "
+                         f"{list(layers)} for a {kind} head")
+    return layers
+
+
 @dataclass(slots=True)
 class EagleConfig:
     """Shape of a draft head; ``layer`` holds its decoder-layer shape (heads, sizes, RoPE)."""
@@ -65,12 +74,8 @@ class EagleConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("eagle1", "eagle3"):
             raise ValueError(f"EagleConfig.kind must be eagle1 or eagle3, got {self.kind!r}")
-        self.target_layers = tuple(self.target_layers)
-        if self.target_layers and (self.kind != "eagle3" or len(self.target_layers) != 3
-                                   or any(not isinstance(t, int) or t < 0 for t in self.target_layers)):
-            raise ValueError(f"EagleConfig.target_layers (eagle_aux_hidden_state_layer_ids) must be three layer "
-                             f"indices >= 0 of an EAGLE-3 head's target, got {list(self.target_layers)} for a "
-                             f"{self.kind} head")
+        self.target_layers = checked_target_layers(self.target_layers, self.kind,
+                                                   "EagleConfig.target_layers (eagle_aux_hidden_state_layer_ids)")
         if self.kind == "eagle3" and self.layer.num_layers != 1:
             raise ValueError("EAGLE-3 heads have exactly one decoder layer (midlayer)")
         if not 0 <= self.draft_vocab_size <= self.layer.vocab_size:

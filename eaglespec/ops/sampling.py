@@ -486,15 +486,16 @@ def target_probs_triton(logits: torch.Tensor, st: SamplingTensors, tile: GridTil
     sub = min(tile.sub, chunk)
     num_chunks = triton.cdiv(vocab, chunk)
     block_c = max(2, triton.next_power_of_2(num_chunks))
-    stats = torch.empty((rows, num_chunks, 2), dtype=torch.float32, device=device)
-    argmax = torch.empty((rows, num_chunks), dtype=torch.int32, device=device)
-    # Two of each, in turn: a pass reads its predecessor's while its own programs write.
-    states = torch.empty((2, rows, 2), dtype=torch.int64, device=device)
-    partials = torch.empty((2, rows, num_chunks, tile.probes), dtype=torch.float32, device=device)
-    kept = torch.empty((rows, num_chunks), dtype=torch.float32, device=device)
-    sums = torch.empty((rows, num_chunks), dtype=torch.float32, device=device)
-    k_threshold = torch.empty(rows, dtype=torch.float32, device=device)
-    threshold = torch.empty(rows, dtype=torch.float32, device=device)
+    # The fp32 scratch in one allocation, split into contiguous views: per chunk (max, sum),
+    # the search partials twice over (a pass reads its predecessor's while its programs write
+    # their own), the kept and the cut mass per chunk, and each row's two thresholds.
+    per_chunk = rows * num_chunks
+    sizes = [2 * per_chunk, 2 * per_chunk * tile.probes, per_chunk, per_chunk, rows, rows]
+    stats, partials, kept, sums, k_threshold, threshold = torch.empty(
+        sum(sizes), dtype=torch.float32, device=device).split(sizes)
+    partials = partials.view(2, per_chunk * tile.probes)
+    argmax = torch.empty(per_chunk, dtype=torch.int32, device=device)
+    states = torch.empty((2, rows * 2), dtype=torch.int64, device=device)  # (lo, hi) per row, twice over too
     grid = (rows, num_chunks)
     warps = {"num_warps": tile.num_warps}
     _grid_stats_kernel[grid](logits, logits.stride(0), st.temperature, out, out.stride(0), stats, argmax, vocab,

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from eaglespec.config import LlamaConfig, SamplingParams, SpecConfig
-from eaglespec.models.eagle import DraftOutput, EagleConfig, EagleHead, build_head, load_head, save_head
+from eaglespec.models.eagle import (DraftOutput, EagleConfig, EagleHead, build_head, checked_target_layers,
+                                    load_head, save_head)
 from eaglespec.models.llama import LlamaForCausalLM
 from eaglespec.ops.attention import default_scale
 from eaglespec.train.data import load_prepared, load_prepared_features
@@ -225,11 +226,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kind == "eagle3" and self.layers != 1:
             raise ValueError("TrainConfig.layers must be 1 for eagle3 heads")
-        self.target_layers = tuple(self.target_layers)
-        if self.target_layers and (self.kind != "eagle3" or len(self.target_layers) != 3
-                                   or any(not isinstance(t, int) or t < 0 for t in self.target_layers)):
-            raise ValueError(f"TrainConfig.target_layers must be three layer indices >= 0 of an eagle3 head's "
-                             f"target, got {list(self.target_layers)} for {self.kind}")
+        self.target_layers = checked_target_layers(self.target_layers, self.kind, "TrainConfig.target_layers")
         if self.max_seq_len > self.batch_tokens:
             raise ValueError(f"TrainConfig.max_seq_len ({self.max_seq_len}) exceeds batch_tokens ({self.batch_tokens})")
         if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
