@@ -192,6 +192,14 @@ phase_e2e_heads() {  # the shipped head against every head trained on this machi
   done
   e2e_side_by_side "$heads" "${E2E_TREES:-auto;chain:3;chain:4}" $OUT/heads
 }
+# Design notes 47 and 49: tree=auto against itself with one change undone per engine (sampled
+# steps without the greedy priors; a switch that drains), interleaved, sampled then greedy.
+phase_ab_auto() {
+  python3 benchmarks/ab_auto.py --questions .carry/mtbench-question.jsonl --batches ${AB_BATCHES:-1,16} \
+    --temperature 0.7 --top-p 0.9 --out $OUT/ab-auto 2>&1 | grep -v "it/s\]$" | tail -16
+  python3 benchmarks/ab_auto.py --questions .carry/mtbench-question.jsonl --batches 1 --variants switch-drains \
+    --out $OUT/ab-auto 2>&1 | grep -v "it/s\]$" | tail -8
+}
 # Design note 36: tree=auto with the shipped head's acceptance.json (priors) against the same head
 # without it, batch 1 first (the order that hurt auto in note 35), fixed dynamic:5,8,32 beside.
 # HEAD_DIR: another head with its acceptance.json (e.g. $STAGE/eagle1-full/head after train-full).
@@ -255,7 +263,7 @@ for p in "$@"; do
     # A trained head's files, weights included, as files of their own (HEAD_NAME, default eagle1-full).
     head-out) mkdir -p $FINAL_OUT/head && cp $STAGE/${HEAD_NAME:-eagle1-full}/head/* $FINAL_OUT/head/ && ls -la $FINAL_OUT/head ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
-    e2e-heads) phase_e2e_heads ;; e2e-priors) phase_e2e_priors ;;
+    e2e-heads) phase_e2e_heads ;; e2e-priors) phase_e2e_priors ;; ab-auto) phase_ab_auto ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

@@ -96,6 +96,30 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
             "tau": tokens / max(forwards, 1), "accept_rate_per_depth": rates, "speculation": chosen}
 
 
+def mtbench_prompts(tokenizer, questions: str, num: int) -> list[list[int]]:
+    """The first turns of ``num`` questions ('mtbench': the package's; else a .jsonl path), as
+    token ids with the chat template applied."""
+    convs = load_conversations(questions, 0, num)
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": c[0]}])) for c in convs if c]
+
+
+def warm_up(llm: LLM, prompts: list[list[int]], temperature: float, top_p: float) -> None:
+    """Triton compiles and every bucket's graph is captured (the tail of each batch passes
+    through the smaller buckets), so no capture lands inside a timed run. tree=auto captures a
+    sampled batch's graphs when it first tries each choice at a bucket (a trial of a few steps
+    per choice): long enough replies that every choice is tried at every bucket. With 8 tokens
+    most choices were first captured inside the timed runs (sampled, H200, 2026-12-04: 0.40x at
+    batch 64, where a whole run lasts about 3 s)."""
+    tokens = 8
+    if llm.speculative is not None:  # enough steps for every trial even if each accepts all
+        policy = llm.speculative.policy
+        steps = 2 + (0 if policy is None else policy.trial_steps * len(policy.choices))
+        tokens = steps * llm.speculative.lookahead
+    for b in llm.runner.buckets:
+        llm.generate(prompts[:b], SamplingParams(max_tokens=tokens, temperature=temperature, top_p=top_p,
+                                                 ignore_eos=True))
+
+
 def spread_indices(total: int, k: int) -> list[int]:
     """k indices spread evenly over range(total) (all of them when k >= total): MT-bench lists its
     questions category by category, so its first 16 are all writing prompts, which the draft
@@ -127,9 +151,7 @@ def main(argv=None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     engine = EngineConfig(max_batch_size=max(batches), max_model_len=2048, gpu_memory_fraction=0.3)
     plain = LLM(draft="none", device=args.device, dtype=args.dtype, engine=engine)
-    convs = load_conversations(args.questions, 0, args.num)
-    prompts = [plain.tokenizer.encode(plain.tokenizer.apply_chat_template([{"role": "user", "content": c[0]}]))
-               for c in convs if c]
+    prompts = mtbench_prompts(plain.tokenizer, args.questions, args.num)
     # One seed per prompt: the same prompt samples the same way in every engine and batch size.
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=i)
               for i in range(len(prompts))]
@@ -145,21 +167,8 @@ def main(argv=None) -> None:
                                      spec=SpecConfig(tree=tree, draft_vocab_size=size), eos_ids=plain.eos_ids)
                 name = tree if size is None else f"{tree} vocab {size}"
                 engines[name if len(head_dirs) == 1 else f"{head_name} {name}"] = llm
-    # Warm-up: Triton compiles and every bucket's graph is captured (the tail of each batch passes
-    # through the smaller buckets), so no capture lands inside a timed run. tree=auto captures a
-    # sampled batch's graphs when it first tries each choice at a bucket (a trial of a few steps
-    # per choice): long enough replies that every choice is tried at every bucket. With 8 tokens
-    # most choices were first captured inside the timed runs (sampled, H200, 2026-12-04: 0.40x
-    # at batch 64, where a whole run lasts about 3 s).
     for llm in engines.values():
-        tokens = 8
-        if llm.speculative is not None:  # enough steps for every trial even if each accepts all
-            policy = llm.speculative.policy
-            steps = 2 + (0 if policy is None else policy.trial_steps * len(policy.choices))
-            tokens = steps * llm.speculative.lookahead
-        for b in llm.runner.buckets:
-            llm.generate(prompts[:b], SamplingParams(max_tokens=tokens, temperature=args.temperature,
-                                                     top_p=args.top_p, ignore_eos=True))
+        warm_up(llm, prompts, args.temperature, args.top_p)
     rows = []
     device = plain.device
     result_name = ("e2e-smollm2-mtbench" + (f"-t{args.temperature:g}-p{args.top_p:g}" if args.temperature else "")

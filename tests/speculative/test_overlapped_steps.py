@@ -108,3 +108,97 @@ def test_overlapped_speculative_steps_equal_step_by_step(target, tree, monkeypat
     assert overlapped[1].finish_reason == "length" and len(overlapped[1].token_ids) == limit
     assert 1 + sum(len(row) for row, done in rows[1] if not done) > limit  # its last step went past the limit
     assert len(overlapped[2].token_ids) == 17
+
+
+SCRIPT_TREES = ("chain:1", "chain:3", "dynamic:3,3,8")
+SCRIPT = ["plain", "chain:3", "plain", "plain", "dynamic:3,3,8", "chain:1", "chain:3", "plain", "dynamic:3,3,8"]
+
+
+def _scripted_cases(target):
+    """Four requests (greedy to an EOS new to its text, greedy to max_tokens, two seeded), the
+    EOS, and what plain decoding emits for them."""
+    prompts = _prompts(target.config.vocab_size, [7, 19, 5, 11], seed=12)
+    plain = LLM.from_model(target, engine=small_engine(overlap_decode=False))
+    free = plain.generate(prompts[:1], SamplingParams(max_tokens=30, ignore_eos=True))[0].token_ids
+    stop_at = next(i for i in range(8, 30) if free[i] not in free[:i]) + 1
+    eos = free[stop_at - 1]
+    params = [SamplingParams(max_tokens=30),  # greedy, stops at the EOS
+              SamplingParams(max_tokens=23, ignore_eos=True),  # greedy, max_tokens
+              SamplingParams(temperature=0.8, top_k=20, max_tokens=17, seed=7, ignore_eos=True),  # seeded
+              SamplingParams(temperature=1.0, top_p=0.9, max_tokens=13, seed=8)]  # seeded, may hit EOS
+    reference = LLM.from_model(target, engine=small_engine(overlap_decode=False), eos_ids=(eos,))
+    expected = [(o.token_ids, o.finish_reason) for o in reference.generate(prompts, params)]
+    assert expected[0] == (free[:stop_at], "stop")
+    return prompts, params, eos, expected
+
+
+def _run_scripted(target, head, prompts, params, eos, overlap, monkeypatch, ready=None):
+    """Generate under tree="auto" with the choices of SCRIPT in turn (a late admission after 4
+    steps); returns (tokens, finish reason) per request and, per (choice in flight, choice queued
+    behind it), how many steps were queued behind another. ``ready``: replaces
+    SpeculativeRunner.ready (whether a choice's graph is captured)."""
+    from eaglespec.engine.runner import DecodeFlight
+    from eaglespec.speculative.policy import PLAIN
+    from tests.speculative.test_plain_steps_between_trees import Scripted
+
+    llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree="auto", auto_trees=SCRIPT_TREES),
+                         engine=small_engine(overlap_decode=overlap), eos_ids=(eos,))
+    llm.speculative.policy = Scripted(list(SCRIPT_TREES), SCRIPT)
+    if ready is not None:
+        monkeypatch.setattr(llm.speculative, "ready", ready)
+    behind = {}
+    launch = llm.core._launch
+
+    def recording_launch(reqs, choice, follow=None):
+        if follow is not None:
+            first = PLAIN if isinstance(follow, DecodeFlight) else follow.tree
+            behind[(first, choice)] = behind.get((first, choice), 0) + 1
+        return launch(reqs, choice, follow)
+
+    monkeypatch.setattr(llm.core, "_launch", recording_launch)
+    ids = [llm.add_request(p, sp) for p, sp in zip(prompts[:3], params[:3])]
+    for _ in range(4):
+        llm.step()
+    ids.append(llm.add_request(prompts[3], params[3]))  # admitted while the others decode
+    llm._drain()
+    outs = [llm.collect(i) for i in ids]
+    assert llm.runner.allocator.num_free == llm.runner.allocator.num_blocks - 1  # every block back
+    assert not llm.speculative._slot_of  # every speculative state slot back
+    return [(o.token_ids, o.finish_reason) for o in outs], behind
+
+
+@pytest.mark.parametrize("attentive", [False, True])
+def test_steps_queued_behind_another_choice_equal_plain_decoding(target, attentive, monkeypatch):
+    """Under tree="auto" the next step is queued behind the one in flight whatever the policy
+    chose for it: a tree step behind a plain one (its root is that step's token, on the device),
+    a plain step behind a tree step (its position, cache slot, lengths and sampling counter
+    advance by that step's count on the device) and one tree behind another. Greedy and seeded
+    outputs stay plain decoding's, with EOS and max_tokens inside steps and a late admission.
+    ``attentive``: a random target whose outputs depend on every cached key (the predictable
+    one's hardly do), so that a wrong context length shows; its draft accepts little."""
+    from eaglespec.speculative.policy import PLAIN
+    from tests.conftest import random_model, tiny_config
+
+    if attentive:
+        target = random_model(tiny_config(vocab_size=61), seed=43)
+    head = eagle1_head(target, seed=9)
+    prompts, params, eos, expected = _scripted_cases(target)
+    for overlap in (True, False):
+        outs, behind = _run_scripted(target, head, prompts, params, eos, overlap, monkeypatch)
+        assert outs == expected, overlap
+        if overlap:
+            switches = {pair: n for pair, n in behind.items() if pair[0] != pair[1]}
+            assert any(a == PLAIN for a, _ in switches) and any(b == PLAIN for _, b in switches), behind
+            assert any(PLAIN not in pair for pair in switches), behind  # a tree behind another tree
+        else:
+            assert not behind
+
+
+def test_a_choice_whose_graph_is_not_captured_is_not_queued_behind_another(target, monkeypatch):
+    """Its first run captures it, which waits for the device: that step starts fresh instead."""
+    head = eagle1_head(target, seed=9)
+    prompts, params, eos, expected = _scripted_cases(target)
+    outs, behind = _run_scripted(target, head, prompts, params, eos, True, monkeypatch,
+                                 ready=lambda reqs, choice: False)
+    assert outs == expected
+    assert behind and all(a == b for a, b in behind)  # only behind a step of the same choice
