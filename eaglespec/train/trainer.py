@@ -204,6 +204,9 @@ class TrainConfig:
     prob_weight: float = 0.1  # eagle1 soft cross-entropy weight
     ttt_steps: int = 7  # eagle3 unrolled steps
     target_layers: tuple[int, ...] = ()  # eagle3: the target layers whose inputs it reads (empty: 2, N//2, N-3)
+    # eagle3: start the output layer and its norm from the target's (the rows of the draft
+    # vocabulary's tokens) instead of random weights (a head from init_from keeps its own)
+    lm_head_from_target: bool = False
     step_decay: float = 0.8  # eagle3: weight of unrolled step i is step_decay ** i
     init_std: float = 0.02
     init_from: str = ""  # a head directory to start from instead of random weights
@@ -227,6 +230,10 @@ class TrainConfig:
         if self.kind == "eagle3" and self.layers != 1:
             raise ValueError("TrainConfig.layers must be 1 for eagle3 heads")
         self.target_layers = checked_target_layers(self.target_layers, self.kind, "TrainConfig.target_layers")
+        if self.lm_head_from_target and (self.kind != "eagle3" or self.init_from):
+            raise ValueError("TrainConfig.lm_head_from_target starts a new eagle3 head's own output layer: "
+                             + ("eagle1 heads use the target's" if self.kind != "eagle3" else
+                                f"a head from init_from ({self.init_from!r}) keeps its own"))
         if self.max_seq_len > self.batch_tokens:
             raise ValueError(f"TrainConfig.max_seq_len ({self.max_seq_len}) exceeds batch_tokens ({self.batch_tokens})")
         if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
@@ -418,6 +425,14 @@ class Trainer:
             d2t, t2d = build_vocab_map(self._token_counts(), hc.draft_vocab_size)
             head.d2t.copy_(d2t)
             head.t2d.copy_(t2d)
+            if cfg.lm_head_from_target:
+                # The head predicts the target's next token: the target's own map from its last
+                # normed hidden state to those tokens is a start 9.4M random weights must learn.
+                with torch.no_grad():
+                    rows = self.target.output_weight.index_select(0, head.draft_to_target().to(
+                        self.target.output_weight.device))
+                    head.lm_head.weight.copy_(rows.to(head.lm_head.weight))
+                    head.norm.weight.copy_(self.target.model.norm.weight.to(head.norm.weight))
         return head
 
     def _token_counts(self) -> torch.Tensor:

@@ -495,6 +495,22 @@ def test_an_eagle3_head_trains_on_the_target_layers_it_is_given_and_carries_them
         _train_cfg(tmp_path / "bad", target_layers=(0, 1, 1))  # an eagle1 head reads the last hidden state
 
 
+def test_an_eagle3_head_may_start_its_output_layer_from_the_targets(target, distilled, tmp_path):
+    data = load_prepared(distilled)
+    kw = dict(kind="eagle3", draft_vocab_size=40, ttt_steps=2, max_steps=1)
+    started = Trainer(_train_cfg(tmp_path / "from-target", lm_head_from_target=True, **kw), target, data).head
+    ids = started.draft_to_target()
+    assert torch.equal(started.lm_head.weight, target.output_weight[ids].float())
+    assert torch.equal(started.norm.weight, target.model.norm.weight.float())
+    random = Trainer(_train_cfg(tmp_path / "random", **kw), target, data).head
+    assert torch.equal(random.draft_to_target(), ids)  # the same rows, from the same data
+    assert not torch.allclose(random.lm_head.weight, started.lm_head.weight)
+    with pytest.raises(ValueError, match="eagle1 heads use the target's"):
+        _train_cfg(tmp_path / "bad", lm_head_from_target=True)
+    with pytest.raises(ValueError, match="keeps its own"):
+        _train_cfg(tmp_path / "bad", lm_head_from_target=True, init_from=str(tmp_path), **kw)
+
+
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_export_then_import_gives_the_same_draft_outputs(target, tmp_path, kind):
     head = build_head(head_config_for(target, kind, draft_vocab_size=40), target, dtype=torch.float32)
