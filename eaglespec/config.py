@@ -306,6 +306,8 @@ class EngineConfig:
                              f"got {self.attention_backend!r}")
         if self.max_batch_size < 1:
             raise ValueError("EngineConfig.max_batch_size must be >= 1")
+        if self.prefill_token_budget < 2:  # a chunk never stops one token short of a prompt (Scheduler._chunk_end)
+            raise ValueError(f"EngineConfig.prefill_token_budget must be >= 2, got {self.prefill_token_budget}")
         if self.prefill_graph_tokens < 0:
             raise ValueError(f"EngineConfig.prefill_graph_tokens must be >= 0 (0: every prefill eager), "
                              f"got {self.prefill_graph_tokens}")

@@ -90,7 +90,7 @@ class EngineCore:
         self.spec_config = spec if head is not None else None
         self.scheduler = Scheduler(self.runner.allocator, engine.max_batch_size, engine.max_model_len,
                                    engine.prefill_token_budget, lookahead=lookahead,
-                                   mixed_decode=self.speculative is None)
+                                   alternate=self.speculative is not None)
         self._ids = itertools.count()
         self.requests: dict[int, Request] = {}  # live requests (finished ones leave after their last delta)
         self._in_flight: DecodeFlight | SpecFlight | None = None  # a step queued but not read yet

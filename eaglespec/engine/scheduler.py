@@ -7,10 +7,11 @@ step's prefill budget is prefilled in chunks; it runs (holds blocks) but is not 
 last chunk. A preempted request loses its blocks and is prefilled again later (prompt and
 output so far), which yields exactly the token a decode step would have.
 
-Prefill never stalls the streams already running. Under plain decoding the ready requests
-decode their next token inside the prefill step's forward (a mixed step: each is a one-token
-"prefill"); under speculation (whose step is a different function) prefill steps and
-speculative steps alternate while both have work.
+Prefill never stalls the streams already running: the ready requests decode their next token
+inside the prefill step's forward (a mixed step: each is a one-token "prefill"). Under
+speculation (``alternate``) a speculative step also follows every prefill step while requests
+are ready: it yields several tokens a request where a mixed step yields one, so a stream of
+admissions slows the running requests by about a mixed step in two, never to one token a step.
 
 The context limit: a sequence holds at most ``max_model_len`` tokens. A step writes up to
 ``lookahead`` cache positions from its last cached token (a speculative tree's accepted path),
@@ -45,7 +46,7 @@ def is_ready(req: Request) -> bool:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_batch: int, max_model_len: int,
-                 prefill_token_budget: int, lookahead: int = 1, mixed_decode: bool = False):
+                 prefill_token_budget: int, lookahead: int = 1, alternate: bool = False):
         self.allocator = allocator
         self.max_batch = max_batch
         self.max_model_len = max_model_len
@@ -53,7 +54,7 @@ class Scheduler:
         self.lookahead = lookahead  # cache slots a decode step may write past num_cached
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.mixed_decode = mixed_decode  # ready requests decode inside prefill steps (plain decoding)
+        self.alternate = alternate  # a decode step after every prefill step while requests are ready
         self._last_kind = "decode"
 
     def add(self, req: Request) -> None:
@@ -94,10 +95,10 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep | None:
         """Pick the next step: a prefill step (chunks of running requests, then waiting
-        requests admitted by free KV blocks; mixed with the ready requests' decoding when
-        ``mixed_decode``) or a decode step of the ready requests."""
+        requests admitted by free KV blocks, mixed with the ready requests' decoding) or a
+        decode step of the ready requests (after every prefill step when ``alternate``)."""
         ready = [r for r in self.running if is_ready(r)]
-        if self.mixed_decode or not (ready and self._last_kind == "prefill"):
+        if not (self.alternate and ready and self._last_kind == "prefill"):
             step = self.schedule_prefill()
             if step is not None:
                 self._last_kind = "prefill"
@@ -130,7 +131,7 @@ class Scheduler:
     def schedule_prefill(self) -> ScheduledStep | None:
         """A prefill step, or None when nothing is left to prefill or admit."""
         step = self._prefill_work()
-        if step is None or not self.mixed_decode or any(r.failures for r in step.requests):
+        if step is None or any(r.failures for r in step.requests):
             return step
         # Mixed: the ready requests that have room take their next token in the same forward.
         decodes, ends = [], []
@@ -149,8 +150,10 @@ class Scheduler:
         for req in self.running:
             if budget <= 0:
                 break
-            if not is_ready(req):
-                end = min(req.num_tokens, req.num_cached + budget)
+            if is_ready(req):
+                continue
+            end = self._chunk_end(req, budget)
+            if end > req.num_cached:
                 reqs.append(req)
                 ends.append(end)
                 budget -= end - req.num_cached
@@ -161,20 +164,31 @@ class Scheduler:
                 break  # a request that was in a failing step runs alone
             # Blocks for the whole sequence plus a step's writes are taken at admission, so a
             # request admitted always gets to finish its prefill.
-            if not self._fits(req, total + self.lookahead):
+            end = self._chunk_end(req, budget)
+            if not self._fits(req, total + self.lookahead) or end == req.num_cached:
                 break
             self.waiting.popleft()
             self._grow(req, total + self.lookahead)
             if req.scheduled_at is None:
                 req.scheduled_at = time.perf_counter()
             self.running.append(req)
-            end = min(total, req.num_cached + budget)
             reqs.append(req)
             ends.append(end)
             budget -= end - req.num_cached
             if req.failures:
                 break
         return ScheduledStep("prefill", reqs, ends) if reqs else None
+
+    @staticmethod
+    def _chunk_end(req: Request, budget: int) -> int:
+        """Where this step's prefill of ``req`` stops: the end of its tokens, or as far as the
+        budget goes, but never one token short of the end (then two short; or nowhere, which
+        leaves the request to the next step). A request with only its last token uncached is
+        ready, so that token would go to a decode step; under speculation the head would start
+        it with no pending pair of its own (a chunk caches every pair it knows the next token
+        of) and write a stale slot's pairs into its cache."""
+        end = min(req.num_tokens, req.num_cached + budget)
+        return end - 1 if end == req.num_tokens - 1 else end
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

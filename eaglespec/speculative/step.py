@@ -9,8 +9,9 @@ One runner holds several trees (``SpecConfig.trees``) and a plain decode step, s
 head's cache and the pending state: ``choose`` says which of them runs for a batch (the policy
 of speculative/policy.py under ``tree="auto"``, else the forced tree). The plain step appends
 its (feature, token) pair to those pending (ops/pending.py), so the next tree step caches every
-position; only a run of plain steps longer than the window leaves positions out of the head's
-cache, which can only lower acceptance, never change an output.
+position. The window holds one pair more than a tree step leaves, so a plain step after any tree
+step keeps them all; only a longer run of plain steps leaves positions out of the head's cache,
+which can only lower acceptance, never change an output.
 
 Speculative steps overlap the host like plain ones: step n+1 can be queued before the host
 reads step n (``launch(..., follow=)``, ``launch_plain(..., follow=)``), whichever tree or plain
@@ -28,6 +29,7 @@ import torch
 from eaglespec.config import SpecConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for
 from eaglespec.engine.request import Request
+from eaglespec.engine.scheduler import is_ready
 from eaglespec.engine.runner import DECODE_ROWS, DecodeFlight, ModelRunner, StepRows, write_padded
 from eaglespec.kv_cache import KVCache, slots_for
 from eaglespec.models.attention_step import PrefillStep
@@ -80,6 +82,10 @@ class SpeculativeRunner:
         shapes = {tree: parse_tree(tree) for tree in spec.trees}
         self.depth = max(shape.depth for shape in shapes.values())
         self.width = self.depth + 1  # tokens one step can emit (accepted drafts + bonus)
+        # Pairs a state slot keeps pending for the head: one more than a tree step leaves, so the
+        # plain step after it (tree="auto", or decoding inside a prefill step) appends without
+        # dropping the oldest, which would leave a position of the head's cache unwritten.
+        self.window = self.width + 1
         lc = head.config.layer
         self.feature = "taps" if head.config.kind == "eagle3" else "hidden"
         dev, dtype = runner.device, runner.dtype
@@ -89,8 +95,8 @@ class SpeculativeRunner:
         self.vocab = self.head.draft_vocab(spec.draft_vocab_size)  # the [N, H] rows gathered once, here
         num_slots = 2 * runner.cfg.max_batch_size + 1  # the last one is the padding rows' slot
         self.pad_slot = num_slots - 1
-        self.pending_feat = torch.zeros(num_slots, self.width, head.config.feature_size, dtype=dtype, device=dev)
-        self.pending_tok = torch.zeros(num_slots, self.width, dtype=torch.int64, device=dev)
+        self.pending_feat = torch.zeros(num_slots, self.window, head.config.feature_size, dtype=dtype, device=dev)
+        self.pending_tok = torch.zeros(num_slots, self.window, dtype=torch.int64, device=dev)
         self.pending_count = torch.ones(num_slots, dtype=torch.int64, device=dev)
         self.append_pending = append_pending if runner.backend == "triton" else append_pending_ref
         self._free_slots = list(range(num_slots - 1))
@@ -185,15 +191,18 @@ class SpeculativeRunner:
                 "head_positions": torch.zeros(tokens, **i64), "head_slots": torch.zeros(tokens, **i64),
                 "head_cu_seqlens": torch.zeros(seqs + 1, dtype=torch.int32, device=device),
                 "head_seq_lens": torch.zeros(seqs, dtype=torch.int32, device=device),
-                "state_slots": torch.full((seqs,), self.pad_slot, **i64)}
+                "state_slots": torch.full((seqs,), self.pad_slot, **i64),
+                "append_slots": torch.full((seqs,), self.pad_slot, **i64)}
 
     def _stage_prefill(self, host: dict[str, torch.Tensor], reqs: list[Request], new_counts: list[int]) -> None:
         """The head's pairs (feature_t, x_{t+1}) for t in [start, end - 2] of each request's
         prefilled tokens; the last one waits for the sampled x_end, pending in the request's
         state slot, unless the prefill was a chunk short of the request's length: then x_end is
-        known, every pair of the chunk goes into the head's cache and nothing is left pending."""
+        known, every pair of the chunk goes into the head's cache and nothing is left pending.
+        A request decoding inside the prefill (ready: its one uncached token) appends that pair
+        to those still pending, as a plain decoding step does."""
         bs = self.runner.cfg.block_size
-        rows, ids, pos, slots, cu, lens, states = [], [], [], [], [0], [], []
+        rows, ids, pos, slots, cu, lens, states, appends = [], [], [], [], [0], [], [], []
         offset = 0
         for r, n in zip(reqs, new_counts):
             start = r.num_cached  # not advanced yet
@@ -205,18 +214,22 @@ class SpeculativeRunner:
             slots += slots_for(r.blocks, start, start + m, bs)
             cu.append(cu[-1] + m)
             lens.append(start + m)
-            states.append(self._slot(r) if whole else self.pad_slot)
+            decoding = is_ready(r)
+            states.append(self._slot(r) if whole and not decoding else self.pad_slot)
+            appends.append(self._slot(r) if decoding else self.pad_slot)
             offset += n
         for name, values in (("head_rows", rows), ("head_ids", ids), ("head_positions", pos), ("head_slots", slots),
                              ("head_seq_lens", lens)):
             write_padded(host[name], values, 0)
         write_padded(host["state_slots"], states, self.pad_slot)
+        write_padded(host["append_slots"], appends, self.pad_slot)
         write_padded(host["head_cu_seqlens"], cu, cu[-1])
 
     def _prefill_fn(self, x: dict[str, torch.Tensor], greedy: bool,
                     max_query_len: int | None = None) -> tuple[torch.Tensor, ...]:
         """The target's prefill, then the head's over the prompt pairs; each whole request's
-        last pair (its last feature, the sampled token) is left pending."""
+        last pair (its last feature, the sampled token) is left pending, alone for a request
+        whose prefill this is, behind the others for one decoding inside it."""
         tokens, out = self.runner.prefill_forward(x, greedy, max_query_len, want_hidden=self.feature == "hidden",
                                                   want_taps=self.feature == "taps")
         feats = out.hidden if self.feature == "hidden" else out.taps
@@ -224,10 +237,13 @@ class SpeculativeRunner:
                            max_query_len or x["head_rows"].shape[0], default_scale(self.head.config.layer.head_dim),
                            self.runner.backend)
         self.head(feats.index_select(0, x["head_rows"]), x["head_ids"], x["head_positions"], step, self.cache)
+        last = feats.index_select(0, x["last_rows"])
         states = x["state_slots"]  # the padding slot where nothing is left pending
-        self.pending_feat[:, 0].index_copy_(0, states, feats.index_select(0, x["last_rows"]).to(self.pending_feat.dtype))
+        self.pending_feat[:, 0].index_copy_(0, states, last.to(self.pending_feat.dtype))
         self.pending_tok[:, 0].index_copy_(0, states, tokens)
         self.pending_count.index_fill_(0, states, 1)
+        self.append_pending(self.pending_feat, self.pending_tok, self.pending_count, x["append_slots"], last,
+                            tokens.contiguous())
         return (tokens,)
 
     # ------------------------------------------------------------------ the step
@@ -236,7 +252,7 @@ class SpeculativeRunner:
         inputs = self.runner.static_inputs(bucket, SPEC_ROWS)
         rows = StepRows(inputs["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         rows["state_slots"].fill_(self.pad_slot)
-        rows["cached_lens"].fill_(self.width + 1)
+        rows["cached_lens"].fill_(self.window + 1)
         return inputs
 
     def _step_fn(self, x: dict[str, torch.Tensor], tree: str, greedy: bool) -> tuple[torch.Tensor, ...]:
@@ -361,7 +377,7 @@ class SpeculativeRunner:
         state_slots[:n] = [self._slot(r) for r in reqs]
         state_slots[n:] = self.pad_slot
         cached_lens[:n] = [r.num_cached for r in reqs]
-        cached_lens[n:] = self.width + 1
+        cached_lens[n:] = self.window + 1
 
 
 def _all_greedy(reqs: list[Request]) -> bool:

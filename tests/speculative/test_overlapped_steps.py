@@ -92,7 +92,9 @@ def test_overlapped_speculative_steps_equal_step_by_step(target, tree, monkeypat
     stepwise, no_follows, _ = _run(target, head, tree, prompts[:3], params[:3], eos, False, monkeypatch,
                                    late=(prompts[3], params[3]))
     assert [(o.token_ids, o.finish_reason) for o in overlapped] == [(o.token_ids, o.finish_reason) for o in stepwise]
-    assert [_stats(o) for o in overlapped] == [_stats(o) for o in stepwise]
+    # (Their acceptance may differ: overlapped, a step already queued runs before the late
+    # request's prefill, inside which the others decode one plain token each, so the later
+    # trees start elsewhere. The runs alone below compare it.)
     assert follows > 3 and no_follows == 0
 
     # The cases really occurred: EOS inside a step (tokens after it dropped), max_tokens inside a
@@ -102,8 +104,11 @@ def test_overlapped_speculative_steps_equal_step_by_step(target, tree, monkeypat
     assert eos_rows and eos_rows[0].index(eos) < len(eos_rows[0]) - 1
 
     # Alone, request 0 always has its next step queued when its EOS is read: that step is dropped.
+    # (Its stats are compared with its step-by-step twin: in the batch above it also decoded inside
+    # the late request's prefill step, which no speculative step counts.)
     (alone,), alone_follows, (alone_rows,) = _run(target, head, tree, prompts[:1], params[:1], eos, True, monkeypatch)
-    assert alone.token_ids == free[:stop_at] and _stats(alone) == _stats(overlapped[0]) and alone_follows > 0
+    (alone_stepwise,), _, _ = _run(target, head, tree, prompts[:1], params[:1], eos, False, monkeypatch)
+    assert alone.token_ids == free[:stop_at] and _stats(alone) == _stats(alone_stepwise) and alone_follows > 0
     assert alone_rows[-1][1] and not any(done for _, done in alone_rows[:-1])
     assert overlapped[1].finish_reason == "length" and len(overlapped[1].token_ids) == limit
     assert 1 + sum(len(row) for row, done in rows[1] if not done) > limit  # its last step went past the limit

@@ -50,7 +50,7 @@ def test_plain_steps_between_tree_steps_leave_no_hole_in_the_heads_cache(backend
     prompt = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).tolist()
     engine = dict(block_size=4 if backend == "torch" else 16, attention_backend=backend)
     trees_only, k_ref = _head_cache_after(model, head, prompt, ["chain:3"], tokens, **engine)
-    # Runs of up to 3 plain steps fit beside a chain's pending pairs (auto's window is 6 wide).
+    # These runs of plain steps fit beside the pending pairs of the chain before them (auto's window is 7 wide).
     mixed, k_mixed = _head_cache_after(model, head, prompt, ["chain:3", PLAIN, "chain:2", PLAIN, PLAIN, PLAIN,
                                                             "chain:1", PLAIN, PLAIN], tokens, **engine)
     n = min(len(trees_only), len(mixed))
