@@ -109,7 +109,7 @@ def prefill_all(llm: LLM, batch: int) -> list:
     prefill token budget needs; check that ``batch`` requests are running, each with its whole
     prompt cached, so every row of the timed step is a real sequence and not padding."""
     while llm.scheduler.waiting or any(r.num_cached < len(r.all_ids) - 1 for r in llm.scheduler.running):
-        scheduled = llm.scheduler.schedule_prefill()
+        scheduled = llm.scheduler.schedule_prefill(mixed=False)
         if scheduled is None:
             raise RuntimeError("spec_step: the KV pool cannot hold every request's prompt; lower --batches or --context")
         llm.core._apply(scheduled.requests, llm.core._prefill(scheduled), [True] * len(scheduled.requests))

@@ -128,10 +128,12 @@ class Scheduler:
                 batch.append(req)
         return ScheduledStep("decode", batch)
 
-    def schedule_prefill(self) -> ScheduledStep | None:
-        """A prefill step, or None when nothing is left to prefill or admit."""
+    def schedule_prefill(self, mixed: bool = True) -> ScheduledStep | None:
+        """A prefill step, or None when nothing is left to prefill or admit. ``mixed``: the
+        ready requests decode in it too (the engine's steps); False serves a benchmark that
+        prefills every row before it times a step."""
         step = self._prefill_work()
-        if step is None or any(r.failures for r in step.requests):
+        if step is None or not mixed or any(r.failures for r in step.requests):
             return step
         # Mixed: the ready requests that have room take their next token in the same forward.
         decodes, ends = [], []
