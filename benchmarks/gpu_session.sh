@@ -200,6 +200,18 @@ phase_ab_auto() {
   python3 benchmarks/ab_auto.py --questions .carry/mtbench-question.jsonl --batches 1 --variants switch-drains \
     --out $OUT/ab-auto 2>&1 | grep -v "it/s\]$" | tail -8
 }
+# Design note 52: the sampled step drawing at every tree node (threshold out of reach) against
+# drawing only where the walk goes (from 1,024 tree rows), step replay, interleaved A, B, A.
+phase_bench_visited_draws() {
+  local i=0 thr
+  for thr in 1024 1000000000 1024; do
+    i=$((i + 1))
+    python3 -c "import sys, eaglespec.speculative.verifier as v; v.VISITED_DRAWS_MIN_ROWS = int(sys.argv[1]); \
+from eaglespec.bench.spec_step import main; main(sys.argv[2:])" $thr --preset smollm2-135m --context 512 \
+      --trees "dynamic:4,6,15;dynamic:5,8,32" --batches 16,32,64 --temperature 0.7 --top-p 0.9 \
+      --out $OUT/visited-draws-run$i-threshold-$thr 2>&1 | grep -E "batch|wrote"
+  done
+}
 # Design note 36: tree=auto with the shipped head's acceptance.json (priors) against the same head
 # without it, batch 1 first (the order that hurt auto in note 35), fixed dynamic:5,8,32 beside.
 # HEAD_DIR: another head with its acceptance.json (e.g. $STAGE/eagle1-full/head after train-full).
@@ -263,7 +275,7 @@ for p in "$@"; do
     # A trained head's files, weights included, as files of their own (HEAD_NAME, default eagle1-full).
     head-out) mkdir -p $FINAL_OUT/head && cp $STAGE/${HEAD_NAME:-eagle1-full}/head/* $FINAL_OUT/head/ && ls -la $FINAL_OUT/head ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
-    e2e-heads) phase_e2e_heads ;; e2e-priors) phase_e2e_priors ;; ab-auto) phase_ab_auto ;;
+    e2e-heads) phase_e2e_heads ;; e2e-priors) phase_e2e_priors ;; ab-auto) phase_ab_auto ;; bench-visited-draws) phase_bench_visited_draws ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

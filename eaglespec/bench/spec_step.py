@@ -12,6 +12,8 @@ Random weights accept almost nothing, so tokens/s is also reported at *forced* a
 lengths tau = 2..5 (tokens per step = tau, clearly not measured acceptance).
 ``--draft-vocab 32768,full``: each tree once per draft vocabulary size (the random head gets a
 random token ranking; the step's cost does not depend on which tokens are kept).
+``--temperature 0.7 --top-p 0.9``: the sampled steps (their graphs draw from the target's
+distribution instead of taking its argmax).
 """
 
 from __future__ import annotations
@@ -144,9 +146,12 @@ def main(argv=None) -> None:
     ap.add_argument("--trees", default="", help="';'-separated trees (default: a family up to --max-nodes)")
     ap.add_argument("--draft-vocab", default="full",
                     help="comma-separated draft vocabulary sizes, e.g. 32768,full (each tree runs with each)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: the greedy steps")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
+    greedy = args.temperature == 0
     device = torch.device(args.device)
     cfg: LlamaConfig = PRESETS[args.preset]
     target = build_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -156,7 +161,8 @@ def main(argv=None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     trees = [t for t in args.trees.split(";") if t] or tree_specs(args.max_nodes)
     vocabs = parse_draft_vocabs(args.draft_vocab)
-    name = (f"spec-step-{args.preset}" + ("-draft-vocab" if vocabs != [None] else ""))
+    name = (f"spec-step-{args.preset}" + ("-draft-vocab" if vocabs != [None] else "")
+            + ("" if greedy else f"-t{args.temperature:g}-p{args.top_p:g}"))
     rows = []
     for spec_str, draft_vocab in [(t, n) for t in trees for n in vocabs]:
         engine = EngineConfig(max_batch_size=max(batches), max_model_len=args.context + 128, gpu_memory_fraction=0.3)
@@ -167,16 +173,17 @@ def main(argv=None) -> None:
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             prompts = [torch.randint(0, cfg.vocab_size, (args.context,), generator=gen).tolist() for _ in range(batch)]
-            ids = [llm.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
+            params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=args.temperature, top_p=args.top_p)
+            ids = [llm.add_request(p, params) for p in prompts]
             reqs = prefill_all(llm, batch)
             for r in reqs:
                 llm.scheduler._grow(r, r.num_cached + sr.lookahead)
             bucket = batch
-            graphs = program.graphs[True]
+            graphs = program.graphs[greedy]
             sr.stage_inputs(graphs, reqs, bucket)
             step_ms = time_graph(lambda: graphs.run(bucket))
             step_census = kernel_census(lambda: graphs.fn(graphs.inputs(bucket)))
-            decode_graphs = llm.runner.decode_graphs[True]
+            decode_graphs = llm.runner.decode_graphs[greedy]
             llm.runner.stage_inputs(decode_graphs, reqs, bucket)
             decode_ms = time_graph(lambda: decode_graphs.run(bucket))
             decode_census = kernel_census(lambda: decode_graphs.fn(decode_graphs.inputs(bucket)))
@@ -188,7 +195,7 @@ def main(argv=None) -> None:
             st = rows_in.sampling()
 
             def verify_fn(_x, tree=tree, tables=tables, lens=lens, st=st):
-                res = verify_tree(llm.runner.model, llm.runner.cache, tree, lens, tables, st, True, "hidden",
+                res = verify_tree(llm.runner.model, llm.runner.cache, tree, lens, tables, st, greedy, "hidden",
                                   program.shape.depth, llm.runner.scale, llm.runner.backend)
                 return res.accept.tokens, res.accept.num_emitted
 
@@ -209,8 +216,8 @@ def main(argv=None) -> None:
                   f"verify {verify_ms:6.2f} ms ({row['verify_over_decode']:.2f}x), step {step_ms:6.2f} ms "
                   f"({row['step_over_decode']:.2f}x); kernels: step {step_census['kernels']}, "
                   f"decode {decode_census['kernels']}", flush=True)
-            write_result(name, {"context": args.context, "rows": rows, "note": NOTE},
-                         device, args.out)
+            write_result(name, {"context": args.context, "temperature": args.temperature, "top_p": args.top_p,
+                                "rows": rows, "note": NOTE}, device, args.out)
             for r in reqs:
                 r.finish("length")
                 llm.scheduler.retire(r)
@@ -220,8 +227,8 @@ def main(argv=None) -> None:
         del llm, sr
         gc.collect()
         torch.cuda.empty_cache()
-    print("wrote", write_result(name, {"context": args.context, "rows": rows, "note": NOTE},
-                                device, args.out))
+    print("wrote", write_result(name, {"context": args.context, "temperature": args.temperature,
+                                       "top_p": args.top_p, "rows": rows, "note": NOTE}, device, args.out))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,31 @@ def test_one_draw_for_all_nodes_equals_the_per_depth_walk(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed,duplicate_siblings", [(0, False), (1, False), (9, True)])
+def test_draws_at_the_visited_nodes_only_equal_the_per_depth_walk(backend, seed, duplicate_siblings, monkeypatch):
+    """From VISITED_DRAWS_MIN_ROWS tree rows on the verifier draws only where the walk goes: the
+    same acceptance and K/V destinations as the per-depth walk, duplicate siblings included
+    (there the first child's chain is taken, as the walk takes it)."""
+    from eaglespec.speculative import verifier
+
+    rows, nodes, vocab = 48, 13, 23
+    tree, logits, max_depth = random_tree_batch(rows, nodes, vocab, seed=seed, duplicate_siblings=duplicate_siblings)
+    st = mixed_settings(rows, seed=seed + 100)
+    lens, tables = block_tables_for(rows, max_depth, seed)
+    tree, logits, st, lens, tables = on_backend(backend, tree, logits, st, lens, tables)
+    flat = logits.reshape(rows * nodes, vocab)
+    visited = verifier.draws_at_visited_nodes(tree, flat, st, max_depth).view(rows, nodes)
+    assert ((visited >= 0).sum(dim=1) <= max_depth + 1).all() and (visited[:, 0] >= 0).all()
+    monkeypatch.setattr(verifier, "VISITED_DRAWS_MIN_ROWS", rows * nodes)
+    accept, where = accept_tree(tree, flat, st, False, max_depth, lens, tables, BLOCK_SIZE, backend)
+    ref = per_depth_walk_ref(tree, logits, st, max_depth)
+    assert_same_accept(accept, ref)
+    ref_where = commit_indices(ref.path, lens, tables, BLOCK_SIZE, nodes)
+    assert torch.equal(where.slots, ref_where.slots) and torch.equal(where.rows, ref_where.rows)
+    assert float(accept.num_emitted.double().mean()) > 1.5 and int(accept.num_emitted.max()) >= 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_temperature_zero_rows_are_greedy_in_a_sampled_batch(backend):
     rows, nodes, vocab = 40, 11, 17
     tree, logits, max_depth = random_tree_batch(rows, nodes, vocab, seed=5)
