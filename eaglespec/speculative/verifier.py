@@ -49,7 +49,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
 def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, greedy: bool, max_depth: int,
                 cached_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
                 backend: str, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                ) -> tuple[AcceptResult, CommitIndices]:
+                visited_draws_from: int | None = None) -> tuple[AcceptResult, CommitIndices]:
     """The accepted path of every tree and where its K/V go, from the target's logits [B * N, V]
     at every node (node-major within each sequence). st has one row per sequence. ``argmax``:
     the greedy tokens of the logits (default: over the whole vocabulary; the verifier passes the
@@ -57,6 +57,8 @@ def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, gree
 
     The target's token at every node at once (its argmax, or its seeded draw: see
     ``per_node_sampling``), then greedy acceptance against those tokens: one walk for both rules.
+    Sampled trees of ``visited_draws_from`` rows or more (default ``VISITED_DRAWS_MIN_ROWS``)
+    draw only at the nodes the walk visits (``draws_at_visited_nodes``).
     """
     bsz, n = tree.tokens.shape
     if logits.dim() != 2 or logits.shape[0] != bsz * n:
@@ -65,7 +67,7 @@ def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, gree
         targets = argmax(logits)
     elif greedy:
         targets = greedy_argmax(logits) if backend == "triton" else logits.argmax(dim=-1)
-    elif bsz * n >= VISITED_DRAWS_MIN_ROWS:
+    elif bsz * n >= (VISITED_DRAWS_MIN_ROWS if visited_draws_from is None else visited_draws_from):
         targets = draws_at_visited_nodes(tree, logits, st, max_depth)
     else:
         targets = sample(logits, per_node_sampling(st, tree.depth))
@@ -99,7 +101,7 @@ def draws_at_visited_nodes(tree: TreeBatch, logits: torch.Tensor, st: SamplingTe
     current = torch.zeros(bsz, dtype=torch.int64, device=device)
     active = torch.ones(bsz, dtype=torch.bool, device=device)
     for d in range(max_depth + 1):
-        y = sample(logits.index_select(0, row_start + current), replace(st, offsets=st.offsets + d))
+        y = sample(logits.index_select(0, row_start + current), sampling_at_depth(st, d))
         targets.scatter_(1, torch.where(active, current, n)[:, None], y[:, None])
         if d == max_depth:
             break
@@ -108,6 +110,12 @@ def draws_at_visited_nodes(tree: TreeBatch, logits: torch.Tensor, st: SamplingTe
         active = active & match.any(dim=1)
         current = torch.where(active, child, current)
     return targets[:, :n].reshape(-1)
+
+
+def sampling_at_depth(st: SamplingTensors, d: int) -> SamplingTensors:
+    """The settings of a draw at depth d: the request's, noise counter offset + d (the draw plain
+    sampling makes d tokens ahead; see ``per_node_sampling``)."""
+    return replace(st, offsets=st.offsets + d)
 
 
 def per_node_sampling(st: SamplingTensors, depth: torch.Tensor) -> SamplingTensors:

@@ -10,6 +10,8 @@ Two wrong rules must fail the same test, which shows it has the power to notice 
 
 from __future__ import annotations
 
+import functools
+
 import math
 import statistics
 import sys
@@ -215,10 +217,11 @@ def rule_sampled(tree, p, q, st, max_depth):
     return accept_sampled_children(*tree, p, q, st.seeds, st.offsets, max_depth, max_children=2)
 
 
-def rule_verify(tree, p, q, st, max_depth):
-    """What the engine's verifier runs: the target's seeded draw at every node at once, then the
-    greedy walk against those draws. p is already shaped by the settings, so it is passed as
-    logits log(p) with neutral settings (the seeds and counters are kept)."""
+def rule_verify(tree, p, q, st, max_depth, visited_draws_from):
+    """What the engine's verifier runs: the target's seeded draw at every node at once (or, from
+    ``visited_draws_from`` tree rows on, at the nodes the walk visits), then the greedy walk
+    against those draws. p is already shaped by the settings, so it is passed as logits log(p)
+    with neutral settings (the seeds and counters are kept)."""
     tokens, parents, depth, _ = tree
     rows, nodes = tokens.shape
     batch = TreeBatch(tokens, parents, depth, ancestor_bits_from_parents(parents, max_depth), depth)
@@ -226,7 +229,7 @@ def rule_verify(tree, p, q, st, max_depth):
                       top_p=torch.ones(rows), sort_width=0)
     accept, _ = accept_tree(batch, p.log().reshape(rows * nodes, -1), neutral, False, max_depth,
                             torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, 1, dtype=torch.int32), 16,
-                            "torch")
+                            "torch", visited_draws_from=visited_draws_from)
     return accept
 
 
@@ -234,7 +237,8 @@ CONFIGS = {"t1": (1.0, 0, 1.0), "t07_k4": (0.7, 4, 1.0), "p08": (1.0, 0, 0.8)}
 TREES = {"chain_sampled": (CHAIN3, "sampled", rule_sampled),
          "tree_sampled": (IRREGULAR3, "sampled", rule_sampled),
          "tree_topk": (BINARY3, "topk", rule_topk),
-         "tree_topk_verifier": (BINARY3, "topk", rule_verify)}
+         "tree_topk_verifier": (BINARY3, "topk", functools.partial(rule_verify, visited_draws_from=1 << 62)),
+         "tree_topk_verifier_visited": (BINARY3, "topk", functools.partial(rule_verify, visited_draws_from=0))}
 
 
 def run_lossless(config: str, tree: str, n_tokens: int = 2, draft_vocab: int | None = None):
@@ -292,13 +296,15 @@ def test_power_draft_ids_not_mapped_to_target_ids(monkeypatch):
     assert stat > threshold
 
 
-def test_power_verifier_draws_without_the_depth_in_the_counter(monkeypatch):
+@pytest.mark.parametrize("tree", ["tree_topk_verifier", "tree_topk_verifier_visited"])
+def test_power_verifier_draws_without_the_depth_in_the_counter(tree, monkeypatch):
     # Every node drawing with the request's counter alone: the tokens of one step share their
     # noise, so consecutive tokens are correlated.
-    stat, threshold, _ = run_lossless("t1", "tree_topk_verifier")
+    stat, threshold, _ = run_lossless("t1", tree)
     assert stat < threshold
     monkeypatch.setattr(verifier, "per_node_sampling", lambda st, depth: st.expand(depth.shape[1]))
-    stat, threshold, _ = run_lossless("t1", "tree_topk_verifier")
+    monkeypatch.setattr(verifier, "sampling_at_depth", lambda st, d: st)
+    stat, threshold, _ = run_lossless("t1", tree)
     assert stat > threshold
 
 

@@ -145,3 +145,21 @@ def test_with_overlap_only_steps_queued_behind_another_are_timed():
     assert sum(timed.values()) > 0
     for choice, n in timed.items():
         assert n <= followed.get(choice, 0), (choice, timed, followed)
+
+
+def test_seeded_sampling_drawing_only_at_visited_nodes_keeps_plain_decodings_tokens(monkeypatch):
+    """The sampled verify of large batches (design note 52), forced here at every size: a seeded
+    request still draws plain decoding's tokens, and drafts do get accepted."""
+    from eaglespec.speculative import verifier
+
+    monkeypatch.setattr(verifier, "VISITED_DRAWS_MIN_ROWS", 0)
+    target = predictable_target(seed=32)
+    prompts = _prompts(target.config.vocab_size, [7, 18, 11, 3], seed=9)
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=t, top_p=p, seed=i)
+              for i, (t, p) in enumerate([(0.8, 1.0), (1.0, 0.9), (0.0, 1.0), (0.6, 0.8)])]
+    llm = LLM.from_model(target, draft=eagle1_head(target, seed=10), spec=SpecConfig(tree="dynamic:3,3,8"),
+                         engine=small_engine(max_batch_size=4, num_blocks=96))
+    outs = llm.generate(prompts, params)
+    ref = LLM.from_model(target, engine=small_engine()).generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert sum(o.stats["tau"] for o in outs) / len(outs) > 1.3
