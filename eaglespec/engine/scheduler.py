@@ -10,8 +10,8 @@ output so far), which yields exactly the token a decode step would have.
 Prefill never stalls the streams already running: the ready requests decode their next token
 inside the prefill step's forward (a mixed step: each is a one-token "prefill"). Under
 speculation (``alternate``) a speculative step also follows every prefill step while requests
-are ready: it yields several tokens a request where a mixed step yields one, so a stream of
-admissions slows the running requests by about a mixed step in two, never to one token a step.
+are ready: it yields several tokens a request where a mixed step yields one, so while
+admissions last the running requests still get a speculative step in every two steps.
 
 The context limit: a sequence holds at most ``max_model_len`` tokens. A step writes up to
 ``lookahead`` cache positions from its last cached token (a speculative tree's accepted path),

@@ -43,18 +43,18 @@ step launched fresh, which pays scheduling and staging in series with the device
 graph's first run, which captures it).
 
 The best choice runs for an epoch of ``epoch_steps`` steps of its bucket: the per-step decision
-is a lookup (a switch costs nothing more than any step once each choice's graph is captured). Each epoch runs the
-choice with the highest expected tokens per second; a choice with no timing yet in this bucket,
-or a tree whose acceptance was never seen, is tried first (a short epoch of ``trial_steps``
-each, in order). One epoch in every ``explore_every`` is a short one that measures again: while
-plain decoding leads, every other one runs the best tree (the ease is only seen through trees,
-so plain decoding must look at it now and then, and between looks the ease drifts back to 1
-over ``ease_revert`` steps); the others run the choice measured longest ago. Exploring that
-leaves the leader as it was comes less and less often (the gap doubles, down to one epoch in
-``explore_every`` x ``explore_backoff``), so where speculation never pays, as on a CPU or for
-sampled batch-1 requests on the H200, exploring costs little; exploring that changes the
-leader brings it back to one in ``explore_every``. Plain decoding is one of the choices, so a
-draft that never accepts ends with plain decoding and loses only the exploring steps (about
+is a lookup (a switch costs no more than any step once each choice's graph is captured). Each
+epoch runs the choice with the highest expected tokens per second; a choice with no timing yet
+in this bucket, or a tree whose acceptance was never seen, is tried first (a short epoch of
+``trial_steps`` each, in order). One epoch in every ``explore_every`` is a short one that
+measures again: while plain decoding leads, every other one runs the best tree (the ease is only
+seen through trees, so plain decoding must look at it now and then, and between looks the ease
+drifts back to 1 over ``ease_revert`` steps); the others run the choice measured longest ago.
+Exploring that leaves the leader as it was comes less and less often (the gap doubles, down to
+one epoch in ``explore_every`` x ``explore_backoff``), so where speculation never pays, as on a
+CPU or for sampled batch-1 requests on the H200, exploring costs little; exploring that changes
+the leader brings it back to one in ``explore_every``. Plain decoding is one of the choices, so
+a draft that never accepts ends with plain decoding and loses only the exploring steps (about
 trial_steps / (epoch_steps x explore_every x explore_backoff) of them).
 """
 

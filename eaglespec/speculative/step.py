@@ -29,8 +29,8 @@ import torch
 from eaglespec.config import SpecConfig
 from eaglespec.engine.graphs import StepGraphs, bucket_for
 from eaglespec.engine.request import Request
-from eaglespec.engine.scheduler import is_ready
 from eaglespec.engine.runner import DECODE_ROWS, DecodeFlight, ModelRunner, StepRows, write_padded
+from eaglespec.engine.scheduler import is_ready
 from eaglespec.kv_cache import KVCache, slots_for
 from eaglespec.models.attention_step import PrefillStep
 from eaglespec.models.eagle import EagleHead
