@@ -4,10 +4,10 @@ Each variant is an engine on the same target and head with one change undone on 
 alone (an instance patch, nothing in the package):
 
 - ``main``: as on main;
-- ``switch-drains``: a step of another choice is never queued behind the step in flight (a
-  switch drains the device; the engine before design note 49);
 - ``no-sampled-priors``: sampled steps start without the head's greedy priors (the policy
   before design note 47).
+
+(Design note 49's ``switch-drains`` was measured with it, on an H100, and its change reverted.)
 
 Per batch size the runs go plain, main, the others, main, plain: speedups are over the mean of
 the two plain runs, and the two main runs give main's own spread. Reuses the end-to-end
@@ -27,14 +27,12 @@ from eaglespec.bench.results import write_result
 from eaglespec.engine.llm import shipped_head_path
 from eaglespec.models.eagle import load_head
 
-VARIANTS = ("main", "switch-drains", "no-sampled-priors")
+VARIANTS = ("main", "no-sampled-priors")
 
 
 def undo(llm: LLM, variant: str) -> None:
     """Undo one change on this engine (before its warm-up, so the policy never saw it)."""
-    if variant == "switch-drains":
-        llm.speculative.ready = lambda reqs, choice: False  # no step of another choice behind one in flight
-    elif variant == "no-sampled-priors":
+    if variant == "no-sampled-priors":
         policy = llm.speculative.policy
         for key in [k for k in policy._drafts if not k[1]]:  # (tree, greedy=False)
             del policy._drafts[key]

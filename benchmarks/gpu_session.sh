@@ -192,15 +192,11 @@ phase_e2e_heads() {  # the shipped head against every head trained on this machi
   done
   e2e_side_by_side "$heads" "${E2E_TREES:-auto;chain:3;chain:4}" $OUT/heads
 }
-# Design notes 47 and 49: tree=auto against itself with one change undone per engine (sampled
-# steps without the greedy priors; a switch that drains), interleaved, sampled then greedy.
+# Design note 47: tree=auto against itself with sampled steps started without the greedy priors,
+# interleaved (benchmarks/ab_auto.py).
 phase_ab_auto() {
   python3 benchmarks/ab_auto.py --questions .carry/mtbench-question.jsonl --batches ${AB_BATCHES:-1,16} \
     --temperature 0.7 --top-p 0.9 --out $OUT/ab-auto 2>&1 | grep -v "it/s\]$" | tail -16
-}
-phase_ab_auto_greedy() {
-  python3 benchmarks/ab_auto.py --questions .carry/mtbench-question.jsonl --batches 1 --variants switch-drains \
-    --out $OUT/ab-auto 2>&1 | grep -v "it/s\]$" | tail -8
 }
 # Design note 52: the sampled step drawing at every tree node (threshold out of reach) against
 # drawing only where the walk goes (from 1,024 tree rows), step replay, interleaved A, B, A.
@@ -277,7 +273,7 @@ for p in "$@"; do
     # A trained head's files, weights included, as files of their own (HEAD_NAME, default eagle1-full).
     head-out) mkdir -p $FINAL_OUT/head && cp $STAGE/${HEAD_NAME:-eagle1-full}/head/* $FINAL_OUT/head/ && ls -la $FINAL_OUT/head ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
-    e2e-heads) phase_e2e_heads ;; e2e-priors) phase_e2e_priors ;; ab-auto) phase_ab_auto ;; ab-auto-greedy) phase_ab_auto_greedy ;; bench-visited-draws) phase_bench_visited_draws ;;
+    e2e-heads) phase_e2e_heads ;; e2e-priors) phase_e2e_priors ;; ab-auto) phase_ab_auto ;; bench-visited-draws) phase_bench_visited_draws ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

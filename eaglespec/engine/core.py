@@ -247,13 +247,11 @@ class EngineCore:
         """Run one step; return the requests that made progress (finished ones included).
 
         Decoding, plain or speculative, overlaps the host with the device: while a step runs,
-        the next one (whatever the policy chose for it: the same choice, another tree, plain
-        decoding) is queued with its inputs taken on the device, and only then are the first
-        step's tokens read and checked. That needs the batch to go on unchanged (nothing to
-        admit, nothing finished or preempted, no limit reachable by the step in flight, KV room)
-        and the next choice's graph captured already (a capture waits for the device); otherwise
-        the step ends without a successor. A request that stops while its successor runs wastes
-        that successor's tokens, which are dropped.
+        the next one (the same choice) is queued with its inputs taken on the device, and only
+        then are the first step's tokens read and checked. That needs the batch to go on
+        unchanged (nothing to admit, nothing finished or preempted, no limit reachable by the
+        step in flight, KV room); otherwise the step ends without a successor. A request that
+        stops while its successor runs wastes that successor's tokens, which are dropped.
         """
         started = time.perf_counter()
         flight, self._in_flight = self._in_flight, None
@@ -278,17 +276,15 @@ class EngineCore:
         overlap = self.config.overlap_decode
         if overlap is None:
             overlap = self.device.type == "cuda"
-        # Steady: a step queued behind the one before it, of any choice: its wall time is its
-        # device time (what the policy compares). With overlap, a step launched fresh (a choice
-        # whose graph was still to capture, a finished request, a limit in reach) also carries
-        # scheduling and staging in series with the device, so it is not timed, whatever the
-        # choice (timing fresh tree steps but never fresh plain ones made trees look up to 2x
+        # Steady: a step queued behind one of the same choice (what the policy compares). With
+        # overlap, a step launched fresh (a switch, a finished request, a limit in reach) also
+        # carries scheduling and staging in series with the device, so it is not timed, whatever
+        # the choice (timing fresh tree steps but never fresh plain ones made trees look up to 2x
         # slower, design note 43). Without overlap, every step after one of the same choice.
         steady = followed or (not overlap and self.last_choice == choice)
-        if overlap and self._can_follow(flight):
-            following = self._choose(flight.reqs, plan=True)
-            if following == choice or self.speculative.ready(flight.reqs, following):
-                self._in_flight = self._launch(flight.reqs, following, follow=flight)
+        if (overlap and self._can_follow(flight)
+                and self._choose(flight.reqs, plan=True) == choice):
+            self._in_flight = self._launch(flight.reqs, choice, follow=flight)
         live = [r for r in flight.reqs if not r.finished]
         if choice == PLAIN:
             self.last_step_kind = "decode"

@@ -61,12 +61,6 @@ class StepGraphs:
             copied.synchronize()
         return host
 
-    def ready(self, bucket: int) -> bool:
-        """Whether ``run(bucket)`` replays at once: captured already, or run eagerly. A first
-        run captures, which waits for the device and compiles: no step to queue behind one in
-        flight, whose wall time it would add to."""
-        return not self.use_graphs or bucket in self._graphs
-
     def run(self, bucket: int, prepare: Callable[[dict[str, torch.Tensor]], None] | None = None,
             ) -> tuple[torch.Tensor, ...]:
         """Run the step on the staged inputs of a batch padded to ``bucket`` rows. ``prepare``

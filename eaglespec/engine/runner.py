@@ -387,25 +387,26 @@ class ModelRunner:
     @torch.inference_mode()
     def launch_decode(self, reqs: list[Request], follow: DecodeFlight | None = None,
                       graphs: dict[bool, StepGraphs] | None = None, fields: RowFields = DECODE_ROWS,
-                      fill: Callable[[StepRows, list[Request]], None] | None = None,
-                      prepare: Callable[[dict[str, torch.Tensor]], None] | None = None) -> DecodeFlight:
+                      fill: Callable[[StepRows, list[Request]], None] | None = None) -> DecodeFlight:
         """Queue one decode step: one token for each request (whose last token is not cached
         yet), without waiting for it. With ``follow`` (the step before, same requests in the
         same order, not read yet) the input tokens are that step's outputs, taken on the device.
 
         ``graphs`` (greedy and sampled, default the runner's own), ``fields`` and ``fill`` (which
         writes the extra fields) serve a decode step that does more, such as the speculative
-        engine's plain step, which also hands its features to the draft. ``prepare`` serves a
-        step queued behind one of another kind (a plain step behind a tree step): its inputs are
-        staged as if nothing were in flight, then ``prepare`` advances them on the device."""
+        engine's plain step, which also hands its features to the draft."""
         bucket = bucket_for(len(reqs), self.buckets)
         greedy = all(r.params.temperature == 0 for r in reqs)
         graphs = (graphs or self.decode_graphs)[greedy]
         rows = self.stage_inputs(graphs, reqs, bucket, tokens_in_flight=int(follow is not None), fields=fields)
         if fill is not None:
             fill(rows, reqs)
+        prepare = None
         if follow is not None:
-            prepare = self.behind_decode_step(follow, fields)
+            prev = follow.tokens_device
+
+            def prepare(static: dict[str, torch.Tensor]) -> None:
+                StepRows(static["packed"], self.max_blocks_per_seq, fields)["input_ids"].copy_(prev)
         (tokens,) = graphs.run(bucket, prepare)
         host, done = tokens, None  # on the CPU the step has already run
         if tokens.is_cuda:
@@ -416,17 +417,6 @@ class ModelRunner:
         for r in reqs:
             r.num_cached += 1
         return DecodeFlight(reqs, tokens, host, done)
-
-    def behind_decode_step(self, flight: DecodeFlight,
-                           fields: RowFields = DECODE_ROWS) -> Callable[[dict[str, torch.Tensor]], None]:
-        """What gives a step queued behind ``flight`` (a decode step not read yet) its input
-        tokens, that step's outputs, on the device (``graphs.run``'s ``prepare``)."""
-        prev = flight.tokens_device
-
-        def prepare(static: dict[str, torch.Tensor]) -> None:
-            StepRows(static["packed"], self.max_blocks_per_seq, fields)["input_ids"].copy_(prev)
-
-        return prepare
 
     def _token_buffer(self, bucket: int) -> torch.Tensor:
         """A pinned [bucket] int64 buffer for a decode step's tokens. Two per bucket, used in

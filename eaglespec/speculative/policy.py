@@ -38,23 +38,22 @@ and ran 1.10-1.22x where that tree ran 1.24-1.27x).
 
 Step times may be seeded at start-up (``seed``: on a GPU, the replay time of every captured
 graph, see SpeculativeRunner.calibrate); the engine's wall clock then refines them, from steady
-steps only (a step the engine queued behind the one before it, whatever that one ran; not a
-step launched fresh, which pays scheduling and staging in series with the device, nor a
-graph's first run, which captures it).
+steps only (a step that follows one of the same choice: a plain step overlapped with the one
+before it, not the first plain step after a tree, which pays the switch).
 
-The best choice runs for an epoch of ``epoch_steps`` steps of its bucket: the per-step decision
-is a lookup (a switch costs no more than any step once each choice's graph is captured). Each
-epoch runs the choice with the highest expected tokens per second; a choice with no timing yet
-in this bucket, or a tree whose acceptance was never seen, is tried first (a short epoch of
-``trial_steps`` each, in order). One epoch in every ``explore_every`` is a short one that
-measures again: while plain decoding leads, every other one runs the best tree (the ease is only
-seen through trees, so plain decoding must look at it now and then, and between looks the ease
-drifts back to 1 over ``ease_revert`` steps); the others run the choice measured longest ago.
-Exploring that leaves the leader as it was comes less and less often (the gap doubles, down to
-one epoch in ``explore_every`` x ``explore_backoff``), so where speculation never pays, as on a
-CPU or for sampled batch-1 requests on the H200, exploring costs little; exploring that changes
-the leader brings it back to one in ``explore_every``. Plain decoding is one of the choices, so
-a draft that never accepts ends with plain decoding and loses only the exploring steps (about
+The best choice runs for an epoch of ``epoch_steps`` steps of its bucket: switches are rare
+(each costs a step without overlap) and the per-step decision is a lookup. Each epoch runs the
+choice with the highest expected tokens per second; a choice with no timing yet in this bucket,
+or a tree whose acceptance was never seen, is tried first (a short epoch of ``trial_steps``
+each, in order). One epoch in every ``explore_every`` is a short one that measures again: while
+plain decoding leads, every other one runs the best tree (the ease is only seen through trees,
+so plain decoding must look at it now and then, and between looks the ease drifts back to 1
+over ``ease_revert`` steps); the others run the choice measured longest ago. Exploring that
+leaves the leader as it was comes less and less often (the gap doubles, down to one epoch in
+``explore_every`` x ``explore_backoff``), so where speculation never pays, as on a CPU or for
+sampled batch-1 requests on the H200, exploring costs little; exploring that changes the
+leader brings it back to one in ``explore_every``. Plain decoding is one of the choices, so a
+draft that never accepts ends with plain decoding and loses only the exploring steps (about
 trial_steps / (epoch_steps x explore_every x explore_backoff) of them).
 """
 
@@ -169,8 +168,8 @@ class SpeculationPolicy:
     ease_memory: int = 8  # steps of any tree the ease spans (how fast it follows the text)
     ease_revert: int = 32  # steps without a tree over which the ease returns 63 % of the way to 1 (1 - 1/e)
     epoch_steps: int = 8  # steps the best choice runs for before the next decision, per bucket
-    trial_steps: int = 4  # steps of a trial or an exploring epoch (2 were too few to judge a tree by: one
-    # unlucky pair shut dynamic trees out for a whole run)
+    trial_steps: int = 4  # steps of a trial or an exploring epoch (the first pays the switch; 2 were too few to
+    # judge a tree by: one unlucky pair shut dynamic trees out for a whole run)
     explore_every: int = 8  # one exploring epoch in this many, per bucket, while exploring changes the leader
     explore_backoff: int = 2  # at most this many times fewer while it does not
     priors: dict[str, float] = field(default_factory=dict)  # tree -> accepted drafts per greedy step, measured offline
@@ -256,8 +255,8 @@ class SpeculationPolicy:
     def observe(self, choice: str, bucket: int, greedy: bool, seconds: float, tokens_per_sequence: float,
                 steady: bool = True) -> None:
         """Record one step that ran ``choice``: its wall time and mean tokens per sequence.
-        ``steady``: the step was queued behind the one before it; otherwise its time (a step
-        launched fresh, a warm-up) is not taken, only its tokens."""
+        ``steady``: the step followed one of the same choice; otherwise its time (a switch, a
+        warm-up) is not taken, only its tokens."""
         if choice not in self.choices:
             raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
         self._observed += 1

@@ -13,10 +13,9 @@ position. The window holds one pair more than a tree step leaves, so a plain ste
 step keeps them all; only a longer run of plain steps leaves positions out of the head's cache,
 which can only lower acceptance, never change an output.
 
-Speculative steps overlap the host like plain ones: step n+1 can be queued before the host
-reads step n (``launch(..., follow=)``, ``launch_plain(..., follow=)``), whichever tree or plain
-step each is, its root tokens, lengths and sampling counters advanced on the device from step
-n's outputs. So switching between choices costs no drained device.
+Speculative steps overlap the host like plain ones: step n+1 of the same tree can be queued
+before the host reads step n (``launch(..., follow=)``), its root tokens, cached lengths and
+sampling counters advanced on the device from step n's outputs.
 """
 
 from __future__ import annotations
@@ -283,31 +282,28 @@ class SpeculativeRunner:
                             feats.contiguous(), tokens.contiguous())
         return (tokens,)
 
-    def ready(self, reqs: list[Request], choice: str) -> bool:
-        """Whether a step of ``choice`` (a tree or ``PLAIN``) for these requests replays without a
-        capture first (StepGraphs.ready): only then may it be queued behind a step of another
-        choice."""
-        programs = self.plain_graphs if choice == PLAIN else self.programs[choice].graphs
-        return programs[_all_greedy(reqs)].ready(bucket_for(len(reqs), self.runner.buckets))
-
     @torch.inference_mode()
-    def launch(self, reqs: list[Request], tree: str, follow: SpecFlight | DecodeFlight | None = None) -> SpecFlight:
+    def launch(self, reqs: list[Request], tree: str, follow: SpecFlight | None = None) -> SpecFlight:
         """Queue one speculative step of ``tree`` for running requests, without waiting for it;
         the requests' host state (``num_cached``, outputs) advances when the flight is read.
 
-        With ``follow`` (the step before, of any tree or plain, same requests in the same order,
-        not read yet, blocks grown for both steps) each request's root token is the last token
-        that step emitted. Behind a tree step, the cached length and sampling counter advance by
-        its count on the device; a plain step advanced the cached length when it was queued."""
+        With ``follow`` (the step before, same requests in the same order, not read yet, blocks
+        grown for both steps) each request's root token is the last token that step emitted, and
+        its cached length and sampling counter advance by that step's count, on the device."""
         bucket = bucket_for(len(reqs), self.runner.buckets)
         graphs = self.programs[tree].graphs[_all_greedy(reqs)]
-        behind_plain = isinstance(follow, DecodeFlight)
-        self.stage_inputs(graphs, reqs, bucket, tokens_in_flight=int(behind_plain))
+        self.stage_inputs(graphs, reqs, bucket)
         prepare = None
-        if behind_plain:
-            prepare = self.runner.behind_decode_step(follow, SPEC_ROWS)
-        elif follow is not None:
-            prepare = self._behind_tree_step(len(reqs), follow, plain=False)
+        if follow is not None:
+            n, prev_tokens, prev_counts = len(reqs), follow.tokens_device, follow.counts_device
+
+            def prepare(static: dict[str, torch.Tensor]) -> None:
+                rows = StepRows(static["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
+                counts = prev_counts[:n]
+                last = torch.gather(prev_tokens[:n], 1, (counts - 1).clamp_min(0)[:, None])[:, 0]
+                rows["input_ids"][:n].copy_(last)
+                rows["cached_lens"][:n] += counts.to(torch.int32)
+                rows["offsets"][:n] += counts
         tokens, counts = graphs.run(bucket, prepare)
         tokens_host, counts_host, done = tokens, counts, None  # on the CPU the step has already run
         if tokens.is_cuda:
@@ -330,44 +326,14 @@ class SpeculativeRunner:
         pairs.reverse()
         return pairs[0]
 
-    def launch_plain(self, reqs: list[Request], follow: DecodeFlight | SpecFlight | None = None) -> DecodeFlight:
-        """Queue a plain decode step (overlapped like the plain engine's, see ModelRunner.launch_decode),
-        behind a plain step or a tree step."""
-        if isinstance(follow, SpecFlight):
-            return self.runner.launch_decode(reqs, graphs=self.plain_graphs, fields=SPEC_ROWS,
-                                             fill=self._fill_state_rows,
-                                             prepare=self._behind_tree_step(len(reqs), follow, plain=True))
+    def launch_plain(self, reqs: list[Request], follow: DecodeFlight | None = None) -> DecodeFlight:
+        """Queue a plain decode step (overlapped like the plain engine's, see ModelRunner.launch_decode)."""
         return self.runner.launch_decode(reqs, follow, graphs=self.plain_graphs, fields=SPEC_ROWS,
                                          fill=self._fill_state_rows)
 
-    def _behind_tree_step(self, n: int, flight: SpecFlight, plain: bool) -> Callable[[dict[str, torch.Tensor]], None]:
-        """What moves the inputs of a step staged from the requests' host state past ``flight``,
-        a tree step not read yet (its first ``n`` rows are the requests), on the device: the last
-        token it emitted becomes the input, and the sampling counter advances by its count, and
-        so does what the next step reads of the length: a tree step its cached length, a plain
-        step (``plain``) its position, with the position's cache slot, and its context length."""
-        prev_tokens, prev_counts, bs = flight.tokens_device, flight.counts_device, self.runner.cfg.block_size
-
-        def prepare(static: dict[str, torch.Tensor]) -> None:
-            rows = StepRows(static["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
-            counts = prev_counts[:n]
-            rows["input_ids"][:n] = torch.gather(prev_tokens[:n], 1, (counts - 1).clamp_min(0)[:, None])[:, 0]
-            rows["offsets"][:n] += counts
-            if not plain:
-                rows["cached_lens"][:n] += counts.to(torch.int32)
-                return
-            positions = rows["positions"][:n]
-            positions += counts
-            blocks = torch.gather(rows.block_tables[:n], 1, (positions // bs)[:, None])[:, 0]
-            rows["slots"][:n] = blocks.to(torch.int64) * bs + positions % bs
-            rows["context_lens"][:n] += counts.to(torch.int32)
-
-        return prepare
-
-    def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int, tokens_in_flight: int = 0) -> None:
-        """The runner's decode fields (``tokens_in_flight``: see ModelRunner.stage_inputs), then
-        each request's state slot and cached length."""
-        self._fill_state_rows(self.runner.stage_inputs(graphs, reqs, bucket, tokens_in_flight, SPEC_ROWS), reqs)
+    def stage_inputs(self, graphs: StepGraphs, reqs: list[Request], bucket: int) -> None:
+        """The runner's decode fields, then each request's state slot and cached length."""
+        self._fill_state_rows(self.runner.stage_inputs(graphs, reqs, bucket, fields=SPEC_ROWS), reqs)
 
     def _fill_state_rows(self, rows: StepRows, reqs: list[Request]) -> None:
         """State slot and cached length per request; padding rows get the scratch slot and a

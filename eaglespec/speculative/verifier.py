@@ -77,11 +77,10 @@ def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, gree
 
 
 # From this many tree rows (batch x nodes) on, the sampled verify draws only at the nodes the walk
-# visits, max_depth + 1 sampling passes over B rows, instead of one over every node: a top-p
-# distribution over SmolLM2's 49,152 tokens cost 1,968 µs for 1,024 rows and 182 µs for 64 (H200,
-# design note 46), so batch 64 with a 16-node tree draws in about half the time; at 256 rows
-# (603 µs against 5 x 143) one pass over every node is cheaper.
-VISITED_DRAWS_MIN_ROWS = 1024
+# visits, max_depth + 1 sampling passes over B rows, instead of one over every node. SmolLM2's
+# sampled step (bench.spec_step, H100, design note 52): 1,024 rows 5.54 -> 4.53 ms, 2,112 rows
+# 9.42 -> 6.44, 528 and 512 rows 2-4 % faster; below that one pass over every node stays.
+VISITED_DRAWS_MIN_ROWS = 512
 
 
 def draws_at_visited_nodes(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors,
