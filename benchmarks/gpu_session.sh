@@ -199,10 +199,10 @@ phase_ab_auto() {
     --temperature 0.7 --top-p 0.9 --out $OUT/ab-auto 2>&1 | grep -v "it/s\]$" | tail -16
 }
 # Design note 52: the sampled step drawing at every tree node (threshold out of reach) against
-# drawing only where the walk goes (from 1,024 tree rows), step replay, interleaved A, B, A.
+# drawing only where the walk goes (from 512 tree rows, the default), step replay, A, B, A.
 phase_bench_visited_draws() {
   local i=0 thr
-  for thr in 1024 1000000000 1024; do
+  for thr in 512 1000000000 512; do
     i=$((i + 1))
     python3 -c "import sys, eaglespec.speculative.verifier as v; v.VISITED_DRAWS_MIN_ROWS = int(sys.argv[1]); \
 from eaglespec.bench.spec_step import main; main(sys.argv[2:])" $thr --preset smollm2-135m --context 512 \

@@ -17,6 +17,7 @@ from eaglespec.speculative.verifier import accept_tree, per_node_sampling
 from tests.conftest import DEVICE, needs_triton_kernels
 
 BLOCK_SIZE = 4
+EVERY_NODE = 1 << 62  # accept_tree's visited_draws_from: draw at every node whatever the size
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton_kernels)]
 
 
@@ -119,7 +120,7 @@ def test_one_draw_for_all_nodes_equals_the_per_depth_walk(backend, seed):
     lens, tables = block_tables_for(rows, max_depth, seed)
     tree, logits, st, lens, tables = on_backend(backend, tree, logits, st, lens, tables)
     accept, where = accept_tree(tree, logits.reshape(rows * nodes, vocab), st, False, max_depth, lens, tables,
-                                BLOCK_SIZE, backend)
+                                BLOCK_SIZE, backend, visited_draws_from=EVERY_NODE)
     ref = per_depth_walk_ref(tree, logits, st, max_depth)  # sampled on the same device: the same draws
     assert_same_accept(accept, ref)
     ref_where = commit_indices(ref.path, lens, tables, BLOCK_SIZE, nodes)
@@ -182,7 +183,7 @@ def test_duplicate_siblings_continue_the_first_child_walk(backend):
     lens, tables = block_tables_for(rows, max_depth, 11)
     tree, logits, st, lens, tables = on_backend(backend, tree, logits, st, lens, tables)
     accept, _ = accept_tree(tree, logits.reshape(rows * nodes, vocab), st, False, max_depth, lens, tables,
-                            BLOCK_SIZE, backend)
+                            BLOCK_SIZE, backend, visited_draws_from=EVERY_NODE)
     ref = per_depth_walk_ref(tree, logits, st, max_depth)
     assert (accept.num_emitted >= ref.num_emitted).all()
     steps = torch.arange(max_depth + 1, device=ref.tokens.device)
