@@ -427,7 +427,7 @@ class Trainer:
             head.t2d.copy_(t2d)
             if cfg.lm_head_from_target:
                 # The head predicts the target's next token: the target's own map from its last
-                # normed hidden state to those tokens is a start 9.4M random weights must learn.
+                # normed hidden state to those tokens is a start random weights must learn first.
                 with torch.no_grad():
                     rows = self.target.output_weight.index_select(0, head.draft_to_target().to(
                         self.target.output_weight.device))
