@@ -18,10 +18,10 @@ what remains of the target distribution there. The outputs are -1 padded:
   path        [B, max_depth + 1]  root, then each accepted node: the nodes whose K/V to keep
 
 ``accept_by_target_draws`` and ``accept_sampled_by_rows`` are the same walks reading the target
-(and draft) only at the nodes visited, through callables. The engine's verifier does not walk:
-it draws the target's token at every node at once and runs the greedy walk kernel on them
-(``speculative.verifier.accept_tree``); ``accept_by_target_draws`` is the reference it is tested
-against.
+(and draft) only at the nodes visited, through callables. The engine's verifier walks this way
+only for sampled trees of many rows (``speculative.verifier.accept_at_visited_nodes``); below
+that it draws the target's token at every node at once and runs the greedy walk kernel on them
+(``speculative.verifier.accept_tree``), tested against ``accept_by_target_draws``.
 
 Randomness comes only from ``uniform_noise`` / ``sample_from_probs`` with the row's seed and
 offset, so results do not depend on batch composition. Streams: the draw from the target at

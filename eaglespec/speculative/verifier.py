@@ -13,9 +13,9 @@ import torch
 from eaglespec.kv_cache import KVCache, copy_tree_kv
 from eaglespec.models.attention_step import TreeStep
 from eaglespec.models.llama import LlamaForCausalLM
-from eaglespec.ops.greedy_accept import CommitIndices, greedy_accept, greedy_accept_ref
+from eaglespec.ops.greedy_accept import CommitIndices, commit_indices, greedy_accept, greedy_accept_ref
 from eaglespec.ops.sampling import SamplingTensors, greedy_argmax, sample
-from eaglespec.speculative.acceptance import AcceptResult
+from eaglespec.speculative.acceptance import AcceptResult, accept_by_target_draws
 from eaglespec.speculative.tree import TreeBatch
 
 
@@ -58,7 +58,7 @@ def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, gree
     The target's token at every node at once (its argmax, or its seeded draw: see
     ``per_node_sampling``), then greedy acceptance against those tokens: one walk for both rules.
     Sampled trees of ``visited_draws_from`` rows or more (default ``VISITED_DRAWS_MIN_ROWS``)
-    draw only at the nodes the walk visits (``draws_at_visited_nodes``).
+    draw only at the nodes the walk visits (``accept_at_visited_nodes``).
     """
     bsz, n = tree.tokens.shape
     if logits.dim() != 2 or logits.shape[0] != bsz * n:
@@ -68,7 +68,8 @@ def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, gree
     elif greedy:
         targets = greedy_argmax(logits) if backend == "triton" else logits.argmax(dim=-1)
     elif bsz * n >= (VISITED_DRAWS_MIN_ROWS if visited_draws_from is None else visited_draws_from):
-        targets = draws_at_visited_nodes(tree, logits, st, max_depth)
+        accept = accept_at_visited_nodes(tree, logits, st, max_depth)
+        return accept, commit_indices(accept.path, cached_lens, block_tables, block_size, n)
     else:
         targets = sample(logits, per_node_sampling(st, tree.depth))
     walk = greedy_accept if backend == "triton" else greedy_accept_ref
@@ -83,32 +84,20 @@ def accept_tree(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors, gree
 VISITED_DRAWS_MIN_ROWS = 512
 
 
-def draws_at_visited_nodes(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors,
-                           max_depth: int) -> torch.Tensor:
-    """The target's seeded draws [B * N] at the nodes the acceptance walk visits, -1 elsewhere.
-
-    Depth by depth from the root: the draw at each row's current node (counter offset + depth,
-    as ``per_node_sampling`` gives it), then the walk moves to the first child carrying it, or
-    stops. The greedy walk kernel run on these draws accepts the same path as on draws at every
-    node: a node counts only when its parent's draw is its token, and an unvisited parent's -1
-    is no token (a later sibling carrying the same token as the path's node is a dead end at
-    the same depth, and the first one wins ties)."""
+def accept_at_visited_nodes(tree: TreeBatch, logits: torch.Tensor, st: SamplingTensors,
+                            max_depth: int) -> AcceptResult:
+    """Sampled acceptance drawing from the target only at the nodes the walk visits: the walk
+    of ``accept_by_target_draws``, whose draw at depth d is the current node's row of ``logits``
+    [B * N, V] sampled with counter offset + d (as ``per_node_sampling`` gives it). Where the
+    draws at every node let the walk kernel follow a later sibling carrying the same token
+    deeper, this takes the first one's chain; both are lossless."""
     bsz, n = tree.tokens.shape
-    device = tree.tokens.device
-    targets = torch.full((bsz, n + 1), -1, dtype=torch.int64, device=device)  # column n: where stopped walks write
-    row_start = torch.arange(bsz, device=device) * n
-    current = torch.zeros(bsz, dtype=torch.int64, device=device)
-    active = torch.ones(bsz, dtype=torch.bool, device=device)
-    for d in range(max_depth + 1):
-        y = sample(logits.index_select(0, row_start + current), sampling_at_depth(st, d))
-        targets.scatter_(1, torch.where(active, current, n)[:, None], y[:, None])
-        if d == max_depth:
-            break
-        match = (tree.parents == current[:, None]) & (tree.tokens == y[:, None])
-        child = match.to(torch.int8).argmax(dim=1)  # the first child carrying y
-        active = active & match.any(dim=1)
-        current = torch.where(active, child, current)
-    return targets[:, :n].reshape(-1)
+    nodes = torch.arange(n, device=tree.tokens.device)
+    row_start = torch.arange(bsz, device=tree.tokens.device) * n
+    valid = (tree.parents >= 0) | (nodes == 0)  # padding nodes have no parent
+    return accept_by_target_draws(
+        tree.tokens, tree.parents, tree.depth, valid, max_depth,
+        lambda d, current: sample(logits.index_select(0, row_start + current), sampling_at_depth(st, d)))
 
 
 def sampling_at_depth(st: SamplingTensors, d: int) -> SamplingTensors:

@@ -143,8 +143,8 @@ def test_draws_at_the_visited_nodes_only_equal_the_per_depth_walk(backend, seed,
     lens, tables = block_tables_for(rows, max_depth, seed)
     tree, logits, st, lens, tables = on_backend(backend, tree, logits, st, lens, tables)
     flat = logits.reshape(rows * nodes, vocab)
-    visited = verifier.draws_at_visited_nodes(tree, flat, st, max_depth).view(rows, nodes)
-    assert ((visited >= 0).sum(dim=1) <= max_depth + 1).all() and (visited[:, 0] >= 0).all()
+    assert_same_accept(verifier.accept_at_visited_nodes(tree, flat, st, max_depth),
+                       per_depth_walk_ref(tree, logits, st, max_depth))
     monkeypatch.setattr(verifier, "VISITED_DRAWS_MIN_ROWS", rows * nodes)  # the default, reached
     accept, where = accept_tree(tree, flat, st, False, max_depth, lens, tables, BLOCK_SIZE, backend)
     ref = per_depth_walk_ref(tree, logits, st, max_depth)
