@@ -119,7 +119,7 @@ phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU ker
 # and run `env` first. A server that exits (a missing package) ends the phase at once, its log shown.
 serve_and_bench() {  # $1 = label, $2 = port, rest: serve arguments; SERVE_CODE: the tree to serve
   local label=$1 port=$2 code=${SERVE_CODE:-$PWD}; shift 2
-  (cd $code && PYTHONPATH=$SITE:$code python3 -m eaglespec.cli serve --port $port --max-batch-size 64 \
+  (cd $code && PYTHONPATH=$SITE:$code exec python3 -m eaglespec.cli serve --port $port --max-batch-size 64 \
     --max-model-len 4096 "$@") > $OUT/serve-$label.log 2>&1 &
   local pid=$!
   local health="import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/health').status_code != 200)"
