@@ -5,7 +5,8 @@ template applied), greedy (or --temperature/--top-p, one seed per prompt), 256 n
 batch sizes 1 to 64. For each batch size the same prompts run through plain decoding, each
 speculative engine (``auto`` by default: the tree, or plain decoding, chosen per step) and plain
 decoding again; reported: tokens/s, tau, acceptance per depth, speedup over the mean of the two
-plain runs and their spread, the speculation each step chose,
+plain runs and their spread, the speculation each step chose, the engine steps and their host
+time by the number of requests left running (the full batch against its tail),
 and how many outputs are token-for-token identical to plain decoding (bf16 kernels may flip
 near-tied argmaxes between the two paths; fp32 on the CPU is exact, see the tests).
 ``--draft-vocab 4096,8192,16384,full`` runs every tree once per draft vocabulary size (the head
@@ -66,6 +67,9 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
     if len(prompts) < batch:  # the whole run would be one smaller batch, labelled as this one
         raise ValueError(f"e2e: batch {batch} needs at least {batch} prompts, got {len(prompts)} (--num)")
     outs = []
+    # Engine steps and host wall time by the number of requests running after the step: where a
+    # slow run spent its time (the full batch or its tail), as the host saw it.
+    by_running: dict[int, list] = {}
     sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -74,8 +78,13 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
         ids = [llm.add_request(p, sp) for p, sp in zip(group, params[i:i + batch])]
         peak = 0
         while llm.has_work:
+            t_step = time.perf_counter()
             llm.step()
-            peak = max(peak, len(llm.scheduler.running))
+            running = len(llm.scheduler.running)
+            entry = by_running.setdefault(running, [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - t_step
+            peak = max(peak, running)
         if peak != len(group):
             raise RuntimeError(f"e2e: a batch of {len(group)} prompts ran at most {peak} at once")
         outs += [llm.collect(j) for j in ids]
@@ -93,7 +102,8 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
         for choice, n in o.stats.get("speculation", {}).items():
             chosen[choice] = chosen.get(choice, 0) + n
     return {"outputs": outs, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "tau": tokens / max(forwards, 1), "accept_rate_per_depth": rates, "speculation": chosen}
+            "tau": tokens / max(forwards, 1), "accept_rate_per_depth": rates, "speculation": chosen,
+            "steps_by_running": {n: {"steps": c, "seconds": t} for n, (c, t) in sorted(by_running.items())}}
 
 
 def mtbench_prompts(tokenizer, questions: str, num: int) -> list[list[int]]:

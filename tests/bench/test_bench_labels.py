@@ -45,6 +45,11 @@ def test_e2e_batches_run_at_the_labelled_size(draft):
     params = [SamplingParams(max_tokens=6, ignore_eos=True, seed=i) for i in range(5)]
     row = run_batch(llm, prompts, 4, params)  # groups of 4 and 1
     assert row["tokens"] == 30
+    # Every engine step is counted once, under the requests left running after it (0 after a
+    # group's last step), and the steps' host time is within the run's.
+    by_running = row["steps_by_running"]
+    assert set(by_running) <= {0, 1, 2, 3, 4} and 4 in by_running and by_running[0]["steps"] >= 2
+    assert 0 < sum(v["seconds"] for v in by_running.values()) <= row["seconds"]
     # A batch the engine cannot run at once (max_batch_size 2) is reported, not mislabelled.
     small = LLM.from_model(llm.model, draft=None, engine=small_engine(max_batch_size=2))
     with pytest.raises(RuntimeError, match="ran at most 2 at once"):
