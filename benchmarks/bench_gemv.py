@@ -86,11 +86,17 @@ def sweep_tiles(m: int, k: int) -> list[G.GemvTile]:
     if m == 1:
         return [G.GemvTile(bn, bk, w, s) for bn, bk, w, s in itertools.product(
             (4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 3, 4))]
-    block_m = max(16, 1 << (m - 1).bit_length())
+    # 2 to 8 rows may also keep per-row accumulators without tl.dot, on the one-row path's narrow
+    # feature tiles (many more programs for a small model's products); short column steps keep
+    # the [rows, features, columns] products within registers.
+    few = 1 << (m - 1).bit_length()
+    few_rows = [] if m > 8 else [G.GemvTile(bn, bk, w, s, few) for bn, bk, w, s in itertools.product(
+        (4, 8, 16), (64, 128, 256), (2, 4), (2, 3)) if few * bn * bk <= 16384]
+    block_m = max(16, few)
     if k <= 1024:  # a small model: k in one to five column steps (serial steps are its latency)
-        return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
+        return few_rows + [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
             (16, 32), (128, 256, 512, 1024), (4, 8), (2, 3))]
-    return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
+    return few_rows + [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
         (16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))]
 
 

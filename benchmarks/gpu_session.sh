@@ -74,6 +74,12 @@ phase_bench_tp1_ab() {
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
 # The real model's shapes are small (K = 576): a launch there is latency, not bytes; which tiles win at 4-33 rows.
 phase_bench_gemv_smollm2() { timeout 480 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,16,33 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -30; }
+# Per-row accumulators for 2-8 rows (no tl.dot, the one-row path's narrow feature tiles) against the
+# tl.dot tiles the defaults take, both models: if they win, they become the defaults for 2-8 rows.
+phase_bench_gemv_few_rows() {
+  timeout 280 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 2,4,8 --out $OUT/few-rows 2>&1 | tee -a $OUT/bench.log | grep rows
+  timeout 280 python3 benchmarks/bench_gemv.py --rows 2,4,8 --out $OUT/few-rows 2>&1 | tee -a $OUT/bench.log | grep rows
+}
 phase_bench_gemv_rows() { timeout 180 python3 benchmarks/bench_gemv.py --rows 4,16,33,64 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -20; }
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }
 e2e() {  # bench.e2e on the carried MT-bench questions (16 spread at batch 1), then its own arguments
@@ -288,7 +294,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-few-rows) phase_bench_gemv_few_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
