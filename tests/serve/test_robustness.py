@@ -9,7 +9,6 @@ import json
 import socket
 
 import httpx
-import pytest
 
 from eaglespec import SamplingParams
 

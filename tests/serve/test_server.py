@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 
 import httpx
-import pytest
 
 from eaglespec import SamplingParams
 

@@ -8,7 +8,6 @@ tests/speculative/test_acceptance.py).
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
