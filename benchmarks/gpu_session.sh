@@ -84,7 +84,7 @@ phase_bench_gemv_few_rows() {
 # step census at batch 1-2 and plain decoding at batch 1-8 on the default tiles and on the sweep's
 # winners, default / few-rows / default in separate processes (benchmarks/ab_few_rows.py).
 phase_ab_few_rows() {
-  timeout 300 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,2,8 --few-rows-only --out $OUT/few-rows \
+  timeout 240 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,2,8 --few-rows-only --out $OUT/few-rows \
     2>&1 | tee -a $OUT/bench.log | grep rows
   local sweep i=0 who
   sweep=$(ls $OUT/few-rows/gemv-*.json 2> /dev/null | head -1)
@@ -98,6 +98,20 @@ phase_ab_few_rows() {
     timeout 100 python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.decode \
       --preset smollm2-135m --batches 1,2,4,8 --new-tokens 128 --out $OUT/few-rows-ab/$i-$who \
       2>&1 | tee -a $OUT/bench.log | grep batch
+  done
+}
+# Then end to end, on the same machine (the sweep is still in $OUT/few-rows; the GGUF staged):
+# bench.e2e at E2E_BATCHES (default 1,2,4,8, where steps have 2-8 rows), default / few-rows / default.
+phase_ab_few_rows_e2e() {
+  local sweep i=0 who
+  sweep=$(ls $OUT/few-rows/gemv-*.json 2> /dev/null | head -1)
+  [ -n "$sweep" ] || { echo "ab-few-rows-e2e: run ab-few-rows first on this machine"; return 7; }
+  for who in default few-rows default; do
+    i=$((i + 1))
+    echo "== few-rows e2e run $i: $who" | tee -a $OUT/bench.log
+    python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.e2e \
+      --questions .carry/mtbench-question.jsonl --batch1-num 16 --batches ${E2E_BATCHES:-1,2,4,8} \
+      --out $OUT/few-rows-e2e/$i-$who 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log | grep -E "batch|x "
   done
 }
 phase_bench_gemv_rows() { timeout 180 python3 benchmarks/bench_gemv.py --rows 4,16,33,64 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -20; }
@@ -314,7 +328,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-few-rows) phase_bench_gemv_few_rows ;; ab-few-rows) phase_ab_few_rows ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-few-rows) phase_bench_gemv_few_rows ;; ab-few-rows) phase_ab_few_rows ;; ab-few-rows-e2e) phase_ab_few_rows_e2e ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
