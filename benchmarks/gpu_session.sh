@@ -98,6 +98,14 @@ phase_ab_few_rows() {
     timeout 100 python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.decode \
       --preset smollm2-135m --batches 1,2,4,8 --new-tokens 128 --out $OUT/few-rows-ab/$i-$who \
       2>&1 | tee -a $OUT/bench.log | grep batch
+    # With .prev carried (an older tree, its default tiles), its census after the first run.
+    if [ $i = 1 ] && [ -d .prev/eaglespec ]; then
+      echo "== few-rows A/B: .prev census" | tee -a $OUT/bench.log
+      [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
+      (cd .prev && PYTHONPATH=$SITE:$PWD timeout 150 python3 -m eaglespec.bench.spec_step --preset smollm2-135m \
+        --trees "chain:3;dynamic:4,6,15" --batches 1,2 --context 512 --out $OUT/few-rows-ab/prev) \
+        2>&1 | tee -a $OUT/bench.log | grep batch
+    fi
   done
 }
 # Then end to end, on the same machine (the sweep is still in $OUT/few-rows; the GGUF staged):

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eaglespec.ops.greedy_accept import CommitIndices, commit_indices
+from eaglespec.ops.greedy_accept import CommitIndices
+from eaglespec.ops.kv_commit import copy_kv_rows, copy_kv_rows_ref
 
 
 @dataclass(slots=True)
@@ -106,22 +107,12 @@ def pool_blocks_from_memory(free_bytes: int, fraction: float, num_layers: int, b
     return max(int(free_bytes * fraction) // per_block, 2)
 
 
-def commit_tree_kv(cache: KVCache, tree_k: torch.Tensor, tree_v: torch.Tensor, nodes: torch.Tensor,
-                   start_pos: torch.Tensor, block_tables: torch.Tensor) -> None:
-    """Move the K/V of chosen tree nodes into consecutive cache positions, on device.
-
-    cache: [L, num_blocks, block_size, Hkv, D] tensors; tree_k/v [L, B, N, Hkv, D];
-    nodes [B, P] node index of each entry to keep, -1 for none (those go to the scratch block
-    0); entry i of sequence b lands at position start_pos[b] + i. Fixed shapes, no host sync.
-    """
-    copy_tree_kv(cache, tree_k, tree_v, commit_indices(nodes, start_pos, block_tables, cache.k.shape[2],
-                                                       tree_k.shape[2]))
-
-
-def copy_tree_kv(cache: KVCache, tree_k: torch.Tensor, tree_v: torch.Tensor, where: CommitIndices) -> None:
+def copy_tree_kv(cache: KVCache, tree_k: torch.Tensor, tree_v: torch.Tensor, where: CommitIndices,
+                 backend: str) -> None:
     """tree_k/v [L, B, N, Hkv, D] rows ``where.rows`` (flat b * N + node) -> cache slots
-    ``where.slots``: two gathers, two scatters."""
+    ``where.slots``, every layer: one launch on the "triton" backend, two gathers and two
+    scatters on the "torch" one."""
     num_layers, _, _, hkv, d = tree_k.shape
-    for src, dst in ((tree_k, cache.k), (tree_v, cache.v)):
-        rows = src.reshape(num_layers, -1, hkv, d).index_select(1, where.rows)
-        dst.view(num_layers, -1, hkv, d).index_copy_(1, where.slots, rows.to(dst.dtype))
+    copy = copy_kv_rows if backend == "triton" else copy_kv_rows_ref
+    copy(tree_k.reshape(num_layers, -1, hkv, d), tree_v.reshape(num_layers, -1, hkv, d), cache.k, cache.v,
+         where.rows, where.slots)

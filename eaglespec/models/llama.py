@@ -155,13 +155,10 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        slots = attn.kv_slots
-        k_cache, v_cache = (None, None) if slots is None else (cache.k[layer], cache.v[layer])
+        store = attn.kv_store(layer, cache)
+        k_cache, v_cache, slots = (None, None, None) if store is None else store
         q, k = fused.rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slots)
-        if slots is None:  # the step stores K/V itself (a tree side buffer)
-            out = attn.attend(layer, q, k, v, cache)
-        else:
-            out = attn.attend(layer, q, k, v, cache, kv_written=True)
+        out = attn.attend(layer, q, k, v, cache, kv_written=store is not None)
         return self.tp.all_reduce(self.o_proj(out.reshape(t, -1)))
 
 
@@ -228,19 +225,19 @@ class LlamaDecoderLayer(nn.Module):
     def forward_few_tokens(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                            attn: AttentionStep, cache: KVCache) -> torch.Tensor:
         """A few tokens [T, H] (T <= FEW_TOKENS) through the layer on the folded products of
-        ``eaglespec.ops.gemv``: four launches plus attention. The qkv product stores K/V in the
-        cache when the step has ``kv_slots``; a tree step gets the rotated k/v as views of the
-        qkv output and keeps them itself. Returns the layer's output [T, H].
+        ``eaglespec.ops.gemv``: four launches plus attention. The qkv product stores K/V where the
+        step's ``kv_store`` says (the cache, or a tree step's buffers); a step without one gets
+        the rotated k/v as views of the qkv output. Returns the layer's output [T, H].
 
         The residual rides in the row-parallel products' epilogue on rank 0 only, so the sum
         over the ranks is x + the full product."""
         sa, mlp, tp = self.self_attn, self.mlp, self.tp
         norm_in = self.input_layernorm.weight if isinstance(self.input_layernorm, RMSNorm) else None
-        slots = attn.kv_slots
-        k_cache, v_cache = (None, None) if slots is None else (cache.k[layer], cache.v[layer])
+        store = attn.kv_store(layer, cache)
+        k_cache, v_cache, slots = (None, None, None) if store is None else store
         q, k, v = gemv.gemv_qkv_rope(sa.qkv_proj.weight, x, norm_in, _eps(self.input_layernorm), cos, sin,
                                      k_cache, v_cache, slots, sa.num_heads, sa.num_kv_heads)
-        out = attn.attend(layer, q, k, v, cache, kv_written=slots is not None)
+        out = attn.attend(layer, q, k, v, cache, kv_written=store is not None)
         h = tp.all_reduce(gemv.gemv(sa.o_proj.weight, out.reshape(x.shape[0], -1),
                                     residual=x if tp.rank == 0 else None))
         norm = self.post_attention_layernorm

@@ -10,7 +10,7 @@ K/V, which live in a side buffer and are never committed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -34,17 +34,23 @@ class DraftTreeStep(AttentionStep):
     side_k: torch.Tensor  # [L, B, S, Hkv, D] draft tree K of all frontier slots
     side_v: torch.Tensor
     slot_offset: int  # first side slot of this depth's frontier
+    side_slots: torch.Tensor  # [B * F] int64 flat side slots of the frontier, b * S + slot_offset + j
     visible_bits: torch.Tensor  # [B, F] int64 over the S side slots (own slot included)
     scale: float
     backend: str
 
+    def kv_store(self, layer, cache):
+        # A layer's side buffer [B, S, Hkv, D] as a cache of B * S one-slot blocks.
+        bsz, slots, hkv, d = self.side_k.shape[1:]
+        return (self.side_k[layer].view(bsz * slots, 1, hkv, d), self.side_v[layer].view(bsz * slots, 1, hkv, d),
+                self.side_slots)
+
     def attend(self, layer, q, k, v, cache, kv_written=False):
-        if kv_written:
-            raise ValueError("DraftTreeStep stores K/V in its side buffers (kv_slots is None): pass kv_written=False")
         bsz, width = self.visible_bits.shape
+        if not kv_written:  # the unfused path hands over the rotated k/v
+            self.side_k[layer][:, self.slot_offset:self.slot_offset + width] = k.view(bsz, width, *k.shape[1:])
+            self.side_v[layer][:, self.slot_offset:self.slot_offset + width] = v.view(bsz, width, *v.shape[1:])
         q = q.view(bsz, width, *q.shape[1:])
-        self.side_k[layer][:, self.slot_offset:self.slot_offset + width] = k.view(bsz, width, *k.shape[1:])
-        self.side_v[layer][:, self.slot_offset:self.slot_offset + width] = v.view(bsz, width, *v.shape[1:])
         fn = ops.two_pass_tree_attention if self.backend == "triton" else ops.two_pass_tree_attention_ref
         out = fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.prefix_lens,
                  self.side_k[layer], self.side_v[layer], self.visible_bits, self.scale)
@@ -97,6 +103,15 @@ class DraftOps:
         return cls(draft_topk_ref, expand_level_ref, select_tree_ref, extend_indices_ref)
 
 
+class DraftBuffers(NamedTuple):
+    """A batch size's fixed-shape drafting buffers."""
+
+    pool: CandidatePool
+    side_k: torch.Tensor  # [L, B, S, Hkv, D] draft tree K of every frontier slot
+    side_v: torch.Tensor
+    side_slots: list[torch.Tensor]  # per drafting depth d >= 1: [B * F_d] int64 flat side slots of its frontier
+
+
 class Drafter:
     """Owns references (the head, the vocabulary it drafts over, its KV cache, the static tree
     shape) and the fixed-shape buffers its steps reuse (per batch size: the candidate pool and
@@ -118,7 +133,7 @@ class Drafter:
         self.vocab_size = head.config.layer.vocab_size  # the target's vocabulary
         # Device tensors made once: a host-to-device copy inside a CUDA-graph capture is not allowed.
         self.levels, self.pool_depth = tree_levels(shape, cache.k.device)
-        self._buffers: dict[int, tuple[CandidatePool, torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[int, DraftBuffers] = {}
         self._chain_bits: dict[tuple[int, int], torch.Tensor] = {}
 
     def chain_bits(self, batch: int, width: int) -> torch.Tensor:
@@ -128,16 +143,19 @@ class Drafter:
             self._chain_bits[(batch, width)] = bits
         return self._chain_bits[(batch, width)]
 
-    def buffers(self, batch: int) -> tuple[CandidatePool, torch.Tensor, torch.Tensor]:
-        """The candidate pool and the side K/V [L, B, S, Hkv, D] of a batch size. Reused by
-        every step: each step writes a slot before any node may read it."""
+    def buffers(self, batch: int) -> DraftBuffers:
+        """The candidate pool, the side K/V and each drafting depth's side slots for a batch
+        size. Reused by every step: each step writes a slot before any node may read it."""
         if batch not in self._buffers:
             c = self.cache.k
             slots = max(self.shape.draft_slots, 1)
             side = (c.shape[0], batch, slots, c.shape[3], c.shape[4])
-            self._buffers[batch] = (CandidatePool.allocate(batch, self.pool_depth),
-                                    torch.zeros(side, dtype=c.dtype, device=c.device),
-                                    torch.zeros(side, dtype=c.dtype, device=c.device))
+            rows = torch.arange(batch, device=c.device)[:, None] * slots
+            self._buffers[batch] = DraftBuffers(
+                CandidatePool.allocate(batch, self.pool_depth), torch.zeros(side, dtype=c.dtype, device=c.device),
+                torch.zeros(side, dtype=c.dtype, device=c.device),
+                [(rows + level.slot + torch.arange(level.width, device=c.device)).reshape(-1)
+                 for level in self.levels[:-1]])
         return self._buffers[batch]
 
     def extend(self, feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, prefix_lens: torch.Tensor,
@@ -152,7 +170,7 @@ class Drafter:
         where = self.ops.extend_indices(counts, prefix_lens, block_tables, self.cache.block_size, width)
         step = TreeStep(block_tables, prefix_lens, self.chain_bits(bsz, width), self.scale, self.backend)
         out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), where.positions, step, self.cache)
-        copy_tree_kv(self.cache, *step.stacked(), where.commit)
+        copy_tree_kv(self.cache, *step.stacked(), where.commit, self.backend)
         hidden_last = out.hidden.index_select(0, where.last_rows)
         return hidden_last, hidden_last if out.last is out.hidden else out.last.index_select(0, where.last_rows)
 
@@ -176,13 +194,13 @@ class Drafter:
         """
         shape, ops = self.shape, self.ops
         bsz = root_tokens.shape[0]
-        pool, side_k, side_v = self.buffers(bsz)
+        pool, side_k, side_v, side_slots = self.buffers(bsz)
         values, ids = self._children(last_root, bsz)
         frontier = ops.expand(values, ids, None, pool, self.levels[0], shape.branch, cached_lens)
         hidden = hidden_root
         for d in range(1, shape.depth):
-            step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, self.levels[d - 1].slot, frontier.bits,
-                                 self.scale, self.backend)
+            step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, self.levels[d - 1].slot,
+                                 side_slots[d - 1], frontier.bits, self.scale, self.backend)
             out = self.head(hidden.index_select(0, frontier.rows), frontier.tokens.reshape(-1), frontier.positions,
                             step, self.cache)
             hidden = out.hidden

@@ -40,7 +40,7 @@ def verify_tree(target: LlamaForCausalLM, cache: KVCache, tree: TreeBatch, cache
                  want_hidden=feature == "hidden", want_taps=feature == "taps", gather_logits=not greedy)
     accept, where = accept_tree(tree, out.logits, st, greedy, max_depth, cached_lens, block_tables,
                                 cache.block_size, backend, argmax=target.greedy_tokens)
-    copy_tree_kv(cache, *step.stacked(), where)
+    copy_tree_kv(cache, *step.stacked(), where, backend)
     feats = out.hidden if feature == "hidden" else out.taps
     path_features = feats.index_select(0, where.rows).view(bsz, max_depth + 1, -1)
     return VerifyResult(accept, path_features)

@@ -50,7 +50,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, scale: 
 
 
 def _no_cache_write(kv_written: bool) -> None:
-    if kv_written:  # kv_slots is None: a fused kernel must hand over the rotated k/v instead
+    if kv_written:  # kv_store is None: a fused kernel must hand over the rotated k/v instead
         raise ValueError("training attention steps keep no KV cache: call attend with kv_written=False")
 
 
