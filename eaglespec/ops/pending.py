@@ -11,7 +11,9 @@ step: on SmolLM2 (CPU, fp32, 8 MT-bench prompts) ``dynamic:4,6,15`` then yielded
 a step with a plain step in every 4 and 2.45 with one in every 2, against 2.92 with none.
 
 ``append_pending_ref`` is the PyTorch reference; ``append_pending`` the Triton kernel (one
-program per row). Both update the window in place, with fixed shapes and no host sync.
+program per row). Both update the window in place, with fixed shapes and no host sync. A tree
+step reads its rows' windows with ``take_pending`` and refills them with ``store_pending`` (one
+launch each, where the references take three and four).
 """
 
 from __future__ import annotations
@@ -96,3 +98,109 @@ def append_pending(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tens
                                        feats.stride(0), feats.stride(1), new_feats.stride(0),
                                        BLOCK_W=max(16, 1 << max(width - 1, 0).bit_length()),
                                        BLOCK_F=min(256, 1 << max(size - 1, 0).bit_length()), num_warps=4)
+
+
+def take_pending_ref(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor,
+                     slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The windows of slots [B]: feats [B, W, F], tokens [B, W], counts [B] (new tensors)."""
+    return feats.index_select(0, slots), tokens.index_select(0, slots), counts.index_select(0, slots)
+
+
+def store_pending_ref(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, slots: torch.Tensor,
+                      new_feats: torch.Tensor, new_tokens: torch.Tensor, new_counts: torch.Tensor) -> None:
+    """Refill the windows of slots [B]: their first E columns from new_feats [B, E, F] and
+    new_tokens [B, E] (-1 padding stored as token 0), their counts from new_counts [B]."""
+    emit = new_tokens.shape[1]
+    feats[:, :emit].index_copy_(0, slots, new_feats.to(feats.dtype))
+    tokens[:, :emit].index_copy_(0, slots, new_tokens.clamp_min(0))
+    counts.index_copy_(0, slots, new_counts)
+
+
+@_jit
+def _move_pending_kernel(feat_ptr, tok_ptr, count_ptr, slot_ptr, row_feat_ptr, row_tok_ptr, row_count_ptr,
+                         E, F, W, stride_slot, stride_col, stride_row, stride_row_col, stride_row_tok,
+                         STORE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Row b and the window of slot slots[b], first E columns and the count: STORE writes the
+    window from the row (tokens clamped at 0), else the row from the window."""
+    b = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    window_tok = tok_ptr + slot * W + e
+    row_tok = row_tok_ptr + b * stride_row_tok + e
+    if STORE:
+        tl.store(window_tok, tl.maximum(tl.load(row_tok, mask=e_ok, other=0), 0), mask=e_ok)
+        tl.store(count_ptr + slot, tl.load(row_count_ptr + b))
+    else:
+        tl.store(row_tok, tl.load(window_tok, mask=e_ok, other=0), mask=e_ok)
+        tl.store(row_count_ptr + b, tl.load(count_ptr + slot))
+    for f0 in range(0, F, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        ok = e_ok[:, None] & (f < F)[None, :]
+        window = feat_ptr + slot * stride_slot + e[:, None] * stride_col + f[None, :]
+        row = row_feat_ptr + b * stride_row + e[:, None] * stride_row_col + f[None, :]
+        if STORE:
+            tl.store(window, tl.load(row, mask=ok, other=0.0).to(feat_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(row, tl.load(window, mask=ok, other=0.0), mask=ok)
+
+
+def _check(name: str, t, shape: tuple, dtypes: tuple, device, last_unit: bool = False) -> None:
+    """A clear error unless t is a tensor of ``shape`` (-1: any size) and one of ``dtypes`` on
+    ``device``, contiguous (``last_unit``: only its last dim need be unit-stride)."""
+    ok = (isinstance(t, torch.Tensor) and t.dim() == len(shape) and t.dtype in dtypes
+          and all(want in (-1, got) for want, got in zip(shape, t.shape))
+          and (t.stride(-1) == 1 if last_unit else t.is_contiguous()))
+    if not ok:
+        raise ValueError(f"{name} must be a {'' if last_unit else 'contiguous '}{shape} tensor of {dtypes}, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the windows on {device}")
+
+
+def _move_pending(feats, tokens, counts, slots, row_feats, row_tokens, row_counts, store: bool) -> None:
+    num_slots, width, size = feats.shape
+    _check("tokens", tokens, (num_slots, width), (torch.int64,), feats.device)
+    _check("counts", counts, (num_slots,), (torch.int64,), feats.device)
+    _check("slots", slots, (-1,), (torch.int32, torch.int64), feats.device)
+    bsz, emit = slots.shape[0], row_tokens.shape[1] if row_tokens.dim() == 2 else -1
+    if not 0 < emit <= width:
+        raise ValueError(f"new_tokens must be [{bsz}, 1..{width}], got {tuple(row_tokens.shape)}")
+    _check("new_feats", row_feats, (bsz, emit, size), (feats.dtype, torch.float32, torch.bfloat16, torch.float16),
+           feats.device, last_unit=True)
+    _check("new_tokens", row_tokens, (bsz, emit), (torch.int64,), feats.device, last_unit=True)
+    _check("new_counts", row_counts, (bsz,), (torch.int64,), feats.device)
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the _ref functions of eaglespec.ops.pending")
+    if not (feats.is_cuda or interpreted(_move_pending_kernel)):
+        raise ValueError(f"the pending kernels need CUDA tensors (got {feats.device}); set TRITON_INTERPRET=1 to "
+                         f"run them on the CPU")
+    if bsz:
+        _move_pending_kernel[(bsz,)](feats, tokens, counts, slots, row_feats, row_tokens, row_counts, emit, size,
+                                     width, feats.stride(0), feats.stride(1), row_feats.stride(0),
+                                     row_feats.stride(1), row_tokens.stride(0), STORE=store,
+                                     BLOCK_E=max(16, 1 << max(emit - 1, 0).bit_length()),
+                                     BLOCK_F=min(256, 1 << max(size - 1, 0).bit_length()), num_warps=4)
+
+
+def take_pending(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor,
+                 slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton version of ``take_pending_ref`` (same arguments, same result), one launch."""
+    if not (isinstance(feats, torch.Tensor) and feats.dim() == 3 and feats.is_contiguous()):
+        raise ValueError(f"feats must be a contiguous [slots, width, feature] tensor, got "
+                         f"{tuple(getattr(feats, 'shape', ()))}")
+    bsz = slots.shape[0] if isinstance(slots, torch.Tensor) and slots.dim() == 1 else 0
+    out = (feats.new_empty((bsz, *feats.shape[1:])), tokens.new_empty((bsz, *tokens.shape[1:])),
+           counts.new_empty((bsz,)))
+    _move_pending(feats, tokens, counts, slots, *out, store=False)
+    return out
+
+
+def store_pending(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, slots: torch.Tensor,
+                  new_feats: torch.Tensor, new_tokens: torch.Tensor, new_counts: torch.Tensor) -> None:
+    """Triton version of ``store_pending_ref`` (same arguments, same result), one launch. Rows
+    sharing a slot (the padding rows' scratch slot) leave it holding one of theirs."""
+    if not (isinstance(feats, torch.Tensor) and feats.dim() == 3 and feats.is_contiguous()):
+        raise ValueError(f"feats must be a contiguous [slots, width, feature] tensor, got "
+                         f"{tuple(getattr(feats, 'shape', ()))}")
+    _move_pending(feats, tokens, counts, slots, new_feats, new_tokens, new_counts, store=True)

@@ -34,7 +34,8 @@ from eaglespec.kv_cache import KVCache, slots_for
 from eaglespec.models.attention_step import PrefillStep
 from eaglespec.models.eagle import EagleHead
 from eaglespec.ops.attention import default_scale
-from eaglespec.ops.pending import append_pending, append_pending_ref
+from eaglespec.ops.pending import (append_pending, append_pending_ref, store_pending, store_pending_ref, take_pending,
+                                   take_pending_ref)
 from eaglespec.speculative.drafter import Drafter
 from eaglespec.speculative.policy import PLAIN, SpeculationPolicy, drafts_priors
 from eaglespec.speculative.tree import TreeShape, parse_tree
@@ -97,7 +98,10 @@ class SpeculativeRunner:
         self.pending_feat = torch.zeros(num_slots, self.window, head.config.feature_size, dtype=dtype, device=dev)
         self.pending_tok = torch.zeros(num_slots, self.window, dtype=torch.int64, device=dev)
         self.pending_count = torch.ones(num_slots, dtype=torch.int64, device=dev)
-        self.append_pending = append_pending if runner.backend == "triton" else append_pending_ref
+        triton_ops = runner.backend == "triton"
+        self.append_pending = append_pending if triton_ops else append_pending_ref
+        self.take_pending = take_pending if triton_ops else take_pending_ref
+        self.store_pending = store_pending if triton_ops else store_pending_ref
         self._free_slots = list(range(num_slots - 1))
         self._slot_of: dict[int, int] = {}
         use_graphs = runner.use_graphs
@@ -258,17 +262,14 @@ class SpeculativeRunner:
         program = self.programs[tree]
         rows = StepRows(x["packed"], self.runner.max_blocks_per_seq, SPEC_ROWS)
         slot_ids, lens, tables = rows["state_slots"], rows["cached_lens"], rows.block_tables
-        counts = self.pending_count.index_select(0, slot_ids)
-        hidden, last = program.drafter.extend(self.pending_feat.index_select(0, slot_ids),
-                                              self.pending_tok.index_select(0, slot_ids), counts,
-                                              lens - counts.to(lens.dtype), tables)
+        feats, tokens, counts = self.take_pending(self.pending_feat, self.pending_tok, self.pending_count, slot_ids)
+        hidden, last = program.drafter.extend(feats, tokens, counts, lens - counts.to(lens.dtype), tables)
         tree_batch = program.drafter.build(hidden, last, rows["input_ids"], lens, tables)
         res = verify_tree(self.runner.model, self.runner.cache, tree_batch, lens, tables, rows.sampling(), greedy,
                           self.feature, program.shape.depth, self.runner.scale, self.runner.backend)
-        emit = program.shape.depth + 1  # a shallower tree fills the first columns of the pending state
-        self.pending_feat[:, :emit].index_copy_(0, slot_ids, res.path_features.to(self.pending_feat.dtype))
-        self.pending_tok[:, :emit].index_copy_(0, slot_ids, res.accept.tokens.clamp_min(0))
-        self.pending_count.index_copy_(0, slot_ids, res.accept.num_emitted)
+        # A shallower tree fills the first columns of the pending state.
+        self.store_pending(self.pending_feat, self.pending_tok, self.pending_count, slot_ids, res.path_features,
+                           res.accept.tokens, res.accept.num_emitted)
         return res.accept.tokens, res.accept.num_emitted
 
     def _plain_fn(self, x: dict[str, torch.Tensor], greedy: bool) -> tuple[torch.Tensor, ...]:
