@@ -84,7 +84,7 @@ phase_bench_gemv_few_rows() {
 # step census at batch 1-2 and plain decoding at batch 1-8 on the default tiles and on the sweep's
 # winners, default / few-rows / default in separate processes (benchmarks/ab_few_rows.py).
 phase_ab_few_rows() {
-  timeout 240 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,2,8 --few-rows-only --out $OUT/few-rows \
+  timeout ${SWEEP_S:-240} python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,2,8 --few-rows-only --out $OUT/few-rows \
     2>&1 | tee -a $OUT/bench.log | grep rows
   local sweep i=0 who
   sweep=$(ls $OUT/few-rows/gemv-*.json 2> /dev/null | head -1)
