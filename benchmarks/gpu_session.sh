@@ -84,7 +84,7 @@ phase_bench_gemv_few_rows() {
 # step census at batch 1-2 and plain decoding at batch 1-8 on the default tiles and on the sweep's
 # winners, default / few-rows / default in separate processes (benchmarks/ab_few_rows.py).
 phase_ab_few_rows() {
-  timeout ${SWEEP_S:-240} python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,2,8 --few-rows-only --out $OUT/few-rows \
+  timeout ${SWEEP_S:-240} python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows ${FEW_ROWS:-4,2,8} --few-rows-only --out $OUT/few-rows \
     2>&1 | tee -a $OUT/bench.log | grep rows
   local sweep i=0 who
   sweep=$(ls $OUT/few-rows/gemv-*.json 2> /dev/null | head -1)
@@ -93,17 +93,17 @@ phase_ab_few_rows() {
     i=$((i + 1))
     echo "== few-rows A/B run $i: $who" | tee -a $OUT/bench.log
     timeout 150 python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.spec_step \
-      --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches 1,2 --context 512 --out $OUT/few-rows-ab/$i-$who \
+      --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches ${CENSUS_BATCHES:-1,2} --context 512 --out $OUT/few-rows-ab/$i-$who \
       2>&1 | tee -a $OUT/bench.log | grep -E "few-rows:|batch"
-    timeout 100 python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.decode \
-      --preset smollm2-135m --batches 1,2,4,8 --new-tokens 128 --out $OUT/few-rows-ab/$i-$who \
+    [ -n "${DECODE_BATCHES-1,2,4,8}" ] && timeout 100 python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.decode \
+      --preset smollm2-135m --batches ${DECODE_BATCHES-1,2,4,8} --new-tokens 128 --out $OUT/few-rows-ab/$i-$who \
       2>&1 | tee -a $OUT/bench.log | grep batch
     # With .prev carried (an older tree, its default tiles), its census after the first run.
     if [ $i = 1 ] && [ -d .prev/eaglespec ]; then
       echo "== few-rows A/B: .prev census" | tee -a $OUT/bench.log
       [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
       (cd .prev && PYTHONPATH=$SITE:$PWD timeout 150 python3 -m eaglespec.bench.spec_step --preset smollm2-135m \
-        --trees "chain:3;dynamic:4,6,15" --batches 1,2 --context 512 --out $OUT/few-rows-ab/prev) \
+        --trees "chain:3;dynamic:4,6,15" --batches ${CENSUS_BATCHES:-1,2} --context 512 --out $OUT/few-rows-ab/prev) \
         2>&1 | tee -a $OUT/bench.log | grep batch
     fi
   done
