@@ -83,6 +83,11 @@ phase_bench_gemv_few_rows() {
 # Design note 54 end to end: the few-row tiles' sweep on SmolLM2's shapes (2, 4, 8 rows), then the
 # step census at batch 1-2 and plain decoding at batch 1-8 on the default tiles and on the sweep's
 # winners, default / few-rows / default in separate processes (benchmarks/ab_few_rows.py).
+few_rows_census() {  # $1 = out folder, then how to run a module: the census of chain:3 and dynamic:4,6,15
+  local out=$1; shift
+  timeout 150 "$@" eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" \
+    --batches ${CENSUS_BATCHES:-1,2} --context 512 --out $out 2>&1 | tee -a $OUT/bench.log | grep -E "few-rows:|batch"
+}
 phase_ab_few_rows() {
   timeout ${SWEEP_S:-240} python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows ${FEW_ROWS:-4,2,8} --few-rows-only --out $OUT/few-rows \
     2>&1 | tee -a $OUT/bench.log | grep rows
@@ -92,9 +97,7 @@ phase_ab_few_rows() {
   for who in default few-rows default; do
     i=$((i + 1))
     echo "== few-rows A/B run $i: $who" | tee -a $OUT/bench.log
-    timeout 150 python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.spec_step \
-      --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches ${CENSUS_BATCHES:-1,2} --context 512 --out $OUT/few-rows-ab/$i-$who \
-      2>&1 | tee -a $OUT/bench.log | grep -E "few-rows:|batch"
+    few_rows_census $OUT/few-rows-ab/$i-$who python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who --
     [ -n "${DECODE_BATCHES-1,2,4,8}" ] && timeout 100 python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.decode \
       --preset smollm2-135m --batches ${DECODE_BATCHES-1,2,4,8} --new-tokens 128 --out $OUT/few-rows-ab/$i-$who \
       2>&1 | tee -a $OUT/bench.log | grep batch
@@ -102,9 +105,7 @@ phase_ab_few_rows() {
     if [ $i = 1 ] && [ -d .prev/eaglespec ]; then
       echo "== few-rows A/B: .prev census" | tee -a $OUT/bench.log
       [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
-      (cd .prev && PYTHONPATH=$SITE:$PWD timeout 150 python3 -m eaglespec.bench.spec_step --preset smollm2-135m \
-        --trees "chain:3;dynamic:4,6,15" --batches ${CENSUS_BATCHES:-1,2} --context 512 --out $OUT/few-rows-ab/prev) \
-        2>&1 | tee -a $OUT/bench.log | grep batch
+      (cd .prev && PYTHONPATH=$SITE:$PWD few_rows_census $OUT/few-rows-ab/prev python3 -m)
     fi
   done
 }

@@ -72,27 +72,12 @@ def append_pending(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tens
                    new_feats: torch.Tensor, new_tokens: torch.Tensor) -> None:
     """Triton version of ``append_pending_ref`` (same arguments, same result), one launch.
     Rows sharing a slot (the padding rows' scratch slot) leave it holding one of their pairs."""
-    if not (isinstance(feats, torch.Tensor) and feats.dim() == 3 and feats.is_contiguous()):
-        raise ValueError(f"feats must be a contiguous [slots, width, feature] tensor, got "
-                         f"{tuple(getattr(feats, 'shape', ()))}")
-    num_slots, width, size = feats.shape
-    bsz = slots.shape[0] if isinstance(slots, torch.Tensor) and slots.dim() == 1 else -1
-    for name, t, shape, dtypes in (("tokens", tokens, (num_slots, width), (torch.int64,)),
-                                   ("counts", counts, (num_slots,), (torch.int64,)),
-                                   ("slots", slots, (bsz,), (torch.int32, torch.int64)),
-                                   ("new_feats", new_feats, (bsz, size), (feats.dtype, torch.float32, torch.bfloat16,
-                                                                          torch.float16)),
-                                   ("new_tokens", new_tokens, (bsz,), (torch.int64,))):
-        if not (isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype in dtypes and t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {shape} tensor of {dtypes}, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-        if t.device != feats.device:
-            raise ValueError(f"{name} is on {t.device}, feats on {feats.device}")
-    if triton is None:
-        raise RuntimeError("triton is not installed: use append_pending_ref")
-    if not (feats.is_cuda or interpreted(_append_pending_kernel)):
-        raise ValueError(f"append_pending needs CUDA tensors (got {feats.device}); set TRITON_INTERPRET=1 to run "
-                         f"it on the CPU")
+    num_slots, width, size = _check_windows(feats, tokens, counts, slots)
+    bsz = slots.shape[0]
+    _check("new_feats", new_feats, (bsz, size), (feats.dtype, torch.float32, torch.bfloat16, torch.float16),
+           feats.device)
+    _check("new_tokens", new_tokens, (bsz,), (torch.int64,), feats.device)
+    _require_runnable(_append_pending_kernel, feats)
     if bsz:
         _append_pending_kernel[(bsz,)](feats, tokens, counts, slots, new_feats, new_tokens, width, size,
                                        feats.stride(0), feats.stride(1), new_feats.stride(0),
@@ -158,11 +143,28 @@ def _check(name: str, t, shape: tuple, dtypes: tuple, device, last_unit: bool = 
         raise ValueError(f"{name} is on {t.device}, the windows on {device}")
 
 
-def _move_pending(feats, tokens, counts, slots, row_feats, row_tokens, row_counts, store: bool) -> None:
+def _check_windows(feats, tokens, counts, slots) -> tuple[int, int, int]:
+    """The windows' (slots, width, feature) sizes, after a clear error for any malformed one."""
+    if not (isinstance(feats, torch.Tensor) and feats.dim() == 3 and feats.is_contiguous()):
+        raise ValueError(f"feats must be a contiguous [slots, width, feature] tensor, got "
+                         f"{tuple(getattr(feats, 'shape', ()))}")
     num_slots, width, size = feats.shape
     _check("tokens", tokens, (num_slots, width), (torch.int64,), feats.device)
     _check("counts", counts, (num_slots,), (torch.int64,), feats.device)
     _check("slots", slots, (-1,), (torch.int32, torch.int64), feats.device)
+    return num_slots, width, size
+
+
+def _require_runnable(kernel, feats: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the _ref functions of eaglespec.ops.pending")
+    if not (feats.is_cuda or interpreted(kernel)):
+        raise ValueError(f"the pending kernels need CUDA tensors (got {feats.device}); set TRITON_INTERPRET=1 to "
+                         f"run them on the CPU")
+
+
+def _move_pending(feats, tokens, counts, slots, row_feats, row_tokens, row_counts, store: bool) -> None:
+    _, width, size = _check_windows(feats, tokens, counts, slots)
     bsz, emit = slots.shape[0], row_tokens.shape[1] if row_tokens.dim() == 2 else -1
     if not 0 < emit <= width:
         raise ValueError(f"new_tokens must be [{bsz}, 1..{width}], got {tuple(row_tokens.shape)}")
@@ -170,11 +172,7 @@ def _move_pending(feats, tokens, counts, slots, row_feats, row_tokens, row_count
            feats.device, last_unit=True)
     _check("new_tokens", row_tokens, (bsz, emit), (torch.int64,), feats.device, last_unit=True)
     _check("new_counts", row_counts, (bsz,), (torch.int64,), feats.device)
-    if triton is None:
-        raise RuntimeError("triton is not installed: use the _ref functions of eaglespec.ops.pending")
-    if not (feats.is_cuda or interpreted(_move_pending_kernel)):
-        raise ValueError(f"the pending kernels need CUDA tensors (got {feats.device}); set TRITON_INTERPRET=1 to "
-                         f"run them on the CPU")
+    _require_runnable(_move_pending_kernel, feats)
     if bsz:
         _move_pending_kernel[(bsz,)](feats, tokens, counts, slots, row_feats, row_tokens, row_counts, emit, size,
                                      width, feats.stride(0), feats.stride(1), row_feats.stride(0),
@@ -186,10 +184,8 @@ def _move_pending(feats, tokens, counts, slots, row_feats, row_tokens, row_count
 def take_pending(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor,
                  slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``take_pending_ref`` (same arguments, same result), one launch."""
-    if not (isinstance(feats, torch.Tensor) and feats.dim() == 3 and feats.is_contiguous()):
-        raise ValueError(f"feats must be a contiguous [slots, width, feature] tensor, got "
-                         f"{tuple(getattr(feats, 'shape', ()))}")
-    bsz = slots.shape[0] if isinstance(slots, torch.Tensor) and slots.dim() == 1 else 0
+    _check_windows(feats, tokens, counts, slots)
+    bsz = slots.shape[0]
     out = (feats.new_empty((bsz, *feats.shape[1:])), tokens.new_empty((bsz, *tokens.shape[1:])),
            counts.new_empty((bsz,)))
     _move_pending(feats, tokens, counts, slots, *out, store=False)
@@ -200,7 +196,4 @@ def store_pending(feats: torch.Tensor, tokens: torch.Tensor, counts: torch.Tenso
                   new_feats: torch.Tensor, new_tokens: torch.Tensor, new_counts: torch.Tensor) -> None:
     """Triton version of ``store_pending_ref`` (same arguments, same result), one launch. Rows
     sharing a slot (the padding rows' scratch slot) leave it holding one of theirs."""
-    if not (isinstance(feats, torch.Tensor) and feats.dim() == 3 and feats.is_contiguous()):
-        raise ValueError(f"feats must be a contiguous [slots, width, feature] tensor, got "
-                         f"{tuple(getattr(feats, 'shape', ()))}")
     _move_pending(feats, tokens, counts, slots, new_feats, new_tokens, new_counts, store=True)
