@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from eaglespec.kv_cache import KVCache, copy_tree_kv
-from eaglespec.models.attention_step import AttentionStep, TreeStep
+from eaglespec.models.attention_step import AttentionStep, KVStore, TreeStep
 from eaglespec.models.eagle import DraftVocab, EagleHead
 from eaglespec.ops import attention as ops
 from eaglespec.ops.draft_topk import draft_topk, draft_topk_ref
@@ -39,7 +39,7 @@ class DraftTreeStep(AttentionStep):
     scale: float
     backend: str
 
-    def kv_store(self, layer, cache):
+    def kv_store(self, layer: int, cache: KVCache) -> KVStore:
         # A layer's side buffer [B, S, Hkv, D] as a cache of B * S one-slot blocks.
         bsz, slots, hkv, d = self.side_k.shape[1:]
         return (self.side_k[layer].view(bsz * slots, 1, hkv, d), self.side_v[layer].view(bsz * slots, 1, hkv, d),
