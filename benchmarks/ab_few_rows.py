@@ -9,6 +9,8 @@ not cover (another model's shapes, the head's fc) keep their default tiles. Run 
 separate processes, interleaved (default, few-rows, default), since the tiles are chosen when a
 graph is captured.
 
+``--tile 8,128,2,3`` instead: one per-row tile for every product (no sweep needed).
+
 GPU only:  python benchmarks/ab_few_rows.py --tiles SWEEP.json --variant few-rows -- \\
                eaglespec.bench.spec_step --preset smollm2-135m --trees chain:3 --batches 1 --out DIR
 """
@@ -65,18 +67,38 @@ def install(table: dict[tuple, G.GemvTile]) -> None:
     G.qkv_rope_tile = lambda hd, k, m=1: few(("qkv_rope", k), m) or qkv_rope(hd, k, m)
 
 
+def install_one(tile: G.GemvTile) -> None:
+    """Make ``eaglespec.ops.gemv`` choose ``tile`` (its height set to the rows' bucket) for
+    every product of 2-8 rows, its defaults otherwise."""
+    plain, silu_mul, qkv_rope = G.plain_tile, G.silu_mul_tile, G.qkv_rope_tile
+
+    def few(m: int) -> G.GemvTile | None:
+        bucket = row_bucket(m)
+        return G.GemvTile(tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, bucket) if bucket else None
+
+    G.plain_tile = lambda n, k, m=1: few(m) or plain(n, k, m)
+    G.silu_mul_tile = lambda k, m=1: few(m) or silu_mul(k, m)
+    G.qkv_rope_tile = lambda hd, k, m=1: few(m) or qkv_rope(hd, k, m)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles", required=True, help="a bench_gemv.py --few-rows-only result JSON")
+    ap.add_argument("--tiles", help="a bench_gemv.py --few-rows-only result JSON")
+    ap.add_argument("--tile", help="instead of --tiles: one per-row tile BLOCK_N,BLOCK_K,WARPS,STAGES for every "
+                                   "product of 2-8 rows (its height the rows' power of two)")
     ap.add_argument("--variant", choices=("default", "few-rows"), required=True)
     args = ap.parse_args(argv[:split])
     module_argv = argv[split + 1:]
     if not module_argv:
         ap.error("name the benchmark module after --")
-    if args.variant == "few-rows":
+    if (args.tiles is None) == (args.tile is None):
+        ap.error("give --tiles or --tile")
+    if args.variant == "few-rows" and args.tiles:
         install(winning_tiles(json.loads(Path(args.tiles).read_text())))
+    elif args.variant == "few-rows":
+        install_one(G.GemvTile(*(int(v) for v in args.tile.split(","))))
     sys.argv = module_argv
     runpy.run_module(module_argv[0], run_name="__main__", alter_sys=True)
 

@@ -109,6 +109,24 @@ phase_ab_few_rows() {
     fi
   done
 }
+# The short form, no sweep: one per-row tile for every product of 2-8 rows (FEW_TILE, default the
+# one design note 54 compiled without spills), the census only: main, .prev (if carried), main on
+# that tile, main again.
+phase_ab_few_rows_tile() {
+  local i=0 who
+  for who in default prev few-rows default; do
+    i=$((i + 1))
+    echo "== few-rows tile A/B run $i: $who" | tee -a $OUT/bench.log
+    if [ $who = prev ]; then
+      [ -d .prev/eaglespec ] || continue
+      [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
+      (cd .prev && PYTHONPATH=$SITE:$PWD few_rows_census $OUT/few-rows-tile/$i-prev python3 -m)
+    else
+      few_rows_census $OUT/few-rows-tile/$i-$who python3 benchmarks/ab_few_rows.py --tile ${FEW_TILE:-8,128,2,3} \
+        --variant $who --
+    fi
+  done
+}
 # Then end to end, on the same machine (the sweep is still in $OUT/few-rows; the GGUF staged):
 # bench.e2e at E2E_BATCHES (default 1,2,4,8, where steps have 2-8 rows), default / few-rows / default.
 phase_ab_few_rows_e2e() {
@@ -337,7 +355,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-few-rows) phase_bench_gemv_few_rows ;; ab-few-rows) phase_ab_few_rows ;; ab-few-rows-e2e) phase_ab_few_rows_e2e ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-few-rows) phase_bench_gemv_few_rows ;; ab-few-rows) phase_ab_few_rows ;; ab-few-rows-tile) phase_ab_few_rows_tile ;; ab-few-rows-e2e) phase_ab_few_rows_e2e ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
