@@ -21,7 +21,9 @@ import argparse
 import json
 import runpy
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,31 +56,23 @@ def winning_tiles(sweep: dict) -> dict[tuple, G.GemvTile]:
     return table
 
 
-def install(table: dict[tuple, G.GemvTile]) -> None:
-    """Make ``eaglespec.ops.gemv`` choose the table's tiles for 2-8 rows, its defaults otherwise."""
+def install(choose: Callable[[tuple, int], G.GemvTile | None]) -> None:
+    """Make ``eaglespec.ops.gemv`` take ``choose(key, rows)``'s tile where it gives one (keys as
+    in ``winning_tiles``), its defaults otherwise."""
     plain, silu_mul, qkv_rope = G.plain_tile, G.silu_mul_tile, G.qkv_rope_tile
-
-    def few(key: tuple, m: int) -> G.GemvTile | None:
-        bucket = row_bucket(m)
-        return table.get((*key, bucket)) if bucket else None
-
-    G.plain_tile = lambda n, k, m=1: few(("plain", n, k), m) or plain(n, k, m)
-    G.silu_mul_tile = lambda k, m=1: few(("silu_mul", k), m) or silu_mul(k, m)
-    G.qkv_rope_tile = lambda hd, k, m=1: few(("qkv_rope", k), m) or qkv_rope(hd, k, m)
+    G.plain_tile = lambda n, k, m=1: choose(("plain", n, k), m) or plain(n, k, m)
+    G.silu_mul_tile = lambda k, m=1: choose(("silu_mul", k), m) or silu_mul(k, m)
+    G.qkv_rope_tile = lambda hd, k, m=1: choose(("qkv_rope", k), m) or qkv_rope(hd, k, m)
 
 
-def install_one(tile: G.GemvTile) -> None:
-    """Make ``eaglespec.ops.gemv`` choose ``tile`` (its height set to the rows' bucket) for
-    every product of 2-8 rows, its defaults otherwise."""
-    plain, silu_mul, qkv_rope = G.plain_tile, G.silu_mul_tile, G.qkv_rope_tile
+def from_table(table: dict[tuple, G.GemvTile]) -> Callable[[tuple, int], G.GemvTile | None]:
+    """The table's tile for a product's row bucket, if it has one."""
+    return lambda key, m: table.get((*key, row_bucket(m))) if row_bucket(m) else None
 
-    def few(m: int) -> G.GemvTile | None:
-        bucket = row_bucket(m)
-        return G.GemvTile(tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, bucket) if bucket else None
 
-    G.plain_tile = lambda n, k, m=1: few(m) or plain(n, k, m)
-    G.silu_mul_tile = lambda k, m=1: few(m) or silu_mul(k, m)
-    G.qkv_rope_tile = lambda hd, k, m=1: few(m) or qkv_rope(hd, k, m)
+def everywhere(tile: G.GemvTile) -> Callable[[tuple, int], G.GemvTile | None]:
+    """``tile`` for every product of 2-8 rows, its height the rows' bucket."""
+    return lambda key, m: replace(tile, block_m=row_bucket(m)) if row_bucket(m) else None
 
 
 def main() -> None:
@@ -96,9 +90,9 @@ def main() -> None:
     if (args.tiles is None) == (args.tile is None):
         ap.error("give --tiles or --tile")
     if args.variant == "few-rows" and args.tiles:
-        install(winning_tiles(json.loads(Path(args.tiles).read_text())))
+        install(from_table(winning_tiles(json.loads(Path(args.tiles).read_text()))))
     elif args.variant == "few-rows":
-        install_one(G.GemvTile(*(int(v) for v in args.tile.split(","))))
+        install(everywhere(G.GemvTile(*(int(v) for v in args.tile.split(",")))))
     sys.argv = module_argv
     runpy.run_module(module_argv[0], run_name="__main__", alter_sys=True)
 
