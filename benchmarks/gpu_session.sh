@@ -88,12 +88,17 @@ few_rows_census() {  # $1 = out folder, then how to run a module: the census of 
   timeout 150 "$@" eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" \
     --batches ${CENSUS_BATCHES:-1,2} --context 512 --out $out 2>&1 | tee -a $OUT/bench.log | grep -E "few-rows:|batch"
 }
+few_rows_sweep() {  # the sweep's JSON under $OUT/few-rows, or a message (ab-few-rows writes it)
+  local sweep
+  sweep=$(ls $OUT/few-rows/gemv-*.json 2> /dev/null | head -1)
+  [ -n "$sweep" ] || { echo "no few-row sweep in $OUT/few-rows: run ab-few-rows first on this machine" >&2; return 1; }
+  echo $sweep
+}
 phase_ab_few_rows() {
   timeout ${SWEEP_S:-240} python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows ${FEW_ROWS:-4,2,8} --few-rows-only --out $OUT/few-rows \
     2>&1 | tee -a $OUT/bench.log | grep rows
   local sweep i=0 who
-  sweep=$(ls $OUT/few-rows/gemv-*.json 2> /dev/null | head -1)
-  [ -n "$sweep" ] || { echo "ab-few-rows: the sweep wrote nothing"; return 7; }
+  sweep=$(few_rows_sweep) || return 7
   for who in default few-rows default; do
     i=$((i + 1))
     echo "== few-rows A/B run $i: $who" | tee -a $OUT/bench.log
@@ -131,8 +136,7 @@ phase_ab_few_rows_tile() {
 # bench.e2e at E2E_BATCHES (default 1,2,4,8, where steps have 2-8 rows), default / few-rows / default.
 phase_ab_few_rows_e2e() {
   local sweep i=0 who
-  sweep=$(ls $OUT/few-rows/gemv-*.json 2> /dev/null | head -1)
-  [ -n "$sweep" ] || { echo "ab-few-rows-e2e: run ab-few-rows first on this machine"; return 7; }
+  sweep=$(few_rows_sweep) || return 7
   for who in default few-rows default; do
     i=$((i + 1))
     echo "== few-rows e2e run $i: $who" | tee -a $OUT/bench.log
