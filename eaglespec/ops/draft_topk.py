@@ -47,11 +47,36 @@ def draft_topk_ref(hidden: torch.Tensor, weight: torch.Tensor, k: int, to_target
     logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
     logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    values, ids = torch.sort(logits, dim=-1, descending=True, stable=True)
-    values, ids = values[:, :k], ids[:, :k]
+    values, ids = top_k_lowest_index_first(logits, k)
     logp = torch.nan_to_num(values - lse, nan=LOGP_FLOOR).clamp(LOGP_FLOOR, 0.0)
     ids = ids if to_target is None else to_target[ids]
     return logp, ids.clamp(0, (target_vocab or weight.shape[0]) - 1)
+
+
+def top_k_lowest_index_first(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [R, V] without NaN -> (values [R, k], ids [R, k] int64): the k largest, best first,
+    equal values lowest index first (what a stable descending sort's first k columns are).
+
+    Two top-k passes instead of that sort (on the CPU 8-13x faster at 49,152 columns, where the
+    sort was a tenth of a drafted tree's time), and no host sync: ``torch.topk`` has the right
+    values but leaves ties in any order, so the ids of values above the k-th are re-ordered by
+    (value, id), and the slots holding the k-th value take the lowest ids that hold it.
+    """
+    values, ids = torch.topk(logits, k, dim=-1)
+    kth = values[:, -1:]
+    vocab = logits.shape[-1]
+    # Among the columns equal to the k-th value, the lowest ids first (a larger key is a lower id).
+    key = torch.where(logits == kth, torch.arange(vocab, 0, -1, device=logits.device), 0)
+    lowest_at_kth = torch.topk(key, k, dim=-1).indices
+    ids_by_id, perm = ids.sort(dim=-1)
+    values_by_id = values.gather(1, perm)
+    order = torch.sort(values_by_id, dim=-1, descending=True, stable=True).indices
+    ids, values = ids_by_id.gather(1, order), values_by_id.gather(1, order)
+    above = (values > kth).sum(-1, keepdim=True)  # slots [0, above) hold values above the k-th
+    slot = torch.arange(k, device=logits.device)
+    at_kth = slot >= above
+    ids = torch.where(at_kth, lowest_at_kth.gather(1, (slot - above).clamp(min=0)), ids)
+    return torch.where(at_kth, kth, values), ids
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eaglespec.ops.draft_topk import draft_topk, draft_topk_ref
+from eaglespec.ops.draft_topk import draft_topk, draft_topk_ref, top_k_lowest_index_first
 from tests.conftest import DEVICE, needs_triton_kernels, seeded_randn
 
 
@@ -17,6 +17,22 @@ def test_reference_matches_log_softmax_topk():
     ref_v, ref_i = torch.topk(torch.log_softmax(hidden @ weight.T, dim=-1), 7, dim=-1)
     torch.testing.assert_close(values, ref_v, atol=1e-5, rtol=1e-5)
     assert torch.equal(ids, ref_i)
+
+
+def test_top_k_equals_a_stable_sort_where_values_tie():
+    """The reference's two top-k passes pick and order exactly what a stable descending sort
+    does, on rows full of ties (small integers, -inf and inf), for every k."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        rows, vocab = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 40, (1,), generator=gen))
+        logits = torch.randint(-3, 3, (rows, vocab), generator=gen).float()
+        logits[torch.rand(rows, vocab, generator=gen) < 0.1] = float("-inf")
+        logits[torch.rand(rows, vocab, generator=gen) < 0.05] = float("inf")
+        for k in range(1, vocab + 1):
+            want_v, want_i = torch.sort(logits, dim=-1, descending=True, stable=True)
+            values, ids = top_k_lowest_index_first(logits, k)
+            assert torch.equal(ids, want_i[:, :k]), (logits, k)
+            assert torch.equal(values, want_v[:, :k])
 
 
 @needs_triton_kernels
