@@ -68,8 +68,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="the default tiles only")
-    ap.add_argument("--few-rows-only", action="store_true",
-                    help="of the swept tiles, only the per-row-accumulator ones (2-8 rows), beside the default tile")
     ap.add_argument("--rows", default="1", help="comma-separated token counts (1 to 64)")
     ap.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="whose weight shapes")
     args = ap.parse_args()
@@ -77,35 +75,26 @@ def main() -> None:
     results = {"preset": args.preset, "rows": {}}
     name = f"gemv-{args.preset}-shapes" + ("" if args.rows == "1" else "-rows-" + args.rows.replace(",", "-"))
     for m in (int(r) for r in args.rows.split(",")):
-        results["rows"][str(m)] = bench_rows(PRESETS[args.preset], m, dev, dt, args.quick, args.few_rows_only)
+        results["rows"][str(m)] = bench_rows(PRESETS[args.preset], m, dev, dt, args.quick)
         # Written after every token count: a sweep cut short by a time limit keeps what it measured.
         path = write_result(name, results, dev, args.out)
     print("wrote", path)
 
 
-def sweep_tiles(m: int, k: int, few_rows_only: bool = False) -> list[G.GemvTile]:
-    """The tiles tried for m rows of a product with k inputs (``few_rows_only``: only those
-    with per-row accumulators)."""
+def sweep_tiles(m: int, k: int) -> list[G.GemvTile]:
+    """The tiles tried for m rows of a product with k inputs."""
     if m == 1:
         return [G.GemvTile(bn, bk, w, s) for bn, bk, w, s in itertools.product(
             (4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 3, 4))]
-    # 2 to 8 rows may also keep per-row accumulators without tl.dot, on the one-row path's narrow
-    # feature tiles (many more programs for a small model's products); short column steps keep
-    # the [rows, features, columns] products within registers.
-    few = 1 << (m - 1).bit_length()
-    few_rows = [] if m > 8 else [G.GemvTile(bn, bk, w, s, few) for bn, bk, w, s in itertools.product(
-        (4, 8, 16), (64, 128, 256), (2, 4), (2, 3)) if few * bn * bk <= 16384]
-    block_m = max(16, few)
-    if few_rows_only:
-        return few_rows
+    block_m = max(16, 1 << (m - 1).bit_length())
     if k <= 1024:  # a small model: k in one to five column steps (serial steps are its latency)
-        return few_rows + [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
+        return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
             (16, 32), (128, 256, 512, 1024), (4, 8), (2, 3))]
-    return few_rows + [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
+    return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
         (16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))]
 
 
-def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool, few_rows_only: bool = False) -> dict:
+def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool) -> dict:
     hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = torch.randn(m, hidden, device=dev, dtype=dt)
@@ -142,7 +131,7 @@ def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool, few_rows_only: bo
         row = {"weight_shape": list(shape), "weight_MB": nbytes / 1e6,
                "unfused_us": time_over_copies(unfused, ws),
                "default_tile_us": time_over_copies(lambda w: fused_step(w, None), ws), "sweep": []}
-        for tile in ([] if quick else sweep_tiles(m, shape[1], few_rows_only)):
+        for tile in ([] if quick else sweep_tiles(m, shape[1])):
             if tile.block_k > 1 << (shape[1] - 1).bit_length() or (name == "qkv" and tile.block_n > max(16, hd // 2)):
                 continue
             try:

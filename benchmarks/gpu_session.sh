@@ -74,75 +74,25 @@ phase_bench_tp1_ab() {
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
 # The real model's shapes are small (K = 576): a launch there is latency, not bytes; which tiles win at 4-33 rows.
 phase_bench_gemv_smollm2() { timeout 480 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,16,33 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -30; }
-# Per-row accumulators for 2-8 rows (no tl.dot, the one-row path's narrow feature tiles) against the
-# tl.dot tiles the defaults take, both models: if they win, they become the defaults for 2-8 rows.
-phase_bench_gemv_few_rows() {
-  timeout 280 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 2,4,8 --out $OUT/few-rows 2>&1 | tee -a $OUT/bench.log | grep rows
-  timeout 280 python3 benchmarks/bench_gemv.py --rows 2,4,8 --out $OUT/few-rows 2>&1 | tee -a $OUT/bench.log | grep rows
-}
-# Design note 54 end to end: the few-row tiles' sweep on SmolLM2's shapes (2, 4, 8 rows), then the
-# step census at batch 1-2 and plain decoding at batch 1-8 on the default tiles and on the sweep's
-# winners, default / few-rows / default in separate processes (benchmarks/ab_few_rows.py).
-few_rows_census() {  # $1 = out folder, then how to run a module: the census of chain:3 and dynamic:4,6,15
+# A change's effect on the step, A/B/A on one machine: the census (chain:3 and dynamic:4,6,15,
+# batch CENSUS_BATCHES) of main, of .prev (an older tree, when carried) and of main again.
+census() {  # $1 = out folder, then how to run a module
   local out=$1; shift
   timeout 150 "$@" eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" \
-    --batches ${CENSUS_BATCHES:-1,2} --context 512 --out $out 2>&1 | tee -a $OUT/bench.log | grep -E "few-rows:|batch"
+    --batches ${CENSUS_BATCHES:-1,16} --context 512 --out $out 2>&1 | tee -a $OUT/bench.log | grep batch
 }
-few_rows_sweep() {  # the sweep's JSON under $OUT/few-rows, or a message (ab-few-rows writes it)
-  local sweep
-  sweep=$(ls $OUT/few-rows/gemv-*.json 2> /dev/null | head -1)
-  [ -n "$sweep" ] || { echo "no few-row sweep in $OUT/few-rows: run ab-few-rows first on this machine" >&2; return 1; }
-  echo $sweep
-}
-phase_ab_few_rows() {
-  timeout ${SWEEP_S:-240} python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows ${FEW_ROWS:-4,2,8} --few-rows-only --out $OUT/few-rows \
-    2>&1 | tee -a $OUT/bench.log | grep rows
-  local sweep i=0 who
-  sweep=$(few_rows_sweep) || return 7
-  for who in default few-rows default; do
-    i=$((i + 1))
-    echo "== few-rows A/B run $i: $who" | tee -a $OUT/bench.log
-    few_rows_census $OUT/few-rows-ab/$i-$who python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who --
-    [ -n "${DECODE_BATCHES-1,2,4,8}" ] && timeout 100 python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.decode \
-      --preset smollm2-135m --batches ${DECODE_BATCHES-1,2,4,8} --new-tokens 128 --out $OUT/few-rows-ab/$i-$who \
-      2>&1 | tee -a $OUT/bench.log | grep batch
-    # With .prev carried (an older tree, its default tiles), its census after the first run.
-    if [ $i = 1 ] && [ -d .prev/eaglespec ]; then
-      echo "== few-rows A/B: .prev census" | tee -a $OUT/bench.log
-      [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
-      (cd .prev && PYTHONPATH=$SITE:$PWD few_rows_census $OUT/few-rows-ab/prev python3 -m)
-    fi
-  done
-}
-# The short form, no sweep: one per-row tile for every product of 2-8 rows (FEW_TILE, default the
-# one design note 54 compiled without spills), the census only: main, .prev (if carried), main on
-# that tile, main again.
-phase_ab_few_rows_tile() {
+phase_census_ab() {
   local i=0 who
-  for who in default prev few-rows default; do
+  for who in main prev main; do
     i=$((i + 1))
-    echo "== few-rows tile A/B run $i: $who" | tee -a $OUT/bench.log
+    echo "== census A/B run $i: $who" | tee -a $OUT/bench.log
     if [ $who = prev ]; then
-      [ -d .prev/eaglespec ] || continue
+      [ -d .prev/eaglespec ] || { echo "no .prev carried" >&2; return 7; }
       [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
-      (cd .prev && PYTHONPATH=$SITE:$PWD few_rows_census $OUT/few-rows-tile/$i-prev python3 -m)
+      (cd .prev && PYTHONPATH=$SITE:$PWD census $OUT/census-ab/$i-prev python3 -m)
     else
-      few_rows_census $OUT/few-rows-tile/$i-$who python3 benchmarks/ab_few_rows.py --tile ${FEW_TILE:-8,128,2,3} \
-        --variant $who --
+      census $OUT/census-ab/$i-main python3 -m
     fi
-  done
-}
-# Then end to end, on the same machine (the sweep is still in $OUT/few-rows; the GGUF staged):
-# bench.e2e at E2E_BATCHES (default 1,2,4,8, where steps have 2-8 rows), default / few-rows / default.
-phase_ab_few_rows_e2e() {
-  local sweep i=0 who
-  sweep=$(few_rows_sweep) || return 7
-  for who in default few-rows default; do
-    i=$((i + 1))
-    echo "== few-rows e2e run $i: $who" | tee -a $OUT/bench.log
-    python3 benchmarks/ab_few_rows.py --tiles $sweep --variant $who -- eaglespec.bench.e2e \
-      --questions .carry/mtbench-question.jsonl --batch1-num 16 --batches ${E2E_BATCHES:-1,2,4,8} \
-      --out $OUT/few-rows-e2e/$i-$who 2>&1 | grep -v "it/s\]" | tee -a $OUT/bench.log | grep -E "batch|x "
   done
 }
 phase_bench_gemv_rows() { timeout 180 python3 benchmarks/bench_gemv.py --rows 4,16,33,64 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -20; }
@@ -359,7 +309,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; bench-gemv-few-rows) phase_bench_gemv_few_rows ;; ab-few-rows) phase_ab_few_rows ;; ab-few-rows-tile) phase_ab_few_rows_tile ;; ab-few-rows-e2e) phase_ab_few_rows_e2e ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;

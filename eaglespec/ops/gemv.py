@@ -16,11 +16,7 @@ A Llama layer then costs four products plus attention. x is [M, K] with M <= ``M
 token rows; a program owns a tile of output features for every row, so each weight tile is
 read once for all of them. One row is a matrix-vector product (element-wise products summed
 once at the end); more rows are padded to a tile of 16, 32 or 64 and multiplied with tl.dot
-(tensor cores): the same kernels, switched by the constexpr ``ROW_DOT``. A tile of 2, 4 or 8
-rows without tl.dot (``GemvTile.block_m`` below 16) keeps one accumulator per row and output
-feature, summed over each column step: the one-row path's narrow feature tiles and many
-programs, for a few rows (the tl.dot tiles need 16 features or more, so SmolLM2's products
-ran on 15-48 programs). The RMSNorm prologue
+(tensor cores): the same kernels, switched by the constexpr ``ROW_DOT``. The RMSNorm prologue
 scales each row by its 1/rms after the dot product (exact algebra: one scalar per row), so a
 single pass over x does both. Products whose outputs must meet in the epilogue (gate j with up
 j, RoPE's dim i with dim i + D/2) are computed by the same program from two feature tiles.
@@ -48,9 +44,8 @@ MAX_ROWS = 64
 
 @dataclass(frozen=True, slots=True)
 class GemvTile:
-    """One program's work: ``block_m`` token rows (1: matrix-vector; 2, 4 or 8: per-row
-    accumulators without tl.dot; a power of two >= 16: tl.dot) times ``block_n`` output features
-    (per feature tile), ``block_k`` inputs a step."""
+    """One program's work: ``block_m`` token rows (1: matrix-vector; a power of two >= 16:
+    tl.dot) times ``block_n`` output features (per feature tile), ``block_k`` inputs a step."""
 
     block_n: int = 8
     block_k: int = 512
@@ -115,10 +110,9 @@ def _input_tile(x_ptr, norm_w_ptr, tok, tok_ok, stride_x, cols, col_ok, HAS_NORM
 
 @_jit
 def _zero_acc(ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ROW_DOT or a few rows: [BLOCK_M, BLOCK_N] sums of products; one row: [BLOCK_N, BLOCK_K]
-    element-wise products, summed once after the last step (a matrix-vector product has no use
-    for tensor cores)."""
-    if ROW_DOT or BLOCK_M > 1:
+    """ROW_DOT: [BLOCK_M, BLOCK_N] dot products; one row: [BLOCK_N, BLOCK_K] element-wise
+    products, summed once after the last step (a matrix-vector product has no use for tensor cores)."""
+    if ROW_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -127,9 +121,9 @@ def _zero_acc(ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 @_jit
 def _zero_squares(ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The norm's running sums of x^2: one per row [BLOCK_M] (summed each step, which keeps
-    registers for the products); one row, [1, BLOCK_K] summed once at the end."""
-    if ROW_DOT or BLOCK_M > 1:
+    """The norm's running sums of x^2: ROW_DOT, one per row [BLOCK_M] (summed each step, which
+    keeps registers for the dot tiles); one row, [1, BLOCK_K] summed once at the end."""
+    if ROW_DOT:
         sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         sum_sq = tl.zeros((1, BLOCK_K), dtype=tl.float32)
@@ -137,8 +131,8 @@ def _zero_squares(ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.cons
 
 
 @_jit
-def _add_squares(sum_sq, sq, ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
-    if ROW_DOT or BLOCK_M > 1:
+def _add_squares(sum_sq, sq, ROW_DOT: tl.constexpr):
+    if ROW_DOT:
         sum_sq += tl.sum(sq, axis=1)
     else:
         sum_sq += sq
@@ -146,22 +140,19 @@ def _add_squares(sum_sq, sq, ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @_jit
-def _accumulate(acc, x, w, ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr, MMA_DTYPE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+def _accumulate(acc, x, w, ROW_DOT: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc plus one step's products of x [BLOCK_M, BLOCK_K] (fp32) and w [BLOCK_N, BLOCK_K]."""
     if ROW_DOT:  # on a GPU the normalised input rounds to the weights' dtype (MMA_DTYPE) here
         acc += tl.dot(x.to(MMA_DTYPE), tl.trans(w.to(MMA_DTYPE)), input_precision=DOT_PRECISION)
-    elif BLOCK_M > 1:  # [BLOCK_M, BLOCK_N, BLOCK_K] products, summed over the step's columns
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     else:
         acc += w.to(tl.float32) * x
     return acc
 
 
 @_jit
-def _products(acc, sum_sq, K, eps, ROW_DOT: tl.constexpr, BLOCK_M: tl.constexpr, HAS_NORM: tl.constexpr):
+def _products(acc, sum_sq, K, eps, ROW_DOT: tl.constexpr, HAS_NORM: tl.constexpr):
     """The tile's finished products [BLOCK_M, BLOCK_N] in fp32, each row times its 1/rms."""
-    if ROW_DOT or BLOCK_M > 1:
+    if ROW_DOT:
         y = acc
         if HAS_NORM:
             y = y * tl.rsqrt(sum_sq / K + eps)[:, None]
@@ -193,10 +184,10 @@ def _gemv_kernel(
         col_ok = cols < K
         x, sq = _input_tile(x_ptr, norm_w_ptr, tok, tok_ok, stride_x, cols, col_ok, HAS_NORM)
         if HAS_NORM:
-            sum_sq = _add_squares(sum_sq, sq, ROW_DOT, BLOCK_M)
+            sum_sq = _add_squares(sum_sq, sq, ROW_DOT)
         w = tl.load(w_rows + cols[None, :], mask=feat_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _accumulate(acc, x, w, ROW_DOT, BLOCK_M, MMA_DTYPE, DOT_PRECISION)
-    y = _products(acc, sum_sq, K, eps, ROW_DOT, BLOCK_M, HAS_NORM)
+        acc = _accumulate(acc, x, w, ROW_DOT, MMA_DTYPE, DOT_PRECISION)
+    y = _products(acc, sum_sq, K, eps, ROW_DOT, HAS_NORM)
     dt = x_ptr.dtype.element_ty
     # The product rounds to the activation dtype before the residual add, as in torch.
     y = y.to(dt).to(tl.float32)
@@ -235,15 +226,15 @@ def _gemv_pair_kernel(
         col_ok = cols < K
         x, sq = _input_tile(x_ptr, norm_w_ptr, tok, tok_ok, stride_x, cols, col_ok, HAS_NORM)
         if HAS_NORM:
-            sum_sq = _add_squares(sum_sq, sq, ROW_DOT, BLOCK_M)
+            sum_sq = _add_squares(sum_sq, sq, ROW_DOT)
         w_mask = feat_ok[:, None] & col_ok[None, :]
-        acc_a = _accumulate(acc_a, x, tl.load(wa + cols[None, :], mask=w_mask, other=0.0), ROW_DOT, BLOCK_M,
+        acc_a = _accumulate(acc_a, x, tl.load(wa + cols[None, :], mask=w_mask, other=0.0), ROW_DOT,
                             MMA_DTYPE, DOT_PRECISION)
-        acc_b = _accumulate(acc_b, x, tl.load(wb + cols[None, :], mask=w_mask, other=0.0), ROW_DOT, BLOCK_M,
+        acc_b = _accumulate(acc_b, x, tl.load(wb + cols[None, :], mask=w_mask, other=0.0), ROW_DOT,
                             MMA_DTYPE, DOT_PRECISION)
     dt = x_ptr.dtype.element_ty
-    a = _products(acc_a, sum_sq, K, eps, ROW_DOT, BLOCK_M, HAS_NORM).to(dt).to(tl.float32)  # rounded like
-    b = _products(acc_b, sum_sq, K, eps, ROW_DOT, BLOCK_M, HAS_NORM).to(dt).to(tl.float32)  # the product's output
+    a = _products(acc_a, sum_sq, K, eps, ROW_DOT, HAS_NORM).to(dt).to(tl.float32)  # rounded like
+    b = _products(acc_b, sum_sq, K, eps, ROW_DOT, HAS_NORM).to(dt).to(tl.float32)  # the product's output
     mask = tok_ok[:, None] & feat_ok[None, :]
     if EPILOGUE == 1:
         silu = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)
@@ -303,9 +294,9 @@ def _check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weigh
 
 
 def _check_tile(name: str, tile: GemvTile, m: int) -> None:
-    require(tile.block_m >= m and (tile.block_m in (1, 2, 4, 8) or (tile.block_m >= 16 and tile.block_n >= 16
-                                                                     and tile.block_k >= 16)),
-            f"{name}: tile {tile} does not hold {m} rows (block_m 1, 2, 4 or 8, or block_m/n/k >= 16 for tl.dot)")
+    require(tile.block_m >= m and (tile.block_m == 1 or (tile.block_m >= 16 and tile.block_n >= 16
+                                                          and tile.block_k >= 16)),
+            f"{name}: tile {tile} does not hold {m} rows (block_m 1, or block_m/n/k >= 16 for tl.dot)")
 
 
 def _pow2(n: int) -> int:
@@ -354,7 +345,7 @@ def qkv_rope_tile(head_dim: int, k: int, m: int = 1) -> GemvTile:
 
 
 def _launch_options(tile: GemvTile, dtype: torch.dtype, kernel) -> dict:
-    return dict(ROW_DOT=tile.block_m >= 16, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+    return dict(ROW_DOT=tile.block_m > 1, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                 num_warps=tile.num_warps, num_stages=tile.num_stages, **mma_options(dtype, kernel))
 
 

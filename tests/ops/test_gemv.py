@@ -28,13 +28,6 @@ def small_tile(m: int) -> G.GemvTile:
     return G.GemvTile(block_n=16, block_k=32, block_m=max(16, 1 << (m - 1).bit_length()))
 
 
-def tiles(m: int) -> list:
-    """The tiles each product is tested with: the small one, the default (None) and, for 2 to 8
-    rows, per-row accumulators without tl.dot on narrow feature tiles."""
-    few_rows = [G.GemvTile(block_n=8, block_k=32, num_warps=2, block_m=1 << (m - 1).bit_length())] if 1 < m <= 8 else []
-    return [small_tile(m), None, *few_rows]
-
-
 def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.shape == want.shape and got.dtype == want.dtype
     if want.dtype == torch.float32:
@@ -53,7 +46,7 @@ def test_gemv_matches_reference(m, dtype, n, k, norm, residual):
     x = seeded_randn(m, k, seed=2, dtype=dtype, scale=2.0)
     g = (1.0 + 0.3 * seeded_randn(k, seed=3)).to(dtype) if norm else None
     r = seeded_randn(m, n, seed=4, dtype=dtype) if residual else None
-    for tile in tiles(m):
+    for tile in (small_tile(m), None):
         _assert_close(G.gemv(w, x, g, 1e-5, r, tile=tile), G.gemv_ref(w, x, g, 1e-5, r))
 
 
@@ -76,12 +69,11 @@ def test_gemv_writes_float32_logits_rounded_like_the_model(m):
     w = seeded_randn(50, 96, seed=5, dtype=torch.bfloat16, scale=0.1)
     x = seeded_randn(m, 96, seed=6, dtype=torch.bfloat16)
     g = torch.ones(96, dtype=torch.bfloat16, device=DEVICE)
+    got = G.gemv(w, x, g, 1e-6, out_dtype=torch.float32, tile=small_tile(m))
     want = G.gemv_ref(w, x, g, 1e-6, out_dtype=torch.float32)
-    for tile in [t for t in tiles(m) if t is not None]:
-        got = G.gemv(w, x, g, 1e-6, out_dtype=torch.float32, tile=tile)
-        assert got.dtype == torch.float32
-        assert torch.equal(got, got.to(torch.bfloat16).float())  # values are bf16 products, widened
-        _assert_close(got.to(torch.bfloat16), want.to(torch.bfloat16))
+    assert got.dtype == torch.float32
+    assert torch.equal(got, got.to(torch.bfloat16).float())  # values are bf16 products, widened
+    _assert_close(got.to(torch.bfloat16), want.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("m", ROWS)
@@ -92,7 +84,7 @@ def test_gemv_silu_mul_matches_reference(m, dtype, inter, k, norm):
     x = seeded_randn(m, k, seed=8, dtype=dtype)
     g = (1.0 + 0.3 * seeded_randn(k, seed=9)).to(dtype) if norm else None
     want = G.gemv_silu_mul_ref(w, x, g, 1e-5)
-    for tile in tiles(m):
+    for tile in (small_tile(m), None):
         got = G.gemv_silu_mul(w, x, g, 1e-5, tile=tile)
         if dtype == torch.float32:
             _assert_close(got, want)
@@ -125,20 +117,19 @@ def test_gemv_qkv_rope_matches_reference_and_fills_only_its_slots(m, dtype, hq, 
     x = seeded_randn(m, k_in, seed=11, dtype=dtype)
     g = (1.0 + 0.3 * seeded_randn(k_in, seed=12)).to(dtype)
     cos, sin = _rope_tables(m, d, dtype)
+    caches = [[torch.zeros(20, 8, hkv, d, dtype=dtype, device=DEVICE) for _ in range(2)] for _ in range(2)]
     slots = torch.randperm(160, generator=torch.Generator().manual_seed(m))[:m].to(DEVICE)
+    got = G.gemv_qkv_rope(w, x, g, 1e-5, cos, sin, *caches[0], slots, hq, hkv, tile=small_tile(m))
+    want = G.gemv_qkv_rope_ref(w, x, g, 1e-5, cos, sin, *caches[1], slots, hq, hkv)
+    for got_t, want_t in zip(got, want):
+        _assert_close(got_t, want_t)
     unused = torch.ones(160, dtype=torch.bool)
     unused[slots.cpu()] = False
-    for tile in [t for t in tiles(m) if t is not None]:
-        caches = [[torch.zeros(20, 8, hkv, d, dtype=dtype, device=DEVICE) for _ in range(2)] for _ in range(2)]
-        got = G.gemv_qkv_rope(w, x, g, 1e-5, cos, sin, *caches[0], slots, hq, hkv, tile=tile)
-        want = G.gemv_qkv_rope_ref(w, x, g, 1e-5, cos, sin, *caches[1], slots, hq, hkv)
-        for got_t, want_t in zip(got, want):
-            _assert_close(got_t, want_t)
-        for got_cache, want_cache in zip(caches[0], caches[1]):
-            _assert_close(got_cache, want_cache)
-            flat = got_cache.view(-1, hkv, d)
-            assert (flat[slots].abs().flatten(1).sum(1) > 0).all()
-            assert flat[unused.to(DEVICE)].abs().sum() == 0
+    for got_cache, want_cache in zip(caches[0], caches[1]):
+        _assert_close(got_cache, want_cache)
+        flat = got_cache.view(-1, hkv, d)
+        assert (flat[slots].abs().flatten(1).sum(1) > 0).all()
+        assert flat[unused.to(DEVICE)].abs().sum() == 0
 
 
 @pytest.mark.parametrize("m", ROWS)
