@@ -10,8 +10,9 @@ time by the number of requests left running (the full batch against its tail),
 and how many outputs are token-for-token identical to plain decoding (bf16 kernels may flip
 near-tied argmaxes between the two paths; fp32 on the CPU is exact, see the tests).
 ``--draft-vocab 4096,8192,16384,full`` runs every tree once per draft vocabulary size (the head
-drafts over that many of its most frequent tokens; full = its whole vocabulary); ``--heads
-shipped=DIR;retrained=DIR`` runs every tree with each head, side by side.
+drafts over that many of its most frequent tokens; full = its whole vocabulary; without the
+option, what its config says); ``--heads shipped=DIR;retrained=DIR`` runs every tree with each
+head, side by side.
 """
 
 from __future__ import annotations
@@ -25,26 +26,34 @@ from eaglespec import LLM, EngineConfig, SamplingParams, SpecConfig
 from eaglespec.bench.results import write_result
 from eaglespec.engine.graphs import bucket_for
 from eaglespec.engine.llm import shipped_head_path
-from eaglespec.models.eagle import load_head
+from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.train.data import load_conversations
 
 
-def parse_draft_vocabs(text: str) -> list[int | None]:
-    """``--draft-vocab``: comma-separated sizes ("4096", "8k" = 8192) or "full" (None: the
-    head's own vocabulary)."""
-    sizes: list[int | None] = []
+FULL_VOCAB = "full"
+
+
+def parse_draft_vocabs(text: str) -> list[int | str | None]:
+    """``--draft-vocab``: comma-separated sizes ("4096", "8k" = 8192), "full" (the head's whole
+    vocabulary, FULL_VOCAB) or "default" (None: what the head's config says)."""
+    sizes: list[int | str | None] = []
     for item in (t.strip().lower() for t in text.split(",") if t.strip()):
-        if item == "full":
-            sizes.append(None)
+        if item in (FULL_VOCAB, "default"):
+            sizes.append(FULL_VOCAB if item == FULL_VOCAB else None)
             continue
         try:
             n = int(item[:-1]) * 1024 if item.endswith("k") else int(item)
         except ValueError:
-            raise ValueError(f"--draft-vocab: {item!r} is not a size (4096, 8k) or 'full'") from None
+            raise ValueError(f"--draft-vocab: {item!r} is not a size (4096, 8k), 'full' or 'default'") from None
         if n < 1:
             raise ValueError(f"--draft-vocab: sizes must be >= 1, got {item!r}")
         sizes.append(n)
     return sizes or [None]
+
+
+def draft_vocab_size_for(size: int | str | None, head: EagleHead) -> int | None:
+    """One parsed ``--draft-vocab`` item as SpecConfig.draft_vocab_size for this head."""
+    return head.own_vocab_size if size == FULL_VOCAB else size
 
 
 def parse_heads(text: str) -> dict[str, str]:
@@ -149,8 +158,9 @@ def main(argv=None) -> None:
     ap.add_argument("--trees", default="", help="';'-separated trees, 'auto' among them (default: auto)")
     ap.add_argument("--heads", default="", help="';'-separated NAME=DIR draft heads, each run with every tree "
                                                 "(default: the shipped head)")
-    ap.add_argument("--draft-vocab", default="full",
-                    help="comma-separated draft vocabulary sizes, e.g. 4096,8192,16384,full (each tree runs with each)")
+    ap.add_argument("--draft-vocab", default="default",
+                    help="comma-separated draft vocabulary sizes, e.g. 4096,8192,16384,full (each tree runs with "
+                         "each; full: the head's whole vocabulary, default: its config's)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -173,9 +183,10 @@ def main(argv=None) -> None:
         head = load_head(head_dir, plain.model)  # one target for every engine
         for tree in trees:
             for size in vocabs:
-                llm = LLM.from_model(plain.model, tokenizer=plain.tokenizer, draft=head, engine=engine,
-                                     spec=SpecConfig(tree=tree, draft_vocab_size=size), eos_ids=plain.eos_ids)
-                name = tree if size is None else f"{tree} vocab {size}"
+                spec = SpecConfig(tree=tree, draft_vocab_size=draft_vocab_size_for(size, head))
+                llm = LLM.from_model(plain.model, tokenizer=plain.tokenizer, draft=head, engine=engine, spec=spec,
+                                     eos_ids=plain.eos_ids)
+                name = tree if size is None else f"{tree} vocab {spec.draft_vocab_size}"
                 engines[name if len(head_dirs) == 1 else f"{head_name} {name}"] = llm
     for llm in engines.values():
         warm_up(llm, prompts, args.temperature, args.top_p)

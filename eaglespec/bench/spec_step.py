@@ -25,7 +25,7 @@ import time
 import torch
 
 from eaglespec.bench.decode import PRESETS
-from eaglespec.bench.e2e import parse_draft_vocabs
+from eaglespec.bench.e2e import draft_vocab_size_for, parse_draft_vocabs
 from eaglespec.bench.results import write_result
 from eaglespec.config import EngineConfig, LlamaConfig, SamplingParams, SpecConfig
 from eaglespec.engine.graphs import StepGraphs
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--max-nodes", type=int, default=64)
     ap.add_argument("--trees", default="", help="';'-separated trees (default: a family up to --max-nodes)")
-    ap.add_argument("--draft-vocab", default="full",
+    ap.add_argument("--draft-vocab", default="default",
                     help="comma-separated draft vocabulary sizes, e.g. 32768,full (each tree runs with each)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: the greedy steps")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -166,7 +166,8 @@ def main(argv=None) -> None:
     rows = []
     for spec_str, draft_vocab in [(t, n) for t in trees for n in vocabs]:
         engine = EngineConfig(max_batch_size=max(batches), max_model_len=args.context + 128, gpu_memory_fraction=0.3)
-        llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree=spec_str, draft_vocab_size=draft_vocab),
+        llm = LLM.from_model(target, draft=head, spec=SpecConfig(tree=spec_str,
+                                                                 draft_vocab_size=draft_vocab_size_for(draft_vocab, head)),
                              engine=engine)
         sr = llm.speculative
         program = sr.programs[spec_str]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from eaglespec.bench.e2e import parse_draft_vocabs
+from eaglespec.bench.e2e import FULL_VOCAB, draft_vocab_size_for, parse_draft_vocabs
 from eaglespec.config import SpecConfig
 from eaglespec.models.eagle import EagleConfig, build_head, load_head, save_head
 from eaglespec.speculative.drafter import Drafter
@@ -114,9 +114,14 @@ def test_head_forward_gives_the_projection_input(target):
     torch.testing.assert_close(vocab.logits(out.last), head.logits(out)[:, cols])
 
 
-def test_benchmark_draft_vocab_lists():
-    assert parse_draft_vocabs("4k,8192, 16K,full") == [4096, 8192, 16384, None]
+def test_benchmark_draft_vocab_lists(target):
+    assert parse_draft_vocabs("4k,8192, 16K,full,default") == [4096, 8192, 16384, FULL_VOCAB, None]
     assert parse_draft_vocabs("") == [None]
+    # "full" is the head's whole vocabulary even where its config drafts over fewer by default
+    # (as the shipped head's does).
+    head = eagle1_head(target, seed=1, oracle=False)
+    reduced = build_head(EagleConfig("eagle1", head.config.layer, draft_vocab_size=30), target)
+    assert [draft_vocab_size_for(n, reduced) for n in (FULL_VOCAB, None, 8)] == [VOCAB, None, 8]
     for bad in ("0", "big", "-4k"):
         with pytest.raises(ValueError, match="--draft-vocab"):
             parse_draft_vocabs(bad)
