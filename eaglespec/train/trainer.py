@@ -184,7 +184,9 @@ class TrainConfig:
     out_dir: str = ""  # checkpoint, log and exported head go here
     kind: str = "eagle1"  # "eagle1" or "eagle3"
     layers: int = 1  # decoder layers of an eagle1 head (eagle3: always 1)
-    draft_vocab_size: int = 0  # eagle3 reduced vocabulary (0: the target's)
+    # Tokens the head drafts over by default, its most frequent reply tokens (0: the target's
+    # vocabulary). eagle3: its output rows; eagle1: written in its config (it borrows the lm_head).
+    draft_vocab_size: int = 0
     fc_bias: bool = False
     max_seq_len: int = 2048  # longer sequences are cut
     batch_tokens: int = 16384  # padded tokens per micro-batch (per GPU)
@@ -262,7 +264,7 @@ def head_config_for(target: LlamaForCausalLM, kind: str, layers: int = 1, draft_
     tc = target.config
     fields = {f: getattr(tc, f) for f in tc.__slots__}
     layer = LlamaConfig(**{**fields, "num_layers": layers, "eagle3_layers": ()})
-    return EagleConfig(kind, layer, fc_bias=fc_bias, draft_vocab_size=draft_vocab_size if kind == "eagle3" else 0,
+    return EagleConfig(kind, layer, fc_bias=fc_bias, draft_vocab_size=draft_vocab_size,
                        target_layers=(tuple(target_layers) or tc.eagle3_layers) if kind == "eagle3" else ())
 
 

@@ -426,6 +426,19 @@ def test_a_head_trains_beside_a_target_on_the_triton_kernels_under_bf16_autocast
     assert load_head(trainer.export(str(tmp_path / "head")), fused).kernels == "triton"
 
 
+def test_an_eagle1_head_ships_its_default_draft_vocabulary(target, distilled, tmp_path):
+    """EAGLE-1 borrows the target's lm_head, so train.draft_vocab_size only says what it drafts
+    over by default: its config carries the size, and the ranking of its training replies'
+    tokens picks them (the shipped head's 16k, design note 56)."""
+    data = load_prepared(distilled)
+    trainer = Trainer(_train_cfg(tmp_path, max_steps=1, draft_vocab_size=40), target, data)
+    assert trainer.head.own_vocab_size == VOCAB  # the loss still scores every target token
+    loaded = load_head(trainer.export(str(tmp_path / "head")), target)
+    assert loaded.config.kind == "eagle1" and loaded.config.draft_vocab_size == 40
+    counts = torch.bincount(torch.cat([tokens[mask] for tokens, mask in data]), minlength=VOCAB)
+    assert torch.equal(loaded.draft_vocab(None).to_target, rank_tokens(counts)[:40].long().sort().values)
+
+
 def test_eagle3_training_time_test_lowers_loss_and_helps_deeper_drafts(target, distilled, tmp_path):
     data = load_prepared(distilled)
     held_out = _random_prompts(8, seed=99, lo=8, hi=9)
