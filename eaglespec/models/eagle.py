@@ -44,6 +44,7 @@ from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForC
                                     fused_layer_slices, load_named_tensors, rope_cos_sin,
                                     rope_inverse_frequencies, unfused_named_tensors, with_kernels)
 from eaglespec.models.tensor_parallel import SINGLE, LlamaShard
+from eaglespec.ops.linear import Linear, linear
 from eaglespec.ops.rope_table import rope_table
 
 
@@ -174,7 +175,7 @@ class DraftVocab:
 
     def logits(self, last: torch.Tensor) -> torch.Tensor:
         """last [T, H] (``DraftOutput.last``) -> [T, N] fp32 draft logits."""
-        return F.linear(last, self.weight).float()
+        return linear(last, self.weight).float()
 
     def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft ids (any shape) -> target ids, on the device."""
@@ -244,14 +245,14 @@ class EagleHead(nn.Module):
         self.register_buffer("embed_weight", borrowed.embedding, persistent=False)
         if cfg.kind == "eagle1":
             self.register_buffer("lm_head_weight", borrowed.output, persistent=False)
-            self.fc = nn.Linear(2 * lc.hidden_size, lc.hidden_size, bias=cfg.fc_bias)
+            self.fc = Linear(2 * lc.hidden_size, lc.hidden_size, bias=cfg.fc_bias)
             self.layers = nn.ModuleList(LlamaDecoderLayer(lc, input_norm=i > 0) for i in range(lc.num_layers))
         else:
             _tap_target_layers(target, cfg.target_layers)
-            self.fc = nn.Linear(cfg.feature_size, lc.hidden_size, bias=cfg.fc_bias)
+            self.fc = Linear(cfg.feature_size, lc.hidden_size, bias=cfg.fc_bias)
             self.midlayer = Eagle3Layer(lc)
             self.norm = RMSNorm(lc.hidden_size, lc.rms_norm_eps)
-            self.lm_head = nn.Linear(lc.hidden_size, cfg.draft_vocab_size, bias=False)
+            self.lm_head = Linear(lc.hidden_size, cfg.draft_vocab_size, bias=False)
             self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
             self.register_buffer("t2d", torch.zeros(lc.vocab_size, dtype=torch.bool))
         self.register_buffer("inv_freq", rope_inverse_frequencies(lc.head_dim, lc.rope_theta, lc.rope_scaling),
@@ -296,7 +297,7 @@ class EagleHead(nn.Module):
 
     def logits(self, out: DraftOutput) -> torch.Tensor:
         """[T, own_vocab] fp32 logits over the head's own vocabulary (training, checks)."""
-        return F.linear(out.last, self.output_weight()).float()
+        return linear(out.last, self.output_weight()).float()
 
     @torch.no_grad()
     def draft_vocab(self, size: int | None = None) -> DraftVocab:

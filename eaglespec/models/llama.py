@@ -33,6 +33,7 @@ from eaglespec.kv_cache import KVCache
 from eaglespec.models.attention_step import AttentionStep
 from eaglespec.models.tensor_parallel import SINGLE, LlamaShard, TensorParallel
 from eaglespec.ops import fused, gemv
+from eaglespec.ops.linear import Linear, linear
 from eaglespec.ops.sampling import greedy_argmax
 from eaglespec.ops.rope_table import rope_table, rope_table_ref
 
@@ -133,8 +134,8 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, cfg.head_dim
         q_size, kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         # EAGLE-3's draft layer reads [embedding | feature], twice the hidden size.
-        self.qkv_proj = nn.Linear(in_features or cfg.hidden_size, q_size + 2 * kv_size, bias=False)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(in_features or cfg.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
         self.splits = (q_size, kv_size, kv_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
@@ -170,8 +171,8 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.tp = tp
         inter = LlamaShard.of(cfg, tp).intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -297,7 +298,7 @@ class LlamaForCausalLM(nn.Module):
         self.folded_tokens = folded_token_limit(cfg, self.shard)  # steps up to this size: folded products
         self.model = LlamaBackbone(cfg, tp)
         rows = self.shard.vocab_rows
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, rows, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, rows, bias=False)
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
 
@@ -318,7 +319,7 @@ class LlamaForCausalLM(nn.Module):
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, H] -> [R, vocab_rows] fp32 logits of this rank's vocabulary rows."""
-        return F.linear(hidden, self.output_weight).float()
+        return linear(hidden, self.output_weight).float()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, H] -> [R, vocab] fp32 logits over the whole vocabulary, on every rank."""

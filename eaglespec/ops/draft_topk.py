@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from eaglespec.ops.linear import linear
 from eaglespec.ops.triton_support import jit as _jit, mma_options, tl, triton  # noqa: F401
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,7 +45,7 @@ def draft_topk_ref(hidden: torch.Tensor, weight: torch.Tensor, k: int, to_target
     dtype, then fp32), sanitised as the module says; ties go to the lowest index.
     ``to_target`` [V] int64 maps the ids; ids are clamped into [0, target_vocab) (default V).
     """
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
+    logits = linear(hidden.to(weight.dtype), weight).float()
     logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     values, ids = top_k_lowest_index_first(logits, k)
