@@ -70,12 +70,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the default tiles only")
     ap.add_argument("--rows", default="1", help="comma-separated token counts (1 to 64)")
     ap.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="whose weight shapes")
+    ap.add_argument("--products", default="qkv,o_proj,gate_up,down,lm_head", help="comma-separated products to time")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     results = {"preset": args.preset, "rows": {}}
     name = f"gemv-{args.preset}-shapes" + ("" if args.rows == "1" else "-rows-" + args.rows.replace(",", "-"))
     for m in (int(r) for r in args.rows.split(",")):
-        results["rows"][str(m)] = bench_rows(PRESETS[args.preset], m, dev, dt, args.quick)
+        results["rows"][str(m)] = bench_rows(PRESETS[args.preset], m, dev, dt, args.quick, args.products.split(","))
         # Written after every token count: a sweep cut short by a time limit keeps what it measured.
         path = write_result(name, results, dev, args.out)
     print("wrote", path)
@@ -87,14 +88,15 @@ def sweep_tiles(m: int, k: int) -> list[G.GemvTile]:
         return [G.GemvTile(bn, bk, w, s) for bn, bk, w, s in itertools.product(
             (4, 8, 16), (256, 512, 1024), (2, 4, 8), (2, 3, 4))]
     block_m = max(16, 1 << (m - 1).bit_length())
-    if k <= 1024:  # a small model: k in one to five column steps (serial steps are its latency)
+    if k <= 2048:  # a small model: few column steps, each a serial latency; deeper pipelines hide it
         return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
-            (16, 32), (128, 256, 512, 1024), (4, 8), (2, 3))]
+            (16, 32), (32, 64, 128, 256) if block_m <= 16 else (32, 64, 128), (2, 4) if block_m <= 16 else (4, 8),
+            (2, 3, 4, 5))]
     return [G.GemvTile(bn, bk, w, s, block_m) for bn, bk, w, s in itertools.product(
         (16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))]
 
 
-def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool) -> dict:
+def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool, products: list[str]) -> dict:
     hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = torch.randn(m, hidden, device=dev, dtype=dt)
@@ -125,7 +127,7 @@ def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool) -> dict:
                     lambda w, t: G.gemv(w, x, g, 1e-5, out_dtype=torch.float32, tile=t)),
     }
     results = {"shapes": {}}
-    for name, (shape, unfused, fused_step) in shapes.items():
+    for name, (shape, unfused, fused_step) in ((n, shapes[n]) for n in products):
         nbytes = shape[0] * shape[1] * 2
         ws = weight_copies(shape, dev, dt)
         row = {"weight_shape": list(shape), "weight_MB": nbytes / 1e6,

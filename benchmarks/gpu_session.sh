@@ -73,7 +73,7 @@ phase_bench_tp1_ab() {
 }
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
 # The real model's shapes are small (K = 576): a launch there is latency, not bytes; which tiles win at 4-33 rows.
-phase_bench_gemv_smollm2() { timeout 480 python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows 4,16,33 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -30; }
+phase_bench_gemv_smollm2() { timeout ${GEMV_S:-480} python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows ${GEMV_ROWS:-4,16,33} --products ${GEMV_PRODUCTS:-qkv,o_proj,gate_up,down,lm_head} --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -30; }
 # A change's effect on the step, A/B/A on one machine: the census (chain:3 and dynamic:4,6,15,
 # batch CENSUS_BATCHES) of main, of .prev (an older tree, when carried) and of main again.
 census() {  # $1 = out folder, then how to run a module
