@@ -313,11 +313,25 @@ def _block_m(m: int) -> int:
 
 
 def _rows_tile(m: int, k: int, block_n: int, pair: bool) -> GemvTile:
-    """A tl.dot tile for m > 1 rows: short column steps (shorter for the paired products, which
-    hold two weight tiles), and eight warps from 32 rows on, keep the x, w and accumulator tiles
-    within registers (ptxas for sm_90 reports no spills at these tiles in bf16 and fp32; four
-    warps spill for 64 rows)."""
+    """A tl.dot tile for m > 1 rows.
+
+    Small products (k <= 2048, SmolLM2's shapes): a step of a few rows there is a chain of serial
+    latencies, one per column step, so the tiles are narrow (16 features: more programs), few
+    warps and deep pipelines. From the H100 sweep of benchmarks/bench_gemv.py --preset
+    smollm2-135m --rows 4,33 (benchmarks/results/session-nvidia-h100-2026-12-07/, design note 58),
+    µs at 4 rows, old tile -> this one: qkv 7.3 -> 6.2, o_proj 3.9 -> 3.4, gate_up 7.2 -> 6.1,
+    down 6.6 -> 4.5; at 33 rows 11.5 -> 8.7, 5.0 -> 3.5, 11.2 -> 8.4, 9.8 -> 5.0.
+
+    Larger products: short column steps (shorter for the paired products, which hold two weight
+    tiles), and eight warps from 32 rows on, keep the x, w and accumulator tiles within registers
+    (ptxas for sm_90 reports no spills at these tiles in bf16 and fp32; four warps spill for 64 rows)."""
     block_m = _block_m(m)
+    if k <= 2048:
+        if block_m <= 16:
+            return GemvTile(block_n=16, block_k=_block_k(k, 128 if pair else 256), num_warps=2, num_stages=4,
+                            block_m=block_m)
+        return GemvTile(block_n=16, block_k=_block_k(k, 64 if pair else 128), num_warps=4, num_stages=5,
+                        block_m=block_m)
     return GemvTile(block_n=block_n, block_k=max(16, _block_k(k, 128 if block_m <= 16 and not pair else 64)),
                     num_warps=4 if block_m <= 16 else 8, num_stages=3, block_m=block_m)
 
@@ -325,7 +339,7 @@ def _rows_tile(m: int, k: int, block_n: int, pair: bool) -> GemvTile:
 # One-row tiles from the H100 sweep of benchmarks/bench_gemv.py on the Llama-3.1-8B shapes (results
 # in benchmarks/results/gemv-*.json): long column steps for the plain product, two warps while the
 # output is narrow (many small programs keep more loads in flight), four for the vocabulary.
-# Tiles of more rows are not swept yet.
+# Tiles of more rows: _rows_tile.
 def plain_tile(n: int, k: int, m: int = 1) -> GemvTile:
     if m > 1:
         return _rows_tile(m, k, 32, pair=False)
