@@ -226,8 +226,8 @@ _TREE_SPEC = re.compile(r"^(chain:\d+|dynamic:\d+,\d+,\d+)$")
 
 # The trees ``tree="auto"`` chooses among (besides plain decoding): short chains for large
 # batches, where a step's extra tokens cost real compute, and dynamic trees for small ones.
-# dynamic:4,6,15 verifies 16 tokens (its root too), so at batch 1 a small model verifies it on the
-# folded few-token layers (models/llama.py, folded_token_limit); 16 nodes accepted no more (tau 2.34 both).
+# dynamic:4,6,15 verifies 16 tokens (its root too) and dynamic:5,8,32 33, so at batch 1 a small
+# model verifies either on the folded few-token layers (models/llama.py, folded_token_limit).
 AUTO_TREES = ("chain:1", "chain:2", "chain:3", "dynamic:4,6,15", "dynamic:5,8,32")
 
 

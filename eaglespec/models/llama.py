@@ -41,12 +41,13 @@ from eaglespec.ops.rope_table import rope_table, rope_table_ref
 KERNEL_SETS = ("torch", "triton")
 
 # Steps of at most this many tokens run every layer on the folded products of ``ops.gemv`` (one
-# program holds all rows of a weight tile, so each weight is read once). The kernels take up to
-# 64 rows, but on the H200 (SmolLM2 shape, 2026-12-04) their 33- and 64-row tiles ran slower
-# than cuBLAS plus the separate element-wise kernels (verify 1.42 -> 1.86 ms for a 33-node tree
-# at batch 1, 1.39 -> 1.80 ms for chain:3 at batch 16), while 4 rows (one 16-row tile) matched:
-# the folded path is kept to one 16-row tile.
-FEW_TOKENS = 16
+# program holds all rows of a weight tile, so each weight is read once): the most the kernels
+# take. With the tiles of design note 58 (narrow, two to four warps, deep pipelines) a 33-row step
+# of SmolLM2's products costs 26 µs a layer against 28 for cuBLAS plus the separate element-wise
+# kernels, and folded steps of 17-64 tokens ran level with or up to 2 % under unfolded ones in
+# one A/B/A (H100, 2026-12-06), with fewer launches (a batch-32 decode step 187 against 307).
+# Before those tiles 33 rows cost 1.3x cuBLAS's path, and the limit was 16.
+FEW_TOKENS = gemv.MAX_ROWS
 # ...and only for layers small enough that launches, not weight bytes, set their time. On the
 # H200 (2026-12-04, benchmarks/bench_gemv.py --rows 4,16) the 16-row tiles matched cuBLAS plus
 # the separate kernels on SmolLM2's products (at most 1.8M weights) but ran 1.1-1.9x slower on

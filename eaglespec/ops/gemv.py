@@ -318,7 +318,7 @@ def _rows_tile(m: int, k: int, block_n: int, pair: bool) -> GemvTile:
     Small products (k <= 2048, SmolLM2's shapes): a step of a few rows there is a chain of serial
     latencies, one per column step, so the tiles are narrow (16 features: more programs), few
     warps and deep pipelines. From the H100 sweep of benchmarks/bench_gemv.py --preset
-    smollm2-135m --rows 4,33 (benchmarks/results/session-nvidia-h100-2026-12-07/, design note 58),
+    smollm2-135m --rows 4,33 (benchmarks/results/few-row-tiles-nvidia-h100-2026-12-06/, design note 58),
     µs at 4 rows, old tile -> this one: qkv 7.3 -> 6.2, o_proj 3.9 -> 3.4, gate_up 7.2 -> 6.1,
     down 6.6 -> 4.5; at 33 rows 11.5 -> 8.7, 5.0 -> 3.5, 11.2 -> 8.4, 9.8 -> 5.0.
 
