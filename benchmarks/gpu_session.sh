@@ -81,21 +81,6 @@ census() {  # $1 = out folder, then how to run a module
   timeout 150 "$@" eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" \
     --batches ${CENSUS_BATCHES:-1,16} --context 512 ${CENSUS_ARGS:-} --out $out 2>&1 | tee -a $OUT/bench.log | grep batch
 }
-# Folded products for steps of up to 64 tokens on small models (FEW_TOKENS 64 against main's 16),
-# A/B/A: 33-row trees at batch 1, 64-row chain:3 verifies at batch 16, and the decode steps beside them.
-phase_few_tokens_ab() {
-  rm -rf /tmp/few64 && mkdir -p /tmp/few64 && cp -r eaglespec /tmp/few64/
-  sed -i 's/^FEW_TOKENS = 16$/FEW_TOKENS = 64/' /tmp/few64/eaglespec/models/llama.py
-  grep -q "^FEW_TOKENS = 64$" /tmp/few64/eaglespec/models/llama.py || { echo "few-tokens-ab: FEW_TOKENS not found"; return 8; }
-  local i=0 who code
-  for who in main few64 main; do
-    i=$((i + 1)); code=$PWD; [ $who = few64 ] && code=/tmp/few64
-    echo "== few-tokens A/B run $i: $who" | tee -a $OUT/bench.log
-    (cd $code && PYTHONPATH=$SITE:$code timeout 150 python3 -m eaglespec.bench.spec_step --preset smollm2-135m \
-      --trees "chain:3;dynamic:5,8,32" --batches 1,16,32 --context 512 --draft-vocab 16384 \
-      --out $OUT/few-tokens-ab/$i-$who) 2>&1 | tee -a $OUT/bench.log | grep batch
-  done
-}
 phase_census_ab() {
   local i=0 who
   for who in main prev main; do
@@ -324,7 +309,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; few-tokens-ab) phase_few_tokens_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
