@@ -322,9 +322,10 @@ def _rows_tile(m: int, k: int, block_n: int, pair: bool) -> GemvTile:
     µs at 4 rows, old tile -> this one: qkv 7.3 -> 6.2, o_proj 3.9 -> 3.4, gate_up 7.2 -> 6.1,
     down 6.6 -> 4.5; at 33 rows 11.5 -> 8.7, 5.0 -> 3.5, 11.2 -> 8.4, 9.8 -> 5.0.
 
-    Larger products: ``block_n`` features (the caller's), short column steps (shorter for the
-    paired products, which hold two weight tiles), and eight warps from 32 rows on, keep the x, w and accumulator tiles within registers
-    (ptxas for sm_90 reports no spills at these tiles in bf16 and fp32; four warps spill for 64 rows)."""
+    Larger products: ``block_n`` features (the caller's). Short column steps (shorter for the
+    paired products, which hold two weight tiles), and eight warps from 32 rows on, keep the x, w
+    and accumulator tiles within registers (ptxas for sm_90 reports no spills at these tiles in
+    bf16 and fp32; four warps spill for 64 rows)."""
     block_m = _block_m(m)
     if k <= 2048:
         if block_m <= 16:
