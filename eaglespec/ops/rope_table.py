@@ -58,7 +58,8 @@ def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor,
     sin = torch.empty_like(cos)
     if t:
         block = max(16, 1 << (2 * half - 1).bit_length())
-        rows = max(1, min(64, 2048 // block))
+        # No more rows a program than the step has: masked rows still compute their cos/sin.
+        rows = max(1, min(64, 2048 // block, 1 << (t - 1).bit_length()))
         _rope_table_kernel[(triton.cdiv(t, rows),)](positions, inv_freq, cos, sin, t, half, ROWS=rows, BLOCK=block,
                                                     num_warps=4)
     return cos, sin
