@@ -44,6 +44,7 @@ from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForC
                                     fused_layer_slices, load_named_tensors, rope_cos_sin,
                                     rope_inverse_frequencies, unfused_named_tensors, with_kernels)
 from eaglespec.models.tensor_parallel import SINGLE, LlamaShard
+from eaglespec.ops import gemv
 from eaglespec.ops.linear import Linear, linear
 from eaglespec.ops.rope_table import rope_table
 
@@ -332,23 +333,30 @@ class EagleHead(nn.Module):
         return DraftVocab(weight.index_select(0, rows).contiguous(), to_target)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionStep, cache: KVCache) -> DraftOutput:
-        """features [T, feature_size] (target features) or [T, H] (the head's own hidden);
+                attn: AttentionStep, cache: KVCache, feature_rows: torch.Tensor | None = None) -> DraftOutput:
+        """features [T, feature_size] (target features) or [T, H] (the head's own hidden), or
+        any number of such rows of which ``feature_rows`` [T] (int64) picks each token's;
         tokens/positions [T]. Returns the new hidden [T, H] and the output projection's input
         [T, H] (``DraftVocab.logits`` or ``logits`` make the draft logits). On the "triton"
         kernel set the element-wise ops run on the fused kernels (as in LlamaForCausalLM)."""
         use_triton = self.kernels == "triton"
-        emb = F.embedding(tokens, self.embed_weight)
         dtype = self.fc.weight.dtype
-        emb = emb.to(dtype)
         cos, sin = (rope_table if use_triton else rope_cos_sin)(positions, self.inv_freq, dtype)
         hidden_size = self.config.layer.hidden_size
+        if self.config.kind == "eagle1" and use_triton and 0 < tokens.shape[0] <= self.folded_tokens:
+            # A drafting depth: the embedding, the row gather and fc in one product, then the
+            # layers on the folded products.
+            h = gemv.gemv_embed_concat(self.fc.weight, self.fc.bias, self.embed_weight, tokens, features,
+                                       feature_rows)
+            for i, layer in enumerate(self.layers):
+                h = layer.forward_few_tokens(h, cos, sin, i, attn, cache)
+            return DraftOutput(h, h)
+        if feature_rows is not None:
+            features = features.index_select(0, feature_rows)
+        emb = F.embedding(tokens, self.embed_weight).to(dtype)
         if self.config.kind == "eagle1":
             h = self.fc(torch.cat((emb, features.to(dtype)), dim=-1))
-            if use_triton and h.shape[0] <= self.folded_tokens:  # a drafting depth: folded products
-                for i, layer in enumerate(self.layers):
-                    h = layer.forward_few_tokens(h, cos, sin, i, attn, cache)
-            elif use_triton:
+            if use_triton:
                 residual = None
                 for i, layer in enumerate(self.layers):
                     h, residual = layer.forward_fused(h, residual, cos, sin, i, attn, cache)

@@ -11,6 +11,8 @@ the products instead:
   gemv_qkv_rope   RMSNorm prologue, x @ Wqkv.T, rotate-half RoPE of q and k at each row's
                   position; writes rotated q | rotated k | v to its [M, (Hq + 2 Hkv) D] output
                   and, given cache slots, also stores k/v in the paged cache
+  gemv_embed_concat  [embedding[tokens] | features[rows]] @ W.T [+ bias]   EAGLE-1's fc: the
+                  embedding lookup, the row gather and the concatenation happen in the input tile
 
 A Llama layer then costs four products plus attention. x is [M, K] with M <= ``MAX_ROWS``
 token rows; a program owns a tile of output features for every row, so each weight tile is
@@ -92,6 +94,16 @@ def gemv_qkv_rope_ref(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.
     q_rot, k_rot = rope_and_cache_write_ref(q.reshape(m, num_heads, d), k.reshape(m, num_kv_heads, d), v,
                                             cos, sin, k_cache, v_cache, slots)
     return q_rot, k_rot, v
+
+
+def gemv_embed_concat_ref(weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, tokens: torch.Tensor,
+                          features: torch.Tensor, feature_rows: torch.Tensor | None) -> torch.Tensor:
+    """weight [N, E + F], bias [N] or None, table [V, E], tokens [M], features [R, F], feature_rows [M]
+    (None: row t reads features[t]) -> [M, N] in weight's dtype: F.linear of the concatenation
+    [table[tokens] | features[feature_rows]], each half first cast to weight's dtype."""
+    rows = features if feature_rows is None else features.index_select(0, feature_rows)
+    x = torch.cat((torch.nn.functional.embedding(tokens, table).to(weight.dtype), rows.to(weight.dtype)), dim=-1)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -196,6 +208,44 @@ def _gemv_kernel(
         res = tl.load(res_ptr + tok[:, None] * stride_res + feat[None, :], mask=mask, other=0.0)
         y = (y + res.to(tl.float32)).to(dt)
     tl.store(y_ptr + tok[:, None] * stride_y + feat[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _gemv_embed_concat_kernel(
+    w_ptr, table_ptr, tokens_ptr, feat_ptr, rows_ptr, bias_ptr, y_ptr,
+    M, N, E, K, stride_table, stride_feat, stride_y,
+    HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(N, BLOCK_N),): every token row times one tile of output features; input columns
+    [0, E) come from the token's embedding row, [E, K) from its feature row."""
+    feat = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feat_ok = feat < N
+    tok = tl.arange(0, BLOCK_M).to(tl.int64)
+    tok_ok = tok < M
+    emb_row = tl.load(tokens_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
+    if HAS_ROWS:
+        feat_row = tl.load(rows_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
+    else:
+        feat_row = tok
+    w_rows = w_ptr + feat.to(tl.int64)[:, None] * K
+    acc = _zero_acc(ROW_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        in_emb = cols < E
+        in_feat = (cols >= E) & (cols < K)
+        x = tl.load(table_ptr + emb_row[:, None] * stride_table + cols[None, :],
+                    mask=tok_ok[:, None] & in_emb[None, :], other=0.0).to(tl.float32)
+        x += tl.load(feat_ptr + feat_row[:, None] * stride_feat + tl.maximum(cols - E, 0)[None, :],
+                     mask=tok_ok[:, None] & in_feat[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_rows + cols[None, :], mask=feat_ok[:, None] & (cols < K)[None, :], other=0.0)
+        acc = _accumulate(acc, x, w, ROW_DOT, MMA_DTYPE, DOT_PRECISION)
+    y = _products(acc, 0.0, K, 0.0, ROW_DOT, False)
+    if HAS_BIAS:  # added before the one rounding, as F.linear's bias
+        y += tl.load(bias_ptr + feat, mask=feat_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + tok[:, None] * stride_y + feat[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & feat_ok[None, :])
 
 
 @_jit
@@ -447,3 +497,46 @@ def gemv_qkv_rope(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tens
         **_launch_options(tile, x.dtype, _gemv_pair_kernel))
     q, k, v = qkv.split((num_heads * d, num_kv_heads * d, num_kv_heads * d), dim=-1)
     return q.view(m, num_heads, d), k.view(m, num_kv_heads, d), v.view(m, num_kv_heads, d)
+
+
+def gemv_embed_concat(weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, tokens: torch.Tensor,
+                      features: torch.Tensor, feature_rows: torch.Tensor | None = None,
+                      tile: GemvTile | None = None) -> torch.Tensor:
+    """Triton version of ``gemv_embed_concat_ref`` (same arguments and result): one launch where
+    the reference takes four (row gather, embedding, concatenation, product). Token ids and
+    feature rows are read on the device, not bounds-checked."""
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the *_ref functions instead")
+    require(weight.dim() == 2 and weight.is_contiguous(), f"gemv_embed_concat: weight must be a contiguous [N, K] "
+                                                          f"matrix, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    require(table.dim() == 2 and table.stride(1) == 1 and features.dim() == 2 and features.stride(1) == 1
+            and table.shape[1] + features.shape[1] == k,
+            f"gemv_embed_concat: table [V, E] and features [R, F] with unit column strides and E + F = {k} "
+            f"(the weight's inputs), got {tuple(table.shape)} and {tuple(features.shape)}")
+    m = tokens.shape[0] if tokens.dim() == 1 else -1
+    require(tokens.dim() == 1 and not tokens.dtype.is_floating_point and tokens.is_contiguous()
+            and 1 <= m <= MAX_ROWS, f"gemv_embed_concat: tokens must be 1 to {MAX_ROWS} contiguous integer ids, "
+                                    f"got {tuple(tokens.shape)} {tokens.dtype}")
+    if feature_rows is None:
+        require(features.shape[0] == m, f"gemv_embed_concat: without feature_rows, features needs {m} rows "
+                                        f"(one per token), got {features.shape[0]}")
+    else:
+        require(feature_rows.shape == (m,) and feature_rows.dtype == torch.int64 and feature_rows.is_contiguous(),
+                f"gemv_embed_concat: feature_rows must be {m} contiguous int64, got "
+                f"{tuple(feature_rows.shape)} {feature_rows.dtype}")
+    if bias is not None:
+        require(bias.shape == (n,) and bias.is_contiguous(), f"gemv_embed_concat: bias must have shape ({n},), "
+                                                             f"got {tuple(bias.shape)}")
+    for name, t in (("table", table), ("tokens", tokens), ("features", features)):
+        require(t.device == weight.device, f"gemv_embed_concat: {name} on {t.device}, weight on {weight.device}")
+    tile = tile or plain_tile(n, k, m)
+    _check_tile("gemv_embed_concat", tile, m)
+    y = torch.empty(m, n, dtype=weight.dtype, device=weight.device)
+    _gemv_embed_concat_kernel[(triton.cdiv(n, tile.block_n),)](
+        weight, table, tokens, features, tokens if feature_rows is None else feature_rows,
+        y if bias is None else bias, y,
+        m, n, table.shape[1], k, table.stride(0), features.stride(0), y.stride(0),
+        HAS_ROWS=feature_rows is not None, HAS_BIAS=bias is not None,
+        **_launch_options(tile, weight.dtype, _gemv_embed_concat_kernel))
+    return y

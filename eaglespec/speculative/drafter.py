@@ -201,8 +201,8 @@ class Drafter:
         for d in range(1, shape.depth):
             step = DraftTreeStep(block_tables, cached_lens, side_k, side_v, self.levels[d - 1].slot,
                                  side_slots[d - 1], frontier.bits, self.scale, self.backend)
-            out = self.head(hidden.index_select(0, frontier.rows), frontier.tokens.reshape(-1), frontier.positions,
-                            step, self.cache)
+            out = self.head(hidden, frontier.tokens.reshape(-1), frontier.positions, step, self.cache,
+                            feature_rows=frontier.rows)
             hidden = out.hidden
             values, ids = self._children(out.last, bsz)
             frontier = ops.expand(values, ids, frontier, pool, self.levels[d], shape.branch, cached_lens)

@@ -149,6 +149,47 @@ def test_gemv_qkv_rope_without_slots_returns_views_of_one_qkv_output(m):
     assert k.reshape(1, m, hkv, d).data_ptr() == k.data_ptr()
 
 
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gathered,bias", [(True, True), (False, False)])
+def test_gemv_embed_concat_matches_reference(m, dtype, gathered, bias):
+    """EAGLE-1's fc on [embedding | feature]: the lookup, the row gather and the concatenation in
+    the input tile. E = 40 is not a multiple of any column tile, so tiles straddle the seam."""
+    e, f, n, vocab = 40, 56, 70, 300
+    w = seeded_randn(n, e + f, seed=30, dtype=dtype, scale=0.1)
+    b = seeded_randn(n, seed=31, dtype=dtype) if bias else None
+    table = seeded_randn(vocab, e, seed=32, dtype=dtype)
+    tokens = torch.randint(0, vocab, (m,), generator=torch.Generator().manual_seed(33)).to(DEVICE)
+    feats = seeded_randn(2 * m + 3, f, seed=34, dtype=dtype)
+    rows = torch.randperm(2 * m + 3, generator=torch.Generator().manual_seed(35))[:m].to(DEVICE) if gathered else None
+    if rows is None:
+        feats = feats[:m]
+    want = G.gemv_embed_concat_ref(w, b, table, tokens, feats, rows)
+    for tile in (small_tile(m), None):
+        _assert_close(G.gemv_embed_concat(w, b, table, tokens, feats, rows, tile=tile), want)
+    # each output row is its own token's and its own feature row's, whatever the others are
+    i = m // 2
+    one = G.gemv_embed_concat(w, b, table, tokens[i:i + 1], (feats if rows is None else feats[rows])[i:i + 1])
+    _assert_close(one, want[i:i + 1])
+
+
+def test_gemv_embed_concat_bad_inputs_name_the_problem():
+    w = torch.zeros(8, 16, device=DEVICE)
+    table, tokens = torch.zeros(10, 6, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"E \+ F = 16"):
+        G.gemv_embed_concat(w, None, table, tokens, torch.zeros(2, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="without feature_rows, features needs 2 rows"):
+        G.gemv_embed_concat(w, None, table, tokens, torch.zeros(3, 10, device=DEVICE))
+    with pytest.raises(ValueError, match="feature_rows must be 2 contiguous int64"):
+        G.gemv_embed_concat(w, None, table, tokens, torch.zeros(3, 10, device=DEVICE),
+                            torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        G.gemv_embed_concat(w, torch.zeros(9, device=DEVICE), table, tokens, torch.zeros(2, 10, device=DEVICE))
+    with pytest.raises(ValueError, match="tokens must be 1 to 64"):
+        G.gemv_embed_concat(w, None, table, torch.zeros(65, dtype=torch.int64, device=DEVICE),
+                            torch.zeros(65, 10, device=DEVICE))
+
+
 def test_gemv_bad_inputs_name_the_problem():
     w = torch.zeros(8, 16, device=DEVICE)
     with pytest.raises(ValueError, match=r"1 <= M <= 64"):
