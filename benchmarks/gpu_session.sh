@@ -130,6 +130,17 @@ phase_bench_spec_8b() {  # chain:3 on the 8B shape, random EAGLE-1 head of the o
   python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b --trees "chain:3" --batches 16 --context 8192 \
     --draft-vocab 32768 --out $OUT/ctx8k 2>&1 | tee -a $OUT/bench.log
 }
+phase_spec_8b_ab() {  # chain:3 on the 8B shape at SPEC8B_BATCHES (default 1), main / .prev / main (.prev carried)
+  [ -d .prev/eaglespec ] || { echo "spec-8b-ab: carry .prev"; return 5; }
+  local i=0 who code
+  for who in main prev main; do
+    i=$((i + 1)); code=$PWD; [ $who = prev ] && code=$PWD/.prev
+    echo "== 8B A/B run $i: $who" | tee -a $OUT/bench.log
+    (cd "$code" && PYTHONPATH=$SITE:$code timeout 200 python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b \
+      --trees "chain:3" --batches ${SPEC8B_BATCHES:-1} --context 512 --draft-vocab 32768 --out $OUT/spec-8b-ab/$i-$who) \
+      2>&1 | tee -a $OUT/bench.log | grep batch
+  done
+}
 phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU kernels, fp32 (the later --batch1-num wins)
   e2e --num 32 --batches 1,8 --batch1-num 8 --max-tokens 128 --dtype float32 --out $OUT
 }
@@ -309,7 +320,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; spec-8b-ab) phase_spec_8b_ab ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
