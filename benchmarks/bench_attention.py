@@ -274,13 +274,11 @@ def main() -> None:
                                                     num_sms)
             dec_args = (c["q1"], c["k_cache"], c["v_cache"], c["block_tables"],
                         c["prefix_lens"], SCALE)
-            counters = torch.zeros(batch * HKV * 4, dtype=torch.int32, device=DEVICE)  # as a KV pool keeps them
-            record(batch, context, "decode",
-                   timings(lambda: A.paged_decode_attention(*dec_args, counters=counters)),
+            record(batch, context, "decode", timings(lambda: A.paged_decode_attention(*dec_args)),
                    context, split_size=split_dec)
             targs = tree_args(c)
             record(batch, context, "two_pass",
-                   timings(lambda: A.two_pass_tree_attention(*targs, counters=counters)), context + nodes,
+                   timings(lambda: A.two_pass_tree_attention(*targs)), context + nodes,
                    split_size=split_tree)
             for method, rep in (("sdpa_masked", False), ("sdpa_masked_rep", True)):
                 try:
@@ -298,12 +296,11 @@ def main() -> None:
         targs = tree_args(c)
         dec_args = (c["q1"], c["k_cache"], c["v_cache"], c["block_tables"], c["prefix_lens"],
                     SCALE)
-        counters = torch.zeros(batch * HKV * 4, dtype=torch.int32, device=DEVICE)
         for split in (256, 512, 1024, 2048):
-            ms = graph_bench_ms(lambda: A.two_pass_tree_attention(*targs, split_size=split, counters=counters))
+            ms = graph_bench_ms(lambda: A.two_pass_tree_attention(*targs, split_size=split))
             record(batch, sweep_ctx, "sweep_two_pass", dict(ms=ms, ms_graph=ms),
                    sweep_ctx + nodes, split_size=split)
-            ms = graph_bench_ms(lambda: A.paged_decode_attention(*dec_args, split_size=split, counters=counters))
+            ms = graph_bench_ms(lambda: A.paged_decode_attention(*dec_args, split_size=split))
             record(batch, sweep_ctx, "sweep_decode", dict(ms=ms, ms_graph=ms), sweep_ctx,
                    split_size=split)
         del c, targs, dec_args

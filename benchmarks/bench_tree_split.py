@@ -48,12 +48,11 @@ def main(argv=None) -> None:
         cache_k = torch.randn(batch * blocks_per_seq + 1, BLOCK, HKV, D, device=dev, dtype=dtype)
         cache_v = torch.randn_like(cache_k)
         tables = (1 + torch.arange(batch * blocks_per_seq, device=dev, dtype=torch.int32)).view(batch, blocks_per_seq)
-        counters = torch.zeros(batch * HKV * 4, device=dev, dtype=torch.int32)  # as a KV pool keeps them
         for context in (int(c) for c in args.contexts.split(",")):
             lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
             q1 = torch.randn(batch, 1, HQ, D, device=dev, dtype=dtype)
             decode = replay_us(lambda: A.paged_decode_attention(q1, cache_k, cache_v, tables, lens, D ** -0.5,
-                                                                out_dtype=dtype, counters=counters))
+                                                                out_dtype=dtype))
             for nodes in (16, 33):
                 q = torch.randn(batch, nodes, HQ, D, device=dev, dtype=dtype)
                 kt, vt = (torch.randn(batch, nodes, HKV, D, device=dev, dtype=dtype) for _ in range(2))
@@ -63,7 +62,7 @@ def main(argv=None) -> None:
                 times = {}
                 for split in sorted({default, *(int(s) for s in args.splits.split(","))}):
                     times[split] = replay_us(lambda s=split: A.two_pass_tree_attention(
-                        q, cache_k, cache_v, tables, lens, kt, vt, bits, D ** -0.5, split_size=s, counters=counters))
+                        q, cache_k, cache_v, tables, lens, kt, vt, bits, D ** -0.5, split_size=s))
                 row = {"batch": batch, "context": context, "nodes": nodes, "decode_us": decode,
                        "default_split": default, "tree_us_by_split": times}
                 rows.append(row)

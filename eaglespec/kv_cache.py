@@ -20,15 +20,6 @@ class KVCache:
 
     k: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
     v: torch.Tensor  # [L, num_blocks, block_size, Hkv, D]
-    # [num_blocks * Hkv * 4] int32 zeros: the split attention kernels' arrival counters, one per
-    # (sequence, KV head, row tile); every launch leaves them at zero for the next (a batch
-    # never has more sequences than the pool has blocks; a tree step at most 4 row tiles).
-    split_counters: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.split_counters is None:
-            self.split_counters = torch.zeros(self.k.shape[1] * self.k.shape[3] * 4, dtype=torch.int32,
-                                              device=self.k.device)
 
     @property
     def block_size(self) -> int:

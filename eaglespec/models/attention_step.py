@@ -84,8 +84,7 @@ class DecodeStep(CacheSlotStep):
         self.store(layer, k, v, cache, kv_written)
         if self.backend == "triton":
             out, _ = ops.paged_decode_attention(q[:, None], cache.k[layer], cache.v[layer], self.block_tables,
-                                                self.context_lens, self.scale, out_dtype=q.dtype,
-                                                counters=cache.split_counters)
+                                                self.context_lens, self.scale, out_dtype=q.dtype)
         else:
             out, _ = ops.paged_decode_attention_ref(q[:, None], cache.k[layer], cache.v[layer], self.block_tables,
                                                     self.context_lens, self.scale)
@@ -136,18 +135,7 @@ class TreeStep(AttentionStep):
             tree_v[layer, :, 0].copy_(v.reshape(bsz * n, *v.shape[1:]))
         k, v = (t[layer].view(bsz, n, *t.shape[3:]) for t in (tree_k, tree_v))
         q = q.view(bsz, n, *q.shape[1:])
-        out = two_pass_tree_attention(self.backend, q, cache, layer, self.block_tables, self.prefix_lens, k, v,
-                                      self.ancestor_bits, self.scale)
+        fn = ops.two_pass_tree_attention if self.backend == "triton" else ops.two_pass_tree_attention_ref
+        out = fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.prefix_lens,
+                 k, v, self.ancestor_bits, self.scale)
         return out.reshape(bsz * n, *out.shape[2:]).to(q.dtype)
-
-
-def two_pass_tree_attention(backend: str, q: torch.Tensor, cache: KVCache, layer: int, block_tables: torch.Tensor,
-                            prefix_lens: torch.Tensor, k_tree: torch.Tensor, v_tree: torch.Tensor,
-                            ancestor_bits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Tree queries [B, N, Hq, D] over a layer of the cache and the tree's own K/V, on the backend's
-    kernel (the Triton one takes the pool's split counters)."""
-    if backend == "triton":
-        return ops.two_pass_tree_attention(q, cache.k[layer], cache.v[layer], block_tables, prefix_lens, k_tree,
-                                           v_tree, ancestor_bits, scale, counters=cache.split_counters)
-    return ops.two_pass_tree_attention_ref(q, cache.k[layer], cache.v[layer], block_tables, prefix_lens, k_tree,
-                                           v_tree, ancestor_bits, scale)

@@ -370,7 +370,7 @@ def _prefix_split(
 @_jit
 def _paged_decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
-    k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr, out_ptr, lse_ptr, counters_ptr,
+    k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr,
     scale_log2, max_keys, num_queries, split_size, num_splits, num_tree_keys,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -383,8 +383,6 @@ def _paged_decode_split_kernel(
     stride_bitsb,
     stride_tob, stride_ton, stride_toh,
     stride_tlb, stride_tln,
-    stride_ob, stride_on, stride_oh,
-    stride_lb, stride_ln,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
     HAS_TREE: tl.constexpr, TREE_BLOCK_N: tl.constexpr,
@@ -392,11 +390,7 @@ def _paged_decode_split_kernel(
 ):
     """Grid (ROW_TILES * (splits + HAS_TREE), Hkv, B): one row tile of one KV head over one chunk
     of cached keys (``_prefix_split``); with HAS_TREE, the programs past the last chunk run the
-    tree pass of the same rows (``_tree_program``) into tree_out / tree_lse, in the same launch.
-
-    The last program of a (row tile, KV head, sequence) to finish merges its group's states into
-    out / lse (``_merge_states_of_group``): a counter per group, which that program sets back to
-    zero, tells it that it is last. So the result needs no second launch."""
+    tree pass of the same rows (``_tree_program``) into tree_out / tree_lse, in the same launch."""
     pid = tl.program_id(0)
     split = pid // ROW_TILES
     row_tile = pid % ROW_TILES
@@ -424,73 +418,62 @@ def _paged_decode_split_kernel(
                       stride_vb, stride_vt, stride_vh, stride_bt,
                       stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
                       GROUP, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
-    ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
-    n_live = tl.maximum((ctx + split_size - 1) // split_size, 1)  # the chunks that stored a state
-    stored = split < n_live
-    participants = n_live
-    if HAS_TREE:
-        stored = stored | (split == num_splits)
-        participants = n_live + 1
-    if stored:  # this program stored a state: count it
-        # Every thread's stores before one thread's release (the barrier orders them within the
-        # program; the atomic's release publishes them to the program that acquires the count).
-        tl.debug_barrier()
-        group_id = (seq * tl.num_programs(1) + kv_head) * ROW_TILES + row_tile
-        arrived = tl.atomic_add(counters_ptr + group_id, 1, sem="acq_rel", scope="gpu")
-        if arrived == participants - 1:
-            _merge_states_of_group(part_out_ptr, part_lse_ptr, tree_out_ptr, tree_lse_ptr, out_ptr, lse_ptr,
-                                   n_live, num_queries, row_tile, kv_head, seq,
-                                   stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
-                                   stride_tob, stride_ton, stride_toh, stride_tlb, stride_tln,
-                                   stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
-                                   GROUP, HEAD_DIM, BLOCK_M, HAS_TREE)
-            tl.store(counters_ptr + group_id, 0)  # ready for the next launch
 
 
 @_jit
-def _merge_states_of_group(
-    part_out_ptr, part_lse_ptr, tree_out_ptr, tree_lse_ptr, out_ptr, lse_ptr,
-    n_live, num_queries, row_tile, kv_head, seq,
-    stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
-    stride_tob, stride_ton, stride_toh, stride_tlb, stride_tln,
-    stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_TREE: tl.constexpr,
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, context_lens_ptr, extra_out_ptr, extra_lse_ptr, out_ptr, lse_ptr,
+    max_keys, num_rows, split_size,
+    stride_pob, stride_pos, stride_plb, stride_pls,
+    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
 ):
-    """One row tile's live chunk states (and its tree state) merged by their log-sum-exps, written
-    once to out (its dtype) and lse. Reads skip L1: other programs wrote the states."""
-    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    query = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_ok = query < num_queries
+    """Grid (Nq * Hq, B): merge one row's live split partials (and an optional extra state).
+
+    part_out [B, S, R, D], part_lse [B, S, R]; extra_out/out [B, R, D], extra_lse/lse [B, R]
+    (R = Nq * Hq rows, all contiguous in R and D). Only the splits that start inside the
+    context are read, at least split 0.
+    """
+    row = tl.program_id(0)
+    seq = tl.program_id(1)
+    ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
+    n_live = tl.maximum((ctx + split_size - 1) // split_size, 1)
+    offs_s = tl.arange(0, SPLIT_CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
-    lse_rows = part_lse_ptr + seq * stride_plb + query * stride_pln + head
-    out_rows = part_out_ptr + seq * stride_pob + query[:, None] * stride_pon + head[:, None] * stride_poh + offs_d[None, :]
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(0, n_live):
-        m = tl.maximum(m, tl.load(lse_rows + s * stride_pls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
-    if HAS_TREE:
-        tree_lse = tl.load(tree_lse_ptr + seq * stride_tlb + query * stride_tln + head, mask=row_ok,
-                           other=float("-inf"), cache_modifier=".cg")
-        m = tl.maximum(m, tree_lse)
+    lse_base = part_lse_ptr + seq * stride_plb + row
+    out_base = part_out_ptr + seq * stride_pob + row * HEAD_DIM
+    state = seq.to(tl.int64) * num_rows + row  # index of this row in out / lse / extra
+
+    m_vec = tl.full([SPLIT_CHUNK], float("-inf"), tl.float32)
+    for s0 in range(0, n_live, SPLIT_CHUNK):
+        sp = s0 + offs_s
+        m_vec = tl.maximum(m_vec, tl.load(lse_base + sp * stride_pls, mask=sp < n_live,
+                                          other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    if HAS_EXTRA:
+        m = tl.maximum(m, tl.load(extra_lse_ptr + state))
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(0, n_live):
-        w = tl.exp(tl.load(lse_rows + s * stride_pls, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_use)
-        acc += w[:, None] * tl.load(out_rows + s * stride_pos, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-        total += w
-    if HAS_TREE:
-        w = tl.exp(tree_lse - m_use)
-        acc += w[:, None] * tl.load(tree_out_ptr + seq * stride_tob + query[:, None] * stride_ton
-                                    + head[:, None] * stride_toh + offs_d[None, :], mask=row_ok[:, None], other=0.0,
-                                    cache_modifier=".cg")
-        total += w
-    has_keys = total > 0
-    out = acc / tl.where(has_keys, total, 1.0)[:, None]
-    lse = tl.where(has_keys, m_use + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
-    tl.store(out_ptr + seq * stride_ob + query[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + seq * stride_lb + query * stride_ln + head, lse, mask=row_ok)
+
+    acc = tl.zeros([SPLIT_CHUNK, HEAD_DIM], tl.float32)
+    w_acc = tl.zeros([SPLIT_CHUNK], tl.float32)
+    for s0 in range(0, n_live, SPLIT_CHUNK):
+        sp = s0 + offs_s
+        sp_ok = sp < n_live
+        w = tl.exp(tl.load(lse_base + sp * stride_pls, mask=sp_ok, other=float("-inf")) - m_use)
+        o = tl.load(out_base + sp[:, None] * stride_pos + offs_d[None, :], mask=sp_ok[:, None],
+                    other=0.0)
+        acc += w[:, None] * o
+        w_acc += w
+    out = tl.sum(acc, 0)
+    total = tl.sum(w_acc, 0)
+    if HAS_EXTRA:
+        w_extra = tl.exp(tl.load(extra_lse_ptr + state) - m_use)
+        out += w_extra * tl.load(extra_out_ptr + state * HEAD_DIM + offs_d)
+        total += w_extra
+    out = out / tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, m_use + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(out_ptr + state * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + state, lse)
 
 
 @_jit
@@ -736,22 +719,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-def split_counter_slots(batch: int, num_kv_heads: int, rows_per_kv_head: int) -> int:
-    """Counters the split kernel needs for a launch: one per (sequence, KV head, row tile)."""
-    return batch * num_kv_heads * _cdiv(rows_per_kv_head, _row_block(rows_per_kv_head))
-
-
-def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                     split_size: int | None, out_dtype: torch.dtype, counters: torch.Tensor | None,
-                     tree: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checks inputs and runs the split kernel, whose last program per group merges: out
-    [B, Nq, Hq, D] in out_dtype and lse [B, Nq, Hq] (fp32), with, given ``tree`` = (k_tree,
-    v_tree, ancestor_bits, group) (checked by the caller), the tree pass merged in.
-
-    ``counters``: int32 zeros, at least ``split_counter_slots`` of them, which the launch leaves
-    at zero (a KV pool keeps one such buffer for all its launches: ``KVCache.split_counters``).
-    None, or too few: fresh zeros (one memset more)."""
+                     split_size: int | None, tree: tuple | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Checks inputs and runs the split kernel: part_out [B, S, Nq, Hq, D], part_lse, split_size
+    and, given ``tree`` = (k_tree, v_tree, ancestor_bits, group) (checked by the caller), the tree
+    pass's state (out [B, Nq, Hq, D], lse [B, Nq, Hq]) from the same launch."""
     _check_tensor("q", q, 4, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     batch, nq, hq, d = q.shape
@@ -768,26 +742,20 @@ def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check(isinstance(split_size, int) and split_size > 0 and split_size % block_size == 0,
            f"split_size must be a positive multiple of block_size ({block_size}), "
            f"got {split_size!r}")
-    out = torch.empty(batch, nq, hq, d, dtype=out_dtype, device=q.device)
-    lse = torch.empty(batch, nq, hq, dtype=torch.float32, device=q.device)
-    if batch == 0 or nq == 0:
-        return out, lse
-    needed = split_counter_slots(batch, hkv, rows)
-    if counters is not None:
-        _check_tensor("counters", counters, 1, q.device, (torch.int32,))
-    if counters is None or counters.numel() < needed:
-        counters = torch.zeros(needed, dtype=torch.int32, device=q.device)
     num_splits = _cdiv(max_keys, split_size)
     part_out = torch.empty(batch, num_splits, nq, hq, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_splits, nq, hq, dtype=torch.float32, device=q.device)
+    tree_state = None
+    if tree is not None:
+        k_tree, v_tree, bits, _ = tree
+        tree_state = (torch.empty(batch, nq, hq, d, dtype=torch.float32, device=q.device),
+                      torch.empty(batch, nq, hq, dtype=torch.float32, device=q.device))
+    if batch == 0 or nq == 0:
+        return part_out, part_lse, split_size, tree_state
     if tree is None:  # placeholders: the kernel reads no tree
         k_tree = v_tree = q
         bits = context_lens
-        tree_out, tree_lse = part_out[:, 0], part_lse[:, 0]
-    else:
-        k_tree, v_tree, bits, _ = tree
-        tree_out = torch.empty(batch, nq, hq, d, dtype=torch.float32, device=q.device)
-        tree_lse = torch.empty(batch, nq, hq, dtype=torch.float32, device=q.device)
+    tree_out, tree_lse = tree_state if tree is not None else (part_out[:, 0], part_lse[:, 0])
     block_m = _row_block(rows)
     row_tiles = _cdiv(rows, block_m)
     # Key tile: the largest power of two <= 64 dividing split_size (>= 16 since block_size is).
@@ -798,7 +766,7 @@ def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     grid = (row_tiles * (num_splits + has_tree), hkv, batch)
     _paged_decode_split_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
-        k_tree, v_tree, bits, tree_out, tree_lse, out, lse, counters,
+        k_tree, v_tree, bits, tree_out, tree_lse,
         scale * _LOG2E, max_keys, nq, split_size, num_splits, k_tree.shape[1],
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -811,31 +779,56 @@ def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         bits.stride(0),
         tree_out.stride(0), tree_out.stride(1), tree_out.stride(2),
         tree_lse.stride(0), tree_lse.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         ROW_TILES=row_tiles, HAS_TREE=has_tree, TREE_BLOCK_N=_tree_key_block(k_tree.shape[1]),
         **mma_options(q.dtype, _paged_decode_split_kernel),
         num_warps=8 if block_m >= 128 else 4, num_stages=2,
+    )
+    return part_out, part_lse, split_size, tree_state
+
+
+def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, context_lens: torch.Tensor,
+                  max_keys: int, split_size: int, out_dtype: torch.dtype,
+                  extra: tuple[torch.Tensor, torch.Tensor] | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduces [B, S, Nq, Hq, D] partials (plus an optional [B, Nq, Hq, D] state) by LSE."""
+    batch, num_splits, nq, hq, d = part_out.shape
+    out = torch.empty(batch, nq, hq, d, dtype=out_dtype, device=part_out.device)
+    lse = torch.empty(batch, nq, hq, dtype=torch.float32, device=part_out.device)
+    if batch == 0 or nq == 0:
+        return out, lse
+    extra_out, extra_lse = extra if extra is not None else (out, lse)  # dummies when unused
+    _merge_splits_kernel[(nq * hq, batch)](
+        part_out, part_lse, context_lens, extra_out, extra_lse, out, lse,
+        max_keys, nq * hq, split_size,
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
+        HEAD_DIM=d, SPLIT_CHUNK=min(16, triton.next_power_of_2(num_splits)),
+        HAS_EXTRA=extra is not None,
+        num_warps=1 if d <= 64 else 2,
     )
     return out, lse
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           split_size: int | None = None, out_dtype: torch.dtype = torch.float32,
-                           counters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of ``paged_decode_attention_ref`` (split-K, CUDA-graph safe, one launch).
+                           split_size: int | None = None,
+                           out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``paged_decode_attention_ref`` (split-K, CUDA-graph safe).
 
     Splits the keys [0, block_tables.shape[1] * block_size) into chunks of ``split_size``
     (a multiple of block_size; default from ``default_decode_split_size``); the split count
-    depends on shapes only, and chunks beyond context_lens[b] do no work on the device. The
-    last chunk of each group to finish merges them (``counters``: see ``_split_attention``).
+    depends on shapes only, and chunks beyond context_lens[b] do no work on the device.
     Returns out [B, Nq, Hq, D] (``out_dtype``: the decode step asks for the model dtype, which
-    the merge writes directly) and lse [B, Nq, Hq] (fp32).
+    the reduction writes directly) and lse [B, Nq, Hq] (fp32).
     """
-    return _split_attention(q, k_cache, v_cache, block_tables, context_lens, scale, split_size, out_dtype,
-                            counters)
+    part_out, part_lse, split_size, _ = _decode_partials(q, k_cache, v_cache, block_tables,
+                                                         context_lens, scale, split_size)
+    batch, num_splits, nq, hq, d = part_out.shape
+    if num_splits == 1:  # split 0 always writes: the partial is the answer
+        return part_out.view(batch, nq, hq, d).to(out_dtype), part_lse.view(batch, nq, hq)
+    max_keys = block_tables.shape[1] * k_cache.shape[1]
+    return _merge_splits(part_out, part_lse, context_lens, max_keys, split_size,
+                         out_dtype, None)
 
 
 def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -935,13 +928,13 @@ def two_pass_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, prefix_lens: torch.Tensor,
                             k_tree: torch.Tensor, v_tree: torch.Tensor,
                             ancestor_bits: torch.Tensor, scale: float,
-                            split_size: int | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of ``two_pass_tree_attention_ref`` (CUDA-graph safe, one launch).
+                            split_size: int | None = None) -> torch.Tensor:
+    """Triton version of ``two_pass_tree_attention_ref`` (CUDA-graph safe).
 
     Pass 1: paged split-K attention of every tree query over its sequence's prefix_lens[b]
     cached keys. Pass 2: tree attention under the ancestor mask, run by extra programs of the
-    same launch. The last program of each group merges both passes' states, so the result is
-    written once, in q.dtype (``counters``: see ``_split_attention``).
+    same launch. The split reduction also merges pass 2's state, so the result is written once,
+    in q.dtype: two launches.
     """
     group = _check_tree_inputs(q, k_tree, v_tree, ancestor_bits, "k_tree", "v_tree")
     _check(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4
@@ -950,7 +943,9 @@ def two_pass_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
            f"of k_tree, got {tuple(getattr(k_cache, 'shape', ()))}")
     _check(k_tree.dtype == k_cache.dtype,
            f"k_tree dtype {k_tree.dtype} differs from k_cache dtype {k_cache.dtype}")
-    out, _ = _split_attention(q, k_cache, v_cache, block_tables, prefix_lens, scale, split_size, q.dtype, counters,
-                              (k_tree, v_tree, ancestor_bits, group))
+    part_out, part_lse, split_size, tree_state = _decode_partials(
+        q, k_cache, v_cache, block_tables, prefix_lens, scale, split_size, (k_tree, v_tree, ancestor_bits, group))
+    max_keys = block_tables.shape[1] * k_cache.shape[1]
+    out, _ = _merge_splits(part_out, part_lse, prefix_lens, max_keys, split_size, q.dtype, tree_state)
     return out
 

@@ -15,8 +15,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from eaglespec.kv_cache import KVCache, copy_tree_kv
-from eaglespec.models.attention_step import AttentionStep, KVStore, TreeStep, two_pass_tree_attention
+from eaglespec.models.attention_step import AttentionStep, KVStore, TreeStep
 from eaglespec.models.eagle import DraftVocab, EagleHead
+from eaglespec.ops import attention as ops
 from eaglespec.ops.draft_topk import draft_topk, draft_topk_ref
 from eaglespec.ops.greedy_accept import extend_indices, extend_indices_ref
 from eaglespec.ops.tree_expand import (CandidatePool, Level, expand_level, expand_level_ref, select_tree,
@@ -50,8 +51,9 @@ class DraftTreeStep(AttentionStep):
             self.side_k[layer][:, self.slot_offset:self.slot_offset + width] = k.view(bsz, width, *k.shape[1:])
             self.side_v[layer][:, self.slot_offset:self.slot_offset + width] = v.view(bsz, width, *v.shape[1:])
         q = q.view(bsz, width, *q.shape[1:])
-        out = two_pass_tree_attention(self.backend, q, cache, layer, self.block_tables, self.prefix_lens,
-                                      self.side_k[layer], self.side_v[layer], self.visible_bits, self.scale)
+        fn = ops.two_pass_tree_attention if self.backend == "triton" else ops.two_pass_tree_attention_ref
+        out = fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.prefix_lens,
+                 self.side_k[layer], self.side_v[layer], self.visible_bits, self.scale)
         return out.reshape(bsz * width, *out.shape[2:]).to(q.dtype)
 
 
