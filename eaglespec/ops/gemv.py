@@ -409,6 +409,19 @@ def qkv_rope_tile(head_dim: int, k: int, m: int = 1) -> GemvTile:
     return GemvTile(block_n=min(8, _pow2(head_dim // 2)), block_k=_block_k(k, 512), num_warps=8, num_stages=2)
 
 
+# Shared memory a pipelined tile may take (an H100 SM has 227 KB; a bf16 64-row tile takes 62 KB).
+_TILE_SMEM_BYTES = 160 * 1024
+
+
+def embed_concat_tile(n: int, k: int, m: int, element_size: int) -> GemvTile:
+    """``plain_tile``, with fewer pipeline stages where its input tile, loaded from two sources
+    (each staged on its own), would not fit in shared memory (fp32 with 33-64 rows)."""
+    tile = plain_tile(n, k, m)
+    per_stage = (2 * tile.block_m + tile.block_n) * tile.block_k * element_size
+    stages = max(1, min(tile.num_stages, _TILE_SMEM_BYTES // per_stage))
+    return GemvTile(tile.block_n, tile.block_k, tile.num_warps, stages, tile.block_m)
+
+
 def _launch_options(tile: GemvTile, dtype: torch.dtype, kernel) -> dict:
     return dict(ROW_DOT=tile.block_m > 1, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                 num_warps=tile.num_warps, num_stages=tile.num_stages, **mma_options(dtype, kernel))
@@ -530,7 +543,7 @@ def gemv_embed_concat(weight: torch.Tensor, bias: torch.Tensor | None, table: to
                                                              f"got {tuple(bias.shape)}")
     for name, t in (("table", table), ("tokens", tokens), ("features", features)):
         require(t.device == weight.device, f"gemv_embed_concat: {name} on {t.device}, weight on {weight.device}")
-    tile = tile or plain_tile(n, k, m)
+    tile = tile or embed_concat_tile(n, k, m, weight.element_size())
     _check_tile("gemv_embed_concat", tile, m)
     y = torch.empty(m, n, dtype=weight.dtype, device=weight.device)
     _gemv_embed_concat_kernel[(triton.cdiv(n, tile.block_n),)](
