@@ -344,8 +344,8 @@ class EagleHead(nn.Module):
         cos, sin = (rope_table if use_triton else rope_cos_sin)(positions, self.inv_freq, dtype)
         hidden_size = self.config.layer.hidden_size
         if self.config.kind == "eagle1" and use_triton and 0 < tokens.shape[0] <= self.folded_tokens:
-            # A drafting depth: the embedding, the row gather and fc in one product, then the
-            # layers on the folded products.
+            # A few rows (a drafting depth, an extend, a short prefill): the embedding lookup, the
+            # row gather and fc in one product, then the layers on the folded products.
             h = gemv.gemv_embed_concat(self.fc.weight, self.fc.bias, self.embed_weight, tokens, features,
                                        feature_rows)
             for i, layer in enumerate(self.layers):
