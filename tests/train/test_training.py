@@ -426,6 +426,28 @@ def test_a_head_trains_beside_a_target_on_the_triton_kernels_under_bf16_autocast
     assert load_head(trainer.export(str(tmp_path / "head")), fused).kernels == "triton"
 
 
+def test_a_deeper_head_with_a_narrower_mlp_trains_ships_and_drafts_losslessly(target, distilled, tmp_path):
+    """train.intermediate_size sets the MLP width of the head's layers (a deeper head within a
+    size budget): the head trains, its config carries the width, and it serves: speculation with
+    it on the Triton kernels emits what plain decoding does."""
+    inter = target.config.intermediate_size // 2
+    trainer = Trainer(_train_cfg(tmp_path, max_steps=20, layers=3, intermediate_size=inter), target,
+                      load_prepared(distilled))
+    assert [layer.mlp.gate_up_proj.weight.shape[0] for layer in trainer.head.layers] == [2 * inter] * 3
+    assert trainer.fit()["stopped"] == "finished"
+    fused = target.with_kernels("triton")
+    head = load_head(trainer.export(str(tmp_path / "head")), fused)
+    assert head.config.layer.intermediate_size == inter and head.num_layers == 3
+    prompts = _random_prompts(3, seed=5, lo=4, hi=8)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = [o.token_ids for o in LLM.from_model(fused, engine=small_engine()).generate(prompts, params)]
+    spec = [o.token_ids for o in speculative_llm(fused, head, "dynamic:3,2,5", engine=small_engine()).generate(
+        prompts, params)]
+    assert spec == plain
+    with pytest.raises(ValueError, match="intermediate_size must be >= 0"):
+        _train_cfg(tmp_path, intermediate_size=-1)
+
+
 def test_an_eagle1_head_ships_its_default_draft_vocabulary(target, distilled, tmp_path):
     """EAGLE-1 borrows the target's lm_head, so train.draft_vocab_size only says what it drafts
     over by default: its config carries the size, and the ranking of its training replies'
