@@ -74,26 +74,23 @@ phase_bench_tp1_ab() {
 phase_bench_gemv() { python3 benchmarks/bench_gemv.py --out $OUT 2>&1 | tee -a $OUT/bench.log | tail -8; }
 # The real model's shapes are small (K = 576): a launch there is latency, not bytes; which tiles win at 4-33 rows.
 phase_bench_gemv_smollm2() { timeout ${GEMV_S:-480} python3 benchmarks/bench_gemv.py --preset smollm2-135m --rows ${GEMV_ROWS:-4,16,33} --products ${GEMV_PRODUCTS:-qkv,o_proj,gate_up,down,lm_head} --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -30; }
-# A change's effect on the step, A/B/A on one machine: the census (chain:3 and dynamic:4,6,15,
-# batch CENSUS_BATCHES) of main, of .prev (an older tree, when carried) and of main again.
-census() {  # $1 = out folder, then how to run a module
-  local out=$1; shift
-  timeout 150 "$@" eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" \
-    --batches ${CENSUS_BATCHES:-1,16} --context 512 ${CENSUS_ARGS:-} --out $out 2>&1 | tee -a $OUT/bench.log | grep batch
-}
-phase_census_ab() {
-  local i=0 who
+# A change's effect, A/B/A on one machine: a command run in main, in .prev (an older tree's
+# eaglespec, carried) and in main again, each writing to <out>/<run>-<who>.
+ab_a() {  # $1 = label, $2 = out folder, then the command (it gets --out)
+  local label=$1 out=$2 i=0 who code
+  shift 2
+  [ -d .prev/eaglespec ] || { echo "$label: carry .prev" >&2; return 7; }
+  [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
   for who in main prev main; do
-    i=$((i + 1))
-    echo "== census A/B run $i: $who" | tee -a $OUT/bench.log
-    if [ $who = prev ]; then
-      [ -d .prev/eaglespec ] || { echo "no .prev carried" >&2; return 7; }
-      [ -d .prev/eaglespec/assets ] || cp -r eaglespec/assets .prev/eaglespec/
-      (cd .prev && PYTHONPATH=$SITE:$PWD census $OUT/census-ab/$i-prev python3 -m)
-    else
-      census $OUT/census-ab/$i-main python3 -m
-    fi
+    i=$((i + 1)); code=$PWD; [ $who = prev ] && code=$PWD/.prev
+    echo "== $label run $i: $who" | tee -a $OUT/bench.log
+    (cd "$code" && PYTHONPATH=$SITE:$code "$@" --out $out/$i-$who) 2>&1 | tee -a $OUT/bench.log | grep batch
   done
+}
+# The step census (chain:3 and dynamic:4,6,15, SmolLM2 shape, batch CENSUS_BATCHES).
+phase_census_ab() {
+  ab_a "census A/B" $OUT/census-ab timeout 150 python3 -m eaglespec.bench.spec_step --preset smollm2-135m \
+    --trees "chain:3;dynamic:4,6,15" --batches ${CENSUS_BATCHES:-1,16} --context 512 ${CENSUS_ARGS:-}
 }
 phase_bench_gemv_rows() { timeout 180 python3 benchmarks/bench_gemv.py --rows 4,16,33,64 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -20; }
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }
@@ -130,16 +127,9 @@ phase_bench_spec_8b() {  # chain:3 on the 8B shape, random EAGLE-1 head of the o
   python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b --trees "chain:3" --batches 16 --context 8192 \
     --draft-vocab 32768 --out $OUT/ctx8k 2>&1 | tee -a $OUT/bench.log
 }
-phase_spec_8b_ab() {  # chain:3 on the 8B shape at SPEC8B_BATCHES (default 1), main / .prev / main (.prev carried)
-  [ -d .prev/eaglespec ] || { echo "spec-8b-ab: carry .prev"; return 5; }
-  local i=0 who code
-  for who in main prev main; do
-    i=$((i + 1)); code=$PWD; [ $who = prev ] && code=$PWD/.prev
-    echo "== 8B A/B run $i: $who" | tee -a $OUT/bench.log
-    (cd "$code" && PYTHONPATH=$SITE:$code timeout 200 python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b \
-      --trees "chain:3" --batches ${SPEC8B_BATCHES:-1} --context 512 --draft-vocab 32768 --out $OUT/spec-8b-ab/$i-$who) \
-      2>&1 | tee -a $OUT/bench.log | grep batch
-  done
+phase_spec_8b_ab() {  # chain:3 on the 8B shape at SPEC8B_BATCHES (default 1), main / .prev / main
+  ab_a "8B A/B" $OUT/spec-8b-ab timeout 200 python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b \
+    --trees "chain:3" --batches ${SPEC8B_BATCHES:-1} --context 512 --draft-vocab 32768
 }
 phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU kernels, fp32 (the later --batch1-num wins)
   e2e --num 32 --batches 1,8 --batch1-num 8 --max-tokens 128 --dtype float32 --out $OUT
