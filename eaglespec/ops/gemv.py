@@ -326,12 +326,17 @@ def require(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
-    """Weight, input rows and norm weight of a fused product: shapes, dtypes, device, layout."""
+def _check_weight(name: str, weight: torch.Tensor) -> None:
+    """Triton is there, and the weight is a contiguous [N, K] matrix."""
     if triton is None:
         raise RuntimeError("triton is not installed: use the *_ref functions instead")
     require(weight.dim() == 2 and weight.is_contiguous(), f"{name}: weight must be a contiguous [N, K] matrix, "
                                                           f"got shape {tuple(weight.shape)}")
+
+
+def _check_operands(name: str, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
+    """Weight, input rows and norm weight of a fused product: shapes, dtypes, device, layout."""
+    _check_weight(name, weight)
     k = weight.shape[1]
     require(x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1 and 1 <= x.shape[0] <= MAX_ROWS,
             f"{name}: input must be [M, {k}] rows with 1 <= M <= {MAX_ROWS} and unit column stride, "
@@ -518,10 +523,7 @@ def gemv_embed_concat(weight: torch.Tensor, bias: torch.Tensor | None, table: to
     """Triton version of ``gemv_embed_concat_ref`` (same arguments and result): one launch where
     the reference takes four (row gather, embedding, concatenation, product). Token ids and
     feature rows are read on the device, not bounds-checked."""
-    if triton is None:
-        raise RuntimeError("triton is not installed: use the *_ref functions instead")
-    require(weight.dim() == 2 and weight.is_contiguous(), f"gemv_embed_concat: weight must be a contiguous [N, K] "
-                                                          f"matrix, got shape {tuple(weight.shape)}")
+    _check_weight("gemv_embed_concat", weight)
     n, k = weight.shape
     require(table.dim() == 2 and table.stride(1) == 1 and features.dim() == 2 and features.stride(1) == 1
             and table.shape[1] + features.shape[1] == k,
