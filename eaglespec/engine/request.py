@@ -39,6 +39,8 @@ class Request:
     prefill_tokens: int = 0  # output tokens sampled by prefill forwards
     accepted_per_depth: list[int] = field(default_factory=list)  # drafts accepted at depth d
     proposed_per_depth: list[int] = field(default_factory=list)  # steps that proposed depth d
+    speculative_steps: int = 0  # speculative steps whose tokens this request took
+    speculative_tokens: int = 0  # tokens those steps yielded (accepted drafts + the target's one)
     steps_by_choice: dict[str, int] = field(default_factory=dict)  # decoding steps per tree (or "plain")
     started: float = field(default_factory=time.perf_counter)  # when the request was added
     scheduled_at: float | None = None  # when its first prefill was scheduled
@@ -161,6 +163,10 @@ class Request:
             "decode_tokens": decode_tokens,
             "tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
             "speculation": dict(self.steps_by_choice),  # which tree (or plain) ran each decoding step
+            # A draft head's tau: tokens per speculative step. ``tau`` above also counts the plain
+            # decoding the request did while others were prefilled beside it.
+            "speculative_steps": self.speculative_steps,
+            "speculative_tokens": self.speculative_tokens,
         }
 
     def to_output(self) -> Output:

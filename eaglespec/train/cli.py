@@ -53,6 +53,7 @@ class EvalSection:
     stop: int = 80
     head: str = ""  # "" = <train.out_dir>/head
     tree: str = "dynamic:5,8,32"  # one tree spec, or several separated by ';'
+    draft_vocab_size: int = 0  # tokens the head drafts over (0: its default; the target's vocabulary size: all)
     max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
@@ -270,13 +271,16 @@ def run_eval(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
     results = {}
     for tree in [t.strip() for t in e.tree.split(";") if t.strip()]:
         llm = speculative_llm(target.model, head, tree, target.tokenizer,
-                              _engine(e.max_batch_size, e.max_model_len, e.gpu_memory_fraction), target.eos_ids)
+                              _engine(e.max_batch_size, e.max_model_len, e.gpu_memory_fraction), target.eos_ids,
+                              e.draft_vocab_size or None)
         results[tree] = evaluate_tau(llm, prompts, params)
         del llm
         _release(target.model.output_weight.device)
     report = {"head": head_path, "prompts": len(prompts), "source": e.source, "max_tokens": e.max_tokens,
-              "temperature": e.temperature, "results": results}
-    if e.temperature == 0 and not e.head:  # the run's own head keeps its greedy acceptance (tree="auto"'s priors)
+              "temperature": e.temperature, "draft_vocab_size": e.draft_vocab_size or head.config.draft_vocab_size,
+              "results": results}
+    # The run's own head keeps its greedy acceptance on its own draft vocabulary (tree="auto"'s priors).
+    if e.temperature == 0 and not e.head and not e.draft_vocab_size:
         save_acceptance(head_path, {tree: r["accept_rate_per_depth"] for tree, r in results.items()},
                         {"source": e.source, "prompts": len(prompts), "max_tokens": e.max_tokens, "temperature": 0.0})
     out = e.out or os.path.join(cfg.train.out_dir, "eval.json")

@@ -764,9 +764,12 @@ def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree:
     """Generate ``prompts`` with the engine's speculative decoder and measure the head.
 
     ``llm`` must carry a draft head; ``tree`` (when given and different from the LLM's) rebuilds
-    an LLM around the same target, head and engine settings. Returns tau = total new tokens /
-    total target forwards (over all prompts, i.e. weighted by tokens), acceptance rate per draft
-    depth (weighted by the speculative steps of each prompt), and totals.
+    an LLM around the same target, head and engine settings. Returns tau = tokens per
+    speculative step (accepted drafts + the target's token, over all prompts' steps), acceptance
+    rate per draft depth (over the same steps), tokens_per_target_forward = new tokens / every
+    target forward, and totals. The two differ where prompts outnumber the batch: a request
+    admitted late is prefilled beside the running ones, which decode one plain token in that
+    forward (design note 63); tau measures the head, the other the engine's run.
     """
     if llm.speculative is None:
         raise ValueError("evaluate_tau needs an LLM with a draft head")
@@ -782,17 +785,17 @@ def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree:
         raise ValueError(f"evaluate_tau: generation failed: {errors[0]}")
     new = sum(o.stats["new_tokens"] for o in outs)
     forwards = sum(o.stats["target_forwards"] for o in outs)
+    steps = sum(o.stats["speculative_steps"] for o in outs)
     depth = max((len(o.stats["accept_rate_per_depth"]) for o in outs), default=0)
-    num, den = [0.0] * depth, [0.0] * depth
+    num = [0.0] * depth
     for o in outs:
-        steps = max(o.stats["target_forwards"] - 1, 0)  # the prefill forward proposes nothing
         for d, rate in enumerate(o.stats["accept_rate_per_depth"]):
-            num[d] += rate * steps
-            den[d] += steps
+            num[d] += rate * o.stats["speculative_steps"]
     return {
-        "tau": new / forwards if forwards else 0.0,
-        "accept_rate_per_depth": [n / d if d else 0.0 for n, d in zip(num, den)],
-        "new_tokens": new, "target_forwards": forwards, "prompts": len(outs),
+        "tau": sum(o.stats["speculative_tokens"] for o in outs) / steps if steps else 0.0,
+        "accept_rate_per_depth": [n / steps if steps else 0.0 for n in num],
+        "tokens_per_target_forward": new / forwards if forwards else 0.0,
+        "new_tokens": new, "target_forwards": forwards, "speculative_steps": steps, "prompts": len(outs),
         "tree": llm.spec_config.tree, "tokens_per_s": new / elapsed if elapsed > 0 else 0.0,
     }
 

@@ -82,3 +82,25 @@ def test_one_token_has_no_decoding(target):
     s = out.stats
     assert (s["new_tokens"], s["decode_forwards"], s["decode_tokens"], s["tau"], s["ms_per_token"]) == (1, 0, 0, 0.0, 0.0)
     assert s["ttft_ms"] > 0
+
+
+def test_a_head_tau_counts_speculative_steps_only(target):
+    """Two rows for four requests: the short one's successor is prefilled while the long one runs,
+    and in that forward the long one decodes one plain token. ``tau`` counts that forward;
+    speculative_tokens / speculative_steps (a head's tau, evaluate_tau's) does not."""
+    llm = LLM.from_model(target, draft=eagle1_head(target, seed=5), spec=SpecConfig(tree="chain:3"),
+                         engine=small_engine(max_batch_size=2))
+    lengths = [8, 40, 30, 12]
+    outs = llm.generate([_prompt(6 + i, seed=20 + i) for i in range(4)],
+                        [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+    assert [len(o.token_ids) for o in outs] == lengths
+    plain_beside_a_prefill = 0
+    for o in outs:
+        s = o.stats
+        assert s["speculation"] == {"chain:3": s["speculative_steps"]}
+        assert s["speculative_steps"] <= s["decode_forwards"]
+        plain_beside_a_prefill += s["decode_forwards"] - s["speculative_steps"]
+        # Each speculative step yields its accepted drafts and the target's token.
+        assert s["speculative_tokens"] / s["speculative_steps"] == pytest.approx(1 + sum(s["accept_rate_per_depth"]))
+        assert s["speculative_tokens"] >= s["decode_tokens"] - (s["decode_forwards"] - s["speculative_steps"])
+    assert plain_beside_a_prefill >= 1

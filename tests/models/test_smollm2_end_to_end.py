@@ -112,7 +112,8 @@ def test_smollm2_with_a_random_head_keeps_greedy_output_exact(llm, tree):
 
 def test_train_eval_writes_the_run_heads_measured_acceptance(llm, tmp_path):
     """`eaglespec train eval` on a run's own head leaves acceptance.json beside it (tree=auto's
-    priors) with the rates it reported; evaluating a head named by --eval.head writes nothing there."""
+    priors) with the rates it reported; evaluating a head named by --eval.head, or over another
+    draft vocabulary than the head's, writes nothing there."""
     import shutil
 
     import eaglespec
@@ -131,6 +132,12 @@ def test_train_eval_writes_the_run_heads_measured_acceptance(llm, tmp_path):
     report = run_eval(load_config(config, overrides), target)
     rates = report["results"]["chain:2"]["accept_rate_per_depth"]
     assert len(rates) == 2 and load_acceptance(str(tmp_path / "run" / "head")) == {"chain:2": rates}
+    assert report["draft_vocab_size"] == 16384  # the shipped head's default
     os.remove(tmp_path / "run" / "head" / "acceptance.json")
+    # Over its 4 most frequent tokens the head drafts little that the target says.
+    tiny = run_eval(load_config(config, {**overrides, "eval.draft_vocab_size": "4"}), target)
+    assert tiny["draft_vocab_size"] == 4
+    assert tiny["results"]["chain:2"]["tau"] < report["results"]["chain:2"]["tau"], (tiny, report)
+    assert not os.path.exists(tmp_path / "run" / "head" / "acceptance.json")
     run_eval(load_config(config, {**overrides, "eval.head": str(tmp_path / "run" / "head")}), target)
     assert not os.path.exists(tmp_path / "run" / "head" / "acceptance.json")
