@@ -131,6 +131,21 @@ phase_spec_8b_ab() {  # chain:3 on the 8B shape at SPEC8B_BATCHES (default 1), m
   ab_a "8B A/B" $OUT/spec-8b-ab timeout 200 python3 -m eaglespec.bench.spec_step --preset llama-3.1-8b \
     --trees "chain:3" --batches ${SPEC8B_BATCHES:-1} --context 512 --draft-vocab 32768
 }
+# Issue 8's Done-when in one call (about 8 minutes, after the GGUF is staged), for the H200 the aims
+# name when one comes: auto against plain decoding over the batch sweep, greedy then sampled; the
+# step census at batch 1 on the default 16k draft vocabulary; the 8B shape's three chain:3 figures.
+# Results are packed after each part, so a call cut at its limit still brings back what finished.
+phase_issue8_aims() {
+  local results=$OUT
+  mkdir -p $results/spec-8b
+  e2e --out $results/greedy; tar czf $FINAL_OUT/results.tgz -C $results .
+  e2e --temperature 0.7 --top-p 0.9 --out $results/sampled; tar czf $FINAL_OUT/results.tgz -C $results .
+  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches 1 \
+    --context 512 --draft-vocab 16384 --out $results/census 2>&1 | tee -a $results/bench.log | grep -E "batch|kernels"
+  tar czf $FINAL_OUT/results.tgz -C $results .
+  OUT=$results/spec-8b phase_bench_spec_8b; OUT=$results
+  tar czf $FINAL_OUT/results.tgz -C $results .
+}
 phase_bench_e2e_fp32() {  # greedy exactness on the real model and head, GPU kernels, fp32 (the later --batch1-num wins)
   e2e --num 32 --batches 1,8 --batch1-num 8 --max-tokens 128 --dtype float32 --out $OUT
 }
@@ -310,7 +325,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; spec-8b-ab) phase_spec_8b_ab ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; issue8-aims) phase_issue8_aims ;; spec-8b-ab) phase_spec_8b_ab ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
