@@ -14,7 +14,7 @@ from tests.speculative.test_speculative_greedy import eagle1_head, predictable_t
 
 KEYS = ("tau", "accept_rate_per_depth", "target_forwards", "new_tokens", "ms_per_token", "prompt_tokens",
         "ttft_ms", "prefill_ms", "decode_ms", "prefill_forwards", "decode_forwards", "decode_tokens",
-        "tokens_per_s")
+        "tokens_per_s", "speculative_steps", "speculative_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_plain_decoding_has_tau_exactly_one(target, batch):
         assert s["tau"] == 1.0
         assert (s["new_tokens"], s["prefill_forwards"], s["decode_forwards"], s["decode_tokens"]) == (10, 1, 9, 9)
         assert s["target_forwards"] == 10 and s["prompt_tokens"] == len(out.prompt_token_ids)
-        assert s["accept_rate_per_depth"] == []
+        assert s["accept_rate_per_depth"] == [] and s["speculative_steps"] == s["speculative_tokens"] == 0
         _check_timing(s, wall_ms)
 
 
