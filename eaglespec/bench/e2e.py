@@ -102,16 +102,19 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
     tokens = sum(len(o.token_ids) for o in outs)
     forwards = sum(o.stats["target_forwards"] for o in outs)
     depth = max((len(o.stats["accept_rate_per_depth"]) for o in outs), default=0)
-    steps = [o.stats["target_forwards"] - 1 for o in outs]  # speculative steps (prefill excluded)
-    # A request that ran plain steps only (tree=auto) has no per-depth rates: it counts as 0.
+    steps = [o.stats["speculative_steps"] for o in outs]
+    # A request that ran plain steps only (tree=auto) has no per-depth rates and no weight.
     rates = [sum((o.stats["accept_rate_per_depth"] + [0.0] * depth)[d] * s for o, s in zip(outs, steps))
              / max(sum(steps), 1) for d in range(depth)]
+    spec_tokens = sum(o.stats["speculative_tokens"] for o in outs)
     chosen: dict[str, int] = {}  # decoding steps per tree (or plain), summed over requests
     for o in outs:
         for choice, n in o.stats.get("speculation", {}).items():
             chosen[choice] = chosen.get(choice, 0) + n
     return {"outputs": outs, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "tau": tokens / max(forwards, 1), "accept_rate_per_depth": rates, "speculation": chosen,
+            # tau: the run's tokens per target forward; per speculative step: the head's (design note 63)
+            "tau": tokens / max(forwards, 1), "tokens_per_speculative_step": spec_tokens / max(sum(steps), 1),
+            "accept_rate_per_depth": rates, "speculation": chosen,
             "steps_by_running": {n: {"steps": c, "seconds": t} for n, (c, t) in sorted(by_running.items())}}
 
 

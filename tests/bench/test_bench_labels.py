@@ -45,6 +45,8 @@ def test_e2e_batches_run_at_the_labelled_size(draft):
     params = [SamplingParams(max_tokens=6, ignore_eos=True, seed=i) for i in range(5)]
     row = run_batch(llm, prompts, 4, params)  # groups of 4 and 1
     assert row["tokens"] == 30
+    # The head's tokens per speculative step: at least its target token each, none without a head.
+    assert row["tokens_per_speculative_step"] >= 1.0 if draft else row["tokens_per_speculative_step"] == 0.0
     # Every engine step is counted once, under the requests left running after it (0 after a
     # group's last step), and the steps' host time is within the run's.
     by_running = row["steps_by_running"]
