@@ -26,6 +26,7 @@ from eaglespec import LLM, EngineConfig, SamplingParams, SpecConfig
 from eaglespec.bench.results import write_result
 from eaglespec.engine.graphs import bucket_for
 from eaglespec.engine.llm import shipped_head_path
+from eaglespec.engine.request import pooled_speculation
 from eaglespec.models.eagle import EagleHead, load_head
 from eaglespec.train.data import load_conversations
 
@@ -101,20 +102,15 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, params: list[Sampl
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
     forwards = sum(o.stats["target_forwards"] for o in outs)
-    depth = max((len(o.stats["accept_rate_per_depth"]) for o in outs), default=0)
-    steps = [o.stats["speculative_steps"] for o in outs]
-    # A request that ran plain steps only (tree=auto) has no per-depth rates and no weight.
-    rates = [sum((o.stats["accept_rate_per_depth"] + [0.0] * depth)[d] * s for o, s in zip(outs, steps))
-             / max(sum(steps), 1) for d in range(depth)]
-    spec_tokens = sum(o.stats["speculative_tokens"] for o in outs)
+    head = pooled_speculation([o.stats for o in outs])
     chosen: dict[str, int] = {}  # decoding steps per tree (or plain), summed over requests
     for o in outs:
         for choice, n in o.stats.get("speculation", {}).items():
             chosen[choice] = chosen.get(choice, 0) + n
     return {"outputs": outs, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
             # tau: the run's tokens per target forward; per speculative step: the head's (design note 63)
-            "tau": tokens / max(forwards, 1), "tokens_per_speculative_step": spec_tokens / max(sum(steps), 1),
-            "accept_rate_per_depth": rates, "speculation": chosen,
+            "tau": tokens / max(forwards, 1), "tokens_per_speculative_step": head["tau"],
+            "accept_rate_per_depth": head["accept_rate_per_depth"], "speculation": chosen,
             "steps_by_running": {n: {"steps": c, "seconds": t} for n, (c, t) in sorted(by_running.items())}}
 
 

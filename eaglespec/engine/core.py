@@ -416,8 +416,6 @@ class EngineCore:
                 continue
             n = len(row)
             req.num_cached += n
-            req.speculative_steps += 1
-            req.speculative_tokens += n
             if len(req.proposed_per_depth) < self.speculative.depth:
                 req.proposed_per_depth += [0] * (self.speculative.depth - len(req.proposed_per_depth))
                 req.accepted_per_depth += [0] * (self.speculative.depth - len(req.accepted_per_depth))

@@ -39,8 +39,6 @@ class Request:
     prefill_tokens: int = 0  # output tokens sampled by prefill forwards
     accepted_per_depth: list[int] = field(default_factory=list)  # drafts accepted at depth d
     proposed_per_depth: list[int] = field(default_factory=list)  # steps that proposed depth d
-    speculative_steps: int = 0  # speculative steps whose tokens this request took
-    speculative_tokens: int = 0  # tokens those steps yielded (accepted drafts + the target's one)
     steps_by_choice: dict[str, int] = field(default_factory=dict)  # decoding steps per tree (or "plain")
     started: float = field(default_factory=time.perf_counter)  # when the request was added
     scheduled_at: float | None = None  # when its first prefill was scheduled
@@ -163,12 +161,31 @@ class Request:
             "decode_tokens": decode_tokens,
             "tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
             "speculation": dict(self.steps_by_choice),  # which tree (or plain) ran each decoding step
-            # A draft head's tau: tokens per speculative step. ``tau`` above also counts the plain
-            # decoding the request did while others were prefilled beside it.
-            "speculative_steps": self.speculative_steps,
-            "speculative_tokens": self.speculative_tokens,
+            # Draft counts: every speculative step proposes depth 0, and a step that accepts n
+            # drafts counts one at each of depths 0 .. n-1. ``pooled_speculation`` reads them.
+            "accepted_per_depth": list(self.accepted_per_depth),
+            "proposed_per_depth": list(self.proposed_per_depth),
         }
 
     def to_output(self) -> Output:
         return Output(self.request_id, list(self.prompt_ids), list(self.output_ids), self.text,
                       self.finish_reason or "length", self.stats(), self.error)
+
+
+def pooled_speculation(stats: list[dict]) -> dict:
+    """A draft head's figures over several requests' ``stats()``: tau = tokens per speculative
+    step (accepted drafts + the target's token), acceptance per depth (accepted over proposed
+    drafts at that depth) and the speculative steps. Unlike each request's ``tau``, no plain
+    forward counts: neither plain steps of ``tree="auto"`` nor the plain token a running request
+    decodes beside another's prefill (design note 63)."""
+    accepted: list[int] = []
+    proposed: list[int] = []
+    for s in stats:
+        for total, counts in ((accepted, s["accepted_per_depth"]), (proposed, s["proposed_per_depth"])):
+            total += [0] * (len(counts) - len(total))
+            for d, c in enumerate(counts):
+                total[d] += c
+    steps = proposed[0] if proposed else 0
+    return {"tau": (steps + sum(accepted)) / steps if steps else 0.0,
+            "accept_rate_per_depth": [a / p if p else 0.0 for a, p in zip(accepted, proposed)],
+            "speculative_steps": steps}

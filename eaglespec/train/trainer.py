@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from eaglespec.config import LlamaConfig, SamplingParams, SpecConfig
+from eaglespec.engine.request import pooled_speculation
 from eaglespec.models.eagle import (DraftOutput, EagleConfig, EagleHead, build_head, checked_target_layers,
                                     load_head, save_head)
 from eaglespec.models.llama import LlamaForCausalLM
@@ -766,7 +767,7 @@ def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree:
     ``llm`` must carry a draft head; ``tree`` (when given and different from the LLM's) rebuilds
     an LLM around the same target, head and engine settings. Returns tau = tokens per
     speculative step (accepted drafts + the target's token, over all prompts' steps), acceptance
-    rate per draft depth (over the same steps), tokens_per_target_forward = new tokens / every
+    rate per draft depth (accepted over proposed drafts; ``pooled_speculation``), tokens_per_target_forward = new tokens / every
     target forward, and totals. The two differ where prompts outnumber the batch: a request
     admitted late is prefilled beside the running ones, which decode one plain token in that
     forward (design note 63); tau measures the head, the other the engine's run.
@@ -785,17 +786,10 @@ def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree:
         raise ValueError(f"evaluate_tau: generation failed: {errors[0]}")
     new = sum(o.stats["new_tokens"] for o in outs)
     forwards = sum(o.stats["target_forwards"] for o in outs)
-    steps = sum(o.stats["speculative_steps"] for o in outs)
-    depth = max((len(o.stats["accept_rate_per_depth"]) for o in outs), default=0)
-    num = [0.0] * depth
-    for o in outs:
-        for d, rate in enumerate(o.stats["accept_rate_per_depth"]):
-            num[d] += rate * o.stats["speculative_steps"]
     return {
-        "tau": sum(o.stats["speculative_tokens"] for o in outs) / steps if steps else 0.0,
-        "accept_rate_per_depth": [n / steps if steps else 0.0 for n in num],
+        **pooled_speculation([o.stats for o in outs]),
         "tokens_per_target_forward": new / forwards if forwards else 0.0,
-        "new_tokens": new, "target_forwards": forwards, "speculative_steps": steps, "prompts": len(outs),
+        "new_tokens": new, "target_forwards": forwards, "prompts": len(outs),
         "tree": llm.spec_config.tree, "tokens_per_s": new / elapsed if elapsed > 0 else 0.0,
     }
 

@@ -9,12 +9,13 @@ import torch
 
 from eaglespec.config import SamplingParams, SpecConfig
 from eaglespec.engine.llm import LLM
+from eaglespec.engine.request import pooled_speculation
 from tests.conftest import small_engine
 from tests.speculative.test_speculative_greedy import eagle1_head, predictable_target
 
 KEYS = ("tau", "accept_rate_per_depth", "target_forwards", "new_tokens", "ms_per_token", "prompt_tokens",
         "ttft_ms", "prefill_ms", "decode_ms", "prefill_forwards", "decode_forwards", "decode_tokens",
-        "tokens_per_s", "speculative_steps", "speculative_tokens")
+        "tokens_per_s", "accepted_per_depth", "proposed_per_depth")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def test_plain_decoding_has_tau_exactly_one(target, batch):
         assert s["tau"] == 1.0
         assert (s["new_tokens"], s["prefill_forwards"], s["decode_forwards"], s["decode_tokens"]) == (10, 1, 9, 9)
         assert s["target_forwards"] == 10 and s["prompt_tokens"] == len(out.prompt_token_ids)
-        assert s["accept_rate_per_depth"] == [] and s["speculative_steps"] == s["speculative_tokens"] == 0
+        assert s["accept_rate_per_depth"] == s["accepted_per_depth"] == s["proposed_per_depth"] == []
+        assert pooled_speculation([s]) == {"tau": 0.0, "accept_rate_per_depth": [], "speculative_steps": 0}
         _check_timing(s, wall_ms)
 
 
@@ -87,7 +89,7 @@ def test_one_token_has_no_decoding(target):
 def test_a_head_tau_counts_speculative_steps_only(target):
     """Two rows for four requests: the short one's successor is prefilled while the long one runs,
     and in that forward the long one decodes one plain token. ``tau`` counts that forward;
-    speculative_tokens / speculative_steps (a head's tau, evaluate_tau's) does not."""
+    ``pooled_speculation`` (a head's tau, evaluate_tau's) does not."""
     llm = LLM.from_model(target, draft=eagle1_head(target, seed=5), spec=SpecConfig(tree="chain:3"),
                          engine=small_engine(max_batch_size=2))
     lengths = [8, 40, 30, 12]
@@ -97,10 +99,17 @@ def test_a_head_tau_counts_speculative_steps_only(target):
     plain_beside_a_prefill = 0
     for o in outs:
         s = o.stats
-        assert s["speculation"] == {"chain:3": s["speculative_steps"]}
-        assert s["speculative_steps"] <= s["decode_forwards"]
-        plain_beside_a_prefill += s["decode_forwards"] - s["speculative_steps"]
+        head = pooled_speculation([s])
+        steps = head["speculative_steps"]
+        assert s["speculation"] == {"chain:3": steps} and s["proposed_per_depth"] == [steps] * 3
+        assert steps <= s["decode_forwards"]
+        plain_beside_a_prefill += s["decode_forwards"] - steps
         # Each speculative step yields its accepted drafts and the target's token.
-        assert s["speculative_tokens"] / s["speculative_steps"] == pytest.approx(1 + sum(s["accept_rate_per_depth"]))
-        assert s["speculative_tokens"] >= s["decode_tokens"] - (s["decode_forwards"] - s["speculative_steps"])
+        assert head["tau"] == pytest.approx(1 + sum(s["accept_rate_per_depth"]))
+        assert head["accept_rate_per_depth"] == pytest.approx(s["accept_rate_per_depth"])
+        assert head["tau"] * steps >= s["decode_tokens"] - (s["decode_forwards"] - steps)
     assert plain_beside_a_prefill >= 1
+    pooled = pooled_speculation([o.stats for o in outs])
+    assert pooled["speculative_steps"] == sum(o.stats["proposed_per_depth"][0] for o in outs)
+    assert min(pooled_speculation([o.stats])["tau"] for o in outs) <= pooled["tau"] \
+        <= max(pooled_speculation([o.stats])["tau"] for o in outs)
