@@ -185,7 +185,6 @@ class TrainConfig:
     out_dir: str = ""  # checkpoint, log and exported head go here
     kind: str = "eagle1"  # "eagle1" or "eagle3"
     layers: int = 1  # decoder layers of an eagle1 head (eagle3: always 1)
-    intermediate_size: int = 0  # MLP width of the head's layers (0: the target's); a deeper head within a size budget
     # Tokens the head drafts over by default, its most frequent reply tokens (0: the target's
     # vocabulary). eagle3: its output rows; eagle1: written in its config (it borrows the lm_head).
     draft_vocab_size: int = 0
@@ -231,8 +230,6 @@ class TrainConfig:
                      "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.intermediate_size < 0:
-            raise ValueError(f"TrainConfig.intermediate_size must be >= 0 (0: the target's), got {self.intermediate_size}")
         if self.kind == "eagle3" and self.layers != 1:
             raise ValueError("TrainConfig.layers must be 1 for eagle3 heads")
         self.target_layers = checked_target_layers(self.target_layers, self.kind, "TrainConfig.target_layers")
@@ -262,15 +259,12 @@ _RESUME_FREE = {"data_dir", "out_dir", "log_every", "checkpoint_every", "time_bu
 
 
 def head_config_for(target: LlamaForCausalLM, kind: str, layers: int = 1, draft_vocab_size: int = 0,
-                    fc_bias: bool = False, target_layers: tuple[int, ...] = (),
-                    intermediate_size: int = 0) -> EagleConfig:
-    """A head shaped like one decoder layer of the target (as the official heads are), with
-    ``intermediate_size`` as its MLP width when given. An EAGLE-3 head reads ``target_layers``
-    (default: those the target taps now) and is saved with them."""
+                    fc_bias: bool = False, target_layers: tuple[int, ...] = ()) -> EagleConfig:
+    """A head shaped like one decoder layer of the target (as the official heads are). An
+    EAGLE-3 head reads ``target_layers`` (default: those the target taps now) and is saved with them."""
     tc = target.config
     fields = {f: getattr(tc, f) for f in tc.__slots__}
-    layer = LlamaConfig(**{**fields, "num_layers": layers, "eagle3_layers": (),
-                           "intermediate_size": intermediate_size or tc.intermediate_size})
+    layer = LlamaConfig(**{**fields, "num_layers": layers, "eagle3_layers": ()})
     return EagleConfig(kind, layer, fc_bias=fc_bias, draft_vocab_size=draft_vocab_size,
                        target_layers=(tuple(target_layers) or tc.eagle3_layers) if kind == "eagle3" else ())
 
@@ -416,8 +410,7 @@ class Trainer:
 
     def _build_head(self) -> EagleHead:
         cfg = self.cfg
-        hc = head_config_for(self.target, cfg.kind, cfg.layers, cfg.draft_vocab_size, cfg.fc_bias, cfg.target_layers,
-                             cfg.intermediate_size)
+        hc = head_config_for(self.target, cfg.kind, cfg.layers, cfg.draft_vocab_size, cfg.fc_bias, cfg.target_layers)
         # The reference kernel set: autograd runs through it (the fused Triton kernels have no
         # backward, and under bf16 autocast they would meet fp32 RoPE tables).
         head = build_head(hc, self.target, kernels="torch", dtype=torch.float32)
