@@ -241,6 +241,23 @@ phase_data_in() {
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
+# Issue 10, design note 64: SELF_COUNT requests SmolLM2 writes itself (train/self_prompts.py), answered
+# greedily, into $STAGE/self; its prompts, their summary and the data's manifest come back in $OUT/self-data.
+phase_self_prepare() {
+  python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml --data.source self \
+    --data.stop ${SELF_COUNT:-8000} --data.dir $STAGE/self --data.max_batch_size ${SELF_ROWS:-256} 2>&1 \
+    | grep -v "it/s\]$" | tail -3
+  mkdir -p $OUT/self-data && cp $STAGE/self/self-prompts.jsonl* $STAGE/self/manifest.json $OUT/self-data/
+}
+# The shipped head trained on (SELF_EPOCHS, default 2) more epochs, at 3e-4: on ShareGPT and the self
+# data together (eagle1-self), or, as the control, on ShareGPT alone (eagle1-more, SELF_CONTROL=1).
+phase_train_self() {
+  local name=eagle1-self data="$STAGE/distill-full;$STAGE/self"
+  [ "${SELF_CONTROL:-0}" = 1 ] && { name=eagle1-more; data=$STAGE/distill-full; }
+  DATA=$data EVAL_TREES=${EVAL_TREES:-"chain:3;dynamic:5,8,32"} phase_train $name configs/smollm2-eagle1.toml \
+    --train.init_from eaglespec/assets/smollm2-eagle --train.epochs ${SELF_EPOCHS:-2} --train.lr 3e-4 \
+    --train.warmup_steps 50 --train.time_budget_s ${SELF_BUDGET_S:-400}
+}
 e2e_side_by_side() {  # $1 = NAME=DIR heads, $2 = trees, $3 = folder: MT-bench, E2E_BATCHES, E2E_NUM questions
   e2e --batches ${E2E_BATCHES:-1,16,64} --num ${E2E_NUM:-80} --heads "$1" --trees "$2" --out $3
 }
@@ -331,6 +348,7 @@ for p in "$@"; do
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
     # A trained head's files, weights included, as files of their own (HEAD_NAME, default eagle1-full).
     head-out) mkdir -p $FINAL_OUT/head && cp $STAGE/${HEAD_NAME:-eagle1-full}/head/* $FINAL_OUT/head/ && ls -la $FINAL_OUT/head ;;
+    self-prepare) phase_self_prepare ;; train-self) phase_train_self ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
     e2e-heads) phase_e2e_heads ;; e2e-priors) phase_e2e_priors ;; ab-auto) phase_ab_auto ;; bench-visited-draws) phase_bench_visited_draws ;;
     *) echo "unknown phase $p"; exit 2 ;;

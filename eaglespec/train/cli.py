@@ -28,7 +28,9 @@ class TargetSection:
 
 @dataclass(slots=True)
 class DataSection:
-    source: str = "sharegpt"  # sharegpt | mtbench | a .json / .jsonl / .txt file
+    # sharegpt | mtbench | self (requests the target writes itself, conversations 0 <= i < stop of
+    # <dir>/self-prompts.jsonl, written first when missing) | a .json / .jsonl / .txt file
+    source: str = "sharegpt"
     start: int = 0  # conversations start <= i < stop of the source
     stop: int = 16000
     dir: str = "runs/data"  # where prepared shards go (train.data_dir defaults to it)
@@ -202,13 +204,18 @@ def _release(device) -> None:
 def run_prepare(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
     from eaglespec.engine.llm import LLM
     from eaglespec.train.data import load_conversations, prepare, prepared_summary
+    from eaglespec.train.self_prompts import SELF_PROMPTS, SelfPromptSettings, write_self_prompts
 
     target = target or load_target(cfg.target)
     d = cfg.data
-    conversations = load_conversations(d.source, d.start, d.stop)
     llm = LLM.from_model(target.model, tokenizer=target.tokenizer,
                          engine=_engine(d.max_batch_size, d.max_model_len, d.gpu_memory_fraction),
                          eos_ids=target.eos_ids)
+    source = d.source
+    if source == "self":
+        source = os.path.join(d.dir, SELF_PROMPTS)
+        write_self_prompts(llm, source, SelfPromptSettings(count=d.stop, seed=d.seed))
+    conversations = load_conversations(source, d.start, d.stop)
     prepare(llm, conversations, d.dir, max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=d.max_new_tokens,
             temperature=d.temperature, shard_size=d.shard_size, turns=d.turns, seed=d.seed,
             store_features=d.store_features or False, samples=d.samples, sample_temperature=d.sample_temperature)

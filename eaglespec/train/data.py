@@ -267,8 +267,9 @@ class _Dialogue:
     done: list[tuple[list[int], list[int]]]  # sequences closed off (a history that did not re-tokenize as a prefix)
 
 
-class _ReplyQueue:
-    """Feeds dialogue turns to the engine and hands back finished replies.
+class ReplyQueue:
+    """Feeds prompts (dialogue turns, or the target's own user turns) to the engine and hands back
+    finished replies.
 
     A turn's reply queues the dialogue's next turn at once (ahead of conversations not yet
     started), so turns and passes share one continuously batched stream instead of one
@@ -277,18 +278,17 @@ class _ReplyQueue:
     a mixed prefill step, which runs eagerly, while decode steps replay CUDA graphs.
     """
 
-    def __init__(self, llm, max_new_tokens: int):
+    def __init__(self, llm):
         self._llm = llm
-        self._max_new_tokens = max_new_tokens
         self._capacity = llm.engine_config.max_batch_size
         self._wave = max(1, self._capacity // 8)
-        self._new: deque = deque()  # (key, ids, temperature, seed), first turns, served in order
+        self._new: deque = deque()  # (key, ids, params), first turns, served in order
         self._next_turns: deque = deque()  # the same, later turns, served first
         self._in_flight: dict[int, object] = {}  # request id -> key
         self.generated_tokens = 0
 
-    def put(self, key, ids: list[int], temperature: float, seed: int, first_turn: bool) -> None:
-        (self._new if first_turn else self._next_turns).append((key, ids, temperature, seed))
+    def put(self, key, ids: list[int], params: SamplingParams, first_turn: bool = True) -> None:
+        (self._new if first_turn else self._next_turns).append((key, ids, params))
 
     def __bool__(self) -> bool:
         return bool(self._new or self._next_turns or self._in_flight)
@@ -301,9 +301,7 @@ class _ReplyQueue:
                 source = self._next_turns or self._new
                 if not source:
                     break
-                key, ids, temperature, seed = source.popleft()
-                params = SamplingParams(temperature=temperature, max_tokens=self._max_new_tokens, seed=seed,
-                                        detokenize=False)  # the ids are what is kept
+                key, ids, params = source.popleft()
                 self._in_flight[self._llm.add_request(ids, params)] = key
         done = []
         while not done:
@@ -355,11 +353,13 @@ def _distill_shard(llm, conversations: Sequence[Conversation], first_index: int,
         starts.append((turns, prompt))
     dialogues = {(j, i): _Dialogue(start[0], start[1], [0] * len(start[1]), [], [])
                  for j in range(len(passes)) for i, start in enumerate(starts) if start is not None}
-    queue = _ReplyQueue(llm, settings.max_new_tokens)
+    queue = ReplyQueue(llm)
 
     def ask(j: int, i: int, turn: int) -> None:
         seed = passes[j].seed * 1_000_003 + (first_index + i) * 64 + turn
-        queue.put((j, i), dialogues[j, i].ids, passes[j].temperature, seed, turn == 0)
+        params = SamplingParams(temperature=passes[j].temperature, max_tokens=settings.max_new_tokens, seed=seed,
+                                detokenize=False)  # the ids are what is kept
+        queue.put((j, i), dialogues[j, i].ids, params, turn == 0)
 
     for (j, i) in dialogues:
         ask(j, i, 0)
@@ -554,10 +554,20 @@ def _iter_shards(data_dir: str) -> Iterator[dict[str, torch.Tensor]]:
         yield tensors
 
 
+def data_dirs(data_dir: str) -> list[str]:
+    """The prepared directories a ``data_dir`` setting names: one path, or several joined by ';'
+    (data from several sources trained on together)."""
+    dirs = [d.strip() for d in data_dir.split(";") if d.strip()]
+    if not dirs:
+        raise ValueError(f"no prepared data directory in {data_dir!r}")
+    return dirs
+
+
 def load_prepared(data_dir: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every prepared sequence as (tokens LongTensor [n], loss_mask BoolTensor [n]), in order."""
+    """Every prepared sequence as (tokens LongTensor [n], loss_mask BoolTensor [n]), in order
+    (directory by directory when ``data_dir`` names several)."""
     out = []
-    for tensors in _iter_shards(data_dir):
+    for tensors in (t for d in data_dirs(data_dir) for t in _iter_shards(d)):
         offsets = tensors["offsets"].tolist()
         tokens, mask = tensors["tokens"].long(), tensors["loss_mask"].bool()
         out += [(tokens[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
@@ -566,11 +576,12 @@ def load_prepared(data_dir: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def load_prepared_features(data_dir: str) -> list[dict[str, torch.Tensor]] | None:
     """Stored target features per sequence ({"hidden": [n, H], "taps": [n, 3H]}), or None when
-    the data was prepared for online features."""
-    if not _read_manifest(data_dir)["settings"].get("store_features"):
+    the data (any of its directories) was prepared for online features."""
+    dirs = data_dirs(data_dir)
+    if not all(_read_manifest(d)["settings"].get("store_features") for d in dirs):
         return None
     out = []
-    for tensors in _iter_shards(data_dir):
+    for tensors in (t for d in dirs for t in _iter_shards(d)):
         offsets = tensors["offsets"].tolist()
         keys = [k for k in ("hidden", "taps") if k in tensors]
         out += [{k: tensors[k][a:b] for k in keys} for a, b in zip(offsets[:-1], offsets[1:])]

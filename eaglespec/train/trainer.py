@@ -181,7 +181,7 @@ def build_vocab_map(token_counts: torch.Tensor, draft_vocab_size: int) -> tuple[
 class TrainConfig:
     """Everything that decides a training run (and must match when it resumes)."""
 
-    data_dir: str = ""  # prepared data (eaglespec.train.data.prepare)
+    data_dir: str = ""  # prepared data (eaglespec.train.data.prepare); several directories joined by ';'
     out_dir: str = ""  # checkpoint, log and exported head go here
     kind: str = "eagle1"  # "eagle1" or "eagle3"
     layers: int = 1  # decoder layers of an eagle1 head (eagle3: always 1)

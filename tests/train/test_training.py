@@ -632,6 +632,18 @@ def test_data_fractions_are_nested_and_the_scaling_record_reads_each_run(target,
         scaling.collect([str(tmp_path)])
 
 
+def test_data_from_several_directories_trains_together(target, distilled, tmp_path):
+    one = load_prepared(distilled)
+    both = load_prepared(f"{distilled}; {distilled}")
+    assert len(both) == 2 * len(one)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(one, both[len(one):]))
+    alone = Trainer(_train_cfg(tmp_path / "alone", data_dir=distilled, max_steps=1), target)
+    together = Trainer(_train_cfg(tmp_path / "together", data_dir=f"{distilled};{distilled}", max_steps=1), target)
+    assert together.data_size == {k: 2 * v for k, v in alone.data_size.items()}
+    with pytest.raises(ValueError, match="no prepared data directory"):
+        load_prepared(" ; ")
+
+
 def test_plot_log_writes_a_png_or_says_it_cannot(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "acc": [0.1 * s, 0.05 * s]}) for s in (1, 2, 3)))
