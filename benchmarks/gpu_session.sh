@@ -250,9 +250,10 @@ phase_self_prepare() {
   mkdir -p $OUT/self-data && cp $STAGE/self/self-prompts.jsonl* $STAGE/self/manifest.json $OUT/self-data/
 }
 # The shipped head trained on (SELF_EPOCHS, default 2) more epochs, at 3e-4: on ShareGPT and the self
-# data together (eagle1-self), or, as the control, on ShareGPT alone (eagle1-more, SELF_CONTROL=1).
+# data together, the self data twice per epoch (a fifth of the tokens; eagle1-self), or, as the
+# control, on ShareGPT alone (eagle1-more, SELF_CONTROL=1).
 phase_train_self() {
-  local name=eagle1-self data="$STAGE/distill-full;$STAGE/self"
+  local name=eagle1-self data="$STAGE/distill-full;$STAGE/self;$STAGE/self"
   [ "${SELF_CONTROL:-0}" = 1 ] && { name=eagle1-more; data=$STAGE/distill-full; }
   DATA=$data EVAL_TREES=${EVAL_TREES:-"chain:3;dynamic:5,8,32"} phase_train $name configs/smollm2-eagle1.toml \
     --train.init_from eaglespec/assets/smollm2-eagle --train.epochs ${SELF_EPOCHS:-2} --train.lr 3e-4 \
