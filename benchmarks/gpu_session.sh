@@ -241,23 +241,19 @@ phase_data_in() {
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
-# Issue 10, design note 64: SELF_COUNT requests SmolLM2 writes itself (train/self_prompts.py), answered
-# greedily, into $STAGE/self; its prompts, their summary and the data's manifest come back in $OUT/self-data.
+# Issue 10, design note 64: SELF_COUNT (default 40,000) requests SmolLM2 writes itself
+# (train/self_prompts.py), answered greedily, into $STAGE/self (about 2.5 minutes on an H100); the
+# prompts' summary and the data's manifest come back in $OUT/self-data.
 phase_self_prepare() {
   python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml --data.source self \
-    --data.stop ${SELF_COUNT:-8000} --data.dir $STAGE/self --data.max_batch_size ${SELF_ROWS:-256} 2>&1 \
-    | grep -v "it/s\]$" | tail -3
-  mkdir -p $OUT/self-data && cp $STAGE/self/self-prompts.jsonl* $STAGE/self/manifest.json $OUT/self-data/
+    --data.stop ${SELF_COUNT:-40000} --data.dir $STAGE/self --data.max_batch_size 512 2>&1 | grep -v "it/s\]$" | tail -3
+  mkdir -p $OUT/self-data && cp $STAGE/self/self-prompts.jsonl.summary.json $STAGE/self/manifest.json $OUT/self-data/
 }
-# The shipped head trained on (SELF_EPOCHS, default 2) more epochs, at 3e-4: on ShareGPT and the self
-# data together, the self data twice per epoch (a fifth of the tokens; eagle1-self), or, as the
-# control, on ShareGPT alone (eagle1-more, SELF_CONTROL=1).
+# The shipped head's recipe (after data-in and self-prepare): 6 epochs from scratch on ShareGPT and
+# the self data together (470 s budget, one call), then the config's evaluation (SKIP_EVAL=1: later).
 phase_train_self() {
-  local name=eagle1-self data="$STAGE/distill-full;$STAGE/self;$STAGE/self"
-  [ "${SELF_CONTROL:-0}" = 1 ] && { name=eagle1-more; data=$STAGE/distill-full; }
-  DATA=$data EVAL_TREES=${EVAL_TREES:-"chain:3;dynamic:5,8,32"} phase_train $name configs/smollm2-eagle1.toml \
-    --train.init_from eaglespec/assets/smollm2-eagle --train.epochs ${SELF_EPOCHS:-2} --train.lr 3e-4 \
-    --train.warmup_steps 50 --train.time_budget_s ${SELF_BUDGET_S:-400}
+  DATA="$STAGE/distill-full;$STAGE/self" phase_train eagle1-self configs/smollm2-eagle1.toml --train.epochs 6 \
+    --train.time_budget_s ${SELF_BUDGET_S:-470}
 }
 e2e_side_by_side() {  # $1 = NAME=DIR heads, $2 = trees, $3 = folder: MT-bench, E2E_BATCHES, E2E_NUM questions
   e2e --batches ${E2E_BATCHES:-1,16,64} --num ${E2E_NUM:-80} --heads "$1" --trees "$2" --out $3

@@ -289,7 +289,8 @@ def run_eval(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
     # The run's own head keeps its greedy acceptance on its own draft vocabulary (tree="auto"'s priors).
     if e.temperature == 0 and not e.head and not e.draft_vocab_size:
         save_acceptance(head_path, {tree: r["accept_rate_per_depth"] for tree, r in results.items()},
-                        {"source": e.source, "prompts": len(prompts), "max_tokens": e.max_tokens, "temperature": 0.0})
+                        {"source": e.source, "prompts": len(prompts), "max_tokens": e.max_tokens, "temperature": 0.0,
+                         "draft_vocab_size": head.config.draft_vocab_size})
     out = e.out or os.path.join(cfg.train.out_dir, "eval.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -133,6 +133,8 @@ def test_train_eval_writes_the_run_heads_measured_acceptance(llm, tmp_path):
     rates = report["results"]["chain:2"]["accept_rate_per_depth"]
     assert len(rates) == 2 and load_acceptance(str(tmp_path / "run" / "head")) == {"chain:2": rates}
     assert report["draft_vocab_size"] == 16384  # the shipped head's default
+    with open(tmp_path / "run" / "head" / "acceptance.json") as f:
+        assert json.load(f)["draft_vocab_size"] == 16384  # the rates hold for the vocabulary they were drafted over
     os.remove(tmp_path / "run" / "head" / "acceptance.json")
     # Over its 4 most frequent tokens the head drafts little that the target says.
     tiny = run_eval(load_config(config, {**overrides, "eval.draft_vocab_size": "4"}), target)
