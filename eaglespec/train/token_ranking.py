@@ -39,16 +39,18 @@ def rank_tokens(counts: torch.Tensor) -> torch.Tensor:
 
 
 def count_prepared_replies(data_dir: str, vocab_size: int, progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """Counts [V] int64 of the loss-masked (reply) tokens of self-distilled data, and a summary."""
+    """Counts [V] int64 of the loss-masked (reply) tokens of self-distilled data (one directory, or
+    several joined by ';', as training reads them), and a summary."""
     from tqdm.auto import tqdm
 
-    from eaglespec.train.data import _iter_shards, _read_manifest
+    from eaglespec.train.data import _iter_shards, _read_manifest, data_dirs
 
-    shards = _read_manifest(data_dir)["shards"]
+    dirs = data_dirs(data_dir)
+    shards = sum(len(_read_manifest(d)["shards"]) for d in dirs)
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     sequences = 0
-    for tensors in tqdm(_iter_shards(data_dir), total=len(shards), desc="counting reply tokens", unit="shard",
-                        disable=not progress):
+    for tensors in tqdm((t for d in dirs for t in _iter_shards(d)), total=shards, desc="counting reply tokens",
+                        unit="shard", disable=not progress):
         replies = tensors["tokens"][tensors["loss_mask"].bool()].long()
         _check_ids(replies, vocab_size, data_dir)
         counts += torch.bincount(replies, minlength=vocab_size)
@@ -131,7 +133,8 @@ def _check_ids(ids: torch.Tensor, vocab_size: int, source: str) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", required=True, help="head directory the ranking is written into")
     p.add_argument("--model", default=None, help="target (HF directory or .gguf; default: embedded SmolLM2-135M)")
-    p.add_argument("--data-dir", default=None, help="self-distilled data (train prepare): count its reply tokens")
+    p.add_argument("--data-dir", default=None, help="self-distilled data (train prepare; several directories "
+                   "joined by ';'): count its reply tokens")
     p.add_argument("--source", default="sharegpt", help="without --data-dir: sharegpt | a .json / .jsonl file")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--stop", type=int, default=16000)

@@ -81,6 +81,9 @@ def test_count_prepared_replies_counts_only_loss_masked_tokens(tmp_path):
     counts, summary = count_prepared_replies(str(tmp_path), 6, progress=False)
     assert counts.tolist() == [1, 0, 2, 0, 1, 0]
     assert summary["sequences"] == 2
+    # Several directories, as training joins them, count together.
+    twice, summary = count_prepared_replies(f"{tmp_path};{tmp_path}", 6, progress=False)
+    assert twice.tolist() == (2 * counts).tolist() and summary["sequences"] == 4
 
 
 def test_ranking_file_round_trip_and_bad_files(tmp_path):
