@@ -13,8 +13,11 @@ n, max_tokens = int(sys.argv[1]), int(sys.argv[2])
 target = load_target(TargetSection(device="cpu", dtype="float32"))
 head = load_head("eaglespec/assets/smollm2-eagle", target.model)
 model = target.model
-for name, src in [("mtbench", ".carry/mtbench-question.jsonl"), ("sharegpt-train", ".carry/sharegpt-train-0-300.jsonl"),
-                  ("sharegpt-heldout", ".carry/sharegpt-heldout-16000-16300.jsonl")]:
+# Prompt sets: NAME=FILE arguments after the two numbers (default: the three sets of this folder's run).
+sources = [a.split("=", 1) for a in sys.argv[3:]] or [
+    ("mtbench", ".carry/mtbench-question.jsonl"), ("sharegpt-train", ".carry/sharegpt-train-0-300.jsonl"),
+    ("sharegpt-heldout", ".carry/sharegpt-heldout-16000-16300.jsonl")]
+for name, src in sources:
     convs = [c for c in load_conversations(src, 0, n) if c]
     prompts = chat_prompts(target.tokenizer, [c[0] for c in convs])
     llm = speculative_llm(model, head, "chain:3", target.tokenizer, None, target.eos_ids)
