@@ -5,10 +5,10 @@ user request of the kinds it was tuned on; answered by the same model (``prepare
 sequence of the target's own outputs on its own kinds of request. ShareGPT, the other source, is
 far from MT-bench's kinds (design note 63); these prompts are nearer.
 
-Requests are sampled one seed per draw (some begun with an opener of a common task kind), in rounds until ``count`` pass the filter (``problem``);
-the kept prompts, in draw order, go to a JSON-lines file (``{"prompt": ..., "draw": i}``) that
-``load_conversations`` reads, with a summary beside it (``<file>.summary.json``: draws, kept,
-rejections by reason). A file already holding ``count`` prompts from the same settings is reused,
+Requests are sampled one seed per draw (half begun with an opener of a common task kind), in
+rounds until ``count`` pass the filter (``problem``); the kept prompts, in draw order, go to a
+JSON-lines file (``{"prompt": ..., "draw": i}``) that ``load_conversations`` reads, with a summary
+beside it (``<file>.summary.json``: draws, kept, rejections by reason). A file already holding ``count`` prompts from the same settings is reused,
 so a resumed data run answers the same prompts.
 """
 
