@@ -8,8 +8,8 @@ far from MT-bench's kinds (design note 63); these prompts are nearer.
 Requests are sampled one seed per draw (half begun with an opener of a common task kind), in
 rounds until ``count`` pass the filter (``problem``); the kept prompts, in draw order, go to a
 JSON-lines file (``{"prompt": ..., "draw": i}``) that ``load_conversations`` reads, with a summary
-beside it (``<file>.summary.json``: draws, kept, rejections by reason). A file already holding ``count`` prompts from the same settings is reused,
-so a resumed data run answers the same prompts.
+beside it (``<file>.summary.json``: draws, kept, rejections by reason). A file already holding
+``count`` prompts from the same settings is reused, so a resumed data run answers the same prompts.
 """
 
 from __future__ import annotations
@@ -118,18 +118,19 @@ def write_self_prompts(llm, path: str, settings: SelfPromptSettings, progress: b
         from tqdm import tqdm
         bar = tqdm(total=settings.count, desc="self prompts", unit="prompt")
     while len(kept) < settings.count:
-        # A round asks for what is missing plus a margin for the ones the filter drops.
         if draws > 20 * settings.count + 100:
             raise ValueError(f"self prompts: only {len(kept)} of {draws} written requests passed the filter "
                              f"({rejected}); is the target an instruction-tuned chat model?")
+        # A round asks for what is missing plus a margin for the ones the filter drops.
         wanted = settings.count - len(kept)
         first = draws
         draws += wanted + wanted // 2 + 8
         queue = ReplyQueue(llm)
         for i in range(first, draws):
-            queue.put(i, prefix + openers[i % len(openers)], SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                                                max_tokens=settings.max_tokens,
-                                                seed=settings.seed * _SEED_STRIDE + i, detokenize=False))
+            params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                    max_tokens=settings.max_tokens, seed=settings.seed * _SEED_STRIDE + i,
+                                    detokenize=False)
+            queue.put(i, prefix + openers[i % len(openers)], params)
         answers = []
         while queue:
             answers += queue.finished()
