@@ -26,16 +26,29 @@ def test_readme_top_has_exactly_the_two_setup_commands():
     assert top.startswith("```bash") and commands == ["make demo", "make test"]
 
 
+def _shell_commands(line: str) -> list[list[str]]:
+    """The argument lists of a shell line's commands (split at ';' outside quotes)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";")
+    lexer.whitespace_split = True
+    commands = [[]]
+    for token in lexer:
+        if token == ";":
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
 def test_readme_commands_parse():
     parser = build_parser()
     seen = 0
     for block in _blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip()
-            for command in (c.strip() for c in line.split(";")):
-                if not command.startswith("eaglespec ") or command.endswith("--help"):
+            for argv in _shell_commands(line):
+                if argv[:1] != ["eaglespec"] or argv[-1] == "--help":
                     continue
-                argv = shlex.split(command)[1:]
+                argv = argv[1:]
                 if "<" in argv:  # a shell redirection
                     argv = argv[:argv.index("<")]
                 args = parser.parse_args(argv)
