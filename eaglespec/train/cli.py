@@ -211,11 +211,12 @@ def run_prepare(cfg: RunConfig, target: LoadedTarget | None = None) -> dict:
     llm = LLM.from_model(target.model, tokenizer=target.tokenizer,
                          engine=_engine(d.max_batch_size, d.max_model_len, d.gpu_memory_fraction),
                          eos_ids=target.eos_ids)
-    source = d.source
-    if source == "self":
-        source = os.path.join(d.dir, SELF_PROMPTS)
-        write_self_prompts(llm, source, SelfPromptSettings(count=d.stop, seed=d.seed))
-    conversations = load_conversations(source, d.start, d.stop)
+    if d.source == "self":  # written once into the data directory, reused when the run resumes
+        prompts = write_self_prompts(llm, os.path.join(d.dir, SELF_PROMPTS),
+                                     SelfPromptSettings(count=d.stop, seed=d.seed))
+        conversations = [[p] for p in prompts[d.start:d.stop]]
+    else:
+        conversations = load_conversations(d.source, d.start, d.stop)
     prepare(llm, conversations, d.dir, max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=d.max_new_tokens,
             temperature=d.temperature, shard_size=d.shard_size, turns=d.turns, seed=d.seed,
             store_features=d.store_features or False, samples=d.samples, sample_temperature=d.sample_temperature)

@@ -143,3 +143,23 @@ def test_train_eval_writes_the_run_heads_measured_acceptance(llm, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "head" / "acceptance.json")
     run_eval(load_config(config, {**overrides, "eval.head": str(tmp_path / "run" / "head")}), target)
     assert not os.path.exists(tmp_path / "run" / "head" / "acceptance.json")
+
+
+def test_train_prepare_answers_requests_the_model_wrote_itself(llm, tmp_path):
+    """``data.source = "self"``: SmolLM2 writes its own requests into the data directory, then
+    answers them; conversations start <= i < stop of that file become the sequences."""
+    from eaglespec.train.cli import LoadedTarget, load_config, run_prepare
+    from eaglespec.train.data import load_prepared
+    from eaglespec.train.self_prompts import SELF_PROMPTS
+
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smollm2-eagle1.toml")
+    overrides = {"data.source": "self", "data.start": "1", "data.stop": "3", "data.dir": str(tmp_path / "self"),
+                 "data.max_new_tokens": "4", "data.max_batch_size": "4", "data.max_model_len": "640"}
+    summary = run_prepare(load_config(config, overrides), LoadedTarget(llm.model, llm.tokenizer, llm.eos_ids))
+    with open(tmp_path / "self" / SELF_PROMPTS) as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
+    assert len(prompts) == 3 and summary["conversations"] == 2
+    data = load_prepared(str(tmp_path / "self"))
+    for (tokens, mask), prompt in zip(data, prompts[1:]):
+        asked = llm.tokenizer.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+        assert tokens[:len(asked)].tolist() == asked and int(mask.sum()) >= 1
