@@ -252,7 +252,7 @@ phase_self_prepare() {
 # The shipped head's recipe (after data-in and self-prepare): 6 epochs from scratch on ShareGPT and
 # the self data together (470 s budget, one call), then the config's evaluation (SKIP_EVAL=1: later).
 phase_train_self() {
-  DATA="$STAGE/distill-full;$STAGE/self" phase_train eagle1-self configs/smollm2-eagle1.toml --train.epochs 6 \
+  DATA="$STAGE/distill-full;$STAGE/self" phase_train eagle1-self configs/smollm2-eagle1.toml --train.epochs ${SELF_EPOCHS:-6} \
     --train.time_budget_s ${SELF_BUDGET_S:-470}
 }
 e2e_side_by_side() {  # $1 = NAME=DIR heads, $2 = trees, $3 = folder: MT-bench, E2E_BATCHES, E2E_NUM questions
