@@ -249,8 +249,9 @@ phase_self_prepare() {
     --data.stop ${SELF_COUNT:-40000} --data.dir $STAGE/self --data.max_batch_size 512 2>&1 | grep -v "it/s\]$" | tail -3
   mkdir -p $OUT/self-data && cp $STAGE/self/self-prompts.jsonl.summary.json $STAGE/self/manifest.json $OUT/self-data/
 }
-# The shipped head's recipe (after data-in and self-prepare): 6 epochs from scratch on ShareGPT and
-# the self data together (470 s budget, one call), then the config's evaluation (SKIP_EVAL=1: later).
+# The shipped head's recipe (after data-in and self-prepare): SELF_EPOCHS (default 6) from scratch on
+# ShareGPT and the self data together (SELF_BUDGET_S, default 470 s; a fit cut by it resumes when the
+# phase runs again), then the config's evaluation (SKIP_EVAL=1: later).
 phase_train_self() {
   DATA="$STAGE/distill-full;$STAGE/self" phase_train eagle1-self configs/smollm2-eagle1.toml --train.epochs ${SELF_EPOCHS:-6} \
     --train.time_budget_s ${SELF_BUDGET_S:-470}
