@@ -126,8 +126,11 @@ def plot_scaling(path: str) -> str:
         sel = sorted((r for r in rec["rows"] if r["tree"] == tree), key=lambda r: r["reply_tokens"])
         ax.plot([r["reply_tokens"] for r in sel], [r["tau"] for r in sel], marker="o", label=tree)
     ax.set_xscale("log")
+    # Millions on the ticks: matplotlib's log-scale minor labels (1.2x10^7 ...) run into each other.
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x / 1e6:g}M"))
+    ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda x, _: f"{x / 1e6:g}M"))
     ax.set_xlabel("reply tokens trained on")
-    ax.set_ylabel("tau (tokens per target forward)")
+    ax.set_ylabel("tau (tokens per speculative step)")
     ax.set_title(f"{rec['benchmark']} on {rec['device']} ({rec['date']})", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
