@@ -241,17 +241,18 @@ phase_data_in() {
 # Issue 10, item 1: every user turn (up to 8) regenerated with the regenerated history, plus one
 # sampled reply per conversation. Train on it with DATA=$STAGE/distill-full before the train-* phases.
 phase_train_prepare_full() { prepare_into distill-full --data.turns 8 --data.samples 1; }
-# Issue 10, design note 64: SELF_COUNT (default 40,000) requests SmolLM2 writes itself
-# (train/self_prompts.py), answered greedily, into $STAGE/self (about 2.5 minutes on an H100); the
-# prompts' summary and the data's manifest come back in $OUT/self-data.
+# Issue 10, design notes 64-65: SELF_COUNT (default 80,000, the shipped head's) requests SmolLM2
+# writes itself (train/self_prompts.py), answered greedily, into $STAGE/self (about 6 minutes on an
+# H100); the prompts' summary and the data's manifest come back in $OUT/self-data.
 phase_self_prepare() {
   python3 -m eaglespec.cli train prepare --config configs/smollm2-eagle1.toml --data.source self \
-    --data.stop ${SELF_COUNT:-40000} --data.dir $STAGE/self --data.max_batch_size 512 2>&1 | grep -v "it/s\]$" | tail -3
+    --data.stop ${SELF_COUNT:-80000} --data.dir $STAGE/self --data.max_batch_size 512 2>&1 | grep -v "it/s\]$" | tail -3
   mkdir -p $OUT/self-data && cp $STAGE/self/self-prompts.jsonl.summary.json $STAGE/self/manifest.json $OUT/self-data/
 }
 # The shipped head's recipe (after data-in and self-prepare): SELF_EPOCHS (default 6) from scratch on
 # ShareGPT and the self data together (SELF_BUDGET_S, default 470 s; a fit cut by it resumes when the
-# phase runs again), then the config's evaluation (SKIP_EVAL=1: later).
+# phase runs again: the 80k recipe takes about 710 s on an H100, two calls), then the config's
+# evaluation (SKIP_EVAL=1: later).
 phase_train_self() {
   DATA="$STAGE/distill-full;$STAGE/self" phase_train eagle1-self configs/smollm2-eagle1.toml --train.epochs ${SELF_EPOCHS:-6} \
     --train.time_budget_s ${SELF_BUDGET_S:-470}
