@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine through the device tool. A session's calls, back to back:
-#   1. `bash benchmarks/gpu_session.sh stage-a env`, carrying .stage_a and .whl (wheels the image lacks)
-#   2. `bash benchmarks/gpu_session.sh stage-b`, carrying .stage_b
+#   1. `bash benchmarks/gpu_session.sh stage-a`, carrying .stage_a
+#   2. `bash benchmarks/gpu_session.sh stage-b env`, carrying .stage_b and .whl (wheels the image lacks).
+#      Not in call 1: the work tree travels with every call (38.3 MB on 2026-12-06), and with .stage_a
+#      and .whl as well it came within 0.8 MB of the 64 MiB a call may carry.
 #   3. `bash benchmarks/gpu_session.sh stage-c`, carrying .stage_c
 #   4. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-d stage-join <phases> pack`, carrying .stage_d (and .carry)
 # Benchmarks on random weights (bench-decode, bench-census, bench-spec-8b, bench-gemv*, bench-tp1-ab)
