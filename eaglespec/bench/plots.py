@@ -130,7 +130,9 @@ def plot_scaling(path: str) -> str:
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x / 1e6:g}M"))
     ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda x, _: f"{x / 1e6:g}M"))
     ax.set_xlabel("reply tokens trained on")
-    ax.set_ylabel("tau (tokens per speculative step)")
+    # Evaluations counted tokens per target forward until design note 63 (2026-12-06).
+    per = "speculative step" if rec["date"] >= "2026-12-06" else "target forward"
+    ax.set_ylabel(f"tau (tokens per {per})")
     ax.set_title(f"{rec['benchmark']} on {rec['device']} ({rec['date']})", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
