@@ -28,8 +28,8 @@ class TargetSection:
 
 @dataclass(slots=True)
 class DataSection:
-    # sharegpt | mtbench | self (requests the target writes itself, conversations 0 <= i < stop of
-    # <dir>/self-prompts.jsonl, written first when missing) | a .json / .jsonl / .txt file
+    # sharegpt | mtbench | self (requests the target writes itself, prompts start <= i < stop of
+    # <dir>/self-prompts.jsonl, whose first `stop` are written first when missing) | a .json / .jsonl / .txt file
     source: str = "sharegpt"
     start: int = 0  # conversations start <= i < stop of the source
     stop: int = 16000

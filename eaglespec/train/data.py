@@ -537,23 +537,6 @@ def _read_manifest(data_dir: str) -> dict:
     return manifest
 
 
-def _iter_shards(data_dir: str) -> Iterator[dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    for shard in _read_manifest(data_dir)["shards"]:
-        path = os.path.join(data_dir, shard["file"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: listed in the manifest but missing")
-        tensors = load_file(path)
-        for key in ("tokens", "loss_mask", "offsets"):
-            if key not in tensors:
-                raise ValueError(f"{path}: no tensor {key!r}")
-        tokens, offsets = tensors["tokens"], tensors["offsets"]
-        if tokens.shape != tensors["loss_mask"].shape or int(offsets[-1]) != tokens.numel():
-            raise ValueError(f"{path}: tokens, loss_mask and offsets disagree")
-        yield tensors
-
-
 def data_dirs(data_dir: str) -> list[str]:
     """The prepared directories a ``data_dir`` setting names: one path, or several joined by ';'
     (data from several sources trained on together)."""
@@ -563,11 +546,38 @@ def data_dirs(data_dir: str) -> list[str]:
     return dirs
 
 
+def prepared_shard_paths(data_dir: str) -> list[str]:
+    """The shard files of prepared data, in order (directory by directory when ``data_dir`` names
+    several)."""
+    paths = []
+    for d in data_dirs(data_dir):
+        for shard in _read_manifest(d)["shards"]:
+            path = os.path.join(d, shard["file"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: listed in the manifest but missing")
+            paths.append(path)
+    return paths
+
+
+def load_prepared_shard(path: str) -> dict[str, torch.Tensor]:
+    """One shard's tensors (tokens, loss_mask, offsets, and stored features if any), checked."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    for key in ("tokens", "loss_mask", "offsets"):
+        if key not in tensors:
+            raise ValueError(f"{path}: no tensor {key!r}")
+    tokens, offsets = tensors["tokens"], tensors["offsets"]
+    if tokens.shape != tensors["loss_mask"].shape or int(offsets[-1]) != tokens.numel():
+        raise ValueError(f"{path}: tokens, loss_mask and offsets disagree")
+    return tensors
+
+
 def load_prepared(data_dir: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every prepared sequence as (tokens LongTensor [n], loss_mask BoolTensor [n]), in order
     (directory by directory when ``data_dir`` names several)."""
     out = []
-    for tensors in (t for d in data_dirs(data_dir) for t in _iter_shards(d)):
+    for tensors in map(load_prepared_shard, prepared_shard_paths(data_dir)):
         offsets = tensors["offsets"].tolist()
         tokens, mask = tensors["tokens"].long(), tensors["loss_mask"].bool()
         out += [(tokens[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
@@ -581,7 +591,7 @@ def load_prepared_features(data_dir: str) -> list[dict[str, torch.Tensor]] | Non
     if not all(_read_manifest(d)["settings"].get("store_features") for d in dirs):
         return None
     out = []
-    for tensors in (t for d in dirs for t in _iter_shards(d)):
+    for tensors in map(load_prepared_shard, prepared_shard_paths(data_dir)):
         offsets = tensors["offsets"].tolist()
         keys = [k for k in ("hidden", "taps") if k in tensors]
         out += [{k: tensors[k][a:b] for k in keys} for a, b in zip(offsets[:-1], offsets[1:])]

@@ -43,13 +43,12 @@ def count_prepared_replies(data_dir: str, vocab_size: int, progress: bool = True
     several joined by ';', as training reads them), and a summary."""
     from tqdm.auto import tqdm
 
-    from eaglespec.train.data import _iter_shards, _read_manifest, data_dirs
+    from eaglespec.train.data import load_prepared_shard, prepared_shard_paths
 
-    dirs = data_dirs(data_dir)
-    shards = sum(len(_read_manifest(d)["shards"]) for d in dirs)
+    paths = prepared_shard_paths(data_dir)
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     sequences = 0
-    for tensors in tqdm((t for d in dirs for t in _iter_shards(d)), total=shards, desc="counting reply tokens",
+    for tensors in tqdm(map(load_prepared_shard, paths), total=len(paths), desc="counting reply tokens",
                         unit="shard", disable=not progress):
         replies = tensors["tokens"][tensors["loss_mask"].bool()].long()
         _check_ids(replies, vocab_size, data_dir)

@@ -761,9 +761,10 @@ def evaluate_tau(llm, prompts: list, params: SamplingParams | None = None, tree:
     an LLM around the same target, head and engine settings. Returns tau = tokens per
     speculative step (accepted drafts + the target's token, over all prompts' steps), acceptance
     rate per draft depth (accepted over proposed drafts; ``pooled_speculation``),
-    tokens_per_target_forward = new tokens / every target forward, and totals. The two differ where prompts outnumber the batch: a request
-    admitted late is prefilled beside the running ones, which decode one plain token in that
-    forward (design note 63); tau measures the head, the other the engine's run.
+    tokens_per_target_forward = new tokens / every target forward, and totals. The two differ
+    where prompts outnumber the batch: a request admitted late is prefilled beside the running
+    ones, which decode one plain token in that forward (design note 63); tau measures the head,
+    the other the engine's run.
     """
     if llm.speculative is None:
         raise ValueError("evaluate_tau needs an LLM with a draft head")
