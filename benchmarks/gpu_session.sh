@@ -266,6 +266,7 @@ e2e_side_by_side() {  # $1 = NAME=DIR heads, $2 = trees, $3 = folder: MT-bench, 
 # 16 by default), in one process. The head before travels in a call of its own (15.7 MB), made with
 # `mkdir -p .prev_head && git archive REV eaglespec/assets/smollm2-eagle | tar -x --strip-components=3 -C .prev_head`:
 # `stage-prev-head` carrying .prev_head, then `e2e-prev-head` in a later call.
+phase_stage_prev_head() { mkdir -p $STAGE/prev-head && cp .prev_head/* $STAGE/prev-head/ && ls $STAGE/prev-head; }
 phase_e2e_prev_head() {
   E2E_BATCHES=${E2E_BATCHES:-1,16} e2e_side_by_side "shipped=eaglespec/assets/smollm2-eagle;before=$STAGE/prev-head" \
     "${E2E_TREES:-auto}" $OUT/prev-head
@@ -360,7 +361,7 @@ for p in "$@"; do
     self-prepare) phase_self_prepare ;; train-self) phase_train_self ;;
     data-out) phase_data_out ;; data-in) phase_data_in ;; eval-shipped) phase_eval_shipped ;;
     e2e-heads) phase_e2e_heads ;; e2e-prev-head) phase_e2e_prev_head ;;
-    stage-prev-head) mkdir -p $STAGE/prev-head && cp .prev_head/* $STAGE/prev-head/ && ls $STAGE/prev-head ;; e2e-priors) phase_e2e_priors ;; ab-auto) phase_ab_auto ;; bench-visited-draws) phase_bench_visited_draws ;;
+    stage-prev-head) phase_stage_prev_head ;; e2e-priors) phase_e2e_priors ;; ab-auto) phase_ab_auto ;; bench-visited-draws) phase_bench_visited_draws ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done
