@@ -76,9 +76,12 @@ def main() -> None:
     results = {"preset": args.preset, "rows": {}}
     name = f"gemv-{args.preset}-shapes" + ("" if args.rows == "1" else "-rows-" + args.rows.replace(",", "-"))
     for m in (int(r) for r in args.rows.split(",")):
-        results["rows"][str(m)] = bench_rows(PRESETS[args.preset], m, dev, dt, args.quick, args.products.split(","))
-        # Written after every token count: a sweep cut short by a time limit keeps what it measured.
-        path = write_result(name, results, dev, args.out)
+        results["rows"][str(m)] = {"shapes": {}}
+        for product in args.products.split(","):
+            results["rows"][str(m)]["shapes"][product] = bench_product(PRESETS[args.preset], m, dev, dt, args.quick,
+                                                                        product)
+            # Written after every product: a sweep cut short by a time limit keeps what it measured.
+            path = write_result(name, results, dev, args.out)
     print("wrote", path)
 
 
@@ -96,7 +99,8 @@ def sweep_tiles(m: int, k: int) -> list[G.GemvTile]:
         (16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))]
 
 
-def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool, products: list[str]) -> dict:
+def bench_product(cfg: LlamaConfig, m: int, dev, dt, quick: bool, name: str) -> dict:
+    """cuBLAS plus kernels, the default tile and (unless quick) the sweep's tiles for product ``name`` at m rows."""
     hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = torch.randn(m, hidden, device=dev, dtype=dt)
@@ -126,34 +130,32 @@ def bench_rows(cfg: LlamaConfig, m: int, dev, dt, quick: bool, products: list[st
         "lm_head": ((vocab, hidden), lambda w: F.linear(fused.rms_norm(x, g, 1e-5)[0], w).float(),
                     lambda w, t: G.gemv(w, x, g, 1e-5, out_dtype=torch.float32, tile=t)),
     }
-    results = {"shapes": {}}
-    for name, (shape, unfused, fused_step) in ((n, shapes[n]) for n in products):
-        nbytes = shape[0] * shape[1] * 2
-        ws = weight_copies(shape, dev, dt)
-        row = {"weight_shape": list(shape), "weight_MB": nbytes / 1e6,
-               "unfused_us": time_over_copies(unfused, ws),
-               "default_tile_us": time_over_copies(lambda w: fused_step(w, None), ws), "sweep": []}
-        for tile in ([] if quick else sweep_tiles(m, shape[1])):
-            if tile.block_k > 1 << (shape[1] - 1).bit_length() or (name == "qkv" and tile.block_n > max(16, hd // 2)):
-                continue
-            try:
-                us = time_over_copies(lambda w, t=tile: fused_step(w, t), ws)
-            except Exception as e:  # a tile that does not compile or fit: skip it, say so
-                print(f"{name} {tile}: {type(e).__name__}: {str(e)[:100]}")
-                continue
-            row["sweep"].append({"tile": [tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tile.block_m],
-                                 "us": us})
-        row["sweep"].sort(key=lambda r: r["us"])
-        for key in ("unfused_us", "default_tile_us"):
-            row[key.replace("_us", "_TBps")] = nbytes / row[key] / 1e6
-        best = ", ".join(f"{r['tile']} {r['us']:.1f}" for r in row["sweep"][:4])
-        print(f"rows {m:2d} {name:8s} {nbytes / 1e6:7.1f} MB  cuBLAS+kernels {row['unfused_us']:7.1f} us "
-              f"({row['unfused_TBps']:.2f} TB/s)  fused default {row['default_tile_us']:7.1f} us "
-              f"({row['default_tile_TBps']:.2f} TB/s)  best: {best}", flush=True)
-        results["shapes"][name] = row
-        del ws
-        torch.cuda.empty_cache()
-    return results
+    shape, unfused, fused_step = shapes[name]
+    nbytes = shape[0] * shape[1] * 2
+    ws = weight_copies(shape, dev, dt)
+    row = {"weight_shape": list(shape), "weight_MB": nbytes / 1e6,
+           "unfused_us": time_over_copies(unfused, ws),
+           "default_tile_us": time_over_copies(lambda w: fused_step(w, None), ws), "sweep": []}
+    for tile in ([] if quick else sweep_tiles(m, shape[1])):
+        if tile.block_k > 1 << (shape[1] - 1).bit_length() or (name == "qkv" and tile.block_n > max(16, hd // 2)):
+            continue
+        try:
+            us = time_over_copies(lambda w, t=tile: fused_step(w, t), ws)
+        except Exception as e:  # a tile that does not compile or fit: skip it, say so
+            print(f"{name} {tile}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        row["sweep"].append({"tile": [tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tile.block_m],
+                             "us": us})
+    row["sweep"].sort(key=lambda r: r["us"])
+    for key in ("unfused_us", "default_tile_us"):
+        row[key.replace("_us", "_TBps")] = nbytes / row[key] / 1e6
+    best = ", ".join(f"{r['tile']} {r['us']:.1f}" for r in row["sweep"][:4])
+    print(f"rows {m:2d} {name:8s} {nbytes / 1e6:7.1f} MB  cuBLAS+kernels {row['unfused_us']:7.1f} us "
+          f"({row['unfused_TBps']:.2f} TB/s)  fused default {row['default_tile_us']:7.1f} us "
+          f"({row['default_tile_TBps']:.2f} TB/s)  best: {best}", flush=True)
+    del ws
+    torch.cuda.empty_cache()
+    return row
 
 
 if __name__ == "__main__":
