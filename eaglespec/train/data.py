@@ -573,29 +573,29 @@ def load_prepared_shard(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_prepared(data_dir: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def load_prepared_with_features(data_dir: str, features: bool = True
+                                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict[str, torch.Tensor]] | None]:
     """Every prepared sequence as (tokens LongTensor [n], loss_mask BoolTensor [n]), in order
-    (directory by directory when ``data_dir`` names several)."""
-    out = []
+    (directory by directory when ``data_dir`` names several), and, when ``features`` is asked for
+    and every directory was prepared with them, each sequence's stored target features
+    ({"hidden": [n, H], "taps": [n, 3H]}; else None). Each shard is read once for both."""
+    if features:
+        features = all(_read_manifest(d)["settings"].get("store_features") for d in data_dirs(data_dir))
+    data, stored = [], [] if features else None
     for tensors in map(load_prepared_shard, prepared_shard_paths(data_dir)):
         offsets = tensors["offsets"].tolist()
+        spans = list(zip(offsets[:-1], offsets[1:]))
         tokens, mask = tensors["tokens"].long(), tensors["loss_mask"].bool()
-        out += [(tokens[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-    return out
+        data += [(tokens[a:b], mask[a:b]) for a, b in spans]
+        if stored is not None:
+            keys = [k for k in ("hidden", "taps") if k in tensors]
+            stored += [{k: tensors[k][a:b] for k in keys} for a, b in spans]
+    return data, stored
 
 
-def load_prepared_features(data_dir: str) -> list[dict[str, torch.Tensor]] | None:
-    """Stored target features per sequence ({"hidden": [n, H], "taps": [n, 3H]}), or None when
-    the data (any of its directories) was prepared for online features."""
-    dirs = data_dirs(data_dir)
-    if not all(_read_manifest(d)["settings"].get("store_features") for d in dirs):
-        return None
-    out = []
-    for tensors in map(load_prepared_shard, prepared_shard_paths(data_dir)):
-        offsets = tensors["offsets"].tolist()
-        keys = [k for k in ("hidden", "taps") if k in tensors]
-        out += [{k: tensors[k][a:b] for k in keys} for a, b in zip(offsets[:-1], offsets[1:])]
-    return out
+def load_prepared(data_dir: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``load_prepared_with_features``'s sequences alone."""
+    return load_prepared_with_features(data_dir, features=False)[0]
 
 
 def prepared_summary(data_dir: str) -> dict:

@@ -36,7 +36,7 @@ from eaglespec.models.eagle import (DraftOutput, EagleConfig, EagleHead, build_h
                                     load_head, save_head)
 from eaglespec.models.llama import LlamaForCausalLM
 from eaglespec.ops.attention import default_scale
-from eaglespec.train.data import load_prepared, load_prepared_features
+from eaglespec.train.data import load_prepared_with_features
 from eaglespec.train.dense import DenseCausalStep, TTTStep, pad_batch, target_forward
 from eaglespec.train.token_ranking import rank_tokens
 
@@ -352,9 +352,8 @@ class Trainer:
         if data is None:
             if not cfg.data_dir:
                 raise ValueError("Trainer: give data or TrainConfig.data_dir")
-            data = load_prepared(cfg.data_dir)
-            if features is None and cfg.use_stored_features:
-                features = load_prepared_features(cfg.data_dir)
+            data, stored = load_prepared_with_features(cfg.data_dir, features is None and cfg.use_stored_features)
+            features = stored if features is None else features
         if features is not None and len(features) != len(data):
             raise ValueError(f"Trainer: {len(features)} feature entries for {len(data)} sequences")
         if not cfg.use_stored_features:

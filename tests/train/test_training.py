@@ -20,7 +20,7 @@ from eaglespec.config import LlamaConfig, SamplingParams
 from eaglespec.engine.llm import LLM
 from eaglespec.models.eagle import EagleConfig, build_head, load_head, save_head
 from eaglespec.train.data import (SAMPLE_SEED_STEP, iter_sharegpt, load_conversations, load_prepared,
-                                  load_prepared_features, mtbench_questions, prepare, prepared_summary, user_turns)
+                                  load_prepared_with_features, mtbench_questions, prepare, prepared_summary, user_turns)
 from eaglespec.train.dense import DenseCausalStep, TTTStep, pad_batch, target_forward
 from eaglespec.ops.attention import default_scale
 from eaglespec.train.trainer import (TrainConfig, Trainer, build_vocab_map, data_subset, eagle1_loss, eagle3_loss,
@@ -159,7 +159,7 @@ def test_prepare_round_trip_resume_and_features(target, tmp_path, stored):
         assert tokens.dtype == torch.int64 and mask.dtype == torch.bool
         assert tokens.tolist() == prompt + ref.token_ids
         assert mask.tolist() == [False] * len(prompt) + [True] * 9
-    feats = load_prepared_features(out)
+    feats = load_prepared_with_features(out)[1]
     for (tokens, _), f in zip(data, feats):
         ref = target_forward(target, tokens[None], want_taps=True)
         assert f["hidden"].dtype == torch.bfloat16 and ("taps" in f) == (stored == "taps")
@@ -636,6 +636,7 @@ def test_data_from_several_directories_trains_together(target, distilled, tmp_pa
     one = load_prepared(distilled)
     both = load_prepared(f"{distilled}; {distilled}")
     assert len(both) == 2 * len(one)
+    assert load_prepared_with_features(distilled)[1] is None  # prepared for online features: none stored
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(one, both[len(one):]))
     alone = Trainer(_train_cfg(tmp_path / "alone", data_dir=distilled, max_steps=1), target)
     together = Trainer(_train_cfg(tmp_path / "together", data_dir=f"{distilled};{distilled}", max_steps=1), target)
