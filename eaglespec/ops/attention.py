@@ -298,46 +298,30 @@ def _paged_prefill_kernel(
 
 
 @_jit
-def _prefix_split(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, max_keys, num_queries, split_size, split, row_tile, kv_head, seq,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_bt,
-    stride_pob, stride_pos, stride_pon, stride_poh,
-    stride_plb, stride_pls, stride_pln,
-    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One row tile of one KV head over one chunk of cached keys.
-
-    Writes the chunk's normalised output and log-sum-exp to part_out [B, S, Nq, Hq, D] and
-    part_lse [B, S, Nq, Hq]. Chunks past the context are skipped and never read back, except
-    chunk 0 which always writes (out 0, lse -inf for an empty context).
-    """
-    ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
-    split_start = split * split_size
-    split_end = tl.minimum(split_start + split_size, ctx)
-    # Split 0 always stores; later splits store only when they start inside the context.
-    # (Folded into a row bound: `tensor & scalar` masks are mistyped by the Triton interpreter.)
-    store_rows = tl.where((split == 0) | (split_start < ctx), num_queries, 0)
-
+def _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One row tile of one KV head: its queries [BLOCK_M, HEAD_DIM], their query index and head."""
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     query = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
-    row_ok = query < num_queries
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qb + query[:, None] * stride_qn + head[:, None] * stride_qh
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                + offs_d[None, :], mask=(query < num_queries)[:, None], other=0.0)
+    return q, query, head
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq * stride_bt
-    for start in range(split_start, split_end, BLOCK_N):
+
+@_jit
+def _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, key_start, key_end, kv_head, scale_log2,
+                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The rows' online-softmax state (running max m_i in log2 units, sum l_i, unnormalised acc)
+    carried over the cached keys [key_start, key_end) of one KV head (``table``: the sequence's
+    block table row)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(key_start, key_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < split_end
+        key_ok = offs_n < key_end
         blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         slots = offs_n % BLOCK_SIZE
         k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_kt
@@ -355,16 +339,95 @@ def _prefix_split(
         pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    return m_i, l_i, acc
 
+
+@_jit
+def _tree_keys(q, query, m_i, l_i, acc, k_ptr, v_ptr, bits_ptr, num_nodes, num_keys, kv_head, seq, scale_log2,
+               stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bb,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The rows' online-softmax state carried over the (<= 64) tree keys, each row seeing only
+    its node's ancestors (bit j of ancestor_bits[node]: key j is visible)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    key_ok = offs_n < num_keys
+    k = tl.load(k_ptr + seq * stride_kb + offs_n[:, None] * stride_kn + kv_head * stride_kh
+                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + seq * stride_vb + offs_n[:, None] * stride_vn + kv_head * stride_vh
+                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    bits = tl.load(bits_ptr + seq * stride_bb + query, mask=query < num_nodes, other=0)
+    visible = ((bits[:, None] >> offs_n[None, :].to(tl.int64)) & 1) != 0
+    visible = visible & key_ok[None, :]
+    s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
+    s = s * scale_log2
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@_jit
+def _store_state(m_i, l_i, acc, query, head, num_rows, seq, out_ptr, lse_ptr,
+                 stride_ob, stride_on, stride_oh, stride_lb, stride_ln, HEAD_DIM: tl.constexpr):
+    """The rows' normalised output (in out_ptr's dtype) and natural-log log-sum-exp; a row that
+    saw no key gets 0 and -inf. Rows with query >= num_rows are not stored."""
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    store_ok = query < store_rows
-    tl.store(part_out_ptr + seq * stride_pob + split * stride_pos + query[:, None] * stride_pon
-             + head[:, None] * stride_poh + offs_d[None, :], out, mask=store_ok[:, None])
-    tl.store(part_lse_ptr + seq * stride_plb + split * stride_pls + query * stride_pln + head,
-             lse, mask=store_ok)
+    offs_d = tl.arange(0, HEAD_DIM)
+    store_ok = query < num_rows
+    tl.store(out_ptr + seq * stride_ob + query[:, None] * stride_on + head[:, None] * stride_oh
+             + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=store_ok[:, None])
+    tl.store(lse_ptr + seq * stride_lb + query * stride_ln + head, lse, mask=store_ok)
+
+
+@_jit
+def _chunk_program(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
+    k_tree_ptr, v_tree_ptr, bits_ptr,
+    scale_log2, max_keys, num_queries, split_size, num_tree_keys, split, row_tile, kv_head, seq,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_pob, stride_pos, stride_pon, stride_poh,
+    stride_plb, stride_pls, stride_pln,
+    stride_tkb, stride_tkn, stride_tkh,
+    stride_tvb, stride_tvn, stride_tvh,
+    stride_bitsb,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TREE_BLOCK_N: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, THEN_TREE: tl.constexpr,
+):
+    """One row tile of one KV head over one chunk of cached keys and, THEN_TREE, the tree keys
+    after them: output and lse into chunk ``split`` of part_out / part_lse."""
+    q, query, head = _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
+                                 GROUP, HEAD_DIM, BLOCK_M)
+    ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
+    split_start = split * split_size
+    m_i, l_i, acc = _cached_keys(q, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                                 tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), k_cache_ptr, v_cache_ptr,
+                                 block_tables_ptr + seq * stride_bt, split_start,
+                                 tl.minimum(split_start + split_size, ctx), kv_head, scale_log2,
+                                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                 BLOCK_SIZE, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+    if THEN_TREE:
+        m_i, l_i, acc = _tree_keys(q, query, m_i, l_i, acc, k_tree_ptr, v_tree_ptr, bits_ptr, num_queries,
+                                   num_tree_keys, kv_head, seq, scale_log2, stride_tkb, stride_tkn, stride_tkh,
+                                   stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
+                                   HEAD_DIM, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+    # Split 0 always stores; later splits store only when they start inside the context.
+    # (Folded into a row bound: `tensor & scalar` masks are mistyped by the Triton interpreter.)
+    store_rows = tl.where((split == 0) | (split_start < ctx), num_queries, 0)
+    _store_state(m_i, l_i, acc, query, head, store_rows, seq, part_out_ptr + split * stride_pos,
+                 part_lse_ptr + split * stride_pls, stride_pob, stride_pon, stride_poh, stride_plb, stride_pln,
+                 HEAD_DIM)
 
 
 @_jit
@@ -385,39 +448,67 @@ def _paged_decode_split_kernel(
     stride_tlb, stride_tln,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr,
-    HAS_TREE: tl.constexpr, TREE_BLOCK_N: tl.constexpr,
+    HAS_TREE: tl.constexpr, TREE_BLOCK_N: tl.constexpr, ONE_CHUNK: tl.constexpr,
     MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid (ROW_TILES * (splits + HAS_TREE), Hkv, B): one row tile of one KV head over one chunk
-    of cached keys (``_prefix_split``); with HAS_TREE, the programs past the last chunk run the
-    tree pass of the same rows (``_tree_program``) into tree_out / tree_lse, in the same launch."""
+    of cached keys, its output and log-sum-exp into part_out [B, S, Nq, Hq, D] / part_lse
+    [B, S, Nq, Hq]; with HAS_TREE, the programs past the last chunk run the tree pass of the same
+    rows into tree_out / tree_lse, in the same launch. Chunks past the context are skipped and
+    never read back, except chunk 0 which always writes (out 0, lse -inf for an empty context).
+
+    ONE_CHUNK (the keys are one chunk, grid (ROW_TILES, Hkv, B)): each program walks every
+    cached key and then, with HAS_TREE, the tree keys, and writes the finished output and
+    log-sum-exp to part_out / part_lse, which are then the result in its dtype: no merge."""
     pid = tl.program_id(0)
     split = pid // ROW_TILES
     row_tile = pid % ROW_TILES
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
-    if HAS_TREE:
-        if split == num_splits:
-            _tree_program(q_ptr, k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr,
-                          scale_log2, num_queries, num_tree_keys, row_tile, kv_head, seq,
-                          stride_qb, stride_qn, stride_qh, stride_tkb, stride_tkn, stride_tkh,
-                          stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
-                          stride_tob, stride_ton, stride_toh, stride_tlb, stride_tln,
-                          GROUP, HEAD_DIM, BLOCK_M, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
-        else:
-            _prefix_split(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
-                          part_lse_ptr, scale_log2, max_keys, num_queries, split_size, split, row_tile, kv_head,
-                          seq, stride_qb, stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
-                          stride_vb, stride_vt, stride_vh, stride_bt,
-                          stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
-                          GROUP, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+    if HAS_TREE and not ONE_CHUNK:
+        tree_alone = split == num_splits  # the programs past the last chunk: the tree pass
     else:
-        _prefix_split(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr,
-                      part_lse_ptr, scale_log2, max_keys, num_queries, split_size, split, row_tile, kv_head,
-                      seq, stride_qb, stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
-                      stride_vb, stride_vt, stride_vh, stride_bt,
-                      stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
-                      GROUP, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+        tree_alone = split < 0  # never
+    if tree_alone:
+        _tree_program(q_ptr, k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr,
+                      scale_log2, num_queries, num_tree_keys, row_tile, kv_head, seq,
+                      stride_qb, stride_qn, stride_qh, stride_tkb, stride_tkn, stride_tkh,
+                      stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
+                      stride_tob, stride_ton, stride_toh, stride_tlb, stride_tln,
+                      GROUP, HEAD_DIM, BLOCK_M, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+    else:
+        _chunk_program(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
+                       k_tree_ptr, v_tree_ptr, bits_ptr,
+                       scale_log2, max_keys, num_queries, split_size, num_tree_keys, split, row_tile, kv_head, seq,
+                       stride_qb, stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                       stride_bt, stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
+                       stride_tkb, stride_tkn, stride_tkh, stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
+                       GROUP, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION,
+                       HAS_TREE and ONE_CHUNK)
+
+
+@_jit
+def _tree_program(
+    q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr,
+    scale_log2, num_nodes, num_keys, row_tile, kv_head, seq,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_bb,
+    stride_ob, stride_on, stride_oh,
+    stride_lb, stride_ln,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One row tile of one KV head against all (<= 64) tree keys: output and lse of the rows."""
+    q, node, head = _query_rows(q_ptr, num_nodes, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
+                                GROUP, HEAD_DIM, BLOCK_M)
+    m_i, l_i, acc = _tree_keys(q, node, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                               tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), k_ptr, v_ptr, bits_ptr, num_nodes, num_keys,
+                               kv_head, seq, scale_log2, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                               stride_vh, stride_bb, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+    _store_state(m_i, l_i, acc, node, head, num_nodes, seq, out_ptr, lse_ptr,
+                 stride_ob, stride_on, stride_oh, stride_lb, stride_ln, HEAD_DIM)
 
 
 @_jit
@@ -474,55 +565,6 @@ def _merge_splits_kernel(
     lse = tl.where(total > 0, m_use + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
     tl.store(out_ptr + state * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
     tl.store(lse_ptr + state, lse)
-
-
-@_jit
-def _tree_program(
-    q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr,
-    scale_log2, num_nodes, num_keys, row_tile, kv_head, seq,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_bb,
-    stride_ob, stride_on, stride_oh,
-    stride_lb, stride_ln,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One row tile of one KV head against all (<= 64) tree keys: output and lse of the rows."""
-    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    node = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_ok = node < num_nodes
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    key_ok = offs_n < num_keys
-
-    q = tl.load(q_ptr + seq * stride_qb + node[:, None] * stride_qn + head[:, None] * stride_qh
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    k = tl.load(k_ptr + seq * stride_kb + offs_n[:, None] * stride_kn + kv_head * stride_kh
-                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + seq * stride_vb + offs_n[:, None] * stride_vn + kv_head * stride_vh
-                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    bits = tl.load(bits_ptr + seq * stride_bb + node, mask=row_ok, other=0)
-    visible = ((bits[:, None] >> offs_n[None, :].to(tl.int64)) & 1) != 0
-    visible = visible & key_ok[None, :]
-
-    s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
-    s = s * scale_log2
-    s = tl.where(visible, s, float("-inf"))
-    m = tl.max(s, 1)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m_use[:, None])
-    l = tl.sum(p, 1)
-    has_keys = l > 0
-    out = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
-    out = out / tl.where(has_keys, l, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_use + tl.log2(tl.where(has_keys, l, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
-    tl.store(out_ptr + seq * stride_ob + node[:, None] * stride_on + head[:, None] * stride_oh
-             + offs_d[None, :], out, mask=row_ok[:, None])
-    tl.store(lse_ptr + seq * stride_lb + node * stride_ln + head, lse, mask=row_ok)
 
 
 @_jit
@@ -719,13 +761,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-def _decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                     split_size: int | None, tree: tuple | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Checks inputs and runs the split kernel: part_out [B, S, Nq, Hq, D], part_lse, split_size
-    and, given ``tree`` = (k_tree, v_tree, ancestor_bits, group) (checked by the caller), the tree
-    pass's state (out [B, Nq, Hq, D], lse [B, Nq, Hq]) from the same launch."""
+                     split_size: int | None, out_dtype: torch.dtype, tree: tuple | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks inputs and runs the split kernel: out [B, Nq, Hq, D] in ``out_dtype`` and lse
+    [B, Nq, Hq] of every query over its cached keys and, given ``tree`` = (k_tree, v_tree,
+    ancestor_bits, group) (checked by the caller), the tree keys it may see. Keys of more than one
+    chunk are merged by a second launch; keys of one chunk (large batches) are finished by the
+    split kernel itself, tree keys included: one launch, no fp32 partials (Llama-3.1-8B's
+    chain:3 verify at batch 64 spent 7.6 us a layer merging, H200)."""
     _check_tensor("q", q, 4, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     batch, nq, hq, d = q.shape
@@ -743,48 +788,48 @@ def _decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
            f"split_size must be a positive multiple of block_size ({block_size}), "
            f"got {split_size!r}")
     num_splits = _cdiv(max_keys, split_size)
-    part_out = torch.empty(batch, num_splits, nq, hq, d, dtype=torch.float32, device=q.device)
+    one_chunk = num_splits == 1
+    part_out = torch.empty(batch, num_splits, nq, hq, d, dtype=out_dtype if one_chunk else torch.float32,
+                           device=q.device)
     part_lse = torch.empty(batch, num_splits, nq, hq, dtype=torch.float32, device=q.device)
+    tree_alone = tree is not None and not one_chunk  # the tree pass as programs of its own
     tree_state = None
-    if tree is not None:
-        k_tree, v_tree, bits, _ = tree
+    if tree_alone:
         tree_state = (torch.empty(batch, nq, hq, d, dtype=torch.float32, device=q.device),
                       torch.empty(batch, nq, hq, dtype=torch.float32, device=q.device))
-    if batch == 0 or nq == 0:
-        return part_out, part_lse, split_size, tree_state
-    if tree is None:  # placeholders: the kernel reads no tree
-        k_tree = v_tree = q
-        bits = context_lens
-    tree_out, tree_lse = tree_state if tree is not None else (part_out[:, 0], part_lse[:, 0])
-    block_m = _row_block(rows)
-    row_tiles = _cdiv(rows, block_m)
-    # Key tile: the largest power of two <= 64 dividing split_size (>= 16 since block_size is).
-    block_n = min(64, split_size & -split_size)
-    if q.dtype == torch.float32 or d > 128:
-        block_n = min(block_n, 32)
-    has_tree = tree is not None
-    grid = (row_tiles * (num_splits + has_tree), hkv, batch)
-    _paged_decode_split_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
-        k_tree, v_tree, bits, tree_out, tree_lse,
-        scale * _LOG2E, max_keys, nq, split_size, num_splits, k_tree.shape[1],
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
-        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        k_tree.stride(0), k_tree.stride(1), k_tree.stride(2),
-        v_tree.stride(0), v_tree.stride(1), v_tree.stride(2),
-        bits.stride(0),
-        tree_out.stride(0), tree_out.stride(1), tree_out.stride(2),
-        tree_lse.stride(0), tree_lse.stride(1),
-        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        ROW_TILES=row_tiles, HAS_TREE=has_tree, TREE_BLOCK_N=_tree_key_block(k_tree.shape[1]),
-        **mma_options(q.dtype, _paged_decode_split_kernel),
-        num_warps=8 if block_m >= 128 else 4, num_stages=2,
-    )
-    return part_out, part_lse, split_size, tree_state
+    if batch > 0 and nq > 0:
+        k_tree, v_tree, bits, _ = tree if tree is not None else (q, q, context_lens, None)  # placeholders: unread
+        tree_out, tree_lse = tree_state if tree_alone else (part_out[:, 0], part_lse[:, 0])
+        block_m = _row_block(rows)
+        row_tiles = _cdiv(rows, block_m)
+        # Key tile: the largest power of two <= 64 dividing split_size (>= 16 since block_size is).
+        block_n = min(64, split_size & -split_size)
+        if q.dtype == torch.float32 or d > 128:
+            block_n = min(block_n, 32)
+        grid = (row_tiles * (num_splits + tree_alone), hkv, batch)
+        _paged_decode_split_kernel[grid](
+            q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
+            k_tree, v_tree, bits, tree_out, tree_lse,
+            scale * _LOG2E, max_keys, nq, split_size, num_splits, k_tree.shape[1],
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
+            part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+            k_tree.stride(0), k_tree.stride(1), k_tree.stride(2),
+            v_tree.stride(0), v_tree.stride(1), v_tree.stride(2),
+            bits.stride(0),
+            tree_out.stride(0), tree_out.stride(1), tree_out.stride(2),
+            tree_lse.stride(0), tree_lse.stride(1),
+            GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+            ROW_TILES=row_tiles, HAS_TREE=tree is not None, TREE_BLOCK_N=_tree_key_block(k_tree.shape[1]),
+            ONE_CHUNK=one_chunk, **mma_options(q.dtype, _paged_decode_split_kernel),
+            num_warps=8 if block_m >= 128 else 4, num_stages=2,
+        )
+    if one_chunk:  # chunk 0 always writes: the partial is the answer
+        return part_out.view(batch, nq, hq, d), part_lse.view(batch, nq, hq)
+    return _merge_splits(part_out, part_lse, context_lens, max_keys, split_size, out_dtype, tree_state)
 
 
 def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, context_lens: torch.Tensor,
@@ -819,16 +864,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (a multiple of block_size; default from ``default_decode_split_size``); the split count
     depends on shapes only, and chunks beyond context_lens[b] do no work on the device.
     Returns out [B, Nq, Hq, D] (``out_dtype``: the decode step asks for the model dtype, which
-    the reduction writes directly) and lse [B, Nq, Hq] (fp32).
+    the kernels write directly) and lse [B, Nq, Hq] (fp32).
     """
-    part_out, part_lse, split_size, _ = _decode_partials(q, k_cache, v_cache, block_tables,
-                                                         context_lens, scale, split_size)
-    batch, num_splits, nq, hq, d = part_out.shape
-    if num_splits == 1:  # split 0 always writes: the partial is the answer
-        return part_out.view(batch, nq, hq, d).to(out_dtype), part_lse.view(batch, nq, hq)
-    max_keys = block_tables.shape[1] * k_cache.shape[1]
-    return _merge_splits(part_out, part_lse, context_lens, max_keys, split_size,
-                         out_dtype, None)
+    return _split_attention(q, k_cache, v_cache, block_tables, context_lens, scale, split_size, out_dtype)
 
 
 def _check_tree_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -943,9 +981,7 @@ def two_pass_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
            f"of k_tree, got {tuple(getattr(k_cache, 'shape', ()))}")
     _check(k_tree.dtype == k_cache.dtype,
            f"k_tree dtype {k_tree.dtype} differs from k_cache dtype {k_cache.dtype}")
-    part_out, part_lse, split_size, tree_state = _decode_partials(
-        q, k_cache, v_cache, block_tables, prefix_lens, scale, split_size, (k_tree, v_tree, ancestor_bits, group))
-    max_keys = block_tables.shape[1] * k_cache.shape[1]
-    out, _ = _merge_splits(part_out, part_lse, prefix_lens, max_keys, split_size, q.dtype, tree_state)
+    out, _ = _split_attention(q, k_cache, v_cache, block_tables, prefix_lens, scale, split_size, q.dtype,
+                              (k_tree, v_tree, ancestor_bits, group))
     return out
 

@@ -342,14 +342,40 @@ def test_two_pass_of_several_row_tiles_with_strided_tree_kv(poisoned_empty):
 
 
 @needs_triton_kernels
-def test_two_pass_is_two_launches():
-    """The prefix splits and the tree pass share one launch; the merge is the second."""
+def test_two_pass_is_two_launches_or_one_for_one_chunk():
+    """The prefix splits and the tree pass share one launch; the merge is the second. When the
+    keys are one chunk, the split kernel walks them and then the tree keys, and writes the result."""
     from eaglespec.bench.step_launches import count_launches
 
     args = _two_pass_case(torch.float32, _gen(13))
     with count_launches() as launches:
         A.two_pass_tree_attention(*args, split_size=32)
     assert dict(launches.counts) == {"triton:_paged_decode_split_kernel": 1, "triton:_merge_splits_kernel": 1}
+    max_keys = args[3].shape[1] * args[1].shape[1]
+    with count_launches() as launches:
+        A.two_pass_tree_attention(*args, split_size=max_keys)
+    assert dict(launches.counts) == {"triton:_paged_decode_split_kernel": 1}
+
+
+@needs_triton_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_chunk_of_keys_is_finished_by_the_split_kernel(dtype, poisoned_empty):
+    """Keys of one chunk (split_size >= the table's keys, as large batches get by default): the
+    split kernel's own output, with the tree keys after the cached ones (an empty prefix
+    included), equals the references, in the asked dtype; so does plain decode's."""
+    q, k_cache, v_cache, tables, lens, k_tree, v_tree, bits, scale = _two_pass_case(dtype, _gen(14))
+    max_keys = tables.shape[1] * k_cache.shape[1]
+    args = (q, k_cache, v_cache, tables, lens, k_tree, v_tree, bits, scale)
+    out = A.two_pass_tree_attention(*args, split_size=max_keys)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out, A.two_pass_tree_attention_ref(*args), **TOL[dtype])
+    out, lse = A.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, split_size=max_keys,
+                                        out_dtype=dtype)
+    ref_out, ref_lse = A.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))  # prefix 0: no key
 
 
 # ----------------------------------------------------------------------------- input checks
