@@ -14,7 +14,8 @@ Ops (each has ``*_ref`` in PyTorch and a Triton launcher of the same signature):
   merge_attention_states  : combine two partial attentions by their log-sum-exps.
 
 Tree verification = ``two_pass_tree_attention`` (decode pass over the cached prefix + tree pass
-+ merge); ``tree_attention_sdpa_masked`` is the one-shot SDPA baseline it is measured against.
++ merge; where the prefix is one chunk, one program walks both, in one launch);
+``tree_attention_sdpa_masked`` is the one-shot SDPA baseline it is measured against.
 The decode, tree and two-pass launchers never read device values on the host, so they can be
 captured in CUDA graphs. CPU tensors run the kernels under ``TRITON_INTERPRET=1``.
 """
@@ -972,7 +973,8 @@ def two_pass_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     Pass 1: paged split-K attention of every tree query over its sequence's prefix_lens[b]
     cached keys. Pass 2: tree attention under the ancestor mask, run by extra programs of the
     same launch. The split reduction also merges pass 2's state, so the result is written once,
-    in q.dtype: two launches.
+    in q.dtype: two launches. Where the prefix is one chunk (large batches), each program runs
+    pass 2 after pass 1 in the same online softmax and writes the result: one launch.
     """
     group = _check_tree_inputs(q, k_tree, v_tree, ancestor_bits, "k_tree", "v_tree")
     _check(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4
