@@ -389,49 +389,6 @@ def _store_state(m_i, l_i, acc, query, head, num_rows, seq, out_ptr, lse_ptr,
 
 
 @_jit
-def _chunk_program(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
-    k_tree_ptr, v_tree_ptr, bits_ptr,
-    scale_log2, max_keys, num_queries, split_size, num_tree_keys, split, row_tile, kv_head, seq,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_bt,
-    stride_pob, stride_pos, stride_pon, stride_poh,
-    stride_plb, stride_pls, stride_pln,
-    stride_tkb, stride_tkn, stride_tkh,
-    stride_tvb, stride_tvn, stride_tvh,
-    stride_bitsb,
-    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TREE_BLOCK_N: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, THEN_TREE: tl.constexpr,
-):
-    """One row tile of one KV head over one chunk of cached keys and, THEN_TREE, the tree keys
-    after them: output and lse into chunk ``split`` of part_out / part_lse."""
-    q, query, head = _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
-                                 GROUP, HEAD_DIM, BLOCK_M)
-    ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
-    split_start = split * split_size
-    m_i, l_i, acc = _cached_keys(q, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-                                 tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), k_cache_ptr, v_cache_ptr,
-                                 block_tables_ptr + seq * stride_bt, split_start,
-                                 tl.minimum(split_start + split_size, ctx), kv_head, scale_log2,
-                                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                 BLOCK_SIZE, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
-    if THEN_TREE:
-        m_i, l_i, acc = _tree_keys(q, query, m_i, l_i, acc, k_tree_ptr, v_tree_ptr, bits_ptr, num_queries,
-                                   num_tree_keys, kv_head, seq, scale_log2, stride_tkb, stride_tkn, stride_tkh,
-                                   stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
-                                   HEAD_DIM, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
-    # Split 0 always stores; later splits store only when they start inside the context.
-    # (Folded into a row bound: `tensor & scalar` masks are mistyped by the Triton interpreter.)
-    store_rows = tl.where((split == 0) | (split_start < ctx), num_queries, 0)
-    _store_state(m_i, l_i, acc, query, head, store_rows, seq, part_out_ptr + split * stride_pos,
-                 part_lse_ptr + split * stride_pls, stride_pob, stride_pon, stride_poh, stride_plb, stride_pln,
-                 HEAD_DIM)
-
-
-@_jit
 def _paged_decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
     k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr,
@@ -477,15 +434,28 @@ def _paged_decode_split_kernel(
                       stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
                       stride_tob, stride_ton, stride_toh, stride_tlb, stride_tln,
                       GROUP, HEAD_DIM, BLOCK_M, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
-    else:
-        _chunk_program(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
-                       k_tree_ptr, v_tree_ptr, bits_ptr,
-                       scale_log2, max_keys, num_queries, split_size, num_tree_keys, split, row_tile, kv_head, seq,
-                       stride_qb, stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                       stride_bt, stride_pob, stride_pos, stride_pon, stride_poh, stride_plb, stride_pls, stride_pln,
-                       stride_tkb, stride_tkn, stride_tkh, stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
-                       GROUP, BLOCK_SIZE, HEAD_DIM, BLOCK_M, BLOCK_N, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION,
-                       HAS_TREE and ONE_CHUNK)
+    else:  # one chunk of cached keys (and, ONE_CHUNK with a tree, the tree keys after them)
+        q, query, head = _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
+                                     GROUP, HEAD_DIM, BLOCK_M)
+        ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
+        split_start = split * split_size
+        m_i, l_i, acc = _cached_keys(q, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                                     tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), k_cache_ptr, v_cache_ptr,
+                                     block_tables_ptr + seq * stride_bt, split_start,
+                                     tl.minimum(split_start + split_size, ctx), kv_head, scale_log2,
+                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                     BLOCK_SIZE, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+        if HAS_TREE and ONE_CHUNK:
+            m_i, l_i, acc = _tree_keys(q, query, m_i, l_i, acc, k_tree_ptr, v_tree_ptr, bits_ptr, num_queries,
+                                       num_tree_keys, kv_head, seq, scale_log2, stride_tkb, stride_tkn, stride_tkh,
+                                       stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
+                                       HEAD_DIM, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+        # Split 0 always stores; later splits store only when they start inside the context.
+        # (Folded into a row bound: `tensor & scalar` masks are mistyped by the Triton interpreter.)
+        store_rows = tl.where((split == 0) | (split_start < ctx), num_queries, 0)
+        _store_state(m_i, l_i, acc, query, head, store_rows, seq, part_out_ptr + split * stride_pos,
+                     part_lse_ptr + split * stride_pls, stride_pob, stride_pon, stride_poh, stride_plb, stride_pln,
+                     HEAD_DIM)
 
 
 @_jit
