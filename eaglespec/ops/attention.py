@@ -426,7 +426,7 @@ def _paged_decode_split_kernel(
     if HAS_TREE and not ONE_CHUNK:
         tree_alone = split == num_splits  # the programs past the last chunk: the tree pass
     else:
-        tree_alone = split < 0  # never
+        tree_alone = split < 0  # never: a runtime False, as the `if` below needs one type on both paths
     if tree_alone:
         _tree_program(q_ptr, k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr,
                       scale_log2, num_queries, num_tree_keys, row_tile, kv_head, seq,
