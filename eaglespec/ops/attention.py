@@ -230,6 +230,18 @@ _LOG2E = 1.4426950408889634  # kernels use exp2; lse is stored in natural-log un
 
 
 @_jit
+def _softmax_step(m_i, l_i, s):
+    """One tile of scores s [rows, keys] (log2 units, -inf where hidden) into an online softmax:
+    the new running max and sum, the factor alpha that rescales the old accumulator, and the
+    tile's weights p. A row that has seen no key keeps max -inf and sum 0."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+@_jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, seq_lens_ptr, out_ptr,
     scale_log2, max_keys,
@@ -282,11 +294,7 @@ def _paged_prefill_kernel(
         s = s * scale_log2
         visible = key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_i = _softmax_step(m_i, l_i, s)
         v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vt
                     + kv_head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
@@ -312,6 +320,13 @@ def _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn
 
 
 @_jit
+def _empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """An online-softmax state that has seen no key: max -inf, sum 0, accumulator 0."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, HEAD_DIM], tl.float32))
+
+
+@_jit
 def _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, key_start, key_end, kv_head, scale_log2,
                  stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -330,11 +345,7 @@ def _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, key_start, k
         s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
         s = s * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_i = _softmax_step(m_i, l_i, s)
         v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vt
                     + kv_head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
@@ -363,11 +374,7 @@ def _tree_keys(q, query, m_i, l_i, acc, k_ptr, v_ptr, bits_ptr, num_nodes, num_k
     s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
     s = s * scale_log2
     s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = _softmax_step(m_i, l_i, s)
     pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
     return m_new, l_i, acc * alpha[:, None] + pv
 
@@ -427,21 +434,21 @@ def _paged_decode_split_kernel(
         tree_alone = split == num_splits  # the programs past the last chunk: the tree pass
     else:
         tree_alone = split < 0  # never: a runtime False, as the `if` below needs one type on both paths
+    q, query, head = _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
+                                 GROUP, HEAD_DIM, BLOCK_M)
+    m_i, l_i, acc = _empty_state(BLOCK_M, HEAD_DIM)
     if tree_alone:
-        _tree_program(q_ptr, k_tree_ptr, v_tree_ptr, bits_ptr, tree_out_ptr, tree_lse_ptr,
-                      scale_log2, num_queries, num_tree_keys, row_tile, kv_head, seq,
-                      stride_qb, stride_qn, stride_qh, stride_tkb, stride_tkn, stride_tkh,
-                      stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
-                      stride_tob, stride_ton, stride_toh, stride_tlb, stride_tln,
-                      GROUP, HEAD_DIM, BLOCK_M, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+        m_i, l_i, acc = _tree_keys(q, query, m_i, l_i, acc, k_tree_ptr, v_tree_ptr, bits_ptr, num_queries,
+                                   num_tree_keys, kv_head, seq, scale_log2, stride_tkb, stride_tkn, stride_tkh,
+                                   stride_tvb, stride_tvn, stride_tvh, stride_bitsb,
+                                   HEAD_DIM, TREE_BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+        _store_state(m_i, l_i, acc, query, head, num_queries, seq, tree_out_ptr, tree_lse_ptr,
+                     stride_tob, stride_ton, stride_toh, stride_tlb, stride_tln, HEAD_DIM)
     else:  # one chunk of cached keys (and, ONE_CHUNK with a tree, the tree keys after them)
-        q, query, head = _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
-                                     GROUP, HEAD_DIM, BLOCK_M)
         ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
         split_start = split * split_size
-        m_i, l_i, acc = _cached_keys(q, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-                                     tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), k_cache_ptr, v_cache_ptr,
-                                     block_tables_ptr + seq * stride_bt, split_start,
+        m_i, l_i, acc = _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
+                                     split_start,
                                      tl.minimum(split_start + split_size, ctx), kv_head, scale_log2,
                                      stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                                      BLOCK_SIZE, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
@@ -456,30 +463,6 @@ def _paged_decode_split_kernel(
         _store_state(m_i, l_i, acc, query, head, store_rows, seq, part_out_ptr + split * stride_pos,
                      part_lse_ptr + split * stride_pls, stride_pob, stride_pon, stride_poh, stride_plb, stride_pln,
                      HEAD_DIM)
-
-
-@_jit
-def _tree_program(
-    q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr,
-    scale_log2, num_nodes, num_keys, row_tile, kv_head, seq,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_bb,
-    stride_ob, stride_on, stride_oh,
-    stride_lb, stride_ln,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One row tile of one KV head against all (<= 64) tree keys: output and lse of the rows."""
-    q, node, head = _query_rows(q_ptr, num_nodes, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
-                                GROUP, HEAD_DIM, BLOCK_M)
-    m_i, l_i, acc = _tree_keys(q, node, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-                               tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), k_ptr, v_ptr, bits_ptr, num_nodes, num_keys,
-                               kv_head, seq, scale_log2, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
-                               stride_vh, stride_bb, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
-    _store_state(m_i, l_i, acc, node, head, num_nodes, seq, out_ptr, lse_ptr,
-                 stride_ob, stride_on, stride_oh, stride_lb, stride_ln, HEAD_DIM)
 
 
 @_jit
@@ -551,12 +534,17 @@ def _tree_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (row tiles, Hkv, B): the tree pass alone (``tree_attention``)."""
-    _tree_program(q_ptr, k_ptr, v_ptr, bits_ptr, out_ptr, lse_ptr, scale_log2, num_nodes, num_keys,
-                  tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                  stride_bb, stride_ob, stride_on, stride_oh, stride_lb, stride_ln,
-                  GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+    """Grid (row tiles, Hkv, B): the tree pass alone (``tree_attention``): one row tile of one KV
+    head against all (<= 64) tree keys, output and lse of the rows."""
+    kv_head, seq = tl.program_id(1), tl.program_id(2)
+    q, node, head = _query_rows(q_ptr, num_nodes, tl.program_id(0), kv_head, seq, stride_qb, stride_qn, stride_qh,
+                                GROUP, HEAD_DIM, BLOCK_M)
+    m_i, l_i, acc = _empty_state(BLOCK_M, HEAD_DIM)
+    m_i, l_i, acc = _tree_keys(q, node, m_i, l_i, acc, k_ptr, v_ptr, bits_ptr, num_nodes, num_keys, kv_head, seq,
+                               scale_log2, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bb,
+                               HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+    _store_state(m_i, l_i, acc, node, head, num_nodes, seq, out_ptr, lse_ptr,
+                 stride_ob, stride_on, stride_oh, stride_lb, stride_ln, HEAD_DIM)
 
 
 @_jit
