@@ -35,11 +35,6 @@ class AttentionStep:
         """Where the new K/V of ``layer`` go, or None when ``attend`` takes the rotated k/v."""
         return None
 
-    def output_rows(self, layer: int) -> torch.Tensor | None:
-        """[R] int64: the rows whose output ``layer`` computes (its K/V are still stored for
-        every row; ``attend`` then returns [R, Hq, D]), or None for all of them."""
-        return None
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cache: KVCache, kv_written: bool = False) -> torch.Tensor:
         raise NotImplementedError
@@ -112,13 +107,6 @@ class TreeStep(AttentionStep):
     tree_k: torch.Tensor | None = None
     tree_v: torch.Tensor | None = None
     node_slots: torch.Tensor | None = None  # [B * N] int64: 0 .. B * N - 1
-    # The head's extend wants only each sequence's last pair out of its last layer: [B] int64
-    # rows (b * N + i) that layer ``last_layer`` attends and computes on (None: every row).
-    last_rows: torch.Tensor | None = None
-    last_layer: int = -1
-
-    def output_rows(self, layer: int) -> torch.Tensor | None:
-        return self.last_rows if layer == self.last_layer else None
 
     def _buffers(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tree_k is None:
@@ -146,11 +134,8 @@ class TreeStep(AttentionStep):
             tree_k[layer, :, 0].copy_(k.reshape(bsz * n, *k.shape[1:]))
             tree_v[layer, :, 0].copy_(v.reshape(bsz * n, *v.shape[1:]))
         k, v = (t[layer].view(bsz, n, *t.shape[3:]) for t in (tree_k, tree_v))
-        bits, rows = self.ancestor_bits, self.output_rows(layer)
-        if rows is not None:  # one query row per sequence, over all of its tree keys
-            q, bits = q.index_select(0, rows), bits.view(-1).index_select(0, rows).view(bsz, 1)
-        q = q.view(bsz, -1, *q.shape[1:])
+        q = q.view(bsz, n, *q.shape[1:])
         fn = ops.two_pass_tree_attention if self.backend == "triton" else ops.two_pass_tree_attention_ref
         out = fn(q, cache.k[layer], cache.v[layer], self.block_tables, self.prefix_lens,
-                 k, v, bits, self.scale)
-        return out.reshape(-1, *out.shape[2:]).to(q.dtype)
+                 k, v, self.ancestor_bits, self.scale)
+        return out.reshape(bsz * n, *out.shape[2:]).to(q.dtype)

@@ -42,7 +42,7 @@ from eaglespec.models.attention_step import AttentionStep
 from eaglespec.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, RMSNorm,
                                     add_rms_norm, checked_kernels, folded_token_limit,
                                     fused_layer_slices, load_named_tensors, rope_cos_sin,
-                                    rope_inverse_frequencies, select_rows, unfused_named_tensors, with_kernels)
+                                    rope_inverse_frequencies, unfused_named_tensors, with_kernels)
 from eaglespec.models.tensor_parallel import SINGLE, LlamaShard
 from eaglespec.ops import gemv
 from eaglespec.ops.linear import Linear, linear
@@ -196,7 +196,7 @@ class Eagle3Layer(nn.Module):
 
     def forward(self, emb, h, cos, sin, layer, attn, cache):
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
-        h = select_rows(h, attn.output_rows(layer)) + self.self_attn(x, cos, sin, layer, attn, cache)
+        h = h + self.self_attn(x, cos, sin, layer, attn, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def forward_fused(self, emb, h, cos, sin, layer, attn, cache):
@@ -204,7 +204,7 @@ class Eagle3Layer(nn.Module):
         x = torch.cat((add_rms_norm(self.input_layernorm, emb, None)[0],
                        add_rms_norm(self.hidden_norm, h, None)[0]), dim=-1)
         a = self.self_attn.forward_fused(x, cos, sin, layer, attn, cache)
-        n, h = add_rms_norm(self.post_attention_layernorm, a, select_rows(h, attn.output_rows(layer)))
+        n, h = add_rms_norm(self.post_attention_layernorm, a, h)
         return h + self.mlp.forward_fused(n)
 
 
@@ -337,8 +337,7 @@ class EagleHead(nn.Module):
         """features [T, feature_size] (target features) or [T, H] (the head's own hidden), or
         any number of such rows of which ``feature_rows`` [T] (int64) picks each token's;
         tokens/positions [T]. Returns the new hidden [T, H] and the output projection's input
-        [T, H] (``DraftVocab.logits`` or ``logits`` make the draft logits), only at the rows the
-        step's ``output_rows`` gives for the last layer when it gives some. On the "triton"
+        [T, H] (``DraftVocab.logits`` or ``logits`` make the draft logits). On the "triton"
         kernel set the element-wise ops run on the fused kernels (as in LlamaForCausalLM)."""
         use_triton = self.kernels == "triton"
         dtype = self.fc.weight.dtype

@@ -147,7 +147,7 @@ class LlamaAttention(nn.Module):
         k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = attn.attend(layer, q, k, v, cache)
-        return self.tp.all_reduce(self.o_proj(out.reshape(out.shape[0], -1)))
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, -1)))
 
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                       attn: AttentionStep, cache: KVCache) -> torch.Tensor:
@@ -161,7 +161,7 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache, slots = (None, None, None) if store is None else store
         q, k = fused.rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slots)
         out = attn.attend(layer, q, k, v, cache, kv_written=store is not None)
-        return self.tp.all_reduce(self.o_proj(out.reshape(out.shape[0], -1)))
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, -1)))
 
 
 class LlamaMLP(nn.Module):
@@ -196,11 +196,6 @@ def add_rms_norm(norm: nn.Module, x: torch.Tensor,
     return norm(s), s
 
 
-def select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """x [T, ...] at ``rows`` [R] (an attention step's ``output_rows``), or x when rows is None."""
-    return x if rows is None else x.index_select(0, rows)
-
-
 def _eps(norm: nn.Module) -> float:
     return norm.eps if isinstance(norm, RMSNorm) else 0.0
 
@@ -216,8 +211,7 @@ class LlamaDecoderLayer(nn.Module):
         self.tp = tp
 
     def forward(self, x, cos, sin, layer, attn, cache):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, layer, attn, cache)
-        x = select_rows(x, attn.output_rows(layer)) + a
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attn, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
@@ -227,7 +221,7 @@ class LlamaDecoderLayer(nn.Module):
         (mlp_out, residual) whose sum is its output, so the add happens in the next norm."""
         h, residual = add_rms_norm(self.input_layernorm, x, residual)
         a = self.self_attn.forward_fused(h, cos, sin, layer, attn, cache)
-        h, residual = add_rms_norm(self.post_attention_layernorm, a, select_rows(residual, attn.output_rows(layer)))
+        h, residual = add_rms_norm(self.post_attention_layernorm, a, residual)
         return self.mlp.forward_fused(h), residual
 
     def forward_few_tokens(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
@@ -246,7 +240,6 @@ class LlamaDecoderLayer(nn.Module):
         q, k, v = gemv.gemv_qkv_rope(sa.qkv_proj.weight, x, norm_in, _eps(self.input_layernorm), cos, sin,
                                      k_cache, v_cache, slots, sa.num_heads, sa.num_kv_heads)
         out = attn.attend(layer, q, k, v, cache, kv_written=store is not None)
-        x = select_rows(x, attn.output_rows(layer))
         h = tp.all_reduce(gemv.gemv(sa.o_proj.weight, out.reshape(x.shape[0], -1),
                                     residual=x if tp.rank == 0 else None))
         norm = self.post_attention_layernorm

@@ -168,13 +168,11 @@ class Drafter:
         """
         bsz, width = tokens.shape
         where = self.ops.extend_indices(counts, prefix_lens, block_tables, self.cache.block_size, width)
-        # Every pair's K/V go to the cache, but only the last pair's output is read: the head's
-        # last layer attends and runs its products on that row alone.
-        step = TreeStep(block_tables, prefix_lens, self.chain_bits(bsz, width), self.scale, self.backend,
-                        last_rows=where.last_rows, last_layer=self.head.num_layers - 1)
+        step = TreeStep(block_tables, prefix_lens, self.chain_bits(bsz, width), self.scale, self.backend)
         out = self.head(feats.reshape(bsz * width, -1), tokens.reshape(-1), where.positions, step, self.cache)
         copy_tree_kv(self.cache, *step.stacked(), where.commit, self.backend)
-        return out.hidden, out.last
+        hidden_last = out.hidden.index_select(0, where.last_rows)
+        return hidden_last, hidden_last if out.last is out.hidden else out.last.index_select(0, where.last_rows)
 
     def _children(self, last: torch.Tensor, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's ``branch`` best children as [B, rows per sequence * branch] draft

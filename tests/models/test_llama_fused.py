@@ -138,49 +138,6 @@ def test_fused_draft_heads_match_torch_path(kind):
     assert ref_cache.k.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
-@pytest.mark.parametrize("batch", [2, 5])  # 10 rows: the folded products; 25: cuBLAS
-def test_head_extend_computes_only_the_steps_last_rows(kind, batch):
-    """A chained extend whose step names one row per sequence for the head's last layer gives
-    the outputs of a full extend at those rows, and the same K/V of every row, on both kernel
-    sets; the last layer's o_proj reads only those rows."""
-    target = random_model(tiny_config(), seed=4).to(DEVICE)
-    head = eagle1_head(target, seed=5, layers=2, oracle=False) if kind == "eagle1" else eagle3_head(target, seed=5)
-    lc = head.config.layer
-    gen = torch.Generator().manual_seed(3)
-    width = 5
-    lens, counts = [7 + 3 * b for b in range(batch)], [1 + (2 * b) % width for b in range(batch)]
-    tables = [[b + 1, 0] for b in range(batch)]
-    feats = torch.randn(batch * width, head.config.feature_size, generator=gen).to(DEVICE)
-    tokens = torch.randint(0, lc.vocab_size, (batch * width,), generator=gen).to(DEVICE)
-    positions = (_tensor(lens)[:, None] + torch.arange(width, device=DEVICE)).reshape(-1)
-    bits = ((torch.ones((), dtype=torch.int64) << (torch.arange(width) + 1)) - 1).expand(batch, width).contiguous().to(DEVICE)
-    last = _tensor([b * width + c - 1 for b, c in enumerate(counts)])
-    base = KVCache.allocate(lc.num_layers, batch + 2, BS, lc.num_kv_heads, lc.head_dim, torch.float32, DEVICE)
-    base.k.normal_(generator=torch.Generator(device=DEVICE).manual_seed(0))
-    o_rows = []
-    o_proj = (head.layers[-1] if kind == "eagle1" else head.midlayer).self_attn.o_proj
-    hook = o_proj.register_forward_pre_hook(lambda module, args: o_rows.append(args[0].shape[0]))
-    for kernels in ("torch", "triton"):
-        runs = []
-        for rows in (None, last):
-            step = TreeStep(_tensor(tables, torch.int32), _tensor(lens, torch.int32), bits, lc.head_dim ** -0.5,
-                            "triton" if kernels == "triton" else "torch", last_rows=rows,
-                            last_layer=head.num_layers - 1)
-            cache = KVCache(base.k.clone(), base.v.clone())
-            runs.append((head.with_kernels(kernels)(feats, tokens, positions, step, cache), step))
-        (full, full_step), (picked, picked_step) = runs
-        assert picked.hidden.shape == (batch, lc.hidden_size)
-        torch.testing.assert_close(picked.hidden, full.hidden.index_select(0, last), **TOL)
-        torch.testing.assert_close(picked.last, full.last.index_select(0, last), **TOL)
-        for got, want in zip(picked_step.stacked(), full_step.stacked()):
-            torch.testing.assert_close(got, want, **TOL)
-    hook.remove()
-    folded = kernels == "triton" and batch * width <= head.folded_tokens and kind == "eagle1"
-    # o_proj as a module runs on the torch set and on cuBLAS (the folded products read its weight)
-    assert o_rows == [batch * width, batch] + ([] if folded else [batch * width, batch])
-
-
 def _counting_qkv(monkeypatch) -> list[int]:
     calls = [0]
     real = gemv.gemv_qkv_rope
