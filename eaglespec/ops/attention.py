@@ -723,13 +723,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      split_size: int | None, out_dtype: torch.dtype, tree: tuple | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     launch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks inputs and runs the split kernel: out [B, Nq, Hq, D] in ``out_dtype`` and lse
     [B, Nq, Hq] of every query over its cached keys and, given ``tree`` = (k_tree, v_tree,
     ancestor_bits, group) (checked by the caller), the tree keys it may see. Keys of more than one
     chunk are merged by a second launch; keys of one chunk (large batches) are finished by the
     split kernel itself, tree keys included: one launch, no fp32 partials (Llama-3.1-8B's
-    chain:3 verify at batch 64 spent 7.6 us a layer merging, H200)."""
+    chain:3 verify at batch 64 spent 7.6 us a layer merging, H200). ``launch`` (benchmarks'
+    sweeps): the key tile ``block_n``, ``num_warps`` and ``num_stages`` instead of the defaults."""
     _check_tensor("q", q, 4, None, _FLOAT_DTYPES, strided_rows=True)  # e.g. a view of the qkv output
     _require_triton(q)
     batch, nq, hq, d = q.shape
@@ -765,6 +766,7 @@ def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_n = min(64, split_size & -split_size)
         if q.dtype == torch.float32 or d > 128:
             block_n = min(block_n, 32)
+        tiles = {"block_n": block_n, "num_warps": 8 if block_m >= 128 else 4, "num_stages": 2, **(launch or {})}
         grid = (row_tiles * (num_splits + tree_alone), hkv, batch)
         _paged_decode_split_kernel[grid](
             q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
@@ -781,10 +783,10 @@ def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             bits.stride(0),
             tree_out.stride(0), tree_out.stride(1), tree_out.stride(2),
             tree_lse.stride(0), tree_lse.stride(1),
-            GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+            GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=tiles["block_n"],
             ROW_TILES=row_tiles, HAS_TREE=tree is not None, TREE_BLOCK_N=_tree_key_block(k_tree.shape[1]),
             ONE_CHUNK=one_chunk, **mma_options(q.dtype, _paged_decode_split_kernel),
-            num_warps=8 if block_m >= 128 else 4, num_stages=2,
+            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
         )
     if one_chunk:  # chunk 0 always writes: the partial is the answer
         return part_out.view(batch, nq, hq, d), part_lse.view(batch, nq, hq)
