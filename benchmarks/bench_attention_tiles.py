@@ -2,7 +2,10 @@
 key tile, warps and pipeline stages, for plain decode (one query a sequence) and a chain:3
 verify (four tree queries), Llama-3.1-8B's attention shape, against the default launch.
 
-    python benchmarks/bench_attention_tiles.py --out FILE [--batches 16,64] [--context 512]
+    python benchmarks/bench_attention_tiles.py --out FILE [--batches 64,16] [--context 512] [--table-keys 640]
+
+It drives ``_split_attention``, the launcher behind paged_decode_attention and
+two_pass_tree_attention, whose ``launch`` argument overrides the tiles.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="64")
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--table-keys", type=int, default=2048, help="keys a block-table row spans (max_model_len)")
+    ap.add_argument("--table-keys", type=int, default=640,
+                    help="keys a block-table row spans (spec_step's max_model_len: context + 128)")
     ap.add_argument("--out", type=pathlib.Path, required=True)
     args = ap.parse_args()
     dev, dtype, scale = torch.device("cuda"), torch.bfloat16, 1 / math.sqrt(D)
@@ -48,7 +52,7 @@ def main() -> None:
                 tree = (k_tree, torch.randn_like(k_tree), bits.expand(batch, nodes).contiguous().to(dev), HQ // HKV)
 
             def run(launch=None):
-                return A._split_attention(q, k_cache, v_cache, tables, lens if tree is None else lens, scale, None,
+                return A._split_attention(q, k_cache, v_cache, tables, lens, scale, None,
                                           dtype, tree, launch)[0]
 
             ref = run()
