@@ -646,6 +646,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _tree_strides(k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor) -> tuple[int, ...]:
+    """The tree pass's strides in its kernels' argument order: tree K and V [B, Nk, Hkv, D],
+    ancestor bits [B, N], output [B, N, Hq, D] and lse [B, N, Hq] (the last dims contiguous)."""
+    return (*k.stride()[:3], *v.stride()[:3], bits.stride(0), *out.stride()[:3], *lse.stride()[:2])
+
+
 def _row_block(rows: int) -> int:
     """Power-of-two row tile >= 16 (tl.dot's minimum), at most _MAX_ROW_TILE."""
     return min(_MAX_ROW_TILE, max(16, 1 << (max(rows, 1) - 1).bit_length()))
@@ -782,11 +789,7 @@ def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             block_tables.stride(0),
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
             part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-            k_tree.stride(0), k_tree.stride(1), k_tree.stride(2),
-            v_tree.stride(0), v_tree.stride(1), v_tree.stride(2),
-            bits.stride(0),
-            tree_out.stride(0), tree_out.stride(1), tree_out.stride(2),
-            tree_lse.stride(0), tree_lse.stride(1),
+            *_tree_strides(k_tree, v_tree, bits, tree_out, tree_lse),
             GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=tiles["block_n"],
             ROW_TILES=row_tiles, HAS_TREE=tree is not None, TREE_BLOCK_N=_tree_key_block(k_tree.shape[1]),
             ONE_CHUNK=one_chunk, **mma_options(q.dtype, _paged_decode_split_kernel),
@@ -876,11 +879,7 @@ def _tree_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestor_bits:
         q, k, v, ancestor_bits, out, lse,
         scale * _LOG2E, n, nk,
         q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        ancestor_bits.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
+        *_tree_strides(k, v, ancestor_bits, out, lse),
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=_tree_key_block(nk),
         **mma_options(q.dtype, _tree_attention_kernel),
         num_warps=8 if block_m >= 128 else 4,
