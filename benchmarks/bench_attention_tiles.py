@@ -1,6 +1,7 @@
-"""Tiles of the split-K attention kernel at large batch, where the keys are one chunk: the
-key tile, warps and pipeline stages, for plain decode (one query a sequence) and a chain:3
-verify (four tree queries), Llama-3.1-8B's attention shape, against the default launch.
+"""Tiles of the split-K attention kernel: the key tile, warps and pipeline stages, for plain
+decode (one query a sequence) and a chain:3 verify (four tree queries), Llama-3.1-8B's
+attention shape, against the default launch. Each row records how many chunks the default
+split gives its keys (one at batch 64 and 512 context: the 2-warp rule's case; several at 16).
 
     python benchmarks/bench_attention_tiles.py --out FILE [--batches 64,16] [--context 512] [--table-keys 640]
 
@@ -57,7 +58,10 @@ def main() -> None:
 
             ref = run()
             base = triton.testing.do_bench_cudagraph(run, rep=50)
-            row = {"batch": batch, "nodes": nodes, "context": args.context, "default_us": base * 1000, "sweep": []}
+            split = A.default_decode_split_size(batch, HKV, nodes * (HQ // HKV), args.table_keys, BS,
+                                                torch.cuda.get_device_properties(dev).multi_processor_count)
+            row = {"batch": batch, "nodes": nodes, "context": args.context, "chunks": -(-args.table_keys // split),
+                   "default_us": base * 1000, "sweep": []}
             for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
                 launch = {"block_n": block_n, "num_warps": warps, "num_stages": stages}
                 try:
@@ -69,7 +73,7 @@ def main() -> None:
             ok = [s for s in row["sweep"] if "us" in s and s["max_err"] < 0.05]
             best = min(ok, key=lambda s: s["us"])
             row["best"] = best
-            print(f"batch {batch:3d} nodes {nodes}: default {row['default_us']:6.1f} us, best {best['us']:6.1f} us "
+            print(f"batch {batch:3d} nodes {nodes} ({row['chunks']} chunks): default {row['default_us']:6.1f} us, best {best['us']:6.1f} us "
                   f"(block_n {best['block_n']}, warps {best['num_warps']}, stages {best['num_stages']})", flush=True)
             rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
