@@ -775,8 +775,8 @@ def _split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             block_n = min(block_n, 32)
         # A 16-row tile over one chunk runs on 2 warps: more programs fit an SM. Llama-3.1-8B's
         # chain:3 verify at batch 64 (H100): 52.5 us a layer against 60.5 on 4 warps in a sweep,
-        # 54.1 against 64.5 inside the step; plain decode level (49.6 against 49.7); with more
-        # chunks (batch 16) 2 warps lost 6-10 %.
+        # 54.1 against 64.5 inside the step (H200: 40.8-41.1 against 53.9); plain decode level
+        # (49.6 against 49.7); with more chunks (batch 16) 2 warps lost 6-10 %.
         warps = 8 if block_m >= 128 else 2 if one_chunk and block_m == 16 else 4
         tiles = {"block_n": block_n, "num_warps": warps, "num_stages": 2, **(launch or {})}
         grid = (row_tiles * (num_splits + tree_alone), hkv, batch)
