@@ -141,16 +141,16 @@ phase_spec_8b_ab() {  # chain:3 on the 8B shape at SPEC8B_BATCHES (default 1), m
     --trees "chain:3" --batches ${SPEC8B_BATCHES:-1} --context 512 --draft-vocab 32768
 }
 # Issue 8's Done-when in one call (about 8 minutes, after the GGUF is staged), for the H200 the aims
-# name when one comes: auto against plain decoding over the batch sweep, greedy then sampled; the
-# step census at batch 1 on the default 16k draft vocabulary; the 8B shape's three chain:3 figures.
+# name when one comes: auto against plain decoding over the batch sweep, greedy; the step census at
+# batch 1 on the default 16k draft vocabulary; the sweep sampled; the 8B shape's three chain:3 figures.
 # Results are packed after each part, so a call cut at its limit still brings back what finished.
 phase_issue8_aims() {
   local results=$OUT
   e2e --out $results/greedy; tar czf $FINAL_OUT/results.tgz -C $results .
-  e2e --temperature 0.7 --top-p 0.9 --out $results/sampled; tar czf $FINAL_OUT/results.tgz -C $results .
   python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches 1 \
     --context 512 --draft-vocab 16384 --out $results/census 2>&1 | tee -a $results/bench.log | grep -E "batch|kernels"
   tar czf $FINAL_OUT/results.tgz -C $results .
+  e2e --temperature 0.7 --top-p 0.9 --out $results/sampled; tar czf $FINAL_OUT/results.tgz -C $results .
   [ "${AIMS_8B:-1}" = 1 ] || return 0  # AIMS_8B=0 when the 8B figures already stand for this card
   mkdir -p $results/spec-8b
   OUT=$results/spec-8b phase_bench_spec_8b; OUT=$results
