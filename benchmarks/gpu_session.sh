@@ -6,6 +6,10 @@
 #      and .whl as well it came within 0.8 MB of the 64 MiB a call may carry.
 #   3. `bash benchmarks/gpu_session.sh stage-c`, carrying .stage_c
 #   4. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-d stage-join <phases> pack`, carrying .stage_d (and .carry)
+#   Issue 8's aims on an H200: call 1 `RUN=/tmp/run bash benchmarks/gpu_session.sh require-h200 stage-a env
+#   aims-census pack` (carrying .stage_a and .whl: 2 MB under the limit), then `require-h200 stage-b`,
+#   `require-h200 stage-c`, then `require-h200 stage-d stage-join env issue8-aims pack` (AIMS_8B=0 where
+#   the 8B figures already stand for the card), all with RUN=/tmp/run.
 # Benchmarks on random weights (bench-decode, bench-census, bench-spec-8b, bench-gemv*, bench-tp1-ab)
 # need no GGUF: one call, `env` first when wheels are needed. Phases:
 #   stage-a/b/c/d  copy a quarter of the default GGUF to ~/stage (one call each, back to back)
@@ -144,12 +148,17 @@ phase_spec_8b_ab() {  # chain:3 on the 8B shape at SPEC8B_BATCHES (default 1), m
 # name when one comes: auto against plain decoding over the batch sweep, greedy; the step census at
 # batch 1 on the default 16k draft vocabulary; the sweep sampled; the 8B shape's three chain:3 figures.
 # Results are packed after each part, so a call cut at its limit still brings back what finished.
+# The census needs no GGUF, so the first staging call can take it (`require-h200 stage-a env
+# aims-census pack`, carrying .whl too): a later call on the same warm machine finds it under $RUN.
+phase_aims_census() {
+  [ -d $OUT/census ] && { echo "aims-census: measured earlier on this machine, in $OUT/census"; return 0; }
+  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches 1 \
+    --context 512 --draft-vocab 16384 --out $OUT/census 2>&1 | tee -a $OUT/bench.log | grep -E "batch|kernels"
+}
 phase_issue8_aims() {
   local results=$OUT
   e2e --out $results/greedy; tar czf $FINAL_OUT/results.tgz -C $results .
-  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches 1 \
-    --context 512 --draft-vocab 16384 --out $results/census 2>&1 | tee -a $results/bench.log | grep -E "batch|kernels"
-  tar czf $FINAL_OUT/results.tgz -C $results .
+  phase_aims_census; tar czf $FINAL_OUT/results.tgz -C $results .
   e2e --temperature 0.7 --top-p 0.9 --out $results/sampled; tar czf $FINAL_OUT/results.tgz -C $results .
   [ "${AIMS_8B:-1}" = 1 ] || return 0  # AIMS_8B=0 when the 8B figures already stand for this card
   mkdir -p $results/spec-8b
@@ -361,7 +370,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; issue8-aims) phase_issue8_aims ;; spec-8b-ab) phase_spec_8b_ab ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; aims-census) phase_aims_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; issue8-aims) phase_issue8_aims ;; spec-8b-ab) phase_spec_8b_ab ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;
