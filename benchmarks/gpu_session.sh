@@ -2,14 +2,15 @@
 # Runs on the lent GPU machine through the device tool. A session's calls, back to back:
 #   1. `bash benchmarks/gpu_session.sh stage-a`, carrying .stage_a
 #   2. `bash benchmarks/gpu_session.sh stage-b env`, carrying .stage_b and .whl (wheels the image lacks).
-#      Not in call 1: the work tree travels with every call (38.3 MB on 2026-12-06), and with .stage_a
-#      and .whl as well it came within 0.8 MB of the 64 MiB a call may carry.
+#      Not in call 1 when .whl holds the server's wheels: the work tree travels with every call (38.3 MB
+#      on 2026-12-06), and with .stage_a and such a .whl it came within 0.8 MB of the 64 MiB a call may carry.
 #   3. `bash benchmarks/gpu_session.sh stage-c`, carrying .stage_c
 #   4. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-d stage-join <phases> pack`, carrying .stage_d (and .carry)
-#   Issue 8's aims on an H200: call 1 `RUN=/tmp/run bash benchmarks/gpu_session.sh require-h200 stage-a env
-#   aims-census pack` (carrying .stage_a and .whl: 2 MB under the limit), then `require-h200 stage-b`,
-#   `require-h200 stage-c`, then `require-h200 stage-d stage-join env issue8-aims pack` (AIMS_8B=0 where
-#   the 8B figures already stand for the card), all with RUN=/tmp/run.
+#   Issue 8's aims on an H200, all with RUN=/tmp/run: call 1 `require-h200 stage-a env aims-census pack`,
+#   carrying .stage_a and a .whl of gguf and tqdm alone (40.2 + 24.6 + 0.2 MB on 2026-12-07, 2 MB under
+#   the limit); then `require-h200 stage-b`, `require-h200 stage-c`; then `require-h200 stage-d
+#   stage-join env issue8-aims pack`, carrying .stage_d, .carry and .whl (AIMS_8B=0 where the 8B
+#   figures already stand for the card).
 # Benchmarks on random weights (bench-decode, bench-census, bench-spec-8b, bench-gemv*, bench-tp1-ab)
 # need no GGUF: one call, `env` first when wheels are needed. Phases:
 #   stage-a/b/c/d  copy a quarter of the default GGUF to ~/stage (one call each, back to back)
@@ -17,6 +18,7 @@
 #   require-h200 stop here, having run nothing more, unless the card is an H200 (the kind named
 #             in a call is not promised: put it first where only an H200's figures count)
 #   env       install carried wheels; print the software
+#   aims-census  issue 8's batch-1 step census (no GGUF needed); issue8-aims  all of issue 8's figures
 #   tests     the CUDA-relevant tests (kernels compiled for the GPU, graphs, engine exactness)
 #   bench-*   benchmarks, JSON under $OUT (bench-tp1-ab needs .prev, see its comment)
 set -uo pipefail
