@@ -154,8 +154,9 @@ phase_spec_8b_ab() {  # chain:3 on the 8B shape at SPEC8B_BATCHES (default 1), m
 # aims-census pack`, carrying .whl too): a later call on the same warm machine finds it under $RUN.
 phase_aims_census() {
   compgen -G "$OUT/census/*.json" > /dev/null && { echo "aims-census: measured earlier on this machine, in $OUT/census"; return 0; }
-  python3 -m eaglespec.bench.spec_step --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches 1 \
-    --context 512 --draft-vocab 16384 --out $OUT/census 2>&1 | tee -a $OUT/bench.log | grep -E "batch|kernels"
+  mkdir -p $OUT/census
+  OUT=$OUT/census phase_bench_spec --preset smollm2-135m --trees "chain:3;dynamic:4,6,15" --batches 1 \
+    --context 512 --draft-vocab 16384 | grep -E "batch|kernels"
 }
 phase_issue8_aims() {
   local results=$OUT
