@@ -6,10 +6,11 @@
 #      on 2026-12-06), and with .stage_a and such a .whl it came within 0.8 MB of the 64 MiB a call may carry.
 #   3. `bash benchmarks/gpu_session.sh stage-c`, carrying .stage_c
 #   4. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-d stage-join <phases> pack`, carrying .stage_d (and .carry)
-#   Issue 8's aims on an H200, in two calls back to back, all with RUN=/tmp/run: move the tracked
-#   files no phase reads out of the work tree first (data/*.tgz, benchmarks/results, tests, docs:
-#   40.2 MB of tracked files become 16.9 MB; `git checkout -- data benchmarks/results tests docs`
-#   brings them back), so that two quarters travel in one call (0.8 MB under the limit on 2026-12-07).
+#   Issue 8's aims on an H200, in two calls back to back, all with RUN=/tmp/run. First move the
+#   tracked files no phase reads out of the work tree, `mkdir -p /tmp/hold && mv data/*.tgz
+#   benchmarks/results tests docs /tmp/hold/` (40.2 MB of tracked files become 16.9 MB; `git
+#   checkout -- data benchmarks/results tests docs` brings them back after the calls), so that two
+#   quarters travel in one call (0.8 MB under the limit on 2026-12-07).
 #   Call 1 `require-h200 stage-a stage-b env aims-census pack`, carrying .stage_a, .stage_b and a
 #   .whl of gguf and tqdm alone; call 2 `require-h200 stage-c stage-d stage-join env issue8-aims
 #   pack`, carrying .stage_c, .stage_d, .carry and .whl (AIMS_8B=0 where the 8B figures already
