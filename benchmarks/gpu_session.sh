@@ -6,6 +6,7 @@
 #      on 2026-12-06), and with .stage_a and such a .whl it came within 0.8 MB of the 64 MiB a call may carry.
 #   3. `bash benchmarks/gpu_session.sh stage-c`, carrying .stage_c
 #   4. `RUN=/tmp/run bash benchmarks/gpu_session.sh stage-d stage-join <phases> pack`, carrying .stage_d (and .carry)
+#   (Two calls instead of four where the unread tracked files are moved out first, as below.)
 #   Issue 8's aims on an H200, in two calls back to back, all with RUN=/tmp/run. First move the
 #   tracked files no phase reads out of the work tree, `mkdir -p /tmp/hold && mv data/*.tgz
 #   benchmarks/results tests docs /tmp/hold/` (40.2 MB of tracked files become 16.9 MB; `git
@@ -154,8 +155,8 @@ phase_spec_8b_ab() {  # chain:3 on the 8B shape at SPEC8B_BATCHES (default 1), m
 # name when one comes: auto against plain decoding over the batch sweep, greedy; the step census at
 # batch 1 on the default 16k draft vocabulary; the sweep sampled; the 8B shape's three chain:3 figures.
 # Results are packed after each part, so a call cut at its limit still brings back what finished.
-# The census needs no GGUF, so the first staging call can take it (`require-h200 stage-a env
-# aims-census pack`, carrying .whl too): a later call on the same warm machine finds it under $RUN.
+# The census needs no GGUF, so the first staging call can take it (the header's H200 plan): a later
+# call on the same warm machine finds it under $RUN.
 phase_aims_census() {
   compgen -G "$OUT/census/*.json" > /dev/null && { echo "aims-census: measured earlier on this machine, in $OUT/census"; return 0; }
   mkdir -p $OUT/census
