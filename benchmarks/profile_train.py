@@ -78,7 +78,7 @@ def main() -> None:
     cfg = load_config(args.config, {"train.data_dir": args.data, "train.out_dir": "/tmp/profile-train"})
     target = load_target(cfg.target)
     trainer = Trainer(cfg.train, target.model)
-    # Warm up on the micro-batches it then times: kernels' autotuning and cuDNN's plans are per shape.
+    # Warm up on the micro-batches it then times: autotuning and the allocator see each shape first here.
     timed_parts(trainer, args.steps)
     result = timed_parts(trainer, args.steps)
     print(json.dumps(result, indent=1))
