@@ -4,7 +4,8 @@ GPU only:  python benchmarks/profile_train.py --config configs/smollm2-eagle1.to
 Times the parts of a step (target forward, head loss, backward, optimizer) on the device (CUDA
 events) and on the host, then prints the kernels and the host's ops of a few steps (torch.profiler).
 H200, 2026-12-05 (design note 32): target forward 67 ms, head loss 53, backward 61, optimizer 1
-per 13.5k-token micro-batch.
+per 13.5k-token micro-batch, measured when the warm-up ran 5 of the 20 timed micro-batches and
+training attention still took cuDNN's plans (note 45); not rerun since.
 """
 
 import argparse
