@@ -74,6 +74,7 @@ class _Average:
     value: float = 0.0
     count: int = 0
     last_step: int = -1  # the policy step of the last observation
+    seeded: float | None = None  # the value measured before serving, where one was (see SpeculationPolicy.seed)
 
     def update(self, x: float, smoothing: float, step: int, clip: float = math.inf) -> None:
         """Take ``x``, from the third observation on at most ``clip`` times the average."""
@@ -274,7 +275,7 @@ class SpeculationPolicy:
         """A step time measured before serving (graph replay): the starting value of the average."""
         if choice not in self.choices:
             raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
-        self._seconds[(choice, bucket, greedy)] = _Average(seconds, 1, -1)
+        self._seconds[(choice, bucket, greedy)] = _Average(seconds, 1, -1, seconds)
 
     def expected_tokens(self, choice: str, greedy: bool) -> float | None:
         """Tokens per sequence one step of ``choice`` is expected to yield now (None until seen)."""
@@ -309,11 +310,13 @@ class SpeculationPolicy:
 
     def summary(self) -> list[dict]:
         """One row per measured (choice, bucket, greedy): step ms, expected tokens per sequence now
-        and rate, and the ease of the text at hand."""
+        and rate, and the ease of the text at hand. ``seeded_ms``: the step time measured before
+        serving (None where there was none), beside which ``step_ms`` shows how far serving moved it."""
         rows = []
         for (choice, bucket, greedy), seconds in sorted(self._seconds.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
             rows.append({"choice": choice, "bucket": bucket, "greedy": greedy, "step_ms": 1000 * seconds.value,
                          "tokens_per_sequence": self.expected_tokens(choice, greedy),
                          "tokens_per_s_per_sequence": self.expected_rate(choice, bucket, greedy),
-                         "ease": self.ease(greedy), "steps_timed": seconds.count})
+                         "ease": self.ease(greedy), "steps_timed": seconds.count,
+                         "seeded_ms": None if seconds.seeded is None else 1000 * seconds.seeded})
         return rows

@@ -118,6 +118,20 @@ def test_a_step_after_a_switch_is_not_timed():
     assert policy.expected_rate("chain:1", 1, True) == pytest.approx(2.0)
 
 
+def test_the_summary_keeps_the_start_up_time_beside_the_served_one():
+    """The start-up (seeded) step time stays in the summary after serving has moved the average,
+    so that a run shows which way start-up timing errs."""
+    policy = SpeculationPolicy(["chain:1"], smoothing=0.5)
+    policy.seed("chain:1", 1, True, 0.002)
+    policy.observe("chain:1", 1, True, 0.004, 2.0)
+    policy.observe("chain:1", 16, True, 0.004, 2.0)
+    rows = {row["bucket"]: row for row in policy.summary()}
+    assert rows[1]["seeded_ms"] == pytest.approx(2.0)
+    assert rows[1]["step_ms"] == pytest.approx(3.0)
+    assert rows[1]["steps_timed"] == 2
+    assert rows[16]["seeded_ms"] is None
+
+
 def test_exploring_backs_off_while_it_changes_nothing():
     """Where a tree never pays (a CPU), exploring epochs thin out to one in explore_every x
     explore_backoff; the draft's cost is then a few steps in hundreds."""
