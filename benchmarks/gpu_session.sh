@@ -114,6 +114,17 @@ phase_census_ab() {
 }
 phase_bench_gemv_rows() { timeout 180 python3 benchmarks/bench_gemv.py --rows 4,16,33,64 --out $OUT/rows 2>&1 | tee -a $OUT/bench.log | tail -20; }
 phase_bench_attention() { python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | tee -a $OUT/bench.log | tail -40; }
+# The attention kernels of this tree against those of .prev (`git archive REV eaglespec | tar -x -C .prev`,
+# carried), A/B/A: times, and whether the outputs are bit for bit the same.
+phase_attention_ab() {
+  local label
+  for label in prev main prev-again; do
+    PYTHONPATH=$SITE:$PWD/$([ ${label%-again} = prev ] && echo .prev) python3 benchmarks/attention_kernels_ab.py \
+      --label $label --out $OUT/attention-ab 2>&1 | tee -a $OUT/attention-ab.log | tail -3
+  done
+  python3 benchmarks/attention_kernels_ab.py --compare $OUT/attention-ab/prev.pt $OUT/attention-ab/main.pt 2>&1 \
+    | tee -a $OUT/attention-ab.log
+}
 e2e() {  # bench.e2e on the carried MT-bench questions (16 spread at batch 1), then its own arguments
   python3 -m eaglespec.bench.e2e --questions .carry/mtbench-question.jsonl --batch1-num 16 "$@" 2>&1 \
     | grep -v "it/s\]" | tee -a $OUT/bench.log
@@ -378,7 +389,7 @@ for p in "$@"; do
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
             && ls -la $FINAL_OUT ;;
-    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; aims-census) phase_aims_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; issue8-aims) phase_issue8_aims ;; spec-8b-ab) phase_spec_8b_ab ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
+    bench-decode) phase_bench_decode ;; bench-tp1-ab) phase_bench_tp1_ab ;; bench-attention) phase_bench_attention ;; attention-ab) phase_attention_ab ;; bench-gemv) phase_bench_gemv ;; bench-gemv-rows) phase_bench_gemv_rows ;; census-ab) phase_census_ab ;; bench-gemv-smollm2) phase_bench_gemv_smollm2 ;; bench-spec) phase_bench_spec ;; bench-e2e) phase_bench_e2e ;; bench-e2e-sampled) phase_bench_e2e_sampled ;; bench-e2e-trees) phase_bench_e2e_trees ;; bench-census) phase_bench_census ;; aims-census) phase_aims_census ;; bench-tree-split) phase_bench_tree_split ;; profile-step) phase_profile_step ;; bench-spec-8b) phase_bench_spec_8b ;; issue8-aims) phase_issue8_aims ;; spec-8b-ab) phase_spec_8b_ab ;; bench-e2e-fp32) phase_bench_e2e_fp32 ;; bench-serve-spec) phase_bench_serve_spec ;; bench-serve-plain) phase_bench_serve_plain ;; bench-serve-spec-again) phase_bench_serve_spec_again ;; bench-serve-ab) phase_bench_serve_ab ;;
     train-prepare) phase_train_prepare ;; prepare-ab) phase_prepare_ab ;; train-prepare-full) phase_train_prepare_full ;; train-eagle1) phase_train eagle1 configs/smollm2-eagle1.toml ;;
     train-eagle3) phase_train eagle3 configs/smollm2-eagle3.toml ;; train-full) phase_train_full ;;
     train-scaling) phase_train_scaling ;; profile-train) phase_profile_train ;;

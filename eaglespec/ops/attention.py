@@ -242,6 +242,85 @@ def _softmax_step(m_i, l_i, s):
 
 
 @_jit
+def _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One row tile of one KV head: its queries [BLOCK_M, HEAD_DIM], their query index and head."""
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    query = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qb + query[:, None] * stride_qn + head[:, None] * stride_qh
+                + offs_d[None, :], mask=(query < num_queries)[:, None], other=0.0)
+    return q, query, head
+
+
+@_jit
+def _empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """An online-softmax state that has seen no key: max -inf, sum 0, accumulator 0."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, HEAD_DIM], tl.float32))
+
+
+@_jit
+def _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, key_start, key_end, last_key, kv_head,
+                 scale_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The rows' online-softmax state (running max m_i in log2 units, sum l_i, unnormalised acc)
+    carried over the cached keys [key_start, key_end) of one KV head (``table``: the sequence's
+    block table row). CAUSAL: row r sees only the keys at positions <= last_key[r] (its own, in
+    a prefill); otherwise every key in the range, and last_key is not read (a constexpr branch,
+    so the decode kernels compile without the compare)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(key_start, key_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < key_end
+        blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        slots = offs_n % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_kt
+                    + kv_head * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
+        s = s * scale_log2
+        if CAUSAL:
+            visible = key_ok[None, :] & (offs_n[None, :] <= last_key[:, None])
+        else:
+            visible = key_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new, alpha, p, l_i = _softmax_step(m_i, l_i, s)
+        v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vt
+                    + kv_head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@_jit
+def _tree_keys(q, query, m_i, l_i, acc, k_ptr, v_ptr, bits_ptr, num_nodes, num_keys, kv_head, seq, scale_log2,
+               stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bb,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The rows' online-softmax state carried over the (<= 64) tree keys, each row seeing only
+    its node's ancestors (bit j of ancestor_bits[node]: key j is visible)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    key_ok = offs_n < num_keys
+    k = tl.load(k_ptr + seq * stride_kb + offs_n[:, None] * stride_kn + kv_head * stride_kh
+                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + seq * stride_vb + offs_n[:, None] * stride_vn + kv_head * stride_vh
+                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    bits = tl.load(bits_ptr + seq * stride_bb + query, mask=query < num_nodes, other=0)
+    visible = ((bits[:, None] >> offs_n[None, :].to(tl.int64)) & 1) != 0
+    visible = visible & key_ok[None, :]
+    s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
+    s = s * scale_log2
+    s = tl.where(visible, s, float("-inf"))
+    m_new, alpha, p, l_i = _softmax_step(m_i, l_i, s)
+    pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@_jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, seq_lens_ptr, out_ptr,
     scale_log2, max_keys,
@@ -279,104 +358,14 @@ def _paged_prefill_kernel(
     key_end = tl.where(tile * BLOCK_M < q_len, key_end, 0)
     key_end = tl.minimum(key_end, max_keys)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq * stride_bt
-    for start in range(0, key_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < key_end
-        blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        slots = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_kt
-                    + kv_head * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
-        s = s * scale_log2
-        visible = key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-        v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vt
-                    + kv_head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-
+    m_i, l_i, acc = _empty_state(BLOCK_M, HEAD_DIM)
+    m_i, l_i, acc = _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
+                                 0, key_end, q_pos, kv_head, scale_log2,
+                                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                 True, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-@_jit
-def _query_rows(q_ptr, num_queries, row_tile, kv_head, seq, stride_qb, stride_qn, stride_qh,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One row tile of one KV head: its queries [BLOCK_M, HEAD_DIM], their query index and head."""
-    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    query = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qb + query[:, None] * stride_qn + head[:, None] * stride_qh
-                + offs_d[None, :], mask=(query < num_queries)[:, None], other=0.0)
-    return q, query, head
-
-
-@_jit
-def _empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """An online-softmax state that has seen no key: max -inf, sum 0, accumulator 0."""
-    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-            tl.zeros([BLOCK_M, HEAD_DIM], tl.float32))
-
-
-@_jit
-def _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, key_start, key_end, kv_head, scale_log2,
-                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                 BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The rows' online-softmax state (running max m_i in log2 units, sum l_i, unnormalised acc)
-    carried over the cached keys [key_start, key_end) of one KV head (``table``: the sequence's
-    block table row)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(key_start, key_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < key_end
-        blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        slots = offs_n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + slots[:, None] * stride_kt
-                    + kv_head * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
-        s = s * scale_log2
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-        v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + slots[:, None] * stride_vt
-                    + kv_head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    return m_i, l_i, acc
-
-
-@_jit
-def _tree_keys(q, query, m_i, l_i, acc, k_ptr, v_ptr, bits_ptr, num_nodes, num_keys, kv_head, seq, scale_log2,
-               stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_bb,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The rows' online-softmax state carried over the (<= 64) tree keys, each row seeing only
-    its node's ancestors (bit j of ancestor_bits[node]: key j is visible)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    key_ok = offs_n < num_keys
-    k = tl.load(k_ptr + seq * stride_kb + offs_n[:, None] * stride_kn + kv_head * stride_kh
-                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + seq * stride_vb + offs_n[:, None] * stride_vn + kv_head * stride_vh
-                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    bits = tl.load(bits_ptr + seq * stride_bb + query, mask=query < num_nodes, other=0)
-    visible = ((bits[:, None] >> offs_n[None, :].to(tl.int64)) & 1) != 0
-    visible = visible & key_ok[None, :]
-    s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
-    s = s * scale_log2
-    s = tl.where(visible, s, float("-inf"))
-    m_new, alpha, p, l_i = _softmax_step(m_i, l_i, s)
-    pv = tl.dot(p.to(v.dtype).to(MMA_DTYPE), v.to(MMA_DTYPE), input_precision=DOT_PRECISION)
-    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @_jit
@@ -448,10 +437,9 @@ def _paged_decode_split_kernel(
         ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
         split_start = split * split_size
         m_i, l_i, acc = _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
-                                     split_start,
-                                     tl.minimum(split_start + split_size, ctx), kv_head, scale_log2,
-                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                     BLOCK_SIZE, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
+                                     split_start, tl.minimum(split_start + split_size, ctx), ctx, kv_head,
+                                     scale_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                     False, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
         if HAS_TREE and ONE_CHUNK:
             m_i, l_i, acc = _tree_keys(q, query, m_i, l_i, acc, k_tree_ptr, v_tree_ptr, bits_ptr, num_queries,
                                        num_tree_keys, kv_head, seq, scale_log2, stride_tkb, stride_tkn, stride_tkh,
