@@ -122,7 +122,7 @@ phase_attention_ab() {
     PYTHONPATH=$SITE:$PWD/$([ ${label%-again} = prev ] && echo .prev) python3 benchmarks/attention_kernels_ab.py \
       --label $label --out $OUT/attention-ab 2>&1 | tee -a $OUT/attention-ab.log | tail -3
   done
-  python3 benchmarks/attention_kernels_ab.py --compare $OUT/attention-ab/prev.pt $OUT/attention-ab/main.pt 2>&1 \
+  python3 benchmarks/attention_kernels_ab.py --compare $OUT/attention-ab/prev.json $OUT/attention-ab/main.json 2>&1 \
     | tee -a $OUT/attention-ab.log
 }
 e2e() {  # bench.e2e on the carried MT-bench questions (16 spread at batch 1), then its own arguments
