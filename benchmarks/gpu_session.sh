@@ -26,6 +26,7 @@
 #   aims-census  issue 8's batch-1 step census (no GGUF needed); issue8-aims  all of issue 8's figures
 #   tests     the CUDA-relevant tests (kernels compiled for the GPU, graphs, engine exactness)
 #   bench-*   benchmarks, JSON under $OUT (bench-tp1-ab needs .prev, see its comment)
+#   attention-ab  the attention kernels against .prev's, A/B/A: times, and outputs bit for bit
 set -uo pipefail
 STAGE=~/stage
 SITE=/tmp/site

@@ -437,7 +437,8 @@ def _paged_decode_split_kernel(
         ctx = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_keys)
         split_start = split * split_size
         m_i, l_i, acc = _cached_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
-                                     split_start, tl.minimum(split_start + split_size, ctx), ctx, kv_head,
+                                     split_start, tl.minimum(split_start + split_size, ctx),
+                                     ctx, kv_head,  # last_key = ctx, unread where not CAUSAL
                                      scale_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                                      False, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MMA_DTYPE, DOT_PRECISION)
         if HAS_TREE and ONE_CHUNK:
