@@ -133,7 +133,7 @@ def compare(a: pathlib.Path, b: pathlib.Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", help="this run's name (its outputs' digests go to OUT/LABEL.json)")
-    parser.add_argument("--out", type=pathlib.Path, help="folder for the outputs and times.jsonl")
+    parser.add_argument("--out", type=pathlib.Path, help="folder for the digests and times.jsonl")
     parser.add_argument("--compare", nargs=2, type=pathlib.Path, metavar=("A", "B"),
                         help="compare two runs' saved digests instead of measuring")
     args = parser.parse_args()
