@@ -1,6 +1,6 @@
 """The paged attention kernels of whichever eaglespec is on the path, on fixed random inputs:
-their outputs' digests (to compare two trees bit for bit) and their times (CUDA events, median
-of repeats, after a warm-up that brings the clocks up). Run once per tree, interleaved (A, B, A),
+their outputs' digests (to compare two trees bit for bit) and their times (triton's do_bench,
+median, after a warm-up that brings the clocks up). Run once per tree, interleaved (A, B, A),
 then `--compare` the saved digests:
 
     PYTHONPATH=.prev python3 benchmarks/attention_kernels_ab.py --label prev --out DIR
@@ -17,10 +17,9 @@ import argparse
 import hashlib
 import json
 import pathlib
-import statistics
-import time
 
 import torch
+import triton.testing
 
 import eaglespec
 from eaglespec.ops import attention as A
@@ -70,20 +69,10 @@ def cases(gen: torch.Generator) -> dict:
     return out
 
 
-def time_us(fn, reps: int = 50, rounds: int = 5) -> float:
-    """Median over ``rounds`` of the mean time of ``reps`` back-to-back calls, in µs."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(1000 * start.elapsed_time(end) / reps)
-    return statistics.median(times)
+def time_us(fn) -> float:
+    """Median µs of fn after half a second of warm-up calls (an idle GPU's clocks start low,
+    and the first process of an A/B would otherwise time slower), cold L2 before each call."""
+    return 1000 * triton.testing.do_bench(fn, warmup=500, rep=200, return_mode="median")
 
 
 def digest(t: torch.Tensor) -> str:
@@ -91,21 +80,10 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
 
-def warm_up(calls: dict, seconds: float = 2.0) -> None:
-    """Runs every case until ``seconds`` have passed: an idle GPU's clocks start low, and the
-    first process of an A/B would otherwise time slower."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for fn in calls.values():
-            fn()
-        torch.cuda.synchronize()
-
-
 def measure(label: str, out_dir: pathlib.Path) -> None:
     gen = torch.Generator().manual_seed(0)
     calls = cases(gen)
     digests = {name: digest(fn()) for name, fn in calls.items()}
-    warm_up(calls)
     times = {name: time_us(fn) for name, fn in calls.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{label}.json").write_text(json.dumps(digests, indent=1) + "\n")

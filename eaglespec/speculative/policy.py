@@ -275,7 +275,7 @@ class SpeculationPolicy:
         """A step time measured before serving (graph replay): the starting value of the average."""
         if choice not in self.choices:
             raise ValueError(f"unknown choice {choice!r}: expected one of {self.choices}")
-        self._seconds[(choice, bucket, greedy)] = _Average(seconds, 1, -1, seconds)
+        self._seconds[(choice, bucket, greedy)] = _Average(seconds, count=1, last_step=-1, seeded=seconds)
 
     def expected_tokens(self, choice: str, greedy: bool) -> float | None:
         """Tokens per sequence one step of ``choice`` is expected to yield now (None until seen)."""
