@@ -1,7 +1,7 @@
 """The paged attention kernels of whichever eaglespec is on the path, on fixed random inputs:
-their outputs' digests (to compare two trees bit for bit) and their times (triton's do_bench,
-median, after a warm-up that brings the clocks up). Run once per tree, interleaved (A, B, A),
-then `--compare` the saved digests:
+their outputs' digests (to compare two trees bit for bit) and their times (triton's do_bench over
+a CUDA-graph replay, median, after a warm-up that brings the clocks up). Run once per tree,
+interleaved (A, B, A), then `--compare` the saved digests:
 
     PYTHONPATH=.prev python3 benchmarks/attention_kernels_ab.py --label prev --out DIR
     PYTHONPATH=.     python3 benchmarks/attention_kernels_ab.py --label main --out DIR
@@ -19,10 +19,10 @@ import json
 import pathlib
 
 import torch
-import triton.testing
 
 import eaglespec
 from eaglespec.ops import attention as A
+from graph_timing import graph_bench_ms  # beside this script
 
 BLOCK = 16
 HEADS = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}  # query heads, KV heads, head dim
@@ -70,9 +70,11 @@ def cases(gen: torch.Generator) -> dict:
 
 
 def time_us(fn) -> float:
-    """Median µs of fn after half a second of warm-up calls (an idle GPU's clocks start low,
-    and the first process of an A/B would otherwise time slower), cold L2 before each call."""
-    return 1000 * triton.testing.do_bench(fn, warmup=500, rep=200, return_mode="median")
+    """Median µs of fn's CUDA-graph replay after half a second of warm-up replays (an idle GPU's
+    clocks start low, and the first process of an A/B would otherwise time slower), cold L2
+    before each. Eager calls timed the host: a decode case's two launches took 99-270 µs from
+    one process to the next."""
+    return 1000 * graph_bench_ms(fn, warmup_ms=500, rep_ms=200)
 
 
 def digest(t: torch.Tensor) -> str:

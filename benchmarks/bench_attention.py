@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from eaglespec.ops import attention as A  # noqa: E402
+from graph_timing import bench_ms, graph_bench_ms  # noqa: E402 - beside this script
 
 HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3.1-8B attention, paged cache
 DTYPE = torch.bfloat16
@@ -141,33 +142,6 @@ def flex_setup(c: dict):
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def bench_ms(fn) -> float:
-    """Median ms of fn; do_bench zeroes a 256 MB buffer before every call (cold L2)."""
-    import triton.testing
-
-    try:
-        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
-    except TypeError:  # older triton: quantiles only
-        return float(triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5]))
-
-
-def graph_bench_ms(fn) -> float:
-    """Median ms of one CUDA-graph replay of fn (no Python or launch overhead, cold L2)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # compile kernels, settle the allocator
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    try:
-        return bench_ms(graph.replay)
-    finally:
-        del graph
 
 
 def timings(fn) -> dict:
