@@ -43,24 +43,30 @@ class Scheduled(SpeculationPolicy):
         self.log.append((choice, self._prev, self._pos, bucket, tokens_per_sequence))
 
 
-num, batch, max_tokens = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-llm = LLM(engine=EngineConfig(max_batch_size=batch, max_model_len=1024))
-pol = llm.speculative.policy
-llm.speculative.policy = Scheduled(list(pol.trees))
-prompts = mtbench_prompts(llm.tokenizer, "mtbench", num)
-t0 = time.time()
-for i in range(0, num, batch):
-    llm.generate(prompts[i:i + batch], SamplingParams(max_tokens=max_tokens))
-    print(f"{i + batch} prompts, {time.time() - t0:.0f} s", flush=True)
-log = llm.speculative.policy.log
-json.dump(log, open(sys.argv[4], "w"))
-full = [r for r in log if r[3] == batch]
-for tree in (A, B, "chain:3"):
-    for pos in range(4):
-        xs = [r[4] - 1 for r in full if r[0] == tree and r[2] == pos]
-        if xs:
-            print(tree, "pos", pos, f"n={len(xs)} drafts {statistics.mean(xs):.3f} +- {statistics.stdev(xs) / len(xs) ** .5 if len(xs) > 1 else 0:.3f}")
-    for prev in (PLAIN, A, B, "chain:3", None):
-        xs = [r[4] - 1 for r in full if r[0] == tree and r[2] == 0 and r[1] == prev]
-        if xs:
-            print("   first after", prev, f"n={len(xs)} {statistics.mean(xs):.3f}")
+def main() -> None:
+    num, batch, max_tokens = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    llm = LLM(engine=EngineConfig(max_batch_size=batch, max_model_len=1024))
+    llm.speculative.policy = Scheduled(list(llm.speculative.policy.trees))
+    prompts = mtbench_prompts(llm.tokenizer, "mtbench", num)
+    t0 = time.time()
+    for i in range(0, num, batch):
+        llm.generate(prompts[i:i + batch], SamplingParams(max_tokens=max_tokens))
+        print(f"{i + batch} prompts, {time.time() - t0:.0f} s", flush=True)
+    log = llm.speculative.policy.log
+    with open(sys.argv[4], "w") as f:
+        json.dump(log, f)
+    full = [r for r in log if r[3] == batch]
+    for tree in (A, B, "chain:3"):
+        for pos in range(4):
+            xs = [r[4] - 1 for r in full if r[0] == tree and r[2] == pos]
+            if xs:
+                error = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
+                print(tree, "pos", pos, f"n={len(xs)} drafts {statistics.mean(xs):.3f} +- {error:.3f}")
+        for prev in (PLAIN, A, B, "chain:3", None):
+            xs = [r[4] - 1 for r in full if r[0] == tree and r[2] == 0 and r[1] == prev]
+            if xs:
+                print("   first after", prev, f"n={len(xs)} {statistics.mean(xs):.3f}")
+
+
+if __name__ == "__main__":
+    main()
