@@ -51,14 +51,15 @@ def draw_tokens(accept: list[float], ease: float, rng: random.Random) -> int:
 
 def simulate(trees: list[str], step_time: dict[str, float], draw: Callable[[str, int, random.Random], int],
              steps: int, rng: random.Random, policy_kwargs: dict | None = None, fixed: str | None = None,
-             jitter: float = 0.0, switch_cost: float = 0.0, timed_from: int = 0, greedy: bool = True) -> float:
+             jitter: float = 0.0, switch_cost: float = 0.0, timed_from: int = 0, greedy: bool = True,
+             policy_class: type[SpeculationPolicy] = SpeculationPolicy) -> float:
     """Tokens per unit of ``step_time`` over ``steps`` batch-1 steps, each choice made by a fresh
-    policy over ``trees`` (seeded with ``step_time``) or ``fixed``. ``draw(choice, step, rng)``
+    ``policy_class`` over ``trees`` (seeded with ``step_time``) or ``fixed``. ``draw(choice, step, rng)``
     gives a step's tokens; a step's time is its choice's, times a uniform factor within
     ``jitter``, plus ``switch_cost`` when the choice changed; steps before ``timed_from`` run but
     are not counted. ``greedy``: the steps' kind, greedy or sampled (as the engine, the policy
     is seeded with step times for greedy steps only)."""
-    policy = SpeculationPolicy(list(trees), **(policy_kwargs or {}))
+    policy = policy_class(list(trees), **(policy_kwargs or {}))
     for c in policy.choices:
         policy.seed(c, 1, True, step_time[c])
     last, seconds, tokens = None, 0.0, 0

@@ -18,6 +18,7 @@ from eaglespec.speculative.policy import SpeculationPolicy, PLAIN
 
 A, B = "dynamic:4,6,15", "dynamic:5,8,32"
 SCHEDULE = [(A, 4), (PLAIN, 4), (B, 4), (A, 4), (B, 4), ("chain:3", 4), (A, 4)]
+STEPS = [choice for choice, steps in SCHEDULE for _ in range(steps)]  # one cycle, step by step
 
 
 @dataclass
@@ -29,10 +30,8 @@ class Scheduled(SpeculationPolicy):
     _prev: str | None = None
 
     def choose(self, bucket, greedy):
-        seq = [c for c, n in SCHEDULE for _ in range(n)]
-        c = seq[self._i % len(seq)]
         self._i += 1
-        return c
+        return STEPS[(self._i - 1) % len(STEPS)]
 
     def observe(self, choice, bucket, greedy, seconds, tokens_per_sequence, steady=True):
         if choice != self._last:

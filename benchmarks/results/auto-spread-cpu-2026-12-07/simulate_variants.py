@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass, field
 
 from eaglespec.bench.simulate_policy import draw_tokens, ease_trace, simulate
-import eaglespec.bench.simulate_policy as simulate_policy
 from eaglespec.speculative.policy import PLAIN, SpeculationPolicy, _Average, _Ease, _Mean
 
 RATES = {"chain:3": [0.724, 0.515, 0.377], "dynamic:4,6,15": [0.909, 0.744, 0.570, 0.430],
@@ -76,13 +75,9 @@ class NormalisedMeans(SpeculationPolicy):
 
 
 def run(policy_class, ms, eases, seed, kwargs, fixed=None):
-    simulate_policy.SpeculationPolicy = policy_class  # simulate() builds the policy it names
-    try:
-        return simulate(list(ACCEPT), ms, lambda c, step, rng: draw_tokens(ACCEPT.get(c, []), eases[step], rng),
-                        len(eases), random.Random(seed + 1000), kwargs, fixed, jitter=0.05,
-                        switch_cost=0.2 * ms[PLAIN])
-    finally:
-        simulate_policy.SpeculationPolicy = SpeculationPolicy
+    return simulate(list(ACCEPT), ms, lambda c, step, rng: draw_tokens(ACCEPT.get(c, []), eases[step], rng),
+                    len(eases), random.Random(seed + 1000), kwargs, fixed, jitter=0.05,
+                    switch_cost=0.2 * ms[PLAIN], policy_class=policy_class)
 
 
 VARIANTS = {"main": (SpeculationPolicy, {}), "main+P": (SpeculationPolicy, {"priors": PRIORS}),
