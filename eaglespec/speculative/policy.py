@@ -10,28 +10,37 @@ chosen per step from measurements, not fixed:
   a stalled step counts at most ``step_time_clip`` times the average);
 - the tokens a tree's step yields per sequence, as two factors, per greedy or sampled (not per
   batch size: acceptance does not depend on it):
-  - what the tree earns relative to the others: the mean of its accepted drafts per step over
-    its last ``token_memory`` steps;
+  - what the tree earns on text of usual ease: the mean of its accepted drafts per step over
+    its last ``token_memory`` steps, each divided by the ease of the text it ran on;
   - how well the text at hand suits the draft (the *ease*): over the last ``ease_memory``
-    steps of any tree, the drafts accepted over what those trees accept on their means.
+    steps of any tree, the drafts accepted over what those trees accept on their priors (their
+    means where a tree has none), relative to the same ratio over the last ``ease_level_memory``
+    steps (which starts at 1: the priors' scale).
   A tree's expected tokens per step is 1 + its mean drafts x the ease (at most its depth + 1).
   Acceptance changes with the text (MT-bench's first prompt accepts far less than most), so
   the ease follows it quickly, and every tree step updates every tree's expectation. With each
   tree's own recent mean instead, a tree that ran during a hard stretch kept that stretch's low
   mean until it happened to run again, which the policy then never chose (H200, SmolLM2,
   batch 1: auto 1.01x where dynamic:5,8,32 alone ran 1.25x; it believed 2.3-2.6 tokens per
-  step for trees that yield 2.9-3.2).
+  step for trees that yield 2.9-3.2). With means of raw drafts and the ease measured against
+  them, the tree that had run through a hard stretch was still remembered low, and the ease
+  that brought its expectation back up lifted every other tree's by as much: the end-to-end
+  benchmark's warm-up on MT-bench's hard writing prompts left auto 0.5-3.5 % under the best
+  fixed tree on average, single runs up to 12 %, replayed on MT-bench's real acceptance
+  (design note 71). The ease is measured against the priors, not the means it normalises:
+  against the means, a mean that drifted low raised the ease, which pushed the mean lower
+  still. A tree without a prior learns from its raw drafts (the ease then compares with its
+  mean, so dividing by it would feed the mean's errors back into itself).
 
 A tree's mean may start from a prior (``priors``: accepted drafts per greedy step as the head's
 own evaluation measured them, see ``drafts_priors``), worth ``prior_steps`` steps. Without one,
 the first steps a tree runs fix its mean, and where they fall on hard text (a trial on a prompt
-that accepts little) the tree looks worse than it is for hundreds of steps; the ease cannot
-correct that, as it rescales every tree alike (H100, SmolLM2, batch 1: auto believed 2.9-3.3
-tokens per step for dynamic:5,8,32, which alone yields 4.0). With a prior the ease also has an
-absolute reference: drafts accepted over what the head accepts on its evaluation set.
-Sampled steps start from the same greedy priors. Sampling accepts less, by about the same
-factor for every tree: the ease (its own for sampled steps) learns that factor within a few
-steps of any tree, and each tree's mean moves to its sampled value as it runs. Without the
+that accepts little) the tree looks worse than it is for hundreds of steps (H100, SmolLM2,
+batch 1: auto believed 2.9-3.3 tokens per step for dynamic:5,8,32, which alone yields 4.0).
+Sampled steps start from the same greedy priors and measure their ease against them. Sampling
+accepts less, by about the same factor for every tree: the ease (its own for sampled steps)
+learns that factor within a few steps of any tree, and its long-run level within about
+``ease_level_memory`` steps, while the means hold the product right throughout. Without the
 priors a tree's sampled mean came from its first trials alone (H200, SmolLM2, batch 1,
 temperature 0.7: auto believed 2.26 tokens per step for dynamic:4,6,15, which alone yields 2.84,
 and ran 1.10-1.22x where that tree ran 1.24-1.27x).
@@ -65,6 +74,7 @@ from dataclasses import dataclass, field
 from eaglespec.speculative.tree import parse_tree
 
 PLAIN = "plain"
+_MIN_EASE = 0.05  # a step's drafts count at most 20 times over into its tree's mean (then capped at the depth)
 
 
 @dataclass(slots=True)
@@ -117,10 +127,9 @@ def drafts_priors(measured: dict[str, list[float]], trees: list[str]) -> dict[st
 @dataclass(slots=True)
 class _Ease:
     """Drafts accepted over drafts expected (the running trees' means), both exponentially
-    weighted: above 1 the text at hand is easier for the draft than usual, below 1 harder.
-    Unseen for a while (plain decoding ran), it returns towards 1: the ease is a passing
-    deviation, and one left low by a hard stretch would keep every tree out when nothing
-    measures it again."""
+    weighted. The policy keeps two: one over the last few steps (the text at hand) and one over
+    the long run, which starts at 1 (the priors' scale, as if a long history had been there);
+    the ease is the first over the second (see SpeculationPolicy.ease)."""
 
     accepted: float = 0.0
     expected: float = 0.0
@@ -131,11 +140,6 @@ class _Ease:
         self.accepted += w * (accepted - self.accepted)
         self.expected += w * (expected - self.expected)
         self.last_step = step
-
-    def value(self, step: int, revert: int) -> float:
-        if self.expected <= 0:
-            return 1.0
-        return 1.0 + (self.accepted / self.expected - 1.0) * math.exp(-(step - self.last_step) / revert)
 
 
 @dataclass(slots=True)
@@ -167,6 +171,7 @@ class SpeculationPolicy:
     step_time_clip: float = 1.5
     token_memory: int = 256  # steps a tree's mean accepted drafts spans (what it earns relative to others)
     ease_memory: int = 8  # steps of any tree the ease spans (how fast it follows the text)
+    ease_level_memory: int = 1024  # steps the ease's long-run level spans (the ease is relative to it)
     ease_revert: int = 32  # steps without a tree over which the ease returns 63 % of the way to 1 (1 - 1/e)
     epoch_steps: int = 8  # steps the best choice runs for before the next decision, per bucket
     trial_steps: int = 4  # steps of a trial or an exploring epoch (the first pays the switch; 2 were too few to
@@ -179,6 +184,7 @@ class SpeculationPolicy:
     _seconds: dict[tuple, _Average] = field(default_factory=dict)  # (choice, bucket, greedy) -> step time
     _drafts: dict[tuple, _Mean] = field(default_factory=dict)  # (tree, greedy) -> accepted drafts / sequence / step
     _ease: dict[bool, _Ease] = field(default_factory=dict)  # greedy -> the ease of the text at hand
+    _ease_level: dict[bool, _Ease] = field(default_factory=dict)  # greedy -> the ease over the long run
     _epochs: dict[tuple, int] = field(default_factory=dict)  # (bucket, greedy) -> epochs started
     _current: dict[tuple, _Epoch] = field(default_factory=dict)  # (bucket, greedy) -> the running epoch
     _exploring: dict[tuple, _Exploring] = field(default_factory=dict)  # (bucket, greedy) -> its schedule
@@ -194,9 +200,10 @@ class SpeculationPolicy:
             raise ValueError(f"SpeculationPolicy.smoothing must be in (0, 1], got {self.smoothing}")
         if not self.step_time_clip > 1.0:
             raise ValueError(f"SpeculationPolicy.step_time_clip must be > 1, got {self.step_time_clip}")
-        if min(self.token_memory, self.ease_memory, self.ease_revert) < 1:
-            raise ValueError(f"SpeculationPolicy.token_memory, ease_memory and ease_revert must be >= 1, got "
-                             f"{self.token_memory}, {self.ease_memory} and {self.ease_revert}")
+        if min(self.token_memory, self.ease_memory, self.ease_level_memory, self.ease_revert) < 1:
+            raise ValueError(f"SpeculationPolicy.token_memory, ease_memory, ease_level_memory and ease_revert must "
+                             f"be >= 1, got {self.token_memory}, {self.ease_memory}, {self.ease_level_memory} "
+                             f"and {self.ease_revert}")
         if self.explore_every < 2 or self.explore_backoff < 1:
             raise ValueError(f"SpeculationPolicy.explore_every must be >= 2 and explore_backoff >= 1, got "
                              f"{self.explore_every} and {self.explore_backoff}")
@@ -264,8 +271,15 @@ class SpeculationPolicy:
         if choice != PLAIN:
             drafts = tokens_per_sequence - 1.0
             mean = self._drafts.setdefault((choice, greedy), _Mean())
-            if mean.count:  # the ease compares with what the tree earned before this step
-                self._ease.setdefault(greedy, _Ease()).update(drafts, mean.value, self.ease_memory, self._observed)
+            ease = self.ease(greedy)  # the text's, before this step
+            # The ease compares with the tree's prior, else with what it earned before this step.
+            reference = self.priors.get(choice, mean.value if mean.count else None)
+            if reference is not None:
+                self._ease.setdefault(greedy, _Ease()).update(drafts, reference, self.ease_memory, self._observed)
+                self._ease_level.setdefault(greedy, _Ease(1.0, 1.0)).update(drafts, reference,
+                                                                            self.ease_level_memory, self._observed)
+            if choice in self.priors:  # what the tree would have accepted on text of usual ease (at most its depth)
+                drafts = min(drafts / max(ease, _MIN_EASE), self._depth[choice])
             mean.update(drafts, self.token_memory)
         if steady:
             self._seconds.setdefault((choice, bucket, greedy), _Average()).update(seconds, self.smoothing,
@@ -288,8 +302,12 @@ class SpeculationPolicy:
         return 1.0 + min(mean.value * ease, self._depth[choice])
 
     def ease(self, greedy: bool) -> float:
-        """How the text at hand suits the draft now (1: as usual, see _Ease)."""
-        return self._ease.get(greedy, _Ease()).value(self._observed, self.ease_revert)
+        """How the text at hand suits the draft now, against the long run (1: as usual, see _Ease)."""
+        fast, level = self._ease.get(greedy), self._ease_level.get(greedy)
+        if fast is None or level is None or fast.expected <= 0 or level.accepted <= 0:
+            return 1.0
+        relative = (fast.accepted / fast.expected) / (level.accepted / level.expected)
+        return 1.0 + (relative - 1.0) * math.exp(-(self._observed - fast.last_step) / self.ease_revert)
 
     def expected_rate(self, choice: str, bucket: int, greedy: bool) -> float | None:
         """Expected tokens per second per sequence of ``choice`` (None until measured)."""
