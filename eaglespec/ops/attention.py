@@ -128,6 +128,9 @@ def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     nk, hkv = k.shape[1], k.shape[2]
     bit = torch.ones((), dtype=torch.int64, device=q.device) << torch.arange(nk, device=q.device)
     mask = (ancestor_bits[..., None] & bit) != 0  # [B, Nq, Nk]
+    # A key no query sees may be a slot left by an earlier step (the drafter's side buffers keep
+    # a padding row's values): never read, as a zero weight times a NaN there would be NaN.
+    v = torch.where(mask.any(1)[..., None, None], v, 0)
     group = hq // hkv
     qf = q.float().view(bsz, nq, hkv, group, d)
     scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, k.float()) * scale
@@ -305,13 +308,16 @@ def _tree_keys(q, query, m_i, l_i, acc, k_ptr, v_ptr, bits_ptr, num_nodes, num_k
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     key_ok = offs_n < num_keys
-    k = tl.load(k_ptr + seq * stride_kb + offs_n[:, None] * stride_kn + kv_head * stride_kh
-                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + seq * stride_vb + offs_n[:, None] * stride_vn + kv_head * stride_vh
-                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     bits = tl.load(bits_ptr + seq * stride_bb + query, mask=query < num_nodes, other=0)
     visible = ((bits[:, None] >> offs_n[None, :].to(tl.int64)) & 1) != 0
     visible = visible & key_ok[None, :]
+    # Keys no row sees (a drafter side slot left by an earlier step's padding row) are not read:
+    # a zero weight times a NaN there would be NaN.
+    seen = tl.max(visible.to(tl.int32), axis=0) > 0
+    k = tl.load(k_ptr + seq * stride_kb + offs_n[:, None] * stride_kn + kv_head * stride_kh
+                + offs_d[None, :], mask=seen[:, None], other=0.0)
+    v = tl.load(v_ptr + seq * stride_vb + offs_n[:, None] * stride_vn + kv_head * stride_vh
+                + offs_d[None, :], mask=seen[:, None], other=0.0)
     s = tl.dot(q.to(MMA_DTYPE), tl.trans(k).to(MMA_DTYPE), input_precision=DOT_PRECISION)
     s = s * scale_log2
     s = tl.where(visible, s, float("-inf"))

@@ -231,6 +231,28 @@ def test_tree_fewer_queries_than_keys_matches_reference(poisoned_empty):
 
 
 @needs_triton_kernels
+def test_tree_keys_no_query_sees_are_never_read():
+    """The drafter's side K/V keep, per batch row, what an earlier step left there, and a
+    padding row may have left NaN (it computes on whatever its scratch state holds). A frontier
+    that sees none of those slots must not read them: a zero weight times NaN is NaN, and a
+    request batched into that row drafted garbage past depth 1 (CPU, chain:3: its first step
+    emitted 2 tokens where alone it emitted 4, depending on what the memory held)."""
+    gen = _gen(9)
+    bsz, nq, nk, hq, hkv = 2, 3, 12, 4, 2
+    bits = torch.randint(0, 2**62, (bsz, nq), generator=gen).to(DEVICE) & ((1 << 8) - 1)  # keys 8..11 unseen
+    bits[:, 0] |= 1  # every row sees something
+    q = _randn(bsz, nq, hq, D, gen=gen)
+    k = _randn(bsz, nk, hkv, D, gen=gen)
+    v = _randn(bsz, nk, hkv, D, gen=gen)
+    clean_out, clean_lse = A.tree_attention_ref(q, k, v, bits, 0.125)
+    k[:, 8:], v[:, 8:] = float("nan"), float("inf")
+    for fn in (A.tree_attention_ref, A.tree_attention):
+        out, lse = fn(q, k, v, bits, 0.125)
+        torch.testing.assert_close(out, clean_out, **TOL[torch.float32])
+        torch.testing.assert_close(lse, clean_lse, **TOL[torch.float32])
+
+
+@needs_triton_kernels
 def test_tree_mask_is_respected_and_empty_rows_are_zero():
     gen = _gen(6)
     n, hq, hkv = 9, 3, 1
