@@ -25,9 +25,9 @@ chosen per step from measurements, not fixed:
   step for trees that yield 2.9-3.2). With means of raw drafts and the ease measured against
   them, the tree that had run through a hard stretch was still remembered low, and the ease
   that brought its expectation back up lifted every other tree's by as much: the end-to-end
-  benchmark's warm-up on MT-bench's hard writing prompts left auto 0.5-3.5 % under the best
-  fixed tree on average, single runs up to 12 %, replayed on MT-bench's real acceptance
-  (design note 71). The ease is measured against the priors, not the means it normalises:
+  benchmark's warm-up on MT-bench's hard writing prompts left auto 1.2-1.9 % under the best
+  fixed tree on average and single runs up to 13 % under, replayed on MT-bench's real
+  acceptance with seven GPU runs' step times (design note 71). The ease is measured against the priors, not the means it normalises:
   against the means, a mean that drifted low raised the ease, which pushed the mean lower
   still. A tree without a prior learns from its raw drafts (the ease then compares with its
   mean, so dividing by it would feed the mean's errors back into itself).
@@ -40,7 +40,7 @@ batch 1: auto believed 2.9-3.3 tokens per step for dynamic:5,8,32, which alone y
 Sampled steps start from the same greedy priors and measure their ease against them. Sampling
 accepts less, by about the same factor for every tree: the ease (its own for sampled steps)
 learns that factor within a few steps of any tree, and its long-run level within about
-``ease_level_memory`` steps, while the means hold the product right throughout. Without the
+``ease_level_memory`` steps, while mean x ease stays what each tree yields. Without the
 priors a tree's sampled mean came from its first trials alone (H200, SmolLM2, batch 1,
 temperature 0.7: auto believed 2.26 tokens per step for dynamic:4,6,15, which alone yields 2.84,
 and ran 1.10-1.22x where that tree ran 1.24-1.27x).
@@ -126,8 +126,8 @@ def drafts_priors(measured: dict[str, list[float]], trees: list[str]) -> dict[st
 
 @dataclass(slots=True)
 class _Ease:
-    """Drafts accepted over drafts expected (the running trees' means), both exponentially
-    weighted. The policy keeps two: one over the last few steps (the text at hand) and one over
+    """Drafts accepted over drafts expected (the running trees' priors, or their means where a
+    tree has none), both exponentially weighted. The policy keeps two: one over the last few steps (the text at hand) and one over
     the long run, which starts at 1 (the priors' scale, as if a long history had been there);
     the ease is the first over the second (see SpeculationPolicy.ease)."""
 
@@ -169,7 +169,7 @@ class SpeculationPolicy:
     # garbage collection, a late wake-up) would otherwise add smoothing x the stall to one choice's
     # time and could shut the best tree out until it is explored again.
     step_time_clip: float = 1.5
-    token_memory: int = 256  # steps a tree's mean accepted drafts spans (what it earns relative to others)
+    token_memory: int = 256  # steps a tree's mean accepted drafts spans (what it earns on text of usual ease)
     ease_memory: int = 8  # steps of any tree the ease spans (how fast it follows the text)
     ease_level_memory: int = 1024  # steps the ease's long-run level spans (the ease is relative to it)
     ease_revert: int = 32  # steps without a tree over which the ease returns 63 % of the way to 1 (1 - 1/e)

@@ -33,13 +33,13 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from eaglespec.bench.e2e import spread_indices
 from eaglespec.engine.graphs import bucket_for
 from eaglespec.engine.llm import shipped_head_path
 from eaglespec.models.eagle import load_acceptance
-from eaglespec.speculative.policy import PLAIN, SpeculationPolicy, _Average, _Ease, _Mean, drafts_priors
+from eaglespec.speculative.policy import PLAIN, SpeculationPolicy, _Ease, drafts_priors
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 WARM_UP_TOKENS = 156  # e2e's warm-up: (2 + trial_steps x 6 choices) steps x lookahead 6
@@ -204,36 +204,30 @@ def check_schedule(texts: Texts, log_path: str) -> None:
                   f"replay {sum(replay) / len(replay):.3f} ({len(replay)} steps)")
 
 
-@dataclass
-class RelativeEase(SpeculationPolicy):
-    """Tried first: as the policy built, but the ease measured against the learned means (as the
-    policy before it) instead of the priors. Under i.i.d. noise (tests/speculative/test_policy.py's
-    noisy world) a mean that drifted low raised the ease, which pushed the mean lower still."""
+def relative_ease_class() -> type:
+    """Tried first: the built change, but with the ease measured against the learned means (as
+    the policy before it) instead of the priors: the last session's NormalisedMeans with its
+    long-run level starting at 1 over 1,024 steps and the ease relative to that level. Under
+    i.i.d. noise (tests/speculative/test_policy.py's noisy world) a mean that drifted low
+    raised the ease, which pushed the mean lower still."""
+    from simulate_variants import NormalisedMeans
 
-    slow_memory: int = 1024
-    _slow: dict = field(default_factory=dict)
+    @dataclass
+    class RelativeEase(NormalisedMeans):
+        slow_memory: int = 1024
 
-    def observe(self, choice, bucket, greedy, seconds, tokens_per_sequence, steady=True):
-        self._observed += 1
-        if choice != PLAIN:
-            drafts = tokens_per_sequence - 1.0
-            mean = self._drafts.setdefault((choice, greedy), _Mean())
-            ease = self.ease(greedy)
-            if mean.count:
-                self._ease.setdefault(greedy, _Ease()).update(drafts, mean.value, self.ease_memory, self._observed)
-                self._slow.setdefault(greedy, _Ease(1.0, 1.0)).update(drafts, mean.value, self.slow_memory,
-                                                                      self._observed)
-            mean.update(min(drafts / max(ease, 0.05), self._depth[choice]), self.token_memory)
-        if steady:
-            self._seconds.setdefault((choice, bucket, greedy), _Average()).update(
-                seconds, self.smoothing, self._observed, self.step_time_clip)
+        def __post_init__(self):
+            super().__post_init__()
+            self._slow = {greedy: _Ease(1.0, 1.0) for greedy in (True, False)}
 
-    def ease(self, greedy):
-        fast, slow = self._ease.get(greedy), self._slow.get(greedy)
-        if fast is None or fast.expected <= 0 or slow.accepted <= 0:
-            return 1.0
-        relative = (fast.accepted / fast.expected) / (slow.accepted / slow.expected)
-        return 1.0 + (relative - 1.0) * math.exp(-(self._observed - fast.last_step) / self.ease_revert)
+        def ease(self, greedy):
+            fast, slow = self._ease.get(greedy), self._slow[greedy]
+            if fast is None or fast.expected <= 0:
+                return 1.0
+            relative = (fast.accepted / fast.expected) / (slow.accepted / slow.expected)
+            return 1.0 + (relative - 1.0) * math.exp(-(self._observed - fast.last_step) / self.ease_revert)
+
+    return RelativeEase
 
 
 def variants(priors: dict[str, float], before: str | None) -> dict[str, tuple[type, dict]]:
@@ -252,7 +246,7 @@ def variants(priors: dict[str, float], before: str | None) -> dict[str, tuple[ty
         found["before"] = (module.SpeculationPolicy, {"priors": priors})
     return {**found, "main": (SpeculationPolicy, {"priors": priors}),
             "norm": (NormalisedMeans, {"priors": priors}),
-            "rel": (RelativeEase, {"priors": priors}),
+            "rel": (relative_ease_class(), {"priors": priors}),
             "P512": (SpeculationPolicy, {"priors": priors, "prior_steps": 512})}
 
 
