@@ -6,7 +6,7 @@ prefill as any step would, and runs one speculative step from p + 1: what the tr
 mid-reply (the head's cache then holds the target's features of every earlier position, as after
 any step). replay_policy.py --exact compares its estimates at these positions with these counts.
 
-    python3 exact_samples.py TRACES.json NUM BATCH OUT.json
+    python3 exact_samples.py TRACES.json NUM BATCH OUT.json [TREE ...]
 """
 import gzip
 import json
@@ -32,7 +32,7 @@ def main() -> None:
         if len(replies[i]) >= 8:
             pairs.append((i, rng.randrange(1, len(replies[i]) - 6)))  # the step starts at p + 1
     samples = {}
-    for tree in traces["traces"]:
+    for tree in sys.argv[5:] or list(traces["traces"]):
         t0 = time.time()
         llm = LLM(engine=EngineConfig(max_batch_size=batch, max_model_len=2048), spec=SpecConfig(tree=tree))
         core, first_step = llm.core, {}

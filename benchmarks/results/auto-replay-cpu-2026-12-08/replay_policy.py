@@ -74,8 +74,8 @@ class Texts:
         """Tokens a step of ``tree`` emits at reply position ``pos``: its own run's there where it
         visited ``pos``; elsewhere (inside one of its accepted paths) its own run's at the next
         position it visited (``estimate`` "after"), or at the nearest one, the earlier on a tie
-        ("nearest"). Checked against measured steps in ``check_exact``: drafts per step read 5-33 %
-        high per tree by "nearest", -9 % to +14 % by "after"."""
+        ("nearest"). Checked against measured steps in ``check_exact``: drafts per step read 5-27 %
+        high per tree by "nearest", -9 % to +2 % by "after"."""
         starts = self.starts[tree][prompt]
         j = bisect.bisect_left(starts, pos)
         if j < len(starts) and starts[j] == pos:
