@@ -27,9 +27,9 @@ chosen per step from measurements, not fixed:
   that brought its expectation back up lifted every other tree's by as much: the end-to-end
   benchmark's warm-up on MT-bench's hard writing prompts left auto 1.2-1.9 % under the best
   fixed tree on average and single runs up to 13 % under, replayed on MT-bench's real
-  acceptance with seven GPU runs' step times (design note 71). The ease is measured against the priors, not the means it normalises:
-  against the means, a mean that drifted low raised the ease, which pushed the mean lower
-  still. A tree without a prior learns from its raw drafts (the ease then compares with its
+  acceptance with seven GPU runs' step times (design note 71). The ease is measured against
+  the priors, not the means it normalises: against the means, a mean that drifted low raised
+  the ease, which pushed the mean lower still. A tree without a prior learns from its raw drafts (the ease then compares with its
   mean, so dividing by it would feed the mean's errors back into itself).
 
 A tree's mean may start from a prior (``priors``: accepted drafts per greedy step as the head's
