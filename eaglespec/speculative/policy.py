@@ -29,8 +29,9 @@ chosen per step from measurements, not fixed:
   fixed tree on average and single runs up to 13 % under, replayed on MT-bench's real
   acceptance with seven GPU runs' step times (design note 71). The ease is measured against
   the priors, not the means it normalises: against the means, a mean that drifted low raised
-  the ease, which pushed the mean lower still. A tree without a prior learns from its raw drafts (the ease then compares with its
-  mean, so dividing by it would feed the mean's errors back into itself).
+  the ease, which pushed the mean lower still. A tree without a prior learns from its raw
+  drafts (the ease then compares with its mean, so dividing by it would feed the mean's errors
+  back into itself).
 
 A tree's mean may start from a prior (``priors``: accepted drafts per greedy step as the head's
 own evaluation measured them, see ``drafts_priors``), worth ``prior_steps`` steps. Without one,
@@ -127,9 +128,10 @@ def drafts_priors(measured: dict[str, list[float]], trees: list[str]) -> dict[st
 @dataclass(slots=True)
 class _Ease:
     """Drafts accepted over drafts expected (the running trees' priors, or their means where a
-    tree has none), both exponentially weighted. The policy keeps two: one over the last few steps (the text at hand) and one over
-    the long run, which starts at 1 (the priors' scale, as if a long history had been there);
-    the ease is the first over the second (see SpeculationPolicy.ease)."""
+    tree has none), both exponentially weighted. The policy keeps two: one over the last few
+    steps (the text at hand) and one over the long run, which starts at 1 (the priors' scale, as
+    if a long history had been there); the ease is the first over the second (see
+    SpeculationPolicy.ease)."""
 
     accepted: float = 0.0
     expected: float = 0.0
